@@ -1,0 +1,212 @@
+// Package testnet gives kernel tests their own world: a fresh network
+// namespace standing for the node, pod namespaces beside it, and a way to
+// run the plugin binary inside the node namespace. Everything is removed
+// by t.Cleanup, also when the test fails.
+package testnet
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/containernetworking/cni/pkg/types"
+)
+
+// RequireRootEnv turns every "needs root" skip into a failure (CI sets it).
+const RequireRootEnv = "QOSCNI_REQUIRE_ROOT"
+
+// RequireRoot skips (or, under QOSCNI_REQUIRE_ROOT, fails) a kernel test
+// when the process cannot create namespaces.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		if _, err := exec.LookPath("ip"); err == nil {
+			return
+		}
+		msg := "kernel test needs the ip command (apt-get install iproute2)"
+		if os.Getenv(RequireRootEnv) != "" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	msg := "kernel test needs root (network namespaces, veth, nftables)"
+	if os.Getenv(RequireRootEnv) != "" {
+		t.Fatalf("%s, and %s is set", msg, RequireRootEnv)
+	}
+	t.Skip(msg)
+}
+
+// Unique returns a short random name with a prefix, unique across the
+// parallel test packages of one run.
+func Unique(prefix string) string {
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	return prefix + hex.EncodeToString(b)
+}
+
+// Run executes a command and fails the test on error, returning stdout.
+func Run(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// NS is a named network namespace under /run/netns.
+type NS struct {
+	Name string
+	Path string
+}
+
+// NewNS creates a namespace with loopback up, removed at cleanup.
+func NewNS(t testing.TB, prefix string) *NS {
+	t.Helper()
+	name := Unique(prefix)
+	Run(t, "ip", "netns", "add", name)
+	ns := &NS{Name: name, Path: filepath.Join("/run/netns", name)}
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", name).Run() })
+	Run(t, "ip", "-n", name, "link", "set", "lo", "up")
+	return ns
+}
+
+// Exec runs a command inside the namespace.
+func (n *NS) Exec(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	return Run(t, "ip", append([]string{"netns", "exec", n.Name, name}, args...)...)
+}
+
+// Try runs a command inside the namespace and returns its error.
+func (n *NS) Try(name string, args ...string) (string, error) {
+	out, err := exec.Command("ip", append([]string{"netns", "exec", n.Name, name}, args...)...).CombinedOutput()
+	return string(out), err
+}
+
+// Node is a fresh node namespace plus private state and IPAM directories.
+type Node struct {
+	*NS
+	Dir      string // holds state/ and ipam/
+	StateDir string
+	IPAMDir  string
+	t        testing.TB
+}
+
+// NewNode creates the node namespace and its directories.
+func NewNode(t testing.TB) *Node {
+	t.Helper()
+	RequireRoot(t)
+	dir := t.TempDir()
+	n := &Node{NS: NewNS(t, "qn"), Dir: dir, StateDir: filepath.Join(dir, "state"), IPAMDir: filepath.Join(dir, "ipam"), t: t}
+	return n
+}
+
+// NewPod creates a pod namespace beside the node.
+func (n *Node) NewPod(t testing.TB) *NS { return NewNS(t, "qp") }
+
+var (
+	buildOnce sync.Once
+	buildPath string
+	buildErr  error
+)
+
+// PluginBinary builds cmd/qoscni once per test process.
+func PluginBinary(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		_, file, _, _ := runtime.Caller(0)
+		root := filepath.Join(filepath.Dir(file), "..", "..")
+		dir, err := os.MkdirTemp("", "qoscni-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		buildPath = filepath.Join(dir, "qoscni")
+		cmd := exec.Command("go", "build", "-o", buildPath, "./cmd/qoscni")
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build ./cmd/qoscni: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return buildPath
+}
+
+// Call is one plugin invocation.
+type Call struct {
+	Command     string
+	ContainerID string
+	Netns       string
+	IfName      string
+	Args        string
+	Path        string // CNI_PATH; defaults to the binary's directory
+	Config      []byte
+	Env         []string // extra or overriding variables; "CNI_X=" unsets-by-empty
+}
+
+// Result is what the plugin printed and how it ended.
+type Result struct {
+	Stdout []byte
+	Stderr []byte
+	Err    *types.Error // decoded from stdout when the plugin failed
+	Failed bool
+}
+
+// Invoke runs the plugin binary inside the node namespace.
+func (n *Node) Invoke(t testing.TB, c Call) Result {
+	t.Helper()
+	bin := PluginBinary(t)
+	env := []string{"PATH=" + os.Getenv("PATH"), "CNI_COMMAND=" + c.Command}
+	set := func(k, v string) {
+		if v != "" {
+			env = append(env, k+"="+v)
+		}
+	}
+	set("CNI_CONTAINERID", c.ContainerID)
+	set("CNI_NETNS", c.Netns)
+	set("CNI_IFNAME", c.IfName)
+	set("CNI_ARGS", c.Args)
+	path := c.Path
+	if path == "" {
+		path = filepath.Dir(bin)
+	}
+	set("CNI_PATH", path)
+	env = append(env, c.Env...)
+	cmd := exec.Command("ip", "netns", "exec", n.Name, bin)
+	cmd.Env = env
+	cmd.Stdin = bytes.NewReader(c.Config)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	res := Result{Stdout: stdout.Bytes(), Stderr: stderr.Bytes()}
+	if err != nil {
+		res.Failed = true
+		e := &types.Error{}
+		if jerr := json.Unmarshal(stdout.Bytes(), e); jerr == nil && (e.Code != 0 || e.Msg != "") {
+			res.Err = e
+		} else {
+			res.Err = &types.Error{Code: 999, Msg: fmt.Sprintf("plugin exited %v; stdout %q stderr %q", err, stdout.String(), stderr.String())}
+		}
+	}
+	return res
+}
+
+// MustSucceed fails the test when the call failed.
+func (r Result) MustSucceed(t testing.TB, what string) Result {
+	t.Helper()
+	if r.Failed {
+		t.Fatalf("%s failed: code %d: %s (%s)\nstderr: %s", what, r.Err.Code, r.Err.Msg, r.Err.Details, r.Stderr)
+	}
+	return r
+}

@@ -1,0 +1,312 @@
+package ipam
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
+	"golang.org/x/sys/unix"
+)
+
+const (
+	lockName    = "lock"
+	indexDir    = "attachments"
+	hintPrefix  = "last_reserved_ip."
+	tmpPrefix   = ".tmp-"
+	maxFileRead = 4096 // owner records are tiny; never slurp a foreign huge file
+)
+
+// indexRecord is the content of attachments/<name>.
+type indexRecord struct {
+	ContainerID string   `json:"containerID"`
+	IfName      string   `json:"ifName"`
+	IPs         []string `json:"ips"`
+}
+
+// lock takes the store's flock, polling so that a stuck holder turns into a retryable
+// CNI error instead of a hung pod start. Closing the returned file releases the lock.
+func (a *Allocator) lock() (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(a.dir, lockName), os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("ipam: open lock of store %s: %w", a.dir, err)
+	}
+	deadline := time.Now().Add(a.LockTimeout)
+	backoff := 200 * time.Microsecond
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		switch {
+		case err == nil:
+			return f, nil
+		case errors.Is(err, unix.EINTR):
+			continue
+		case !errors.Is(err, unix.EWOULDBLOCK):
+			f.Close()
+			return nil, fmt.Errorf("ipam: lock store %s: %w", a.dir, err)
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			f.Close()
+			return nil, types.NewError(types.ErrTryAgainLater,
+				fmt.Sprintf("ipam: store %s is locked by another process for %s", a.dir, a.LockTimeout), "")
+		}
+		// Jitter keeps many waiting plugin processes from polling in lockstep.
+		sleep := min(backoff/2+rand.N(backoff/2+1), left)
+		time.Sleep(sleep)
+		backoff = min(backoff*2, 10*time.Millisecond)
+	}
+}
+
+func (a *Allocator) ipPath(ip netip.Addr) string { return filepath.Join(a.dir, ip.String()) }
+
+func (a *Allocator) indexPath(o Attachment) string {
+	return filepath.Join(a.dir, indexDir, indexName(o))
+}
+
+// indexName maps an attachment to a file name that is unambiguous ("_" only as the
+// separator), never hidden or special, and short enough for any file system.
+func indexName(o Attachment) string {
+	name := escapeName(o.ContainerID) + "_" + escapeName(o.IfName)
+	if len(name) > 200 {
+		sum := sha256.Sum256([]byte(o.ContainerID + "\x00" + o.IfName))
+		name = name[:100] + "~" + hex.EncodeToString(sum[:16])
+	}
+	return name
+}
+
+func escapeName(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		safe := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' && i > 0
+		if safe {
+			b.WriteByte(c)
+		} else {
+			fmt.Fprintf(&b, "%%%02X", c)
+		}
+	}
+	return b.String()
+}
+
+// parseIPName accepts only canonical address file names, so foreign files such as
+// "010.0.0.1" or "fe80::1%eth0" are ignored rather than misread.
+func parseIPName(name string) (netip.Addr, bool) {
+	a, err := netip.ParseAddr(name)
+	if err != nil || a.Zone() != "" || a.String() != name {
+		return netip.Addr{}, false
+	}
+	return a, true
+}
+
+func readSmall(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return io.ReadAll(io.LimitReader(f, maxFileRead))
+}
+
+// ownerState is what an address file says about its address.
+type ownerState int
+
+const (
+	ipFree    ownerState = iota // no file
+	ipOwned                     // file names an owner
+	ipUnknown                   // file exists but its owner cannot be read: used, never freed
+)
+
+func (a *Allocator) readOwner(ip netip.Addr) (Attachment, ownerState) {
+	data, err := readSmall(a.ipPath(ip))
+	if errors.Is(err, fs.ErrNotExist) {
+		return Attachment{}, ipFree
+	}
+	if err != nil {
+		return Attachment{}, ipUnknown
+	}
+	o, ok := parseOwner(data)
+	if !ok {
+		return Attachment{}, ipUnknown
+	}
+	return o, ipOwned
+}
+
+func parseOwner(data []byte) (Attachment, bool) {
+	var o Attachment
+	if json.Unmarshal(data, &o) != nil || o.ContainerID == "" || o.IfName == "" {
+		return Attachment{}, false
+	}
+	return o, true
+}
+
+func (a *Allocator) ownedBy(ip netip.Addr, o Attachment) bool {
+	got, st := a.readOwner(ip)
+	return st == ipOwned && got == o
+}
+
+// readIndex returns the attachment's index, or nil when it is missing, unreadable or
+// names another owner; callers then fall back to the address files, which are the truth.
+func (a *Allocator) readIndex(o Attachment) *indexRecord {
+	data, err := readSmall(a.indexPath(o))
+	if err != nil {
+		return nil
+	}
+	var rec indexRecord
+	if json.Unmarshal(data, &rec) != nil || rec.ContainerID != o.ContainerID || rec.IfName != o.IfName {
+		return nil
+	}
+	return &rec
+}
+
+func (a *Allocator) writeIndex(o Attachment, ips []netip.Addr) error {
+	rec := indexRecord{ContainerID: o.ContainerID, IfName: o.IfName, IPs: make([]string, len(ips))}
+	for i, ip := range ips {
+		rec.IPs[i] = ip.String()
+	}
+	data, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	dir := filepath.Join(a.dir, indexDir)
+	if err := writeAtomic(dir, indexName(o), append(data, '\n'), true); err != nil {
+		return fmt.Errorf("ipam: write index of %s/%s: %w", o.ContainerID, o.IfName, err)
+	}
+	return nil
+}
+
+func (a *Allocator) removeIndex(o Attachment) error {
+	err := os.Remove(a.indexPath(o))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("ipam: remove index of %s/%s: %w", o.ContainerID, o.IfName, err)
+	}
+	if err == nil {
+		return syncDir(filepath.Join(a.dir, indexDir))
+	}
+	return nil
+}
+
+func (a *Allocator) readHint(set int) netip.Addr {
+	data, err := readSmall(filepath.Join(a.dir, fmt.Sprintf("%s%d", hintPrefix, set)))
+	if err != nil {
+		return netip.Addr{}
+	}
+	ip, err := netip.ParseAddr(strings.TrimSpace(string(data)))
+	if err != nil {
+		return netip.Addr{}
+	}
+	return ip
+}
+
+// writeHint is not fsynced: a lost hint only restarts the round-robin elsewhere.
+func (a *Allocator) writeHint(set int, ip netip.Addr) error {
+	return writeAtomic(a.dir, fmt.Sprintf("%s%d", hintPrefix, set), []byte(ip.String()+"\n"), false)
+}
+
+// writeAtomic replaces dir/name via a temporary file and rename, so readers see the old
+// or the new content, never a torn one.
+func writeAtomic(dir, name string, data []byte, durable bool) error {
+	f, err := os.CreateTemp(dir, tmpPrefix+"*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	_, err = f.Write(data)
+	if err == nil && durable {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, filepath.Join(dir, name))
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if durable {
+		return syncDir(dir)
+	}
+	return nil
+}
+
+// writeOwnerTemp writes the owner record of a reservation to a fsynced temporary file
+// that reserve links into place.
+func (a *Allocator) writeOwnerTemp(o Attachment) (string, error) {
+	data, err := json.Marshal(o)
+	if err != nil {
+		return "", err
+	}
+	f, err := os.CreateTemp(a.dir, tmpPrefix+"*")
+	if err != nil {
+		return "", err
+	}
+	_, err = f.Write(append(data, '\n'))
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(f.Name())
+		return "", err
+	}
+	return f.Name(), nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", dir, err)
+	}
+	return nil
+}
+
+// ipEntry is one address file found by a scan.
+type ipEntry struct {
+	ip    netip.Addr
+	owner Attachment
+	state ownerState
+}
+
+// scan reads every address file. Only GC, and Get/Release without an index, pay for it.
+func (a *Allocator) scan() ([]ipEntry, error) {
+	entries, err := os.ReadDir(a.dir)
+	if err != nil {
+		return nil, fmt.Errorf("ipam: scan store %s: %w", a.dir, err)
+	}
+	var out []ipEntry
+	for _, e := range entries {
+		ip, ok := parseIPName(e.Name())
+		if !ok {
+			continue
+		}
+		if !e.Type().IsRegular() {
+			out = append(out, ipEntry{ip: ip, state: ipUnknown})
+			continue
+		}
+		o, st := a.readOwner(ip)
+		if st == ipFree {
+			continue
+		}
+		out = append(out, ipEntry{ip: ip, owner: o, state: st})
+	}
+	return out, nil
+}
+
+func jsonInto(data []byte, v any) bool { return json.Unmarshal(data, v) == nil }

@@ -1,0 +1,240 @@
+// Package netconf decodes and validates the network configuration qoscni
+// receives on stdin, including the runtimeConfig capability arguments and
+// the pod identity carried in CNI_ARGS.
+package netconf
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/cni/pkg/version"
+
+	"github.com/qoscni/qoscni/ipam"
+)
+
+// Defaults applied when the network config leaves a key out.
+const (
+	DefaultBridge   = "qoscni0"
+	DefaultStateDir = "/var/lib/cni/qoscni/state"
+	// MinMTU is the IPv6 minimum link MTU; anything lower breaks dual-stack pods.
+	MinMTU = 1280
+	MaxMTU = 65535
+)
+
+// ContainerSettings carries per-pod kernel settings (seed-compatible key names).
+type ContainerSettings struct {
+	AllowIPForwarding bool `json:"allow_ip_forwarding"`
+}
+
+// NetConf is qoscni's plugin configuration.
+type NetConf struct {
+	types.PluginConf
+
+	Bridge            string            `json:"bridge"`
+	IsGateway         bool              `json:"isGateway"`
+	IsDefaultGateway  bool              `json:"isDefaultGateway"`
+	IPMasq            bool              `json:"ipMasq"`
+	MTU               int               `json:"mtu"`
+	HairpinMode       bool              `json:"hairpinMode"`
+	PromiscMode       bool              `json:"promiscMode"`
+	ContainerSettings ContainerSettings `json:"container_settings"`
+	StateDir          string            `json:"stateDir"`
+
+	RuntimeConfig RuntimeConfig `json:"runtimeConfig"`
+
+	// IPAMConfig is the decoded built-in IPAM section; nil when ipam.type
+	// names another plugin, which is then delegated to.
+	IPAMConfig *ipam.Config `json:"-"`
+	// Raw is the exact stdin, kept for IPAM delegation.
+	Raw []byte `json:"-"`
+}
+
+// BuiltinIPAM reports whether addresses come from qoscni's own allocator.
+func (c *NetConf) BuiltinIPAM() bool { return c.IPAMConfig != nil }
+
+// Chained reports whether a previous plugin in the chain produced a result.
+func (c *NetConf) Chained() bool { return c.RawPrevResult != nil }
+
+// InvalidField builds the CNI error for a bad config value: code 7 with the
+// field path and the offending value in the message.
+func InvalidField(field string, value any, why string) *types.Error {
+	return types.NewError(types.ErrInvalidNetworkConfig,
+		fmt.Sprintf("invalid %s %v: %s", field, value, why), "")
+}
+
+// Parse decodes and validates stdin. Malformed JSON yields code 6, invalid
+// values code 7, an unsupported cniVersion code 1.
+func Parse(stdin []byte) (*NetConf, error) {
+	conf := &NetConf{}
+	dec := json.NewDecoder(bytes.NewReader(stdin))
+	if err := dec.Decode(conf); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) && typeErr.Field != "" {
+			return nil, InvalidField(typeErr.Field, typeErr.Value, "wrong JSON type, want "+typeErr.Type.String())
+		}
+		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode network config: %v", err), "")
+	}
+	conf.Raw = stdin
+	if err := checkVersion(conf.CNIVersion); err != nil {
+		return nil, err
+	}
+	if err := conf.applyDefaults(); err != nil {
+		return nil, err
+	}
+	if err := conf.validate(); err != nil {
+		return nil, err
+	}
+	if conf.IPAM.Type == "" || conf.IPAM.Type == "qoscni" {
+		ic, err := decodeIPAM(stdin)
+		if err != nil {
+			return nil, err
+		}
+		conf.IPAMConfig = ic
+	}
+	if conf.RawPrevResult != nil {
+		if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
+			return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
+		}
+	}
+	return conf, nil
+}
+
+// SupportedVersions are the CNI spec versions qoscni speaks.
+var SupportedVersions = []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
+
+func checkVersion(v string) error {
+	if v == "" {
+		// The spec treats a missing version as 0.1.0, which we do not speak.
+		return types.NewError(types.ErrIncompatibleCNIVersion, "incompatible CNI versions",
+			fmt.Sprintf("config has no cniVersion; supported: %s", strings.Join(SupportedVersions, ", ")))
+	}
+	for _, s := range SupportedVersions {
+		if s == v {
+			return nil
+		}
+	}
+	return types.NewError(types.ErrIncompatibleCNIVersion, "incompatible CNI versions",
+		fmt.Sprintf("cniVersion %q is not supported; supported: %s", v, strings.Join(SupportedVersions, ", ")))
+}
+
+func (c *NetConf) applyDefaults() error {
+	if c.Bridge == "" {
+		c.Bridge = DefaultBridge
+	}
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir
+	}
+	if c.IsDefaultGateway {
+		// A default route needs a gateway address on the bridge.
+		c.IsGateway = true
+	}
+	return nil
+}
+
+func (c *NetConf) validate() error {
+	if err := ValidateIfName("bridge", c.Bridge); err != nil {
+		return err
+	}
+	if c.MTU != 0 && (c.MTU < MinMTU || c.MTU > MaxMTU) {
+		return InvalidField("mtu", c.MTU, fmt.Sprintf("must be between %d and %d", MinMTU, MaxMTU))
+	}
+	if !strings.HasPrefix(c.StateDir, "/") {
+		return InvalidField("stateDir", fmt.Sprintf("%q", c.StateDir), "must be an absolute path")
+	}
+	return c.RuntimeConfig.validate()
+}
+
+// ValidateIfName checks a Linux interface name: 1..15 bytes, no '/', no
+// whitespace, not "." or "..".
+func ValidateIfName(field, name string) error {
+	switch {
+	case name == "":
+		return InvalidField(field, `""`, "must not be empty")
+	case len(name) > 15:
+		return InvalidField(field, fmt.Sprintf("%q", name), "longer than 15 bytes")
+	case name == "." || name == "..":
+		return InvalidField(field, fmt.Sprintf("%q", name), "is not a valid interface name")
+	case strings.ContainsAny(name, "/: \t\n"):
+		return InvalidField(field, fmt.Sprintf("%q", name), "contains '/', ':' or whitespace")
+	}
+	return nil
+}
+
+// decodeIPAM reads the "ipam" object into the built-in allocator's config.
+func decodeIPAM(stdin []byte) (*ipam.Config, error) {
+	var wrapper struct {
+		IPAM json.RawMessage `json:"ipam"`
+	}
+	if err := json.Unmarshal(stdin, &wrapper); err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode ipam: %v", err), "")
+	}
+	if len(wrapper.IPAM) == 0 || string(wrapper.IPAM) == "null" || string(wrapper.IPAM) == "{}" {
+		// No IPAM at all: fine in chained mode, refused by a standalone ADD.
+		return nil, nil
+	}
+	ic := &ipam.Config{}
+	if err := json.Unmarshal(wrapper.IPAM, ic); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) {
+			return nil, InvalidField("ipam."+typeErr.Field, typeErr.Value, "wrong JSON type, want "+typeErr.Type.String())
+		}
+		// Typed values (subnets, addresses) report their own parse errors.
+		return nil, types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("invalid ipam: %v", err), "")
+	}
+	if err := ic.Validate(); err != nil {
+		return nil, err
+	}
+	return ic, nil
+}
+
+// PodArgs is the pod identity the runtime passes in CNI_ARGS.
+type PodArgs struct {
+	Namespace string
+	Name      string
+	UID       string
+	// InfraContainerID is what the kubelet/CRI calls the sandbox ID.
+	InfraContainerID string
+}
+
+// ParseArgs reads the K=V;K=V pairs of CNI_ARGS. Unknown keys are ignored,
+// as every runtime adds its own (IgnoreUnknown, K8S_POD_INFRA_CONTAINER_ID...).
+func ParseArgs(s string) (PodArgs, error) {
+	var a PodArgs
+	if s == "" {
+		return a, nil
+	}
+	for _, pair := range strings.Split(s, ";") {
+		if pair == "" {
+			continue
+		}
+		k, v, ok := strings.Cut(pair, "=")
+		if !ok {
+			return a, types.NewError(types.ErrInvalidEnvironmentVariables,
+				fmt.Sprintf("invalid CNI_ARGS pair %q: want KEY=VALUE", pair), "")
+		}
+		switch k {
+		case "K8S_POD_NAMESPACE":
+			a.Namespace = v
+		case "K8S_POD_NAME":
+			a.Name = v
+		case "K8S_POD_UID":
+			a.UID = v
+		case "K8S_POD_INFRA_CONTAINER_ID":
+			a.InfraContainerID = v
+		}
+	}
+	return a, nil
+}
+
+// Family returns 4 or 6 for an address.
+func Family(ip net.IP) int {
+	if ip.To4() != nil {
+		return 4
+	}
+	return 6
+}

@@ -1,0 +1,99 @@
+package plugin
+
+import (
+	"errors"
+	"fmt"
+	"net"
+
+	"github.com/containernetworking/cni/pkg/skel"
+
+	"github.com/qoscni/qoscni/netconf"
+	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/state"
+)
+
+// Del removes everything the attachment holds. It is idempotent: a missing
+// netns, veth, record or reservation is success, and it works from the
+// config alone (containerd's second DEL has no netns and no prevResult).
+func (p *Plugin) Del(args *skel.CmdArgs) error {
+	conf, _, err := parse(args)
+	if err != nil {
+		return err
+	}
+	store := state.New(conf.StateDir)
+	key := state.Key{Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName}
+	rec, err := store.Load(key)
+	if err != nil {
+		// A corrupt record must not block cleanup: everything it would tell
+		// us is derivable from the attachment and the IPAM store.
+		p.Log.Warn("ignoring unreadable state record", "container", args.ContainerID, "ifname", args.IfName, "err", err)
+		rec = nil
+	}
+	src, err := newAddrSource(conf)
+	if err != nil {
+		return err
+	}
+	return p.teardown(conf, src, store, key, rec, true)
+}
+
+// teardown is shared by DEL and GC. Order matters for a crash half way:
+// kernel objects first, the state record next, the addresses last, so an
+// address is never free while a device or rule still uses it.
+func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.Store, key state.Key, rec *state.Record, releaseAddrs bool) error {
+	var errs []error
+	if rec == nil || rec.Mode != state.ModeChained {
+		host, err := hostHandle()
+		if err != nil {
+			return err
+		}
+		defer host.Close()
+		if err := podnet.DeleteLink(host, podnet.HostVethName(key.ContainerID, key.IfName)); err != nil {
+			errs = append(errs, err)
+		}
+	}
+
+	ips, err := attachmentIPs(src, key, rec)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	if len(ips) > 0 && (conf.IPMasq || (rec != nil && rec.IPMasq)) {
+		m, err := podnet.NewMasq(-1)
+		if err == nil {
+			err = m.Del(ips)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("remove ipMasq of %s/%s: %w", key.ContainerID, key.IfName, err))
+		}
+	}
+	if len(errs) > 0 {
+		// Keep the record and addresses so a retry still knows what to clean.
+		return errors.Join(errs...)
+	}
+	if err := store.Delete(key); err != nil {
+		return err
+	}
+	if releaseAddrs && (rec == nil || rec.Mode != state.ModeChained) {
+		if err := src.release(key.ContainerID, key.IfName); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func attachmentIPs(src *addrSource, key state.Key, rec *state.Record) ([]net.IP, error) {
+	if rec != nil {
+		var out []net.IP
+		for _, c := range rec.IPs {
+			ip, _, err := net.ParseCIDR(c)
+			if err == nil {
+				out = append(out, ip)
+			}
+		}
+		return out, nil
+	}
+	ips, err := src.held(key.ContainerID, key.IfName)
+	if err != nil {
+		return nil, fmt.Errorf("look up addresses of %s/%s: %w", key.ContainerID, key.IfName, err)
+	}
+	return ips, nil
+}

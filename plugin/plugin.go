@@ -1,0 +1,152 @@
+// Package plugin implements the CNI commands of qoscni: it parses the
+// typed configuration and calls the wiring, IPAM and state packages.
+package plugin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/invoke"
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/vishvananda/netlink"
+
+	"github.com/qoscni/qoscni/ipam"
+	"github.com/qoscni/qoscni/netconf"
+	"github.com/qoscni/qoscni/podnet"
+)
+
+// Plugin holds what the commands share. Log goes to stderr, which runtimes
+// capture into their own logs.
+type Plugin struct {
+	Log *slog.Logger
+}
+
+// New returns a plugin logging to stderr.
+func New() *Plugin {
+	return &Plugin{Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+}
+
+// Funcs binds the commands for skel.
+func (p *Plugin) Funcs() skel.CNIFuncs {
+	return skel.CNIFuncs{Add: p.Add, Del: p.Del, Check: p.Check, GC: p.GC, Status: p.Status}
+}
+
+// delegateTimeout bounds a delegated IPAM plugin call.
+const delegateTimeout = 60 * time.Second
+
+// addrSource is the IPAM of one network config: ours or a delegate.
+type addrSource struct {
+	conf  *netconf.NetConf
+	alloc *ipam.Allocator
+}
+
+func newAddrSource(conf *netconf.NetConf) (*addrSource, error) {
+	s := &addrSource{conf: conf}
+	if conf.BuiltinIPAM() {
+		a, err := ipam.New(conf.IPAMConfig, conf.Name)
+		if err != nil {
+			return nil, err
+		}
+		s.alloc = a
+	}
+	return s, nil
+}
+
+// allocate returns the attachment's addresses and the IPAM routes.
+func (s *addrSource) allocate(containerID, ifName string) ([]*current.IPConfig, []*types.Route, *types.DNS, error) {
+	if s.alloc == nil && s.conf.IPAM.Type == "" {
+		return nil, nil, nil, netconf.InvalidField("ipam", "(absent)", "standalone mode needs an ipam section with ranges")
+	}
+	if s.alloc != nil {
+		ips, err := s.alloc.Allocate(containerID, ifName)
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("allocate addresses for %s/%s: %w", containerID, ifName, err)
+		}
+		return ips, s.conf.IPAMConfig.Routes, nil, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), delegateTimeout)
+	defer cancel()
+	r, err := invoke.DelegateAdd(ctx, s.conf.IPAM.Type, s.conf.Raw, nil)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("ipam plugin %s ADD: %w", s.conf.IPAM.Type, err)
+	}
+	res, err := current.NewResultFromResult(r)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("ipam plugin %s result: %w", s.conf.IPAM.Type, err)
+	}
+	if len(res.IPs) == 0 {
+		return nil, nil, nil, fmt.Errorf("ipam plugin %s returned no addresses", s.conf.IPAM.Type)
+	}
+	return res.IPs, res.Routes, &res.DNS, nil
+}
+
+// held returns the addresses the built-in allocator holds (nil for a delegate).
+func (s *addrSource) held(containerID, ifName string) ([]net.IP, error) {
+	if s.alloc == nil {
+		return nil, nil
+	}
+	return s.alloc.Get(containerID, ifName)
+}
+
+func (s *addrSource) release(containerID, ifName string) error {
+	if s.alloc == nil && s.conf.IPAM.Type == "" {
+		return nil
+	}
+	if s.alloc != nil {
+		if err := s.alloc.Release(containerID, ifName); err != nil {
+			return fmt.Errorf("release addresses of %s/%s: %w", containerID, ifName, err)
+		}
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), delegateTimeout)
+	defer cancel()
+	if err := invoke.DelegateDel(ctx, s.conf.IPAM.Type, s.conf.Raw, nil); err != nil {
+		return fmt.Errorf("ipam plugin %s DEL: %w", s.conf.IPAM.Type, err)
+	}
+	return nil
+}
+
+// undo collects rollback steps of a half-done ADD, run in reverse.
+type undo []func() error
+
+func (u *undo) push(f func() error) { *u = append(*u, f) }
+
+func (u undo) run(log *slog.Logger) {
+	for i := len(u) - 1; i >= 0; i-- {
+		if err := u[i](); err != nil {
+			log.Warn("rollback step failed", "err", err)
+		}
+	}
+}
+
+func parse(args *skel.CmdArgs) (*netconf.NetConf, netconf.PodArgs, error) {
+	conf, err := netconf.Parse(args.StdinData)
+	if err != nil {
+		return nil, netconf.PodArgs{}, err
+	}
+	pod, err := netconf.ParseArgs(args.Args)
+	if err != nil {
+		return nil, netconf.PodArgs{}, err
+	}
+	return conf, pod, nil
+}
+
+func hostHandle() (*netlink.Handle, error) {
+	h, err := netlink.NewHandle()
+	if err != nil {
+		return nil, fmt.Errorf("open netlink: %w", err)
+	}
+	return h, nil
+}
+
+// isGone reports errors that mean "the thing DEL would remove is already gone".
+func isGone(err error) bool {
+	return errors.Is(err, podnet.ErrNetNSGone) || errors.Is(err, os.ErrNotExist)
+}

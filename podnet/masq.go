@@ -1,0 +1,277 @@
+package podnet
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"sort"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// TableName is the nftables table qoscni owns (family inet). Every feature
+// keeps its per-pod data as set or map elements in it, so an ADD or DEL is
+// one batch whose cost does not depend on the number of pods.
+const TableName = "qoscni"
+
+const (
+	masqChain   = "masquerade"
+	masqSrc4    = "masq-src4"
+	masqSrc6    = "masq-src6"
+	masqSkip4   = "masq-skip-dst4"
+	masqSkip6   = "masq-skip-dst6"
+	masqRuleNum = 2
+)
+
+// Multicast is never masqueraded (as the reference bridge plugin does).
+var multicast = []net.IPNet{
+	{IP: net.IPv4(224, 0, 0, 0).To4(), Mask: net.CIDRMask(4, 32)},
+	{IP: net.ParseIP("ff00::"), Mask: net.CIDRMask(8, 128)},
+}
+
+// Masq manages ipMasq: a pod address in masq-src{4,6} is masqueraded when
+// it talks to a destination outside the interval set masq-skip-dst{4,6}
+// (the pod subnets and multicast).
+type Masq struct {
+	conn  *nftables.Conn
+	table *nftables.Table
+	src4  *nftables.Set
+	src6  *nftables.Set
+	skip4 *nftables.Set
+	skip6 *nftables.Set
+	chain *nftables.Chain
+}
+
+// NewMasq opens nftables in the namespace nsFd (-1 = the current one).
+func NewMasq(nsFd int) (*Masq, error) {
+	var opts []nftables.ConnOption
+	if nsFd >= 0 {
+		opts = append(opts, nftables.WithNetNSFd(nsFd))
+	}
+	c, err := nftables.New(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("open nftables: %w", err)
+	}
+	t := &nftables.Table{Family: nftables.TableFamilyINet, Name: TableName}
+	return &Masq{
+		conn:  c,
+		table: t,
+		src4:  &nftables.Set{Table: t, Name: masqSrc4, KeyType: nftables.TypeIPAddr},
+		src6:  &nftables.Set{Table: t, Name: masqSrc6, KeyType: nftables.TypeIP6Addr},
+		skip4: &nftables.Set{Table: t, Name: masqSkip4, KeyType: nftables.TypeIPAddr, Interval: true},
+		skip6: &nftables.Set{Table: t, Name: masqSkip6, KeyType: nftables.TypeIP6Addr, Interval: true},
+		chain: &nftables.Chain{
+			Name: masqChain, Table: t, Type: nftables.ChainTypeNAT,
+			Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource,
+		},
+	}, nil
+}
+
+func (m *Masq) rules() []*nftables.Rule {
+	// nfproto, saddr in @src, daddr not in @skip, masquerade.
+	mk := func(proto byte, srcOff, dstOff, alen uint32, src, skip *nftables.Set) *nftables.Rule {
+		return &nftables.Rule{Table: m.table, Chain: m.chain, Exprs: []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: srcOff, Len: alen},
+			&expr.Lookup{SourceRegister: 1, SetName: src.Name, SetID: src.ID},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: dstOff, Len: alen},
+			&expr.Lookup{SourceRegister: 1, SetName: skip.Name, SetID: skip.ID, Invert: true},
+			&expr.Masq{},
+		}}
+	}
+	return []*nftables.Rule{
+		mk(unix.NFPROTO_IPV4, 12, 16, 4, m.src4, m.skip4),
+		mk(unix.NFPROTO_IPV6, 8, 24, 16, m.src6, m.skip6),
+	}
+}
+
+// baseReady reports whether the table, chain and rules are in place.
+func (m *Masq) baseReady() bool {
+	rules, err := m.conn.GetRules(m.table, m.chain)
+	return err == nil && len(rules) == masqRuleNum
+}
+
+// queueBase adds the table, sets, chain and rules to the pending batch,
+// replacing whatever rules the chain has (drift or an older version).
+func (m *Masq) queueBase() error {
+	m.conn.AddTable(m.table)
+	for _, s := range []*nftables.Set{m.src4, m.src6, m.skip4, m.skip6} {
+		if err := m.conn.AddSet(s, nil); err != nil {
+			return fmt.Errorf("add set %s: %w", s.Name, err)
+		}
+	}
+	m.conn.AddChain(m.chain)
+	m.conn.FlushChain(m.chain)
+	for _, r := range m.rules() {
+		m.conn.AddRule(r)
+	}
+	return nil
+}
+
+func ipKey(ip net.IP) []byte {
+	if v4 := ip.To4(); v4 != nil {
+		return v4
+	}
+	return ip.To16()
+}
+
+// interval is [lo, hi) in key bytes; hi == nil means up to the top of the space.
+type interval struct{ lo, hi []byte }
+
+func prefixInterval(n net.IPNet) interval {
+	lo := ipKey(n.IP.Mask(n.Mask))
+	hi := make([]byte, len(lo))
+	mask := n.Mask
+	if len(mask) != len(lo) {
+		mask = mask[len(mask)-len(lo):]
+	}
+	for i := range lo {
+		hi[i] = lo[i] | ^mask[i]
+	}
+	// One past the last address; overflow means the interval is open-ended.
+	for i := len(hi) - 1; i >= 0; i-- {
+		hi[i]++
+		if hi[i] != 0 {
+			return interval{lo, hi}
+		}
+	}
+	return interval{lo, nil}
+}
+
+func (iv interval) overlaps(o interval) bool {
+	// [a,b) and [c,d) overlap when a < d and c < b (nil = +inf).
+	less := func(x, y []byte) bool { return y == nil || (x != nil && bytes.Compare(x, y) < 0) }
+	return less(iv.lo, o.hi) && less(o.lo, iv.hi)
+}
+
+func (m *Masq) intervals(s *nftables.Set) ([]interval, error) {
+	elems, err := m.conn.GetSetElements(s)
+	if err != nil {
+		return nil, fmt.Errorf("list set %s: %w", s.Name, err)
+	}
+	sort.Slice(elems, func(i, j int) bool { return bytes.Compare(elems[i].Key, elems[j].Key) < 0 })
+	var out []interval
+	for i := 0; i < len(elems); i++ {
+		if elems[i].IntervalEnd {
+			continue
+		}
+		iv := interval{lo: elems[i].Key}
+		if i+1 < len(elems) && elems[i+1].IntervalEnd {
+			iv.hi = elems[i+1].Key
+			i++
+		}
+		out = append(out, iv)
+	}
+	return out, nil
+}
+
+func intervalElems(iv interval) []nftables.SetElement {
+	el := []nftables.SetElement{{Key: iv.lo}}
+	if iv.hi != nil {
+		el = append(el, nftables.SetElement{Key: iv.hi, IntervalEnd: true})
+	}
+	return el
+}
+
+// Add makes each pod address masqueraded towards everything outside its
+// subnet, in one batch.
+func (m *Masq) Add(addrs []net.IPNet) error {
+	if !m.baseReady() {
+		if err := m.queueBase(); err != nil {
+			return err
+		}
+		// New sets: multicast goes in with the base.
+		for _, mc := range multicast {
+			s := m.skip4
+			if mc.IP.To4() == nil {
+				s = m.skip6
+			}
+			if err := m.conn.SetAddElements(s, intervalElems(prefixInterval(mc))); err != nil {
+				return fmt.Errorf("add multicast to %s: %w", s.Name, err)
+			}
+		}
+		if err := m.conn.Flush(); err != nil {
+			return fmt.Errorf("create nftables table %s for ipMasq: %w", TableName, err)
+		}
+	}
+	for _, a := range addrs {
+		src, skip := m.src4, m.skip4
+		if a.IP.To4() == nil {
+			src, skip = m.src6, m.skip6
+		}
+		subnet := prefixInterval(net.IPNet{IP: a.IP.Mask(a.Mask), Mask: a.Mask})
+		have, err := m.intervals(skip)
+		if err != nil {
+			return err
+		}
+		covered := false
+		for _, h := range have {
+			if h.overlaps(subnet) {
+				covered = true
+				break
+			}
+		}
+		if !covered {
+			if err := m.conn.SetAddElements(skip, intervalElems(subnet)); err != nil {
+				return fmt.Errorf("add subnet %s to %s: %w", a.String(), skip.Name, err)
+			}
+		}
+		if err := m.conn.SetAddElements(src, []nftables.SetElement{{Key: ipKey(a.IP)}}); err != nil {
+			return fmt.Errorf("add %s to %s: %w", a.IP, src.Name, err)
+		}
+	}
+	if err := m.conn.Flush(); err != nil {
+		return fmt.Errorf("add ipMasq for %v: %w", addrs, err)
+	}
+	return nil
+}
+
+// Del removes pod addresses from the masquerade sets. Addresses that are
+// not there (already removed, or never added) are not an error.
+func (m *Masq) Del(ips []net.IP) error {
+	if len(ips) == 0 {
+		return nil
+	}
+	var errs []error
+	for _, ip := range ips {
+		src := m.src4
+		if ip.To4() == nil {
+			src = m.src6
+		}
+		// One element per batch: a missing element fails its whole batch.
+		if err := m.conn.SetDeleteElements(src, []nftables.SetElement{{Key: ipKey(ip)}}); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if err := m.conn.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("remove %s from %s: %w", ip, src.Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Has reports whether an address is in its masquerade set.
+func (m *Masq) Has(ip net.IP) (bool, error) {
+	src := m.src4
+	if ip.To4() == nil {
+		src = m.src6
+	}
+	if !m.baseReady() {
+		return false, nil
+	}
+	elems, err := m.conn.GetSetElements(src)
+	if err != nil {
+		return false, fmt.Errorf("list set %s: %w", src.Name, err)
+	}
+	k := ipKey(ip)
+	for _, e := range elems {
+		if bytes.Equal(e.Key, k) {
+			return true, nil
+		}
+	}
+	return false, nil
+}

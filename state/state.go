@@ -1,0 +1,239 @@
+// Package state keeps one durable record per attachment (container ID +
+// interface name). The plugin writes it on ADD and removes it on DEL; the
+// node agent reads it to know which pod owns which devices.
+package state
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// SchemaVersion is bumped when Record changes incompatibly.
+const SchemaVersion = 1
+
+// Mode says how an attachment was wired.
+type Mode string
+
+const (
+	ModeStandalone Mode = "standalone"
+	ModeChained    Mode = "chained"
+)
+
+// Pod is the identity the runtime passed in CNI_ARGS.
+type Pod struct {
+	Namespace string `json:"namespace,omitempty"`
+	Name      string `json:"name,omitempty"`
+	UID       string `json:"uid,omitempty"`
+}
+
+// Record describes one attachment.
+type Record struct {
+	Schema      int       `json:"schema"`
+	Network     string    `json:"network"`
+	ContainerID string    `json:"containerID"`
+	IfName      string    `json:"ifName"`
+	Netns       string    `json:"netns,omitempty"`
+	Pod         Pod       `json:"pod"`
+	Mode        Mode      `json:"mode"`
+	Bridge      string    `json:"bridge,omitempty"`
+	HostVeth    string    `json:"hostVeth"`
+	PodMAC      string    `json:"podMAC,omitempty"`
+	MTU         int       `json:"mtu,omitempty"`
+	IPs         []string  `json:"ips,omitempty"` // CIDR notation, pod side
+	Gateways    []string  `json:"gateways,omitempty"`
+	IPMasq      bool      `json:"ipMasq,omitempty"`
+	Created     time.Time `json:"created"`
+}
+
+// Key identifies a record.
+type Key struct {
+	Network     string
+	ContainerID string
+	IfName      string
+}
+
+func (r *Record) Key() Key { return Key{r.Network, r.ContainerID, r.IfName} }
+
+// Store is a directory of records: <dir>/<network>/<containerID>_<ifname>.json.
+type Store struct {
+	Dir string
+}
+
+// New returns a store rooted at dir; directories are created on first write.
+func New(dir string) *Store { return &Store{Dir: dir} }
+
+// safe keeps a path element inside its directory whatever the runtime sent.
+func safe(s string) string {
+	return strings.Map(func(r rune) rune {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '-', r == '.', r == '_':
+			return r
+		}
+		return '%'
+	}, s)
+}
+
+func (s *Store) netDir(network string) string { return filepath.Join(s.Dir, safe(network)) }
+
+func (s *Store) path(k Key) string {
+	return filepath.Join(s.netDir(k.Network), safe(k.ContainerID)+"_"+safe(k.IfName)+".json")
+}
+
+// Save writes the record atomically: a crash leaves either the old or the
+// new record, never a torn one.
+func (s *Store) Save(r *Record) error {
+	r.Schema = SchemaVersion
+	dir := s.netDir(r.Network)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create state dir %s: %w", dir, err)
+	}
+	data, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode state for %s/%s: %w", r.ContainerID, r.IfName, err)
+	}
+	return writeAtomic(s.path(r.Key()), data)
+}
+
+// Load returns the record, or (nil, nil) when there is none.
+func (s *Store) Load(k Key) (*Record, error) {
+	data, err := os.ReadFile(s.path(k))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read state for %s/%s: %w", k.ContainerID, k.IfName, err)
+	}
+	r, err := Decode(data)
+	if err != nil {
+		return nil, fmt.Errorf("state for %s/%s: %w", k.ContainerID, k.IfName, err)
+	}
+	return r, nil
+}
+
+// Decode parses one record and checks the fields every consumer relies on.
+func Decode(data []byte) (*Record, error) {
+	r := &Record{}
+	if err := json.Unmarshal(data, r); err != nil {
+		return nil, fmt.Errorf("decode record: %w", err)
+	}
+	if r.Schema != SchemaVersion {
+		return nil, fmt.Errorf("decode record: schema %d, want %d", r.Schema, SchemaVersion)
+	}
+	if r.ContainerID == "" || r.IfName == "" || r.Network == "" {
+		return nil, errors.New("decode record: network, containerID and ifName are required")
+	}
+	return r, nil
+}
+
+// Delete removes the record; a missing record is not an error.
+func (s *Store) Delete(k Key) error {
+	err := os.Remove(s.path(k))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove state for %s/%s: %w", k.ContainerID, k.IfName, err)
+	}
+	return nil
+}
+
+// BadFile is a file in the store that could not be decoded.
+type BadFile struct {
+	Path string
+	Err  error
+}
+
+// List returns every decodable record of a network ("" = all networks) and
+// the files that could not be decoded, so callers can report and GC them.
+func (s *Store) List(network string) ([]*Record, []BadFile, error) {
+	var dirs []string
+	if network != "" {
+		dirs = []string{s.netDir(network)}
+	} else {
+		entries, err := os.ReadDir(s.Dir)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, nil, nil
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("list state dir %s: %w", s.Dir, err)
+		}
+		for _, e := range entries {
+			if e.IsDir() {
+				dirs = append(dirs, filepath.Join(s.Dir, e.Name()))
+			}
+		}
+	}
+	var recs []*Record
+	var bad []BadFile
+	for _, d := range dirs {
+		entries, err := os.ReadDir(d)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("list state dir %s: %w", d, err)
+		}
+		for _, e := range entries {
+			if e.IsDir() || !strings.HasSuffix(e.Name(), ".json") {
+				continue
+			}
+			p := filepath.Join(d, e.Name())
+			data, err := os.ReadFile(p)
+			if err != nil {
+				bad = append(bad, BadFile{p, err})
+				continue
+			}
+			r, err := Decode(data)
+			if err != nil {
+				bad = append(bad, BadFile{p, err})
+				continue
+			}
+			recs = append(recs, r)
+		}
+	}
+	return recs, bad, nil
+}
+
+func writeAtomic(path string, data []byte) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, ".tmp-*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	tmp := f.Name()
+	ok := false
+	defer func() {
+		if !ok {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if err := f.Chmod(0o600); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if _, err := f.Write(data); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("rename %s: %w", path, err)
+	}
+	ok = true
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync dir %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync dir %s: %w", dir, err)
+	}
+	return nil
+}
