@@ -58,7 +58,7 @@ type NetConf struct {
 func (c *NetConf) BuiltinIPAM() bool { return c.IPAMConfig != nil }
 
 // Chained reports whether a previous plugin in the chain produced a result.
-func (c *NetConf) Chained() bool { return c.RawPrevResult != nil }
+func (c *NetConf) Chained() bool { return c.PrevResult != nil }
 
 // InvalidField builds the CNI error for a bad config value: code 7 with the
 // field path and the offending value in the message.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -574,4 +575,68 @@ func TestPodSettingsAndBridgeNetfilter(t *testing.T) {
 	assertClean(t, n)
 }
 
-var _ = net.IPv4len
+var (
+	_           = net.IPv4len
+	execCommand = exec.Command
+)
+
+func TestChainedAfterReferenceBridge(t *testing.T) {
+	t.Parallel()
+	n := testnet.NewNode(t)
+	ref := "/usr/lib/cni"
+	if _, err := os.Stat(filepath.Join(ref, "bridge")); err != nil {
+		if os.Getenv(testnet.RequireRootEnv) != "" {
+			t.Fatalf("reference bridge plugin missing (apt-get install containernetworking-plugins): %v", err)
+		}
+		t.Skip("reference plugins not installed")
+	}
+	pod := n.NewPod(t)
+	mainConf, _ := json.Marshal(map[string]any{
+		"cniVersion": "1.0.0", "name": "qtest", "type": "bridge", "bridge": "refbr0", "isGateway": true,
+		"ipam": map[string]any{"type": "host-local", "ranges": []any{[]any{map[string]any{"subnet": "10.81.0.0/24"}}}, "dataDir": filepath.Join(n.Dir, "hl")},
+	})
+	env := []string{"CNI_COMMAND=ADD", "CNI_CONTAINERID=ch", "CNI_NETNS=" + pod.Path, "CNI_IFNAME=eth0", "CNI_PATH=" + ref}
+	prev := runRef(t, n, env, mainConf)
+	conf := withPrev(t, []byte(fmt.Sprintf(`{"cniVersion":"1.0.0","name":"qtest","type":"qoscni","stateDir":%q}`, n.StateDir)), prev)
+	r := n.Invoke(t, testnet.Call{Command: "ADD", ContainerID: "ch", Netns: pod.Path, IfName: "eth0", Config: conf}).MustSucceed(t, "chained ADD")
+	if !strings.Contains(string(r.Stdout), "10.81.0.2/24") {
+		t.Fatalf("chained ADD must pass prevResult through: %s", r.Stdout)
+	}
+	b, err := os.ReadFile(filepath.Join(n.StateDir, "qtest", "ch_eth0.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rec struct {
+		Mode     string `json:"mode"`
+		HostVeth string `json:"hostVeth"`
+	}
+	_ = json.Unmarshal(b, &rec)
+	peer := strings.TrimSpace(n.Exec(t, "ls", "/sys/class/net/refbr0/brif"))
+	if rec.Mode != "chained" || rec.HostVeth != peer {
+		t.Fatalf("record %+v, want chained on %q", rec, peer)
+	}
+	n.Invoke(t, testnet.Call{Command: "CHECK", ContainerID: "ch", Netns: pod.Path, IfName: "eth0", Config: conf}).MustSucceed(t, "chained CHECK")
+	n.Invoke(t, testnet.Call{Command: "DEL", ContainerID: "ch", Netns: pod.Path, IfName: "eth0", Config: conf}).MustSucceed(t, "chained DEL")
+	if _, err := os.Stat(filepath.Join(n.StateDir, "qtest", "ch_eth0.json")); err == nil {
+		t.Error("chained DEL left the record")
+	}
+	// qoscni must not have touched the main plugin's veth.
+	if _, err := n.Try("ip", "link", "show", peer); err != nil {
+		t.Errorf("chained DEL removed the main plugin's veth %s", peer)
+	}
+	env[0] = "CNI_COMMAND=DEL"
+	runRef(t, n, env, mainConf)
+}
+
+func runRef(t *testing.T, n *testnet.Node, env []string, conf []byte) []byte {
+	t.Helper()
+	args := append([]string{"netns", "exec", n.Name, "env"}, env...)
+	args = append(args, "/usr/lib/cni/bridge")
+	cmd := execCommand("ip", args...)
+	cmd.Stdin = strings.NewReader(string(conf))
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("reference bridge: %v: %s", err, out)
+	}
+	return out
+}

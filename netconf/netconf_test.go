@@ -1,0 +1,147 @@
+package netconf
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/containernetworking/cni/pkg/types"
+)
+
+func mustParse(t *testing.T, s string) *NetConf {
+	t.Helper()
+	c, err := Parse([]byte(s))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	return c
+}
+
+func TestDefaults(t *testing.T) {
+	c := mustParse(t, `{"cniVersion":"1.0.0","name":"n","type":"qoscni","isDefaultGateway":true,
+		"ipam":{"ranges":[[{"subnet":"10.1.0.0/24"}]]}}`)
+	if c.Bridge != DefaultBridge || c.StateDir != DefaultStateDir {
+		t.Errorf("defaults: bridge %q stateDir %q", c.Bridge, c.StateDir)
+	}
+	if !c.IsGateway {
+		t.Error("isDefaultGateway must imply isGateway")
+	}
+	if !c.BuiltinIPAM() || c.Chained() {
+		t.Errorf("builtin %v chained %v", c.BuiltinIPAM(), c.Chained())
+	}
+}
+
+func TestRuntimeConfigAnyCase(t *testing.T) {
+	// containerd sends Go field names; the CNI conventions use camelCase.
+	for _, body := range []string{
+		`{"Bandwidth":{"IngressRate":1000,"IngressBurst":2000,"EgressRate":3000,"EgressBurst":4000},
+		  "PortMappings":[{"HostPort":8080,"ContainerPort":80,"Protocol":"TCP","HostIP":"10.0.0.1"}]}`,
+		`{"bandwidth":{"ingressRate":1000,"ingressBurst":2000,"egressRate":3000,"egressBurst":4000},
+		  "portMappings":[{"hostPort":8080,"containerPort":80,"protocol":"tcp","hostIP":"10.0.0.1"}]}`,
+		`{"BANDWIDTH":{"INGRESSRATE":1000,"ingressburst":2000,"EgressRate":3000,"egressBURST":4000},
+		  "portmappings":[{"HOSTPORT":8080,"containerport":80,"PROTOCOL":"Tcp","hostip":"10.0.0.1"}]}`,
+	} {
+		c := mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni","runtimeConfig":`+body+`}`)
+		bw := c.RuntimeConfig.Bandwidth
+		if bw == nil || bw.IngressRate != 1000 || bw.IngressBurst != 2000 || bw.EgressRate != 3000 || bw.EgressBurst != 4000 {
+			t.Errorf("bandwidth from %s: %+v", body, bw)
+		}
+		pm := c.RuntimeConfig.PortMappings
+		if len(pm) != 1 || pm[0].HostPort != 8080 || pm[0].ContainerPort != 80 || pm[0].Protocol != "tcp" || pm[0].HostIP != "10.0.0.1" {
+			t.Errorf("portMappings from %s: %+v", body, pm)
+		}
+	}
+}
+
+func TestPodAnnotations(t *testing.T) {
+	c := mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni","runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"kubernetes.io/ingress-bandwidth":"10M"}}}`)
+	if c.RuntimeConfig.PodAnnotations["kubernetes.io/ingress-bandwidth"] != "10M" {
+		t.Errorf("annotations: %v", c.RuntimeConfig.PodAnnotations)
+	}
+}
+
+func TestErrors(t *testing.T) {
+	cases := []struct {
+		name, conf string
+		code       uint
+		field      string
+	}{
+		{"malformed", `{"cniVersion":"1.1.0",`, types.ErrDecodingFailure, ""},
+		{"no version", `{"name":"n","type":"qoscni"}`, types.ErrIncompatibleCNIVersion, ""},
+		{"old version", `{"cniVersion":"0.2.0","name":"n","type":"qoscni"}`, types.ErrIncompatibleCNIVersion, "0.2.0"},
+		{"mtu", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","mtu":100}`, types.ErrInvalidNetworkConfig, "mtu 100"},
+		{"mtu type", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","mtu":"x"}`, types.ErrInvalidNetworkConfig, "mtu"},
+		{"bridge", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","bridge":"a/b"}`, types.ErrInvalidNetworkConfig, "bridge"},
+		{"stateDir", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","stateDir":"rel"}`, types.ErrInvalidNetworkConfig, "stateDir"},
+		{"protocol", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","runtimeConfig":{"portMappings":[{"hostPort":1,"containerPort":2,"protocol":"icmp"}]}}`, types.ErrInvalidNetworkConfig, "protocol"},
+		{"containerPort", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","runtimeConfig":{"portMappings":[{"hostPort":1,"containerPort":0}]}}`, types.ErrInvalidNetworkConfig, "containerPort 0"},
+		{"ipam subnet", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ipam":{"ranges":[[{"subnet":"nope"}]]}}`, types.ErrInvalidNetworkConfig, "nope"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse([]byte(tc.conf))
+			var e *types.Error
+			if !errors.As(err, &e) {
+				t.Fatalf("want *types.Error, got %v", err)
+			}
+			if e.Code != tc.code {
+				t.Fatalf("code %d (%s), want %d", e.Code, e.Msg, tc.code)
+			}
+			if !strings.Contains(e.Msg+" "+e.Details, tc.field) {
+				t.Fatalf("message %q lacks %q", e.Msg+" "+e.Details, tc.field)
+			}
+		})
+	}
+}
+
+func TestIPAMSelection(t *testing.T) {
+	c := mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ipam":{"type":"host-local","subnet":"10.0.0.0/24"}}`)
+	if c.BuiltinIPAM() {
+		t.Error("host-local must be delegated")
+	}
+	c = mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni"}`)
+	if c.BuiltinIPAM() {
+		t.Error("no ipam section means no built-in IPAM")
+	}
+	c = mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ipam":{"type":"qoscni","ranges":[[{"subnet":"10.0.0.0/24"}]]}}`)
+	if !c.BuiltinIPAM() {
+		t.Error("type qoscni is built-in")
+	}
+}
+
+func TestChainedPrevResult(t *testing.T) {
+	c := mustParse(t, `{"cniVersion":"1.0.0","name":"n","type":"qoscni","prevResult":{"cniVersion":"1.0.0",
+		"interfaces":[{"name":"eth0","sandbox":"/run/netns/x"}],"ips":[{"address":"10.0.0.5/24","interface":0}]}}`)
+	if !c.Chained() || c.PrevResult == nil {
+		t.Fatal("prevResult not decoded")
+	}
+}
+
+func TestParseArgs(t *testing.T) {
+	a, err := ParseArgs("IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=web-0;K8S_POD_UID=u-1;K8S_POD_INFRA_CONTAINER_ID=abc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Namespace != "ns" || a.Name != "web-0" || a.UID != "u-1" || a.InfraContainerID != "abc" {
+		t.Errorf("%+v", a)
+	}
+	if _, err := ParseArgs("K8S_POD_NAME"); err == nil {
+		t.Error("pair without '=' accepted")
+	}
+	if a, err := ParseArgs(""); err != nil || a != (PodArgs{}) {
+		t.Errorf("empty: %+v %v", a, err)
+	}
+}
+
+func TestValidateIfName(t *testing.T) {
+	for _, ok := range []string{"eth0", "qoscni0", "a", "br-123456789012"} {
+		if err := ValidateIfName("f", ok); err != nil {
+			t.Errorf("%q: %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", ".", "..", "a b", "a/b", "abcdefghijklmnop"} {
+		if err := ValidateIfName("f", bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}

@@ -1,0 +1,104 @@
+package state
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestSaveLoadListDelete(t *testing.T) {
+	s := New(filepath.Join(t.TempDir(), "state"))
+	r := &Record{Network: "net", ContainerID: "abc", IfName: "eth0", HostVeth: "qv1", Pod: Pod{Namespace: "ns", Name: "p", UID: "u"},
+		Mode: ModeStandalone, IPs: []string{"10.0.0.2/24"}, Created: time.Unix(100, 0).UTC()}
+	if err := s.Save(r); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.Load(r.Key())
+	if err != nil || got == nil {
+		t.Fatalf("Load: %v %v", got, err)
+	}
+	if got.Pod != r.Pod || got.HostVeth != "qv1" || got.Schema != SchemaVersion || got.IPs[0] != "10.0.0.2/24" {
+		t.Errorf("round trip: %+v", got)
+	}
+	st, _ := os.Stat(s.path(r.Key()))
+	if st.Mode().Perm() != 0o600 {
+		t.Errorf("file mode %v", st.Mode().Perm())
+	}
+	dst, _ := os.Stat(filepath.Dir(s.path(r.Key())))
+	if dst.Mode().Perm() != 0o700 {
+		t.Errorf("dir mode %v", dst.Mode().Perm())
+	}
+	// A second network and a garbage file.
+	r2 := *r
+	r2.Network = "other"
+	if err := s.Save(&r2); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(s.Dir, "net", "junk.json"), []byte("{not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	recs, bad, err := s.List("net")
+	if err != nil || len(recs) != 1 || len(bad) != 1 {
+		t.Fatalf("List(net): %d records, %d bad, %v", len(recs), len(bad), err)
+	}
+	all, _, _ := s.List("")
+	if len(all) != 2 {
+		t.Fatalf("List(all): %d", len(all))
+	}
+	if err := s.Delete(r.Key()); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Delete(r.Key()); err != nil {
+		t.Fatalf("second Delete: %v", err)
+	}
+	if got, err := s.Load(r.Key()); got != nil || err != nil {
+		t.Fatalf("after Delete: %v %v", got, err)
+	}
+	// No temporary files left behind.
+	entries, _ := os.ReadDir(filepath.Join(s.Dir, "net"))
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), ".tmp") {
+			t.Errorf("temp file left: %s", e.Name())
+		}
+	}
+}
+
+func TestHostileNamesStayInside(t *testing.T) {
+	s := New(t.TempDir())
+	r := &Record{Network: "../../etc", ContainerID: "../x", IfName: "a/b", HostVeth: "v"}
+	if err := s.Save(r); err != nil {
+		t.Fatal(err)
+	}
+	p := s.path(r.Key())
+	if !strings.HasPrefix(p, s.Dir+"/") || strings.Contains(strings.TrimPrefix(p, s.Dir), "/../") {
+		t.Fatalf("path escapes the store: %s", p)
+	}
+	if got, err := s.Load(r.Key()); err != nil || got == nil || got.ContainerID != "../x" {
+		t.Fatalf("Load: %+v %v", got, err)
+	}
+}
+
+func TestDecodeRejects(t *testing.T) {
+	for _, in := range []string{``, `{}`, `{"schema":99,"network":"n","containerID":"c","ifName":"i"}`,
+		`{"schema":1,"network":"n","containerID":"","ifName":"i"}`, `[1,2]`} {
+		if _, err := Decode([]byte(in)); err == nil {
+			t.Errorf("Decode(%q) accepted", in)
+		}
+	}
+}
+
+func TestLoadCorrupt(t *testing.T) {
+	s := New(t.TempDir())
+	k := Key{"n", "c", "eth0"}
+	if err := os.MkdirAll(filepath.Dir(s.path(k)), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(s.path(k), []byte(`{"schema":1,"netw`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Load(k); err == nil || !strings.Contains(err.Error(), "c/eth0") {
+		t.Fatalf("corrupt record: %v", err)
+	}
+}
