@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"math/rand/v2"
 	"net/netip"
@@ -34,30 +33,35 @@ type indexRecord struct {
 	IPs         []string `json:"ips"`
 }
 
+// storeLock is the descriptor holding the store's flock; closing it releases the lock.
+type storeLock int
+
+func (l storeLock) Close() { unix.Close(int(l)) }
+
 // lock takes the store's flock, polling so that a stuck holder turns into a retryable
-// CNI error instead of a hung pod start. Closing the returned file releases the lock.
-func (a *Allocator) lock() (*os.File, error) {
-	f, err := os.OpenFile(filepath.Join(a.dir, lockName), os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
+// CNI error instead of a hung pod start.
+func (a *Allocator) lock() (storeLock, error) {
+	fd, err := openRaw(filepath.Join(a.dir, lockName), unix.O_RDWR|unix.O_CREAT|unix.O_NOFOLLOW, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("ipam: open lock of store %s: %w", a.dir, err)
+		return -1, fmt.Errorf("ipam: open lock of store %s: %w", a.dir, err)
 	}
 	deadline := time.Now().Add(a.LockTimeout)
 	backoff := 200 * time.Microsecond
 	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
 		switch {
 		case err == nil:
-			return f, nil
+			return storeLock(fd), nil
 		case errors.Is(err, unix.EINTR):
 			continue
 		case !errors.Is(err, unix.EWOULDBLOCK):
-			f.Close()
-			return nil, fmt.Errorf("ipam: lock store %s: %w", a.dir, err)
+			unix.Close(fd)
+			return -1, fmt.Errorf("ipam: lock store %s: %w", a.dir, err)
 		}
 		left := time.Until(deadline)
 		if left <= 0 {
-			f.Close()
-			return nil, types.NewError(types.ErrTryAgainLater,
+			unix.Close(fd)
+			return -1, types.NewError(types.ErrTryAgainLater,
 				fmt.Sprintf("ipam: store %s is locked by another process for %s", a.dir, a.LockTimeout), "")
 		}
 		// Jitter keeps many waiting plugin processes from polling in lockstep.
@@ -108,13 +112,85 @@ func parseIPName(name string) (netip.Addr, bool) {
 	return a, true
 }
 
+// The helpers below use raw system calls: they are on the hot path of every pod start,
+// and os.File's poller registration costs more than the I/O itself on tmpfs.
+
+// openRaw opens path, retrying EINTR; errors are *fs.PathError so errors.Is works.
+func openRaw(path string, flags int, mode uint32) (int, error) {
+	for {
+		fd, err := unix.Open(path, flags|unix.O_CLOEXEC, mode)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return -1, &fs.PathError{Op: "open", Path: path, Err: err}
+		}
+		return fd, nil
+	}
+}
+
 func readSmall(path string) ([]byte, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	fd, err := openRaw(path, unix.O_RDONLY|unix.O_NOFOLLOW, 0)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	return io.ReadAll(io.LimitReader(f, maxFileRead))
+	defer unix.Close(fd)
+	buf := make([]byte, maxFileRead)
+	n := 0
+	for n < len(buf) {
+		m, err := unix.Read(fd, buf[n:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return nil, &fs.PathError{Op: "read", Path: path, Err: err}
+		}
+		if m == 0 {
+			break
+		}
+		n += m
+	}
+	return buf[:n], nil
+}
+
+// writeNew creates a new temporary file in dir holding data and returns its path.
+func writeNew(dir string, data []byte, durable bool) (string, error) {
+	for {
+		path := filepath.Join(dir, fmt.Sprintf("%s%016x", tmpPrefix, rand.Uint64()))
+		fd, err := openRaw(path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW, 0o600)
+		if errors.Is(err, fs.ErrExist) {
+			continue
+		}
+		if err != nil {
+			return "", err
+		}
+		err = writeAll(fd, data)
+		if err == nil && durable {
+			err = unix.Fsync(fd)
+		}
+		if cerr := unix.Close(fd); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			unix.Unlink(path)
+			return "", &fs.PathError{Op: "write", Path: path, Err: err}
+		}
+		return path, nil
+	}
+}
+
+func writeAll(fd int, data []byte) error {
+	for len(data) > 0 {
+		n, err := unix.Write(fd, data)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		data = data[n:]
+	}
+	return nil
 }
 
 // ownerState is what an address file says about its address.
@@ -215,24 +291,14 @@ func (a *Allocator) writeHint(set int, ip netip.Addr) error {
 // writeAtomic replaces dir/name via a temporary file and rename, so readers see the old
 // or the new content, never a torn one.
 func writeAtomic(dir, name string, data []byte, durable bool) error {
-	f, err := os.CreateTemp(dir, tmpPrefix+"*")
+	tmp, err := writeNew(dir, data, durable)
 	if err != nil {
 		return err
 	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil && durable {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, filepath.Join(dir, name))
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
+	// unix.Rename, not os.Rename, which first stats the target to refuse directories.
+	if err := unix.Rename(tmp, filepath.Join(dir, name)); err != nil {
+		unix.Unlink(tmp)
+		return &os.LinkError{Op: "rename", Old: tmp, New: filepath.Join(dir, name), Err: err}
 	}
 	if durable {
 		return syncDir(dir)
@@ -247,32 +313,17 @@ func (a *Allocator) writeOwnerTemp(o Attachment) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	f, err := os.CreateTemp(a.dir, tmpPrefix+"*")
-	if err != nil {
-		return "", err
-	}
-	_, err = f.Write(append(data, '\n'))
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		os.Remove(f.Name())
-		return "", err
-	}
-	return f.Name(), nil
+	return writeNew(a.dir, append(data, '\n'), true)
 }
 
 func syncDir(dir string) error {
-	d, err := os.Open(dir)
+	fd, err := openRaw(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
 	if err != nil {
 		return err
 	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", dir, err)
+	defer unix.Close(fd)
+	if err := unix.Fsync(fd); err != nil {
+		return &fs.PathError{Op: "fsync", Path: dir, Err: err}
 	}
 	return nil
 }
