@@ -7,7 +7,6 @@ import (
 	"net"
 	"sort"
 
-	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
@@ -101,7 +100,7 @@ func (p *Plugin) checkStandalone(args *skel.CmdArgs, conf *netconf.NetConf, prev
 	} else {
 		ctx, cancel := context.WithTimeout(context.Background(), delegateTimeout)
 		defer cancel()
-		if err := invoke.DelegateCheck(ctx, conf.IPAM.Type, conf.Raw, nil); err != nil {
+		if err := ignoreOut(delegate(ctx, "CHECK", conf.IPAM.Type, conf.Raw)); err != nil {
 			errs = append(errs, fmt.Errorf("ipam plugin %s CHECK: %w", conf.IPAM.Type, err))
 		}
 	}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/skel"
 
 	"github.com/qoscni/qoscni/ipam"
@@ -56,7 +55,7 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 	} else if conf.IPAM.Type != "" {
 		ctx, cancel := context.WithTimeout(context.Background(), delegateTimeout)
 		defer cancel()
-		if err := invoke.DelegateGC(ctx, conf.IPAM.Type, conf.Raw, nil); err != nil {
+		if err := ignoreOut(delegate(ctx, "GC", conf.IPAM.Type, conf.Raw)); err != nil {
 			errs = append(errs, fmt.Errorf("ipam plugin %s GC: %w", conf.IPAM.Type, err))
 		}
 	}
@@ -82,5 +81,5 @@ func (p *Plugin) Status(args *skel.CmdArgs) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), delegateTimeout)
 	defer cancel()
-	return invoke.DelegateStatus(ctx, conf.IPAM.Type, conf.Raw, nil)
+	return ignoreOut(delegate(ctx, "STATUS", conf.IPAM.Type, conf.Raw))
 }
