@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install what the tests, the demo and the benchmarks need on Debian 12,
+# only when missing (apt-get update runs at most once), then fetch Go modules.
+set -euo pipefail
+
+. "$(dirname "$0")/lib.sh"
+
+# iputils-ping: the demo proves connectivity with ping.
+PACKAGES=(iproute2 nftables iperf3 containernetworking-plugins conntrack iputils-ping)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+	if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+		missing+=("$pkg")
+	fi
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+	[ "$(id -u)" -eq 0 ] || die "missing packages ${missing[*]}; run 'make deps' as root"
+	log "installing ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	if ! apt-get install -y --no-install-recommends "${missing[@]}"; then
+		apt-get update
+		apt-get install -y --no-install-recommends "${missing[@]}"
+	fi
+fi
+
+command -v go >/dev/null || die "go not found (expected in PATH or /usr/local/go/bin)"
+(cd "$QOSCNI_ROOT" && go mod download)

@@ -1,0 +1,56 @@
+# shellcheck shell=bash
+# Shared helpers for scripts/ and bench/. Source it; it sets no shell options.
+
+# Repository root, whatever the caller's working directory.
+QOSCNI_ROOT=${QOSCNI_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+export PATH="$PATH:/usr/local/go/bin:/usr/sbin:/sbin"
+
+# Where the reference plugins of Debian's containernetworking-plugins live.
+REF_CNI_DIR=${REF_CNI_DIR:-/usr/lib/cni}
+
+log()  { printf '\033[1m==> %s\033[0m\n' "$*"; }
+info() { printf '    %s\n' "$*"; }
+warn() { printf '\033[33mWARN: %s\033[0m\n' "$*" >&2; }
+die()  { printf '\033[31mERROR: %s\033[0m\n' "$*" >&2; exit 1; }
+
+require_root() {
+	[ "$(id -u)" -eq 0 ] || die "$0 needs root (network namespaces, links, nftables)"
+}
+
+# build_bins [qoscni] [qoscni-cnitool]: go build into bin/.
+build_bins() {
+	local b
+	for b in "$@"; do
+		(cd "$QOSCNI_ROOT" && go build -o "bin/$b" "./cmd/$b") || return 1
+	done
+}
+
+# netns_fresh NAME: (re)create a network namespace with loopback up.
+netns_fresh() {
+	ip netns del "$1" 2>/dev/null || true
+	ip netns add "$1" && ip -n "$1" link set lo up
+}
+
+netns_gone() { ip netns del "$1" 2>/dev/null || true; }
+
+# cnitool NODE_NETNS ARGS...: run bin/qoscni-cnitool inside the node netns,
+# which is where a runtime would run the plugin.
+cnitool() {
+	local node=$1
+	shift
+	ip netns exec "$node" "$QOSCNI_ROOT/bin/qoscni-cnitool" "$@"
+}
+
+# leftover_reservations DIR: files an IPAM store keeps per allocated address
+# or attachment. host-local and the built-in store both keep "lock" and
+# "last_reserved_ip.N" hints, which are not reservations.
+leftover_reservations() {
+	[ -d "$1" ] || return 0
+	find "$1" -type f ! -name lock ! -name 'last_reserved_ip.*' -print
+}
+
+# leftover_files DIR: any regular file other than a lock.
+leftover_files() {
+	[ -d "$1" ] || return 0
+	find "$1" -type f ! -name lock ! -name '*.lock' -print
+}
