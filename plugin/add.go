@@ -32,6 +32,8 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 }
 
 func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod netconf.PodArgs) (_ *current.Result, err error) {
+	st := p.steps("ADD")
+	defer st.done()
 	store := state.New(conf.StateDir)
 	key := state.Key{Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName}
 	if rec, lerr := store.Load(key); lerr == nil && rec != nil {
@@ -54,6 +56,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 		return nil, fmt.Errorf("open netlink in %s: %w", args.Netns, err)
 	}
 	defer podH.Close()
+	st.mark("open")
 
 	if exists, err := podnet.LinkExists(podH, args.IfName); err != nil {
 		return nil, err
@@ -77,6 +80,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 		return nil, err
 	}
 	rollback.push(func() error { return src.release(args.ContainerID, args.IfName) })
+	st.mark("ipam")
 
 	mtu := conf.MTU
 	if mtu == 0 {
@@ -87,6 +91,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 		return nil, err
 	}
 
+	st.mark("bridge")
 	hostName := podnet.HostVethName(args.ContainerID, args.IfName)
 	// A host veth under our deterministic name with no state record is what
 	// an ADD killed half way leaves behind; the runtime has already given up
@@ -103,6 +108,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 		return nil, err
 	}
 
+	st.mark("veth")
 	want := planPod(conf, args.IfName, mtu, ipcs, ipamRoutes)
 	if err := podnet.ConfigurePod(netns, podH, veth.Pod, want.Pod); err != nil {
 		return nil, err
@@ -115,6 +121,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 		v4 = v4 || gw.IP.To4() != nil
 		v6 = v6 || gw.IP.To4() == nil
 	}
+	st.mark("pod")
 	if err := podnet.EnableForwarding(v4, v6); err != nil {
 		return nil, err
 	}
@@ -122,6 +129,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 		return nil, err
 	}
 
+	st.mark("sysctl")
 	if conf.IPMasq {
 		m, err := podnet.NewMasq(-1)
 		if err != nil {
@@ -137,6 +145,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 		rollback.push(func() error { return m.Del(ipsOf(want.Pod.Addrs)) })
 	}
 
+	st.mark("masq")
 	// Refresh for the MACs the kernel assigned.
 	hostLink, err := host.LinkByIndex(veth.Host.Attrs().Index)
 	if err != nil {
@@ -170,6 +179,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	if err := store.Save(rec); err != nil {
 		return nil, err
 	}
+	st.mark("state")
 
 	res := &current.Result{
 		CNIVersion: current.ImplementedSpecVersion,

@@ -40,6 +40,8 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 // kernel objects first, the state record next, the addresses last, so an
 // address is never free while a device or rule still uses it.
 func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.Store, key state.Key, rec *state.Record, releaseAddrs bool) error {
+	st := p.steps("DEL")
+	defer st.done()
 	var errs []error
 	if rec == nil || rec.Mode != state.ModeChained {
 		host, err := hostHandle()
@@ -52,6 +54,7 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 		}
 	}
 
+	st.mark("veth")
 	ips, err := attachmentIPs(src, key, rec)
 	if err != nil {
 		errs = append(errs, err)
@@ -65,6 +68,7 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 			errs = append(errs, fmt.Errorf("remove ipMasq of %s/%s: %w", key.ContainerID, key.IfName, err))
 		}
 	}
+	st.mark("masq")
 	if len(errs) > 0 {
 		// Keep the record and addresses so a retry still knows what to clean.
 		return errors.Join(errs...)
@@ -72,10 +76,12 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 	if err := store.Delete(key); err != nil {
 		return err
 	}
+	st.mark("state")
 	if releaseAddrs && (rec == nil || rec.Mode != state.ModeChained) {
 		if err := src.release(key.ContainerID, key.IfName); err != nil {
 			return err
 		}
+		st.mark("ipam")
 	}
 	return nil
 }

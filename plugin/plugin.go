@@ -27,9 +27,43 @@ type Plugin struct {
 	Log *slog.Logger
 }
 
+// LogLevelEnv selects the plugin's log level (debug, info, warn, error).
+// At debug every command logs how long each of its steps took.
+const LogLevelEnv = "QOSCNI_LOG_LEVEL"
+
 // New returns a plugin logging to stderr.
 func New() *Plugin {
-	return &Plugin{Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+	level := slog.LevelWarn
+	if v := os.Getenv(LogLevelEnv); v != "" {
+		_ = level.UnmarshalText([]byte(v))
+	}
+	return &Plugin{Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))}
+}
+
+// steps records the duration of each step of one command for debug logs.
+type steps struct {
+	log   *slog.Logger
+	op    string
+	start time.Time
+	last  time.Time
+	attrs []any
+}
+
+func (p *Plugin) steps(op string) *steps {
+	now := time.Now()
+	return &steps{log: p.Log, op: op, start: now, last: now}
+}
+
+func (s *steps) mark(name string) {
+	now := time.Now()
+	s.attrs = append(s.attrs, name, now.Sub(s.last))
+	s.last = now
+}
+
+func (s *steps) done() {
+	if s.log.Enabled(context.Background(), slog.LevelDebug) {
+		s.log.Debug(s.op, append(s.attrs, "total", time.Since(s.start))...)
+	}
 }
 
 // Funcs binds the commands for skel.

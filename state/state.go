@@ -48,7 +48,47 @@ type Record struct {
 	IPs         []string  `json:"ips,omitempty"` // CIDR notation, pod side
 	Gateways    []string  `json:"gateways,omitempty"`
 	IPMasq      bool      `json:"ipMasq,omitempty"`
+	Shaping     *Shaping  `json:"shaping,omitempty"`
+	Ports       []Port    `json:"ports,omitempty"`
 	Created     time.Time `json:"created"`
+	Updated     time.Time `json:"updated,omitempty"`
+}
+
+// Shaping is the traffic shaping applied to an attachment; nil or an empty
+// direction means that direction is not shaped.
+type Shaping struct {
+	// Ingress is traffic into the pod, shaped at the root of the host veth.
+	Ingress *Direction `json:"ingress,omitempty"`
+	// Egress is traffic out of the pod, redirected from the host veth's
+	// ingress hook to the IFB device and shaped at the IFB's root.
+	Egress *Direction `json:"egress,omitempty"`
+	// IFB is the attachment's IFB device ("" when egress is not shaped).
+	IFB string `json:"ifb,omitempty"`
+}
+
+// Direction is one direction's effective shaping parameters.
+type Direction struct {
+	// Device carries the shaping qdisc at its root.
+	Device string `json:"device"`
+	// RateBits is the limit in bit/s.
+	RateBits uint64 `json:"rateBits"`
+	// BurstBits is the token bucket depth in bits.
+	BurstBits uint64 `json:"burstBits"`
+	// LimitBytes bounds the queue.
+	LimitBytes uint64 `json:"limitBytes"`
+	// MaxQueueDelayNs is the queueing-delay budget the limit was derived from.
+	MaxQueueDelayNs int64 `json:"maxQueueDelayNs"`
+	// Source says which input won: "annotation", "runtimeConfig" or "config".
+	Source string `json:"source"`
+}
+
+// Port is one hostPort mapping held by an attachment.
+type Port struct {
+	HostPort      int    `json:"hostPort"`
+	ContainerPort int    `json:"containerPort"`
+	Protocol      string `json:"protocol"`
+	HostIP        string `json:"hostIP,omitempty"`
+	PodIP         string `json:"podIP"`
 }
 
 // Key identifies a record.

@@ -131,8 +131,10 @@ func PluginBinary(t testing.TB) string {
 			return
 		}
 		buildPath = filepath.Join(dir, "qoscni")
-		cmd := exec.Command("go", "build", "-o", buildPath, "./cmd/qoscni")
+		// Built as `make build` builds it (static), so tests run the shipped shape.
+		cmd := exec.Command("go", "build", "-trimpath", "-o", buildPath, "./cmd/qoscni")
 		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			buildErr = fmt.Errorf("go build ./cmd/qoscni: %v\n%s", err, out)
 		}
