@@ -1,0 +1,170 @@
+package shaping
+
+import (
+	"errors"
+	"math"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
+)
+
+const containerdBurst = 4294967295
+
+func TestPrecedence(t *testing.T) {
+	in := Inputs{
+		Annotations: map[string]string{AnnotationIngressRate: "10M"},
+		Runtime:     &Rates{IngressRate: 20_000_000, IngressBurst: containerdBurst, EgressRate: 30_000_000, EgressBurst: containerdBurst},
+		Config:      Rates{IngressRate: 40_000_000, IngressBurst: 100_000, EgressRate: 50_000_000, EgressBurst: 100_000},
+	}
+	p, err := Resolve(in, 1500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Ingress.RateBits != 10_000_000 || p.Ingress.Source != SourceAnnotation {
+		t.Errorf("ingress: %+v", p.Ingress)
+	}
+	if p.Egress.RateBits != 30_000_000 || p.Egress.Source != SourceRuntimeConfig {
+		t.Errorf("egress: %+v", p.Egress)
+	}
+	in.Runtime = nil
+	in.Annotations = nil
+	p, _ = Resolve(in, 1500)
+	if p.Ingress.RateBits != 40_000_000 || p.Ingress.Source != SourceConfig || p.Ingress.BurstBytes != 100_000/8 {
+		t.Errorf("config ingress: %+v", p.Ingress)
+	}
+	if p, _ := Resolve(Inputs{}, 1500); !p.Empty() {
+		t.Errorf("no input must shape nothing: %+v", p)
+	}
+	// A direction without input is not shaped even when the other is.
+	p, _ = Resolve(Inputs{Annotations: map[string]string{AnnotationEgressRate: "1M"}}, 1500)
+	if p.Ingress != nil || p.Egress == nil {
+		t.Errorf("only egress: %+v", p)
+	}
+}
+
+func TestRuntimeBurstCapAndFirstSecond(t *testing.T) {
+	for _, rate := range []uint64{1_000_000, 10_000_000, 100_000_000, 1_000_000_000} {
+		for _, burst := range []uint64{containerdBurst, 8 * containerdBurst} {
+			p, err := Resolve(Inputs{Runtime: &Rates{IngressRate: rate, IngressBurst: burst}}, 1500)
+			if err != nil {
+				t.Fatal(err)
+			}
+			first := float64(rate+p.Ingress.BurstBytes*8) / float64(rate)
+			if first > 1.25 {
+				t.Errorf("rate %d burst %d: first second %.3fx", rate, burst, first)
+			}
+			// A saturated queue adds at most the budget (or two frames at
+			// rates where one frame already takes longer).
+			delay := time.Duration(float64(p.Ingress.LimitBytes*8) / float64(rate) * 1e9)
+			if delay > DefaultMaxQueueDelay+time.Millisecond && p.Ingress.LimitBytes > 2*1514 {
+				t.Errorf("rate %d: queue limit %d B = %v", rate, p.Ingress.LimitBytes, delay)
+			}
+		}
+	}
+	// A modest runtime burst is honoured.
+	p, _ := Resolve(Inputs{Runtime: &Rates{EgressRate: 100_000_000, EgressBurst: 800_000}}, 1500)
+	if p.Egress.BurstBytes != 100_000 {
+		t.Errorf("runtime burst not honoured: %+v", p.Egress)
+	}
+}
+
+func TestExplicitBurstAndDelay(t *testing.T) {
+	p, err := Resolve(Inputs{Annotations: map[string]string{
+		AnnotationIngressRate: "100M", AnnotationIngressBurst: "8M", AnnotationMaxQueueDelay: "5ms",
+	}}, 1500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Ingress.BurstBytes != 1_000_000 || p.Ingress.MaxQueueDelay != 5*time.Millisecond {
+		t.Errorf("%+v", p.Ingress)
+	}
+	// Limit covers the burst so a whole burst-sized packet fits.
+	if p.Ingress.LimitBytes < p.Ingress.BurstBytes {
+		t.Errorf("limit %d below burst %d", p.Ingress.LimitBytes, p.Ingress.BurstBytes)
+	}
+	// Below one frame: clamped up so a full-size packet can pass.
+	p, _ = Resolve(Inputs{Annotations: map[string]string{AnnotationIngressRate: "10M", AnnotationIngressBurst: "100"}}, 1500)
+	if p.Ingress.BurstBytes != 1514 {
+		t.Errorf("tiny burst: %d", p.Ingress.BurstBytes)
+	}
+	// Above 32 bits: clamped, never wrapped.
+	p, _ = Resolve(Inputs{Annotations: map[string]string{AnnotationIngressRate: "1P", AnnotationIngressBurst: "1P"}}, 1500)
+	if p.Ingress.BurstBytes != math.MaxUint32 || p.Ingress.LimitBytes != math.MaxUint32 {
+		t.Errorf("huge burst: %+v", p.Ingress)
+	}
+	p, _ = Resolve(Inputs{Config: Rates{EgressRate: 1_000_000, EgressBurst: 1_000_000}, ConfigMaxQueueDelay: "50ms"}, 9000)
+	if p.Egress.MaxQueueDelay != 50*time.Millisecond || p.Egress.LimitBytes < 9014 {
+		t.Errorf("config delay/jumbo: %+v", p.Egress)
+	}
+}
+
+func TestKubernetesRange(t *testing.T) {
+	ok := []string{"1k", "1000", "1Ki", "500k", "10M", "1.5M", "1G", "1P", "999999999999999999m"}
+	for _, v := range ok {
+		if _, err := Resolve(Inputs{Annotations: map[string]string{AnnotationIngressRate: v}}, 1500); err != nil {
+			t.Errorf("%q rejected: %v", v, err)
+		}
+	}
+	p, _ := Resolve(Inputs{Annotations: map[string]string{AnnotationIngressRate: "1.5M"}}, 1500)
+	if p.Ingress.RateBits != 1_500_000 {
+		t.Errorf("1.5M = %d", p.Ingress.RateBits)
+	}
+}
+
+func TestBadInput(t *testing.T) {
+	cases := []struct {
+		name string
+		in   Inputs
+		want string
+	}{
+		{"unparsable", Inputs{Annotations: map[string]string{AnnotationIngressRate: "ten megabit"}}, AnnotationIngressRate},
+		{"below 1k", Inputs{Annotations: map[string]string{AnnotationEgressRate: "999"}}, AnnotationEgressRate},
+		{"above 1P", Inputs{Annotations: map[string]string{AnnotationEgressRate: "1.1P"}}, `"1.1P"`},
+		{"negative rate", Inputs{Annotations: map[string]string{AnnotationEgressRate: "-10M"}}, "-10M"},
+		{"negative burst", Inputs{Annotations: map[string]string{AnnotationIngressRate: "10M", AnnotationIngressBurst: "-1k"}}, AnnotationIngressBurst},
+		{"bad delay", Inputs{Annotations: map[string]string{AnnotationIngressRate: "10M", AnnotationMaxQueueDelay: "soon"}}, AnnotationMaxQueueDelay},
+		{"delay out of range", Inputs{Annotations: map[string]string{AnnotationMaxQueueDelay: "1h"}}, AnnotationMaxQueueDelay},
+		{"config delay", Inputs{ConfigMaxQueueDelay: "x"}, "maxQueueDelay"},
+		{"config rate without burst", Inputs{Config: Rates{IngressRate: 1_000_000}}, "ingressBurst"},
+		{"config rate too small", Inputs{Config: Rates{EgressRate: 10, EgressBurst: 10}}, "egressRate 10"},
+		{"runtime rate too big", Inputs{Runtime: &Rates{IngressRate: 2 * MaxRateBits}}, "runtimeConfig.bandwidth.ingressRate"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Resolve(tc.in, 1500)
+			var e *types.Error
+			if !errors.As(err, &e) || e.Code != types.ErrInvalidNetworkConfig {
+				t.Fatalf("want CNI error 7, got %v", err)
+			}
+			if !strings.Contains(e.Msg, tc.want) {
+				t.Errorf("message %q does not name %q", e.Msg, tc.want)
+			}
+		})
+	}
+}
+
+func TestShapeMatching(t *testing.T) {
+	for _, rate := range []uint64{1_000, 1_000_000, 1_000_000_000, 100_000_000_000, MaxRateBits} {
+		p := derive(rate, 0, false, DefaultMaxQueueDelay, 1500, SourceConfig)
+		w := wantShape(p)
+		// What the kernel dumps: the same ticks (TBF recomputes them from
+		// the burst in bytes, off by at most one).
+		got := *w
+		got.burstTicks++
+		if !w.matches(&got) {
+			t.Errorf("rate %d: one tick of rounding must match", rate)
+		}
+		got.limitBytes++
+		if w.matches(&got) {
+			t.Errorf("rate %d: a different limit must not match", rate)
+		}
+		if (rate/8 > math.MaxUint32) != (w.kind == "htb") {
+			t.Errorf("rate %d: kind %s", rate, w.kind)
+		}
+	}
+	if wantShape(nil) != nil || (*shape)(nil).matches(wantShape(derive(1000, 0, false, DefaultMaxQueueDelay, 1500, ""))) {
+		t.Error("nil handling")
+	}
+}

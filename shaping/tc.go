@@ -1,0 +1,657 @@
+package shaping
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"net"
+
+	tc "github.com/florianl/go-tc"
+	"github.com/florianl/go-tc/core"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// Handles and constants of the pipeline. The shaping qdisc is always 1: at
+// the root of its device, so the agent and humans find it in one place.
+var (
+	rootHandle  = core.BuildHandle(1, 0)
+	classHandle = core.BuildHandle(1, 1)
+	leafHandle  = core.BuildHandle(0x10, 0)
+	// clsact's ingress hook, where the redirect to the IFB sits.
+	clsactHandle = core.BuildHandle(0xFFFF, 0)
+	ingressHook  = core.BuildHandle(0xFFFF, tc.HandleMinIngress)
+)
+
+const (
+	redirectPrio = 1
+	ethPAll      = 0x0003
+	linkEthernet = 1 // TC_LINKLAYER_ETHERNET: rate tables not needed
+	// psched ticks are 64 ns (PSCHED_SHIFT 6).
+	pschedShift = 6
+	// htbQuantum bounds the bytes a class sends per round; HTB's own
+	// default (rate/r2q) overflows its 200000 cap at the rates HTB is
+	// used for here.
+	htbQuantum = 200000
+	// ifbTxQueueLen only matters if our root qdisc is deleted by hand:
+	// the kernel's default qdisc then queues at most this many packets.
+	ifbTxQueueLen = 1000
+	// tcActStolen/egressRedir: mirred "egress redirect" that consumes the packet.
+	tcActStolen = 4
+	egressRedir = 1
+	u32Terminal = 1
+)
+
+// Desired is the whole pipeline of one attachment.
+type Desired struct {
+	HostVeth string
+	IFB      string
+	MTU      int
+	Plan     Plan
+}
+
+// Shaper reads and changes the pipeline in one network namespace.
+type Shaper struct {
+	tc *tc.Tc
+	nl *netlink.Handle
+	// noFqCodel is set once the kernel said it has no fq_codel.
+	noFqCodel bool
+}
+
+// Open connects to the namespace nsFd (-1 = the current one).
+func Open(nsFd int) (*Shaper, error) {
+	cfg := &tc.Config{}
+	var h *netlink.Handle
+	var err error
+	if nsFd >= 0 {
+		cfg.NetNS = nsFd
+		h, err = netlink.NewHandleAt(netns.NsHandle(nsFd))
+	} else {
+		h, err = netlink.NewHandle()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open netlink: %w", err)
+	}
+	t, err := tc.Open(cfg)
+	if err != nil {
+		h.Close()
+		return nil, fmt.Errorf("open tc netlink: %w", err)
+	}
+	// Extended acks carry the kernel's reason for a refusal.
+	_ = t.SetOption(0xb /* NETLINK_EXT_ACK */, true)
+	return &Shaper{tc: t, nl: h}, nil
+}
+
+// Close releases the sockets.
+func (s *Shaper) Close() {
+	s.tc.Close()
+	s.nl.Close()
+}
+
+// shape is a shaping qdisc as read back from the kernel.
+type shape struct {
+	kind       string
+	rateBytes  uint64
+	burstBytes uint64
+	// burstTicks is the burst as the kernel keeps it: time at the rate,
+	// in 64 ns ticks, saturated at 32 bits. Comparisons use it.
+	burstTicks uint32
+	limitBytes uint64
+}
+
+func (sh *shape) String() string {
+	if sh == nil {
+		return "none"
+	}
+	return fmt.Sprintf("%s rate %d bit/s burst %d B limit %d B", sh.kind, sh.rateBytes*8, sh.burstBytes, sh.limitBytes)
+}
+
+func wantShape(p *Params) *shape {
+	if p == nil {
+		return nil
+	}
+	kind := "tbf"
+	if p.RateBytes() > math.MaxUint32 {
+		// TBF's rate is 32-bit in go-tc; HTB carries 64-bit rates.
+		kind = "htb"
+	}
+	return &shape{kind: kind, rateBytes: p.RateBytes(), burstBytes: p.BurstBytes,
+		burstTicks: bytesToTicks(p.BurstBytes, p.RateBytes()), limitBytes: p.LimitBytes}
+}
+
+// matches compares with the precision the kernel keeps: the burst goes
+// through a conversion to time and back.
+func (sh *shape) matches(o *shape) bool {
+	if sh == nil || o == nil {
+		return sh == o
+	}
+	near := func(a, b uint32) bool {
+		d := math.Abs(float64(a) - float64(b))
+		return d <= 1 || d <= float64(max(a, b))*0.002
+	}
+	return sh.kind == o.kind && sh.rateBytes == o.rateBytes && near(sh.burstTicks, o.burstTicks) && sh.limitBytes == o.limitBytes
+}
+
+// state is what the kernel has for one attachment.
+type state struct {
+	veth, ifb     netlink.Link
+	ingress       *shape // root of the veth
+	egress        *shape // root of the IFB
+	foreignRoot   string // a root qdisc on the veth that is not ours
+	clsact        bool
+	redirectTo    int // ifindex the veth's ingress hook redirects to, 0 = none
+	redirectCount int
+}
+
+func (s *Shaper) linkOrNil(name string) (netlink.Link, error) {
+	if name == "" {
+		return nil, nil
+	}
+	l, err := s.nl.LinkByName(name)
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("look up %s: %w", name, err)
+	}
+	return l, nil
+}
+
+// read collects the kernel's view with one qdisc dump (plus a class dump
+// for HTB and a filter dump on the veth's ingress hook).
+func (s *Shaper) read(d Desired) (*state, error) {
+	st := &state{}
+	var err error
+	if st.veth, err = s.linkOrNil(d.HostVeth); err != nil {
+		return nil, err
+	}
+	if st.ifb, err = s.linkOrNil(d.IFB); err != nil {
+		return nil, err
+	}
+	if st.veth == nil && st.ifb == nil {
+		return st, nil
+	}
+	qdiscs, err := s.tc.Qdisc().Get()
+	if err != nil {
+		return nil, fmt.Errorf("dump qdiscs: %w", err)
+	}
+	if st.veth != nil {
+		idx := uint32(st.veth.Attrs().Index)
+		st.ingress, st.foreignRoot, err = s.readShape(qdiscs, idx)
+		if err != nil {
+			return nil, err
+		}
+		for _, q := range qdiscs {
+			if q.Ifindex == idx && q.Kind == "clsact" {
+				st.clsact = true
+			}
+		}
+		if st.clsact {
+			if st.redirectTo, st.redirectCount, err = s.readRedirect(idx); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if st.ifb != nil {
+		if st.egress, _, err = s.readShape(qdiscs, uint32(st.ifb.Attrs().Index)); err != nil {
+			return nil, err
+		}
+	}
+	return st, nil
+}
+
+func ticksToBytes(ticks uint32, rateBytes uint64) uint64 {
+	ns := float64(uint64(ticks) << pschedShift)
+	return uint64(math.Round(ns * float64(rateBytes) / 1e9))
+}
+
+func bytesToTicks(b, rateBytes uint64) uint32 {
+	if rateBytes == 0 {
+		return 0
+	}
+	ticks := float64(b) * 1e9 / float64(rateBytes) / float64(uint64(1)<<pschedShift)
+	return uint32(min(math.Ceil(ticks), math.MaxUint32))
+}
+
+// readShape finds our shaping qdisc at the root of ifindex. A root qdisc
+// that is not ours is reported by kind so callers never delete it.
+func (s *Shaper) readShape(qdiscs []tc.Object, ifindex uint32) (*shape, string, error) {
+	for _, q := range qdiscs {
+		if q.Ifindex != ifindex || q.Parent != tc.HandleRoot {
+			continue
+		}
+		if q.Handle != rootHandle {
+			if q.Kind == "noqueue" || q.Kind == "pfifo_fast" || q.Kind == "mq" {
+				return nil, "", nil // kernel defaults
+			}
+			return nil, q.Kind, nil
+		}
+		switch {
+		case q.Kind == "tbf" && q.Tbf != nil && q.Tbf.Parms != nil:
+			rate := uint64(q.Tbf.Parms.Rate.Rate)
+			return &shape{kind: "tbf", rateBytes: rate, burstBytes: ticksToBytes(q.Tbf.Parms.Buffer, rate),
+				burstTicks: q.Tbf.Parms.Buffer, limitBytes: uint64(q.Tbf.Parms.Limit)}, "", nil
+		case q.Kind == "htb":
+			sh := &shape{kind: "htb"}
+			classes, err := s.tc.Class().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: ifindex})
+			if err != nil {
+				return nil, "", fmt.Errorf("dump classes of ifindex %d: %w", ifindex, err)
+			}
+			for _, c := range classes {
+				if c.Handle == classHandle && c.Htb != nil && c.Htb.Parms != nil {
+					sh.rateBytes = uint64(c.Htb.Parms.Rate.Rate)
+					if c.Htb.Rate64 != nil && *c.Htb.Rate64 != 0 {
+						sh.rateBytes = *c.Htb.Rate64
+					}
+					sh.burstBytes = ticksToBytes(c.Htb.Parms.Buffer, sh.rateBytes)
+					sh.burstTicks = c.Htb.Parms.Buffer
+				}
+			}
+			for _, l := range qdiscs {
+				if l.Ifindex == ifindex && l.Parent == classHandle && l.Bfifo != nil {
+					sh.limitBytes = uint64(l.Bfifo.Limit)
+				}
+			}
+			return sh, "", nil
+		default:
+			return nil, q.Kind, nil
+		}
+	}
+	return nil, "", nil
+}
+
+// readRedirect returns where the veth's ingress hook mirrors to.
+func (s *Shaper) readRedirect(ifindex uint32) (int, int, error) {
+	filters, err := s.tc.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: ifindex, Parent: ingressHook})
+	if err != nil {
+		return 0, 0, fmt.Errorf("dump filters of ifindex %d: %w", ifindex, err)
+	}
+	target, n := 0, 0
+	for _, f := range filters {
+		if f.U32 == nil || f.U32.Actions == nil {
+			continue
+		}
+		for _, a := range *f.U32.Actions {
+			if a.Kind == "mirred" && a.Mirred != nil && a.Mirred.Parms != nil && a.Mirred.Parms.Eaction == egressRedir {
+				target = int(a.Mirred.Parms.IfIndex)
+				n++
+			}
+		}
+	}
+	return target, n, nil
+}
+
+// Diff reports every difference between d and the kernel, read-only (CHECK).
+func (s *Shaper) Diff(d Desired) ([]string, error) {
+	st, err := s.read(d)
+	if err != nil {
+		return nil, err
+	}
+	return plan(d, st).describe(), nil
+}
+
+// Apply makes the kernel match d, changing only what differs, in place:
+// a changed rate is a qdisc replace on the live device, no link flap.
+func (s *Shaper) Apply(d Desired) ([]string, error) {
+	st, err := s.read(d)
+	if err != nil {
+		return nil, err
+	}
+	acts := plan(d, st)
+	return acts.describe(), acts.run(s, d, st)
+}
+
+// ApplyFresh sets up the pipeline on a veth that was just created, without
+// reading first (the ADD path: nothing can be there yet).
+func (s *Shaper) ApplyFresh(d Desired) error {
+	st := &state{}
+	var err error
+	if st.veth, err = s.linkOrNil(d.HostVeth); err != nil {
+		return err
+	}
+	if st.veth == nil {
+		return fmt.Errorf("shape %s: no such interface", d.HostVeth)
+	}
+	if st.ifb, err = s.linkOrNil(d.IFB); err != nil {
+		return err
+	}
+	return plan(d, st).run(s, d, st)
+}
+
+type action struct {
+	what string
+	do   func(s *Shaper, d Desired, st *state) error
+}
+
+type actions []action
+
+func (a actions) describe() []string {
+	out := make([]string, 0, len(a))
+	for _, x := range a {
+		out = append(out, x.what)
+	}
+	return out
+}
+
+func (a actions) run(s *Shaper, d Desired, st *state) error {
+	for _, x := range a {
+		if err := x.do(s, d, st); err != nil {
+			return fmt.Errorf("%s: %w", x.what, err)
+		}
+	}
+	return nil
+}
+
+// plan is the one comparison routine: CHECK reports its actions, ADD, the
+// agent's reshaping and drift repair run them.
+func plan(d Desired, st *state) actions {
+	var acts actions
+	if st.veth == nil {
+		return actions{{what: fmt.Sprintf("host veth %s is missing", d.HostVeth), do: func(*Shaper, Desired, *state) error {
+			return fmt.Errorf("interface %s does not exist", d.HostVeth)
+		}}}
+	}
+	in := wantShape(d.Plan.Ingress)
+	switch {
+	case in == nil && st.ingress != nil:
+		acts = append(acts, action{fmt.Sprintf("remove ingress shaping (%s) from %s", st.ingress, d.HostVeth), func(s *Shaper, d Desired, st *state) error {
+			return s.deleteRoot(st.veth.Attrs().Index, st.ingress.kind)
+		}})
+	case in != nil && !in.matches(st.ingress):
+		acts = append(acts, action{fmt.Sprintf("shape traffic into the pod on %s: have %s, want %s", d.HostVeth, st.ingress, in), func(s *Shaper, d Desired, st *state) error {
+			return s.setShape(st.veth.Attrs().Index, in, st.ingress)
+		}})
+	}
+
+	eg := wantShape(d.Plan.Egress)
+	if eg == nil {
+		if st.redirectCount > 0 || st.clsact {
+			acts = append(acts, action{fmt.Sprintf("remove the egress redirect from %s", d.HostVeth), func(s *Shaper, d Desired, st *state) error {
+				return s.deleteClsact(st.veth.Attrs().Index)
+			}})
+		}
+		if st.ifb != nil {
+			acts = append(acts, action{fmt.Sprintf("delete IFB %s", d.IFB), func(s *Shaper, d Desired, st *state) error {
+				return s.deleteLink(d.IFB)
+			}})
+		}
+		return acts
+	}
+	if st.ifb == nil {
+		acts = append(acts, action{fmt.Sprintf("create IFB %s", d.IFB), func(s *Shaper, d Desired, st *state) error {
+			l, err := s.createIFB(d.IFB, d.MTU)
+			st.ifb = l
+			return err
+		}})
+	} else {
+		if d.MTU != 0 && st.ifb.Attrs().MTU != d.MTU {
+			acts = append(acts, action{fmt.Sprintf("set IFB %s MTU %d (has %d)", d.IFB, d.MTU, st.ifb.Attrs().MTU), func(s *Shaper, d Desired, st *state) error {
+				return s.nl.LinkSetMTU(st.ifb, d.MTU)
+			}})
+		}
+		if st.ifb.Attrs().Flags&net.FlagUp == 0 {
+			acts = append(acts, action{fmt.Sprintf("set IFB %s up", d.IFB), func(s *Shaper, d Desired, st *state) error {
+				return s.nl.LinkSetUp(st.ifb)
+			}})
+		}
+	}
+	if !eg.matches(st.egress) {
+		acts = append(acts, action{fmt.Sprintf("shape traffic out of the pod on %s: have %s, want %s", d.IFB, st.egress, eg), func(s *Shaper, d Desired, st *state) error {
+			return s.setShape(st.ifb.Attrs().Index, eg, st.egress)
+		}})
+	}
+	if !st.clsact {
+		acts = append(acts, action{fmt.Sprintf("add clsact to %s", d.HostVeth), func(s *Shaper, d Desired, st *state) error {
+			return s.addClsact(st.veth.Attrs().Index)
+		}})
+	}
+	if st.ifb == nil || st.redirectCount != 1 || st.redirectTo != st.ifb.Attrs().Index {
+		acts = append(acts, action{fmt.Sprintf("redirect traffic from the pod on %s to %s", d.HostVeth, d.IFB), func(s *Shaper, d Desired, st *state) error {
+			return s.setRedirect(st.veth.Attrs().Index, st.ifb.Attrs().Index, st.redirectCount > 0)
+		}})
+	}
+	return acts
+}
+
+func (s *Shaper) createIFB(name string, mtu int) (netlink.Link, error) {
+	attrs := netlink.NewLinkAttrs()
+	attrs.Name = name
+	attrs.MTU = mtu
+	attrs.TxQLen = ifbTxQueueLen
+	if err := s.nl.LinkAdd(&netlink.Ifb{LinkAttrs: attrs}); err != nil && !errors.Is(err, unix.EEXIST) {
+		return nil, fmt.Errorf("create IFB %s: %w", name, err)
+	}
+	l, err := s.nl.LinkByName(name)
+	if err != nil {
+		return nil, fmt.Errorf("look up IFB %s: %w", name, err)
+	}
+	if err := s.nl.LinkSetUp(l); err != nil {
+		return nil, fmt.Errorf("set IFB %s up: %w", name, err)
+	}
+	return l, nil
+}
+
+func (s *Shaper) deleteLink(name string) error {
+	l, err := s.linkOrNil(name)
+	if err != nil || l == nil {
+		return err
+	}
+	if err := s.nl.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	return nil
+}
+
+func msg(ifindex int, handle, parent, info uint32) tc.Msg {
+	return tc.Msg{Family: unix.AF_UNSPEC, Ifindex: uint32(ifindex), Handle: handle, Parent: parent, Info: info}
+}
+
+// setShape installs or changes the root shaper. Same kind: replace in
+// place (the kernel keeps the qdisc and its queue). Other kind: the old
+// root goes first, the kernel refuses a kind change under one handle.
+func (s *Shaper) setShape(ifindex int, want, have *shape) error {
+	if have != nil && have.kind != want.kind {
+		if err := s.deleteRoot(ifindex, have.kind); err != nil {
+			return err
+		}
+		have = nil
+	}
+	if want.kind == "tbf" {
+		return s.setTBF(ifindex, want)
+	}
+	return s.setHTB(ifindex, want, have != nil)
+}
+
+func (s *Shaper) setTBF(ifindex int, want *shape) error {
+	burst := uint32(min(want.burstBytes, math.MaxUint32))
+	q := &tc.Object{Msg: msg(ifindex, rootHandle, tc.HandleRoot, 0), Attribute: tc.Attribute{Kind: "tbf", Tbf: &tc.Tbf{
+		Parms: &tc.TbfQopt{
+			Rate:   tc.RateSpec{Rate: uint32(want.rateBytes), Linklayer: linkEthernet},
+			Limit:  uint32(min(want.limitBytes, math.MaxUint32)),
+			Buffer: bytesToTicks(want.burstBytes, want.rateBytes),
+		},
+		Burst: &burst,
+	}}}
+	if err := s.tc.Qdisc().Replace(q); err != nil {
+		return fmt.Errorf("replace tbf on ifindex %d: %w", ifindex, err)
+	}
+	return s.setLeaf(ifindex, want, true)
+}
+
+func (s *Shaper) setHTB(ifindex int, want *shape, haveRoot bool) error {
+	// HTB has no qdisc-level change: an existing root stays, its class changes.
+	if !haveRoot {
+		if err := s.addHTBRoot(ifindex); err != nil {
+			return err
+		}
+	}
+	rate32 := uint32(min(want.rateBytes, math.MaxUint32))
+	ticks := bytesToTicks(want.burstBytes, want.rateBytes)
+	rate64 := want.rateBytes
+	class := &tc.Object{Msg: msg(ifindex, classHandle, rootHandle, 0), Attribute: tc.Attribute{Kind: "htb", Htb: &tc.Htb{
+		Parms: &tc.HtbOpt{
+			Rate:    tc.RateSpec{Rate: rate32, Linklayer: linkEthernet},
+			Ceil:    tc.RateSpec{Rate: rate32, Linklayer: linkEthernet},
+			Buffer:  ticks,
+			Cbuffer: ticks,
+			Quantum: htbQuantum,
+		},
+		Rate64: &rate64,
+		Ceil64: &rate64,
+	}}}
+	if err := s.tc.Class().Replace(class); err != nil {
+		return fmt.Errorf("replace htb class on ifindex %d: %w", ifindex, err)
+	}
+	return s.setLeaf(ifindex, want, false)
+}
+
+// setLeaf puts the queue under the shaper: fq_codel where the kernel has it
+// (flow isolation and a delay target), otherwise a byte FIFO bounded by the
+// delay budget. TBF already has that FIFO inside, so only HTB needs one.
+func (s *Shaper) addHTBRoot(ifindex int) error {
+	root := &tc.Object{Msg: msg(ifindex, rootHandle, tc.HandleRoot, 0), Attribute: tc.Attribute{Kind: "htb", Htb: &tc.Htb{
+		Init: &tc.HtbGlob{Version: 3, Rate2Quantum: 10, Defcls: 1},
+	}}}
+	if err := s.tc.Qdisc().Replace(root); err != nil {
+		return fmt.Errorf("add htb to ifindex %d: %w", ifindex, err)
+	}
+	return nil
+}
+
+func (s *Shaper) setLeaf(ifindex int, want *shape, tbfHasFifo bool) error {
+	if !s.noFqCodel {
+		target := uint32(max(want.limitBytes*8*1_000_000/max(want.rateBytes*8, 1)/2, 1000)) // µs: half the budget
+		limit := uint32(10240)
+		memLimit := uint32(min(max(want.limitBytes*4, 1<<20), math.MaxUint32))
+		leaf := &tc.Object{Msg: msg(ifindex, leafHandle, classHandle, 0), Attribute: tc.Attribute{Kind: "fq_codel", FqCodel: &tc.FqCodel{
+			Target: &target, Limit: &limit, MemoryLimit: &memLimit,
+		}}}
+		err := s.tc.Qdisc().Replace(leaf)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EOPNOTSUPP) {
+			return fmt.Errorf("replace fq_codel leaf on ifindex %d: %w", ifindex, err)
+		}
+		// This kernel has no fq_codel: remember, fall back to the FIFO.
+		s.noFqCodel = true
+	}
+	if tbfHasFifo {
+		return nil
+	}
+	leaf := &tc.Object{Msg: msg(ifindex, leafHandle, classHandle, 0), Attribute: tc.Attribute{Kind: "bfifo", Bfifo: &tc.FifoOpt{
+		Limit: uint32(min(want.limitBytes, math.MaxUint32)),
+	}}}
+	if err := s.tc.Qdisc().Replace(leaf); err != nil {
+		return fmt.Errorf("replace bfifo leaf on ifindex %d: %w", ifindex, err)
+	}
+	return nil
+}
+
+// HasFqCodel reports whether the last leaf set-up found fq_codel.
+func (s *Shaper) HasFqCodel() bool { return !s.noFqCodel }
+
+func (s *Shaper) deleteRoot(ifindex int, kind string) error {
+	// The kernel matches the kind on delete and ignores options, but go-tc
+	// wants a value to marshal for it.
+	attr := tc.Attribute{Kind: kind}
+	switch kind {
+	case "tbf":
+		attr.Tbf = &tc.Tbf{Parms: &tc.TbfQopt{}}
+	case "htb":
+		attr.Htb = &tc.Htb{}
+	}
+	err := s.tc.Qdisc().Delete(&tc.Object{Msg: msg(ifindex, rootHandle, tc.HandleRoot, 0), Attribute: attr})
+	if err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENODEV) {
+		return fmt.Errorf("delete root qdisc of ifindex %d: %w", ifindex, err)
+	}
+	return nil
+}
+
+func (s *Shaper) addClsact(ifindex int) error {
+	q := &tc.Object{Msg: msg(ifindex, clsactHandle, tc.HandleIngress, 0), Attribute: tc.Attribute{Kind: "clsact"}}
+	if err := s.tc.Qdisc().Add(q); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("add clsact to ifindex %d: %w", ifindex, err)
+	}
+	return nil
+}
+
+func (s *Shaper) deleteClsact(ifindex int) error {
+	err := s.tc.Qdisc().Delete(&tc.Object{Msg: msg(ifindex, clsactHandle, tc.HandleIngress, 0), Attribute: tc.Attribute{Kind: "clsact"}})
+	if err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENODEV) {
+		return fmt.Errorf("delete clsact of ifindex %d: %w", ifindex, err)
+	}
+	return nil
+}
+
+func filterInfo() uint32 {
+	return uint32(redirectPrio)<<16 | uint32(htons(ethPAll))
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// setRedirect installs the match-all u32 filter that hands every packet
+// from the pod to the IFB.
+func (s *Shaper) setRedirect(vethIndex, ifbIndex int, replace bool) error {
+	if replace {
+		err := s.tc.Filter().Delete(&tc.Object{Msg: msg(vethIndex, 0, ingressHook, filterInfo()), Attribute: tc.Attribute{Kind: "u32"}})
+		if err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("delete old redirect on ifindex %d: %w", vethIndex, err)
+		}
+	}
+	actions := []*tc.Action{{
+		Kind: "mirred",
+		Mirred: &tc.Mirred{Parms: &tc.MirredParam{
+			Action:  tcActStolen,
+			Eaction: egressRedir,
+			IfIndex: uint32(ifbIndex),
+		}},
+	}}
+	f := &tc.Object{Msg: msg(vethIndex, 0, ingressHook, filterInfo()), Attribute: tc.Attribute{Kind: "u32", U32: &tc.U32{
+		Sel: &tc.U32Sel{
+			Flags: u32Terminal,
+			NKeys: 1,
+			Keys:  []tc.U32Key{{Mask: 0, Val: 0, Off: 0}},
+		},
+		Actions: &actions,
+	}}}
+	if err := s.tc.Filter().Add(f); err != nil {
+		return fmt.Errorf("add redirect filter on ifindex %d: %w", vethIndex, err)
+	}
+	return nil
+}
+
+// Remove takes the attachment's shaping away: the IFB, and our qdiscs on
+// the host veth when it still exists (chained mode: the veth belongs to
+// the main plugin and outlives us). Idempotent.
+func (s *Shaper) Remove(hostVeth, ifb string) error {
+	var errs []error
+	if err := s.deleteLink(ifb); err != nil {
+		errs = append(errs, err)
+	}
+	veth, err := s.linkOrNil(hostVeth)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	if veth != nil {
+		qdiscs, err := s.tc.Qdisc().Get()
+		if err != nil {
+			return errors.Join(append(errs, fmt.Errorf("dump qdiscs: %w", err))...)
+		}
+		idx := veth.Attrs().Index
+		if sh, _, err := s.readShape(qdiscs, uint32(idx)); err != nil {
+			errs = append(errs, err)
+		} else if sh != nil {
+			errs = append(errs, s.deleteRoot(idx, sh.kind))
+		}
+		for _, q := range qdiscs {
+			if q.Ifindex == uint32(idx) && q.Kind == "clsact" {
+				errs = append(errs, s.deleteClsact(idx))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+

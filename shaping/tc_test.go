@@ -1,0 +1,148 @@
+package shaping
+
+import (
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/qoscni/qoscni/internal/testnet"
+)
+
+// kernelSetup gives a node netns with a veth whose peer sits in a pod netns,
+// and a Shaper bound to the node.
+func kernelSetup(t *testing.T) (*testnet.Node, *testnet.NS, *Shaper) {
+	t.Helper()
+	n := testnet.NewNode(t)
+	pod := n.NewPod(t)
+	n.Exec(t, "ip", "link", "add", "qvtest0", "type", "veth", "peer", "name", "eth0", "netns", pod.Name)
+	n.Exec(t, "ip", "addr", "add", "10.66.0.1/24", "dev", "qvtest0")
+	n.Exec(t, "ip", "link", "set", "qvtest0", "up")
+	pod.Exec(t, "ip", "addr", "add", "10.66.0.2/24", "dev", "eth0")
+	pod.Exec(t, "ip", "link", "set", "eth0", "up")
+	f, err := os.Open(n.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	s, err := Open(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return n, pod, s
+}
+
+func desired(in, eg *Params) Desired {
+	return Desired{HostVeth: "qvtest0", IFB: "qitest0", MTU: 1500, Plan: Plan{Ingress: in, Egress: eg}}
+}
+
+func TestApplyDiffRemove(t *testing.T) {
+	n, _, s := kernelSetup(t)
+	in := derive(10_000_000, 0, false, 10*time.Millisecond, 1500, SourceAnnotation)
+	eg := derive(20_000_000, 0, false, 10*time.Millisecond, 1500, SourceAnnotation)
+	d := desired(in, eg)
+	if diff, err := s.Diff(d); err != nil || len(diff) == 0 {
+		t.Fatalf("Diff before Apply: %v %v", diff, err)
+	}
+	if err := s.ApplyFresh(d); err != nil {
+		t.Fatal(err)
+	}
+	if diff, err := s.Diff(d); err != nil || len(diff) != 0 {
+		t.Fatalf("Diff after Apply: %v %v", diff, err)
+	}
+	q := n.Exec(t, "tc", "qdisc", "show", "dev", "qvtest0")
+	if !strings.Contains(q, "qdisc tbf 1: root") || !strings.Contains(q, "rate 10Mbit") || !strings.Contains(q, "clsact") {
+		t.Errorf("veth qdiscs: %s", q)
+	}
+	q = n.Exec(t, "tc", "qdisc", "show", "dev", "qitest0")
+	if !strings.Contains(q, "qdisc tbf 1: root") || !strings.Contains(q, "rate 20Mbit") {
+		t.Errorf("ifb qdiscs: %s", q)
+	}
+	f := n.Exec(t, "tc", "filter", "show", "dev", "qvtest0", "ingress")
+	if !strings.Contains(f, "Redirect to device qitest0") {
+		t.Errorf("redirect filter: %s", f)
+	}
+	if l := n.Exec(t, "ip", "-o", "link", "show", "qitest0"); !strings.Contains(l, "mtu 1500") || !strings.Contains(l, "UP") {
+		t.Errorf("ifb link: %s", l)
+	}
+
+	// Change the ingress rate in place; drop egress.
+	in2 := derive(5_000_000, 0, false, 10*time.Millisecond, 1500, SourceAnnotation)
+	changes, err := s.Apply(desired(in2, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(changes) != 3 {
+		t.Errorf("changes: %q", changes)
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", "qvtest0"); !strings.Contains(q, "rate 5Mbit") || strings.Contains(q, "clsact") {
+		t.Errorf("after reshape: %s", q)
+	}
+	if _, err := n.Try("ip", "link", "show", "qitest0"); err == nil {
+		t.Error("IFB survived removing egress shaping")
+	}
+	if changes, err := s.Apply(desired(in2, nil)); err != nil || len(changes) != 0 {
+		t.Errorf("second Apply changed %q (%v)", changes, err)
+	}
+
+	// Drift: someone deletes the root qdisc; Diff sees it, Apply restores.
+	n.Exec(t, "tc", "qdisc", "del", "dev", "qvtest0", "root")
+	if diff, _ := s.Diff(desired(in2, nil)); len(diff) != 1 {
+		t.Errorf("drift not seen: %q", diff)
+	}
+	if _, err := s.Apply(desired(in2, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Remove("qvtest0", "qitest0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Remove("qvtest0", "qitest0"); err != nil {
+		t.Fatalf("second Remove: %v", err)
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", "qvtest0"); strings.Contains(q, "tbf") {
+		t.Errorf("after Remove: %s", q)
+	}
+}
+
+func TestHTBAboveTBFRange(t *testing.T) {
+	n, _, s := kernelSetup(t)
+	// 100 Gbit/s is above TBF's 32-bit byte rate; 1 Pbit/s is the top.
+	for _, rate := range []uint64{100_000_000_000, MaxRateBits} {
+		p := derive(rate, 0, false, 10*time.Millisecond, 1500, SourceAnnotation)
+		if _, err := s.Apply(desired(p, p)); err != nil {
+			t.Fatalf("rate %d: %v", rate, err)
+		}
+		if diff, err := s.Diff(desired(p, p)); err != nil || len(diff) != 0 {
+			t.Fatalf("rate %d: Diff after Apply: %q %v", rate, diff, err)
+		}
+		c := n.Exec(t, "tc", "class", "show", "dev", "qvtest0")
+		if !strings.Contains(c, "htb 1:1") {
+			t.Errorf("class: %s", c)
+		}
+	}
+	// Back down to TBF: the kind changes.
+	p := derive(1_000_000, 0, false, 10*time.Millisecond, 1500, SourceAnnotation)
+	if _, err := s.Apply(desired(p, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", "qvtest0"); !strings.Contains(q, "tbf 1: root") || !strings.Contains(q, "rate 1Mbit") {
+		t.Errorf("back to tbf: %s", q)
+	}
+	if s.HasFqCodel() {
+		t.Log("this kernel has fq_codel: the leaf is fq_codel")
+	} else {
+		t.Log("no fq_codel in this kernel: byte FIFO leaf (fallback path)")
+	}
+}
+
+func TestForeignRootQdiscUntouched(t *testing.T) {
+	n, _, s := kernelSetup(t)
+	n.Exec(t, "tc", "qdisc", "add", "dev", "qvtest0", "root", "handle", "5:", "pfifo", "limit", "100")
+	if err := s.Remove("qvtest0", "qitest0"); err != nil {
+		t.Fatal(err)
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", "qvtest0"); !strings.Contains(q, "pfifo 5:") {
+		t.Errorf("Remove deleted a qdisc that is not ours: %s", q)
+	}
+}
