@@ -45,6 +45,14 @@ type NetConf struct {
 	ContainerSettings ContainerSettings `json:"container_settings"`
 	StateDir          string            `json:"stateDir"`
 
+	// Shaping defaults, with the reference bandwidth plugin's keys (bit/s
+	// and bits) so "type": "bandwidth" can be swapped for "qoscni".
+	IngressRate   uint64 `json:"ingressRate,omitempty"`
+	IngressBurst  uint64 `json:"ingressBurst,omitempty"`
+	EgressRate    uint64 `json:"egressRate,omitempty"`
+	EgressBurst   uint64 `json:"egressBurst,omitempty"`
+	MaxQueueDelay string `json:"maxQueueDelay,omitempty"`
+
 	RuntimeConfig RuntimeConfig `json:"runtimeConfig"`
 
 	// IPAMConfig is the decoded built-in IPAM section; nil when ipam.type

@@ -12,6 +12,7 @@ import (
 
 	"github.com/qoscni/qoscni/netconf"
 	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/shaping"
 	"github.com/qoscni/qoscni/state"
 )
 
@@ -64,6 +65,15 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 		return nil, podnet.ErrIfExists(args.IfName, args.Netns)
 	}
 
+	mtu := conf.MTU
+	if mtu == 0 {
+		mtu = podnet.DefaultMTU(host)
+	}
+	shape, err := shapingPlan(conf, mtu)
+	if err != nil {
+		return nil, err
+	}
+
 	var rollback undo
 	defer func() {
 		if err != nil {
@@ -82,10 +92,6 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	rollback.push(func() error { return src.release(args.ContainerID, args.IfName) })
 	st.mark("ipam")
 
-	mtu := conf.MTU
-	if mtu == 0 {
-		mtu = podnet.DefaultMTU(host)
-	}
 	br, err := podnet.EnsureBridge(host, podnet.BridgeConfig{Name: conf.Bridge, MTU: mtu, Promisc: conf.PromiscMode})
 	if err != nil {
 		return nil, err
@@ -130,6 +136,19 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	}
 
 	st.mark("sysctl")
+	ifb := podnet.IFBName(args.ContainerID, args.IfName)
+	if !shape.Empty() {
+		sh, err := shaping.Open(-1)
+		if err != nil {
+			return nil, err
+		}
+		defer sh.Close()
+		rollback.push(func() error { return podnet.DeleteLink(host, ifb) })
+		if err := sh.ApplyFresh(shaping.Desired{HostVeth: hostName, IFB: ifb, MTU: mtu, Plan: shape}); err != nil {
+			return nil, fmt.Errorf("shape %s/%s: %w", args.ContainerID, args.IfName, err)
+		}
+	}
+	st.mark("shaping")
 	if conf.IPMasq {
 		m, err := podnet.NewMasq(-1)
 		if err != nil {
@@ -168,6 +187,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 		PodMAC:      veth.Pod.Attrs().HardwareAddr.String(),
 		MTU:         mtu,
 		IPMasq:      conf.IPMasq,
+		Shaping:     shaping.ToRecord(shape, hostName, ifb),
 		Created:     time.Now().UTC(),
 	}
 	for _, a := range want.Pod.Addrs {
@@ -188,6 +208,11 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 			{Name: hostName, Mac: hostLink.Attrs().HardwareAddr.String()},
 			{Name: args.IfName, Mac: rec.PodMAC, Sandbox: args.Netns, Mtu: mtu},
 		},
+	}
+	if shape.Egress != nil {
+		if l, err := host.LinkByName(ifb); err == nil {
+			res.Interfaces = append(res.Interfaces, &current.Interface{Name: ifb, Mac: l.Attrs().HardwareAddr.String()})
+		}
 	}
 	for _, a := range want.Pod.Addrs {
 		res.IPs = append(res.IPs, &current.IPConfig{

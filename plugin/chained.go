@@ -11,6 +11,7 @@ import (
 
 	"github.com/qoscni/qoscni/netconf"
 	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/shaping"
 	"github.com/qoscni/qoscni/state"
 )
 
@@ -24,7 +25,47 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 	}
 	hostName, err := hostSideOf(args)
 	if err != nil {
+		// Not a veth we can follow by peer index: take the one host-side
+		// interface of the previous result, as the reference plugin does.
+		name, ok := hostSideFromResult(prev)
+		if !ok {
+			return err
+		}
+		hostName = name
+	}
+	host, err := hostHandle()
+	if err != nil {
 		return err
+	}
+	defer host.Close()
+	hl, err := host.LinkByName(hostName)
+	if err != nil {
+		return fmt.Errorf("host interface %s of %s/%s: %w", hostName, args.ContainerID, args.IfName, err)
+	}
+	mtu := hl.Attrs().MTU
+	shape, err := shapingPlan(conf, mtu)
+	if err != nil {
+		return err
+	}
+	ifb := podnet.IFBName(args.ContainerID, args.IfName)
+	if !shape.Empty() {
+		sh, err := shaping.Open(-1)
+		if err != nil {
+			return err
+		}
+		defer sh.Close()
+		if _, err := sh.Apply(shaping.Desired{HostVeth: hostName, IFB: ifb, MTU: mtu, Plan: shape}); err != nil {
+			// Leave the main plugin's veth as we found it.
+			if rerr := sh.Remove(hostName, ifb); rerr != nil {
+				p.Log.Warn("rollback of shaping failed", "err", rerr)
+			}
+			return fmt.Errorf("shape %s/%s on %s: %w", args.ContainerID, args.IfName, hostName, err)
+		}
+		if shape.Egress != nil {
+			if l, err := host.LinkByName(ifb); err == nil {
+				prev.Interfaces = append(prev.Interfaces, &current.Interface{Name: ifb, Mac: l.Attrs().HardwareAddr.String()})
+			}
+		}
 	}
 	rec := &state.Record{
 		Network:     conf.Name,
@@ -34,12 +75,20 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 		Pod:         state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
 		Mode:        state.ModeChained,
 		HostVeth:    hostName,
+		MTU:         mtu,
+		Shaping:     shaping.ToRecord(shape, hostName, ifb),
 		Created:     time.Now().UTC(),
 	}
 	for _, ipc := range prev.IPs {
 		rec.IPs = append(rec.IPs, ipc.Address.String())
 	}
 	if err := state.New(conf.StateDir).Save(rec); err != nil {
+		if !shape.Empty() {
+			if sh, oerr := shaping.Open(-1); oerr == nil {
+				_ = sh.Remove(hostName, ifb)
+				sh.Close()
+			}
+		}
 		return err
 	}
 	return types.PrintResult(prev, conf.CNIVersion)
@@ -76,4 +125,29 @@ func hostSideOf(args *skel.CmdArgs) (string, error) {
 		return "", fmt.Errorf("host peer of %s (index %d): %w", args.IfName, pl.Attrs().ParentIndex, err)
 	}
 	return hl.Attrs().Name, nil
+}
+
+// hostSideFromResult picks the previous result's only host-side interface
+// (no sandbox) that exists in the node namespace.
+func hostSideFromResult(prev *current.Result) (string, bool) {
+	host, err := hostHandle()
+	if err != nil {
+		return "", false
+	}
+	defer host.Close()
+	var found []string
+	for _, ifc := range prev.Interfaces {
+		if ifc.Sandbox != "" {
+			continue
+		}
+		l, err := host.LinkByName(ifc.Name)
+		if err != nil || l.Type() == "bridge" {
+			continue
+		}
+		found = append(found, ifc.Name)
+	}
+	if len(found) != 1 {
+		return "", false
+	}
+	return found[0], true
 }

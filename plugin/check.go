@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"sort"
+	"strings"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/qoscni/qoscni/netconf"
 	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/shaping"
 	"github.com/qoscni/qoscni/state"
 )
 
@@ -41,10 +43,33 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 		return types.NewError(types.ErrUnknownContainer,
 			fmt.Sprintf("unknown attachment %s/%s in network %s: no state record", args.ContainerID, args.IfName, conf.Name), "")
 	}
-	if rec.Mode == state.ModeChained {
-		return nil
+	var errs []error
+	if rec.Mode != state.ModeChained {
+		if err := p.checkStandalone(args, conf, prev, rec); err != nil {
+			errs = append(errs, err)
+		}
 	}
-	return p.checkStandalone(args, conf, prev, rec)
+	if err := checkShaping(rec); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// checkShaping compares the record's shaping with the kernel, read-only.
+func checkShaping(rec *state.Record) error {
+	sh, err := shaping.Open(-1)
+	if err != nil {
+		return err
+	}
+	defer sh.Close()
+	diff, err := sh.Diff(shaping.FromRecord(rec, podnet.IFBName(rec.ContainerID, rec.IfName)))
+	if err != nil {
+		return fmt.Errorf("check shaping of %s/%s: %w", rec.ContainerID, rec.IfName, err)
+	}
+	if len(diff) > 0 {
+		return fmt.Errorf("shaping of %s/%s differs from its record: %s", rec.ContainerID, rec.IfName, strings.Join(diff, "; "))
+	}
+	return nil
 }
 
 func (p *Plugin) checkStandalone(args *skel.CmdArgs, conf *netconf.NetConf, prev *current.Result, rec *state.Record) error {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/qoscni/qoscni/netconf"
 	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/shaping"
 	"github.com/qoscni/qoscni/state"
 )
 
@@ -43,13 +44,30 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 	st := p.steps("DEL")
 	defer st.done()
 	var errs []error
-	if rec == nil || rec.Mode != state.ModeChained {
-		host, err := hostHandle()
+	host, err := hostHandle()
+	if err != nil {
+		return err
+	}
+	defer host.Close()
+	ifb := podnet.IFBName(key.ContainerID, key.IfName)
+	if rec != nil && rec.Shaping != nil && rec.Shaping.IFB != "" {
+		ifb = rec.Shaping.IFB
+	}
+	if rec != nil && rec.Mode == state.ModeChained {
+		// The veth is the main plugin's: take only our qdiscs off it.
+		sh, err := shaping.Open(-1)
 		if err != nil {
 			return err
 		}
-		defer host.Close()
+		defer sh.Close()
+		if err := sh.Remove(rec.HostVeth, ifb); err != nil {
+			errs = append(errs, fmt.Errorf("remove shaping of %s/%s: %w", key.ContainerID, key.IfName, err))
+		}
+	} else {
 		if err := podnet.DeleteLink(host, podnet.HostVethName(key.ContainerID, key.IfName)); err != nil {
+			errs = append(errs, err)
+		}
+		if err := podnet.DeleteLink(host, ifb); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -19,6 +19,8 @@ var (
 	rootHandle  = core.BuildHandle(1, 0)
 	classHandle = core.BuildHandle(1, 1)
 	leafHandle  = core.BuildHandle(0x10, 0)
+	// leafHandleAlt takes turns with leafHandle when a queue is replaced.
+	leafHandleAlt = core.BuildHandle(0x11, 0)
 	// clsact's ingress hook, where the redirect to the IFB sits.
 	clsactHandle = core.BuildHandle(0xFFFF, 0)
 	ingressHook  = core.BuildHandle(0xFFFF, tc.HandleMinIngress)
@@ -98,6 +100,9 @@ type shape struct {
 	// in 64 ns ticks, saturated at 32 bits. Comparisons use it.
 	burstTicks uint32
 	limitBytes uint64
+	// leaf is the handle of the queue under the shaper (0 = the kernel's
+	// built-in one).
+	leaf uint32
 }
 
 func (sh *shape) String() string {
@@ -133,8 +138,8 @@ func (sh *shape) matches(o *shape) bool {
 	return sh.kind == o.kind && sh.rateBytes == o.rateBytes && near(sh.burstTicks, o.burstTicks) && sh.limitBytes == o.limitBytes
 }
 
-// state is what the kernel has for one attachment.
-type state struct {
+// kstate is what the kernel has for one attachment.
+type kstate struct {
 	veth, ifb     netlink.Link
 	ingress       *shape // root of the veth
 	egress        *shape // root of the IFB
@@ -161,8 +166,8 @@ func (s *Shaper) linkOrNil(name string) (netlink.Link, error) {
 
 // read collects the kernel's view with one qdisc dump (plus a class dump
 // for HTB and a filter dump on the veth's ingress hook).
-func (s *Shaper) read(d Desired) (*state, error) {
-	st := &state{}
+func (s *Shaper) read(d Desired) (*kstate, error) {
+	st := &kstate{}
 	var err error
 	if st.veth, err = s.linkOrNil(d.HostVeth); err != nil {
 		return nil, err
@@ -231,8 +236,14 @@ func (s *Shaper) readShape(qdiscs []tc.Object, ifindex uint32) (*shape, string, 
 		switch {
 		case q.Kind == "tbf" && q.Tbf != nil && q.Tbf.Parms != nil:
 			rate := uint64(q.Tbf.Parms.Rate.Rate)
-			return &shape{kind: "tbf", rateBytes: rate, burstBytes: ticksToBytes(q.Tbf.Parms.Buffer, rate),
-				burstTicks: q.Tbf.Parms.Buffer, limitBytes: uint64(q.Tbf.Parms.Limit)}, "", nil
+			sh := &shape{kind: "tbf", rateBytes: rate, burstBytes: ticksToBytes(q.Tbf.Parms.Buffer, rate),
+				burstTicks: q.Tbf.Parms.Buffer, limitBytes: uint64(q.Tbf.Parms.Limit)}
+			for _, l := range qdiscs {
+				if l.Ifindex == ifindex && l.Parent == classHandle {
+					sh.leaf = l.Handle
+				}
+			}
+			return sh, "", nil
 		case q.Kind == "htb":
 			sh := &shape{kind: "htb"}
 			classes, err := s.tc.Class().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: ifindex})
@@ -306,7 +317,7 @@ func (s *Shaper) Apply(d Desired) ([]string, error) {
 // ApplyFresh sets up the pipeline on a veth that was just created, without
 // reading first (the ADD path: nothing can be there yet).
 func (s *Shaper) ApplyFresh(d Desired) error {
-	st := &state{}
+	st := &kstate{}
 	var err error
 	if st.veth, err = s.linkOrNil(d.HostVeth); err != nil {
 		return err
@@ -322,7 +333,7 @@ func (s *Shaper) ApplyFresh(d Desired) error {
 
 type action struct {
 	what string
-	do   func(s *Shaper, d Desired, st *state) error
+	do   func(s *Shaper, d Desired, st *kstate) error
 }
 
 type actions []action
@@ -335,7 +346,7 @@ func (a actions) describe() []string {
 	return out
 }
 
-func (a actions) run(s *Shaper, d Desired, st *state) error {
+func (a actions) run(s *Shaper, d Desired, st *kstate) error {
 	for _, x := range a {
 		if err := x.do(s, d, st); err != nil {
 			return fmt.Errorf("%s: %w", x.what, err)
@@ -346,21 +357,21 @@ func (a actions) run(s *Shaper, d Desired, st *state) error {
 
 // plan is the one comparison routine: CHECK reports its actions, ADD, the
 // agent's reshaping and drift repair run them.
-func plan(d Desired, st *state) actions {
+func plan(d Desired, st *kstate) actions {
 	var acts actions
 	if st.veth == nil {
-		return actions{{what: fmt.Sprintf("host veth %s is missing", d.HostVeth), do: func(*Shaper, Desired, *state) error {
+		return actions{{what: fmt.Sprintf("host veth %s is missing", d.HostVeth), do: func(*Shaper, Desired, *kstate) error {
 			return fmt.Errorf("interface %s does not exist", d.HostVeth)
 		}}}
 	}
 	in := wantShape(d.Plan.Ingress)
 	switch {
 	case in == nil && st.ingress != nil:
-		acts = append(acts, action{fmt.Sprintf("remove ingress shaping (%s) from %s", st.ingress, d.HostVeth), func(s *Shaper, d Desired, st *state) error {
+		acts = append(acts, action{fmt.Sprintf("remove ingress shaping (%s) from %s", st.ingress, d.HostVeth), func(s *Shaper, d Desired, st *kstate) error {
 			return s.deleteRoot(st.veth.Attrs().Index, st.ingress.kind)
 		}})
 	case in != nil && !in.matches(st.ingress):
-		acts = append(acts, action{fmt.Sprintf("shape traffic into the pod on %s: have %s, want %s", d.HostVeth, st.ingress, in), func(s *Shaper, d Desired, st *state) error {
+		acts = append(acts, action{fmt.Sprintf("shape traffic into the pod on %s: have %s, want %s", d.HostVeth, st.ingress, in), func(s *Shaper, d Desired, st *kstate) error {
 			return s.setShape(st.veth.Attrs().Index, in, st.ingress)
 		}})
 	}
@@ -368,47 +379,47 @@ func plan(d Desired, st *state) actions {
 	eg := wantShape(d.Plan.Egress)
 	if eg == nil {
 		if st.redirectCount > 0 || st.clsact {
-			acts = append(acts, action{fmt.Sprintf("remove the egress redirect from %s", d.HostVeth), func(s *Shaper, d Desired, st *state) error {
+			acts = append(acts, action{fmt.Sprintf("remove the egress redirect from %s", d.HostVeth), func(s *Shaper, d Desired, st *kstate) error {
 				return s.deleteClsact(st.veth.Attrs().Index)
 			}})
 		}
 		if st.ifb != nil {
-			acts = append(acts, action{fmt.Sprintf("delete IFB %s", d.IFB), func(s *Shaper, d Desired, st *state) error {
+			acts = append(acts, action{fmt.Sprintf("delete IFB %s", d.IFB), func(s *Shaper, d Desired, st *kstate) error {
 				return s.deleteLink(d.IFB)
 			}})
 		}
 		return acts
 	}
 	if st.ifb == nil {
-		acts = append(acts, action{fmt.Sprintf("create IFB %s", d.IFB), func(s *Shaper, d Desired, st *state) error {
+		acts = append(acts, action{fmt.Sprintf("create IFB %s", d.IFB), func(s *Shaper, d Desired, st *kstate) error {
 			l, err := s.createIFB(d.IFB, d.MTU)
 			st.ifb = l
 			return err
 		}})
 	} else {
 		if d.MTU != 0 && st.ifb.Attrs().MTU != d.MTU {
-			acts = append(acts, action{fmt.Sprintf("set IFB %s MTU %d (has %d)", d.IFB, d.MTU, st.ifb.Attrs().MTU), func(s *Shaper, d Desired, st *state) error {
+			acts = append(acts, action{fmt.Sprintf("set IFB %s MTU %d (has %d)", d.IFB, d.MTU, st.ifb.Attrs().MTU), func(s *Shaper, d Desired, st *kstate) error {
 				return s.nl.LinkSetMTU(st.ifb, d.MTU)
 			}})
 		}
 		if st.ifb.Attrs().Flags&net.FlagUp == 0 {
-			acts = append(acts, action{fmt.Sprintf("set IFB %s up", d.IFB), func(s *Shaper, d Desired, st *state) error {
+			acts = append(acts, action{fmt.Sprintf("set IFB %s up", d.IFB), func(s *Shaper, d Desired, st *kstate) error {
 				return s.nl.LinkSetUp(st.ifb)
 			}})
 		}
 	}
 	if !eg.matches(st.egress) {
-		acts = append(acts, action{fmt.Sprintf("shape traffic out of the pod on %s: have %s, want %s", d.IFB, st.egress, eg), func(s *Shaper, d Desired, st *state) error {
+		acts = append(acts, action{fmt.Sprintf("shape traffic out of the pod on %s: have %s, want %s", d.IFB, st.egress, eg), func(s *Shaper, d Desired, st *kstate) error {
 			return s.setShape(st.ifb.Attrs().Index, eg, st.egress)
 		}})
 	}
 	if !st.clsact {
-		acts = append(acts, action{fmt.Sprintf("add clsact to %s", d.HostVeth), func(s *Shaper, d Desired, st *state) error {
+		acts = append(acts, action{fmt.Sprintf("add clsact to %s", d.HostVeth), func(s *Shaper, d Desired, st *kstate) error {
 			return s.addClsact(st.veth.Attrs().Index)
 		}})
 	}
 	if st.ifb == nil || st.redirectCount != 1 || st.redirectTo != st.ifb.Attrs().Index {
-		acts = append(acts, action{fmt.Sprintf("redirect traffic from the pod on %s to %s", d.HostVeth, d.IFB), func(s *Shaper, d Desired, st *state) error {
+		acts = append(acts, action{fmt.Sprintf("redirect traffic from the pod on %s to %s", d.HostVeth, d.IFB), func(s *Shaper, d Desired, st *kstate) error {
 			return s.setRedirect(st.veth.Attrs().Index, st.ifb.Attrs().Index, st.redirectCount > 0)
 		}})
 	}
@@ -459,12 +470,12 @@ func (s *Shaper) setShape(ifindex int, want, have *shape) error {
 		have = nil
 	}
 	if want.kind == "tbf" {
-		return s.setTBF(ifindex, want)
+		return s.setTBF(ifindex, want, have)
 	}
 	return s.setHTB(ifindex, want, have != nil)
 }
 
-func (s *Shaper) setTBF(ifindex int, want *shape) error {
+func (s *Shaper) setTBF(ifindex int, want, have *shape) error {
 	burst := uint32(min(want.burstBytes, math.MaxUint32))
 	q := &tc.Object{Msg: msg(ifindex, rootHandle, tc.HandleRoot, 0), Attribute: tc.Attribute{Kind: "tbf", Tbf: &tc.Tbf{
 		Parms: &tc.TbfQopt{
@@ -477,7 +488,33 @@ func (s *Shaper) setTBF(ifindex int, want *shape) error {
 	if err := s.tc.Qdisc().Replace(q); err != nil {
 		return fmt.Errorf("replace tbf on ifindex %d: %w", ifindex, err)
 	}
+	if have != nil && have.kind == "tbf" && want.burstBytes < have.burstBytes {
+		// TBF keeps its queue across a change. A queued packet longer than
+		// the new burst can never collect enough tokens and would block the
+		// pod's traffic for good, so a smaller burst starts on a fresh
+		// queue: grafting a new leaf drops the old one's packets (at most
+		// one delay budget's worth, which TCP retransmits).
+		return s.graftLeaf(ifindex, want, have.leaf)
+	}
 	return s.setLeaf(ifindex, want, true)
+}
+
+// graftLeaf puts a new queue under the shaper with a handle other than the
+// current one, so the kernel replaces (and empties) the old queue instead
+// of changing it in place.
+func (s *Shaper) graftLeaf(ifindex int, want *shape, current uint32) error {
+	handle := leafHandle
+	if current == leafHandle {
+		handle = leafHandleAlt
+	}
+	if !s.noFqCodel {
+		if err := s.replaceFqCodel(ifindex, want, handle); err == nil {
+			return nil
+		} else if !errors.Is(err, errNoFqCodel) {
+			return err
+		}
+	}
+	return s.replaceBfifo(ifindex, want, handle)
 }
 
 func (s *Shaper) setHTB(ifindex int, want *shape, haveRoot bool) error {
@@ -522,26 +559,40 @@ func (s *Shaper) addHTBRoot(ifindex int) error {
 
 func (s *Shaper) setLeaf(ifindex int, want *shape, tbfHasFifo bool) error {
 	if !s.noFqCodel {
-		target := uint32(max(want.limitBytes*8*1_000_000/max(want.rateBytes*8, 1)/2, 1000)) // µs: half the budget
-		limit := uint32(10240)
-		memLimit := uint32(min(max(want.limitBytes*4, 1<<20), math.MaxUint32))
-		leaf := &tc.Object{Msg: msg(ifindex, leafHandle, classHandle, 0), Attribute: tc.Attribute{Kind: "fq_codel", FqCodel: &tc.FqCodel{
-			Target: &target, Limit: &limit, MemoryLimit: &memLimit,
-		}}}
-		err := s.tc.Qdisc().Replace(leaf)
-		if err == nil {
-			return nil
+		err := s.replaceFqCodel(ifindex, want, leafHandle)
+		if err == nil || !errors.Is(err, errNoFqCodel) {
+			return err
 		}
-		if !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EOPNOTSUPP) {
-			return fmt.Errorf("replace fq_codel leaf on ifindex %d: %w", ifindex, err)
-		}
-		// This kernel has no fq_codel: remember, fall back to the FIFO.
-		s.noFqCodel = true
 	}
 	if tbfHasFifo {
 		return nil
 	}
-	leaf := &tc.Object{Msg: msg(ifindex, leafHandle, classHandle, 0), Attribute: tc.Attribute{Kind: "bfifo", Bfifo: &tc.FifoOpt{
+	return s.replaceBfifo(ifindex, want, leafHandle)
+}
+
+var errNoFqCodel = errors.New("kernel has no fq_codel")
+
+func (s *Shaper) replaceFqCodel(ifindex int, want *shape, handle uint32) error {
+	target := uint32(max(want.limitBytes*8*1_000_000/max(want.rateBytes*8, 1)/2, 1000)) // µs: half the budget
+	limit := uint32(10240)
+	memLimit := uint32(min(max(want.limitBytes*4, 1<<20), math.MaxUint32))
+	leaf := &tc.Object{Msg: msg(ifindex, handle, classHandle, 0), Attribute: tc.Attribute{Kind: "fq_codel", FqCodel: &tc.FqCodel{
+		Target: &target, Limit: &limit, MemoryLimit: &memLimit,
+	}}}
+	err := s.tc.Qdisc().Replace(leaf)
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EOPNOTSUPP) {
+		// This kernel has no fq_codel: remember, fall back to the FIFO.
+		s.noFqCodel = true
+		return errNoFqCodel
+	}
+	return fmt.Errorf("replace fq_codel leaf on ifindex %d: %w", ifindex, err)
+}
+
+func (s *Shaper) replaceBfifo(ifindex int, want *shape, handle uint32) error {
+	leaf := &tc.Object{Msg: msg(ifindex, handle, classHandle, 0), Attribute: tc.Attribute{Kind: "bfifo", Bfifo: &tc.FifoOpt{
 		Limit: uint32(min(want.limitBytes, math.MaxUint32)),
 	}}}
 	if err := s.tc.Qdisc().Replace(leaf); err != nil {
@@ -654,4 +705,3 @@ func (s *Shaper) Remove(hostVeth, ifb string) error {
 	}
 	return errors.Join(errs...)
 }
-

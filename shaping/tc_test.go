@@ -1,7 +1,9 @@
 package shaping
 
 import (
+	"encoding/json"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -144,5 +146,52 @@ func TestForeignRootQdiscUntouched(t *testing.T) {
 	}
 	if q := n.Exec(t, "tc", "qdisc", "show", "dev", "qvtest0"); !strings.Contains(q, "pfifo 5:") {
 		t.Errorf("Remove deleted a qdisc that is not ours: %s", q)
+	}
+}
+
+// A running TCP flow keeps its connection while the rate changes under it,
+// and converges to the new rate.
+func TestReshapeInPlaceWithFlow(t *testing.T) {
+	n, pod, s := kernelSetup(t)
+	testnet.StartIperf3(t, pod)
+	p := derive(20_000_000, 0, false, 10*time.Millisecond, 1500, SourceAnnotation)
+	if err := s.ApplyFresh(desired(p, nil)); err != nil {
+		t.Fatal(err)
+	}
+	type interval struct {
+		Sum struct {
+			BitsPerSecond float64 `json:"bits_per_second"`
+		} `json:"sum"`
+	}
+	var res struct {
+		Intervals []interval `json:"intervals"`
+		Error     string     `json:"error"`
+	}
+	done := make(chan error, 1)
+	var out []byte
+	go func() {
+		var err error
+		out, err = exec.Command("ip", "netns", "exec", n.Name, "iperf3", "-c", "10.66.0.2", "-t", "6", "-i", "1", "-J").Output()
+		done <- err
+	}()
+	time.Sleep(2500 * time.Millisecond)
+	p2 := derive(5_000_000, 0, false, 10*time.Millisecond, 1500, SourceAnnotation)
+	changes, err := s.Apply(desired(p2, nil))
+	if err != nil || len(changes) != 1 {
+		t.Fatalf("reshape: %q %v", changes, err)
+	}
+	time.Sleep(time.Second)
+	t.Logf("after reshape:\n%s", n.Exec(t, "tc", "-s", "qdisc", "show", "dev", "qvtest0"))
+	if err := <-done; err != nil {
+		t.Fatalf("flow broke during reshape: %v %s", err, out)
+	}
+	if err := json.Unmarshal(out, &res); err != nil || res.Error != "" || len(res.Intervals) < 6 {
+		t.Fatalf("iperf3: %v %q (%d intervals)", err, res.Error, len(res.Intervals))
+	}
+	first := res.Intervals[1].Sum.BitsPerSecond
+	last := res.Intervals[len(res.Intervals)-1].Sum.BitsPerSecond
+	t.Logf("before %.2f Mbit/s, after %.2f Mbit/s", first/1e6, last/1e6)
+	if first < 14e6 || last > 6.5e6 || last < 3e6 {
+		t.Errorf("rate did not follow the reshape: %.2f then %.2f Mbit/s", first/1e6, last/1e6)
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
 )
@@ -211,4 +212,59 @@ func (r Result) MustSucceed(t testing.TB, what string) Result {
 		t.Fatalf("%s failed: code %d: %s (%s)\nstderr: %s", what, r.Err.Code, r.Err.Msg, r.Err.Details, r.Stderr)
 	}
 	return r
+}
+
+// StartIperf3 runs an iperf3 server inside ns until the test ends.
+func StartIperf3(t testing.TB, ns *NS) {
+	t.Helper()
+	if _, err := exec.LookPath("iperf3"); err != nil {
+		msg := "iperf3 not installed (apt-get install iperf3)"
+		if os.Getenv(RequireRootEnv) != "" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	cmd := exec.Command("ip", "netns", "exec", ns.Name, "iperf3", "-s", "--bind", "0.0.0.0")
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start iperf3 server: %v", err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	// Wait until it listens.
+	for i := 0; i < 100; i++ {
+		if out, err := ns.Try("ss", "-ltn", "sport = :5201"); err == nil && strings.Contains(out, "5201") {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatal("iperf3 server did not start")
+}
+
+// Iperf3Rate runs a client in ns against server for secs seconds and
+// returns the goodput the receiver saw in bit/s. reverse makes the server
+// send.
+func Iperf3Rate(t testing.TB, ns *NS, server string, secs int, reverse bool) float64 {
+	t.Helper()
+	args := []string{"netns", "exec", ns.Name, "iperf3", "-c", server, "-t", fmt.Sprint(secs), "-J"}
+	if reverse {
+		args = append(args, "-R")
+	}
+	out, err := exec.Command("ip", args...).Output()
+	if err != nil {
+		t.Fatalf("iperf3 client: %v: %s", err, out)
+	}
+	var r struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+		Error string `json:"error"`
+	}
+	if err := json.Unmarshal(out, &r); err != nil || r.Error != "" {
+		t.Fatalf("iperf3 output: %v %s", err, r.Error)
+	}
+	return r.End.SumReceived.BitsPerSecond
 }

@@ -1,0 +1,201 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/qoscni/qoscni/internal/testnet"
+	"github.com/qoscni/qoscni/state"
+)
+
+// shapedConf is a standalone config with the bandwidth capabilities and
+// runtimeConfig as containerd sends it for an annotated pod.
+func shapedConf(n *testnet.Node, annotations map[string]string, bw map[string]any) []byte {
+	return netConf(n, "1.1.0", func(c map[string]any) {
+		c["capabilities"] = map[string]any{"bandwidth": true, "io.kubernetes.cri.pod-annotations": true}
+		rc := map[string]any{}
+		if annotations != nil {
+			rc["io.kubernetes.cri.pod-annotations"] = annotations
+		}
+		if bw != nil {
+			rc["bandwidth"] = bw
+		}
+		c["runtimeConfig"] = rc
+	})
+}
+
+func readRecord(t *testing.T, n *testnet.Node, cid string) *state.Record {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(n.StateDir, "qtest", cid+"_eth0.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := state.Decode(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func TestShapingFromAnnotations(t *testing.T) {
+	t.Parallel()
+	n := testnet.NewNode(t)
+	pod := n.NewPod(t)
+	// What containerd sends: the annotation, and the same rates with its
+	// 4294967295-bit burst in runtimeConfig.bandwidth (Go field names).
+	conf := shapedConf(n,
+		map[string]string{"kubernetes.io/ingress-bandwidth": "10M", "kubernetes.io/egress-bandwidth": "20M"},
+		map[string]any{"IngressRate": 10_000_000, "IngressBurst": 4294967295, "EgressRate": 20_000_000, "EgressBurst": 4294967295})
+	r := n.Invoke(t, testnet.Call{Command: "ADD", ContainerID: "sh1", Netns: pod.Path, IfName: "eth0", Config: conf}).MustSucceed(t, "ADD")
+	rec := readRecord(t, n, "sh1")
+	if rec.Shaping == nil || rec.Shaping.Ingress == nil || rec.Shaping.Egress == nil {
+		t.Fatalf("record shaping: %+v", rec.Shaping)
+	}
+	in, eg := rec.Shaping.Ingress, rec.Shaping.Egress
+	if in.RateBits != 10_000_000 || in.Source != "annotation" || in.Device != rec.HostVeth {
+		t.Errorf("ingress: %+v", in)
+	}
+	// The runtime's burst is above the cap: derived from the 10 ms budget.
+	if in.BurstBits > 10_000_000/4 || in.LimitBytes != 12_500 || in.MaxQueueDelayNs != 10_000_000 {
+		t.Errorf("ingress burst/limit: %+v", in)
+	}
+	if eg.RateBits != 20_000_000 || eg.Device != rec.Shaping.IFB {
+		t.Errorf("egress: %+v", eg)
+	}
+	if !strings.Contains(string(r.Stdout), rec.Shaping.IFB) {
+		t.Errorf("result lacks the IFB: %s", r.Stdout)
+	}
+	q := n.Exec(t, "tc", "-s", "qdisc", "show", "dev", rec.HostVeth)
+	if !strings.Contains(q, "tbf 1: root") || !strings.Contains(q, "rate 10Mbit") || !strings.Contains(q, "burst 12500b") {
+		t.Errorf("veth qdisc: %s", q)
+	}
+	q = n.Exec(t, "tc", "-s", "qdisc", "show", "dev", rec.Shaping.IFB)
+	if !strings.Contains(q, "tbf 1: root") || !strings.Contains(q, "rate 20Mbit") {
+		t.Errorf("ifb qdisc: %s", q)
+	}
+	if l := n.Exec(t, "ip", "-o", "link", "show", rec.Shaping.IFB); !strings.Contains(l, "mtu 1500") {
+		t.Errorf("ifb MTU: %s", l)
+	}
+	chk := withPrev(t, conf, r.Stdout)
+	n.Invoke(t, testnet.Call{Command: "CHECK", ContainerID: "sh1", Netns: pod.Path, IfName: "eth0", Config: chk}).MustSucceed(t, "CHECK")
+	// Drift: the egress shaper is deleted by hand; CHECK names it.
+	n.Exec(t, "tc", "qdisc", "del", "dev", rec.Shaping.IFB, "root")
+	bad := n.Invoke(t, testnet.Call{Command: "CHECK", ContainerID: "sh1", Netns: pod.Path, IfName: "eth0", Config: chk})
+	if !bad.Failed || !strings.Contains(bad.Err.Msg, rec.Shaping.IFB) {
+		t.Fatalf("CHECK after drift: %+v", bad.Err)
+	}
+	// DEL without runtimeConfig removes the IFB (the record knows it).
+	plain := netConf(n, "1.1.0", nil)
+	del(t, n, plain, "sh1", pod.Path)
+	if _, err := n.Try("ip", "link", "show", rec.Shaping.IFB); err == nil {
+		t.Error("IFB survived DEL")
+	}
+	del(t, n, plain, "sh1", "")
+	assertClean(t, n)
+}
+
+func TestShapingThroughput(t *testing.T) {
+	t.Parallel()
+	n := testnet.NewNode(t)
+	pod := n.NewPod(t)
+	conf := shapedConf(n, map[string]string{"kubernetes.io/ingress-bandwidth": "10M", "kubernetes.io/egress-bandwidth": "10M"}, nil)
+	r := add(t, n, conf, "tp1", pod)
+	testnet.StartIperf3(t, pod)
+	podIP := r.IPs[0].Address.IP.String()
+	// The shaper counts whole Ethernet frames; TCP goodput of full-size
+	// segments is at most 1448/1514 of the rate.
+	ceiling := 10e6 * 1448 / 1514
+	for _, reverse := range []bool{false, true} {
+		got := testnet.Iperf3Rate(t, n.NS, podIP, 4, reverse)
+		dir := "into the pod"
+		if reverse {
+			dir = "out of the pod"
+		}
+		if got < 0.8*ceiling || got > 1.2*ceiling {
+			t.Errorf("%s: %.2f Mbit/s, want %.2f +-20%%", dir, got/1e6, ceiling/1e6)
+		} else {
+			t.Logf("%s: %.2f Mbit/s at a 10 Mbit/s limit", dir, got/1e6)
+		}
+	}
+	del(t, n, conf, "tp1", pod.Path)
+	assertClean(t, n)
+}
+
+func TestShapingOnlyWhereAsked(t *testing.T) {
+	t.Parallel()
+	n := testnet.NewNode(t)
+	pod := n.NewPod(t)
+	// Plugin config defaults (reference keys) for egress only.
+	conf := netConf(n, "1.1.0", func(c map[string]any) {
+		c["egressRate"] = 5_000_000
+		c["egressBurst"] = 100_000
+	})
+	add(t, n, conf, "eo", pod)
+	rec := readRecord(t, n, "eo")
+	if rec.Shaping == nil || rec.Shaping.Ingress != nil || rec.Shaping.Egress == nil || rec.Shaping.Egress.Source != "config" {
+		t.Fatalf("shaping: %+v", rec.Shaping)
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", rec.HostVeth); strings.Contains(q, "tbf") {
+		t.Errorf("ingress shaped without input: %s", q)
+	}
+	del(t, n, conf, "eo", pod.Path)
+
+	// No input at all: no tc object, no IFB.
+	plain := netConf(n, "1.1.0", nil)
+	add(t, n, plain, "none", pod)
+	rec = readRecord(t, n, "none")
+	if rec.Shaping != nil {
+		t.Errorf("unshaped pod has shaping: %+v", rec.Shaping)
+	}
+	if out := n.Exec(t, "ip", "-o", "link", "show", "type", "ifb"); strings.TrimSpace(out) != "" {
+		t.Errorf("IFB without egress shaping: %s", out)
+	}
+	del(t, n, plain, "none", pod.Path)
+	assertClean(t, n)
+}
+
+func TestShapingBadInput(t *testing.T) {
+	t.Parallel()
+	n := testnet.NewNode(t)
+	pod := n.NewPod(t)
+	cases := []struct {
+		name string
+		conf []byte
+		want string
+	}{
+		{"unparsable annotation", shapedConf(n, map[string]string{"kubernetes.io/ingress-bandwidth": "fast"}, nil), "kubernetes.io/ingress-bandwidth"},
+		{"rate below 1k", shapedConf(n, map[string]string{"kubernetes.io/egress-bandwidth": "10"}, nil), "kubernetes.io/egress-bandwidth"},
+		{"rate above 1P", shapedConf(n, map[string]string{"kubernetes.io/egress-bandwidth": "2P"}, nil), "2P"},
+		{"negative burst", shapedConf(n, map[string]string{"kubernetes.io/ingress-bandwidth": "10M", "qoscni.io/ingress-burst": "-5k"}, nil), "qoscni.io/ingress-burst"},
+		{"bad delay", shapedConf(n, map[string]string{"qoscni.io/max-queue-delay": "fast"}, nil), "qoscni.io/max-queue-delay"},
+		{"runtime rate too big", shapedConf(n, nil, map[string]any{"ingressRate": uint64(2_000_000_000_000_000), "ingressBurst": 1}), "runtimeConfig.bandwidth.ingressRate"},
+		{"config rate without burst", netConf(n, "1.1.0", func(c map[string]any) { c["ingressRate"] = 1_000_000 }), "ingressBurst"},
+		{"negative runtime burst", shapedConf(n, nil, map[string]any{"egressRate": 1_000_000, "egressBurst": -1}), "egressBurst"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r := n.Invoke(t, testnet.Call{Command: "ADD", ContainerID: "bad", Netns: pod.Path, IfName: "eth0", Config: tc.conf})
+			if !r.Failed || r.Err.Code != types.ErrInvalidNetworkConfig || !strings.Contains(r.Err.Msg, tc.want) {
+				t.Fatalf("want error 7 naming %q, got %+v", tc.want, r.Err)
+			}
+		})
+	}
+	if out := n.Exec(t, "ip", "-o", "link"); strings.Contains(out, "qbr0") || strings.Contains(out, "veth") || strings.Contains(out, "ifb") {
+		t.Errorf("rejected calls changed the node: %s", out)
+	}
+	if _, err := os.Stat(filepath.Join(n.IPAMDir, "qtest")); err == nil {
+		entries, _ := os.ReadDir(filepath.Join(n.IPAMDir, "qtest"))
+		for _, e := range entries {
+			if strings.HasPrefix(e.Name(), "10.") {
+				t.Errorf("rejected call reserved %s", e.Name())
+			}
+		}
+	}
+}
+
+var _ = json.Marshal

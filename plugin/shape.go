@@ -1,0 +1,27 @@
+package plugin
+
+import (
+	"github.com/qoscni/qoscni/netconf"
+	"github.com/qoscni/qoscni/shaping"
+)
+
+// shapingPlan resolves the attachment's shaping from the pod annotations,
+// runtimeConfig.bandwidth and the plugin config, before anything changes,
+// so bad input is refused with nothing done.
+func shapingPlan(conf *netconf.NetConf, mtu int) (shaping.Plan, error) {
+	in := shaping.Inputs{
+		Annotations: conf.RuntimeConfig.PodAnnotations,
+		Config: shaping.Rates{
+			IngressRate: conf.IngressRate, IngressBurst: conf.IngressBurst,
+			EgressRate: conf.EgressRate, EgressBurst: conf.EgressBurst,
+		},
+		ConfigMaxQueueDelay: conf.MaxQueueDelay,
+	}
+	if bw := conf.RuntimeConfig.Bandwidth; bw != nil {
+		in.Runtime = &shaping.Rates{
+			IngressRate: bw.IngressRate, IngressBurst: bw.IngressBurst,
+			EgressRate: bw.EgressRate, EgressBurst: bw.EgressBurst,
+		}
+	}
+	return shaping.Resolve(in, mtu)
+}
