@@ -1,0 +1,74 @@
+// Command qoscni-agent is the qoscni node daemon. "qoscni-agent [serve]"
+// serves /metrics, /healthz and /readyz; "qoscni-agent status" prints the
+// node's shaped pods.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/qoscni/qoscni/agent"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	args := os.Args[1:]
+	cmd := "serve"
+	if len(args) > 0 && (args[0] == "serve" || args[0] == "status") {
+		cmd, args = args[0], args[1:]
+	}
+	fs := flag.NewFlagSet("qoscni-agent "+cmd, flag.ExitOnError)
+	listen := agent.DefaultListen
+	if v := os.Getenv(agent.ListenEnv); v != "" {
+		listen = v
+	}
+	fs.StringVar(&listen, "listen", listen, "address for /metrics, /healthz, /readyz (env "+agent.ListenEnv+")")
+	stateDir := fs.String("state-dir", agent.DefaultStateDir, "plugin attachment records")
+	journalDir := fs.String("journal-dir", agent.DefaultJournalDir, "plugin call journal (the sibling 'journal' of the plugin's stateDir)")
+	cniConfDir := fs.String("cni-conf-dir", agent.DefaultCNIConfDir, "CNI config files, read for qoscni networks with built-in IPAM")
+	netnsPath := fs.String("netns", "", "network namespace of the node's devices (default: the agent's own)")
+	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	output := fs.String("o", "table", "status output: table or json")
+	interval := fs.Duration("interval", time.Second, "status: time between the two statistics reads")
+	_ = fs.Parse(args)
+
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		fmt.Fprintln(os.Stderr, "qoscni-agent: -log-level:", err)
+		os.Exit(2)
+	}
+	logger := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+
+	if cmd == "status" {
+		rows, err := agent.Status(*stateDir, *netnsPath, *interval)
+		if err == nil {
+			err = agent.WriteStatus(os.Stdout, rows, *output == "json")
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "qoscni-agent status:", err)
+			os.Exit(1)
+		}
+		return
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	srv, err := agent.New(agent.Config{Listen: listen, StateDir: *stateDir, JournalDir: *journalDir,
+		CNIConfDir: *cniConfDir, NetnsPath: *netnsPath, Version: version, Logger: logger})
+	if err != nil {
+		logger.Error("start", "err", err)
+		os.Exit(1)
+	}
+	if err := srv.Serve(ctx); err != nil {
+		logger.Error("agent stopped", "err", err)
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,299 @@
+package metrics
+
+import (
+	"log/slog"
+	"runtime"
+	"runtime/debug"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/qoscni/qoscni/journal"
+	"github.com/qoscni/qoscni/state"
+)
+
+// Config says where the collector reads from.
+type Config struct {
+	StateDir   string // plugin attachment records
+	JournalDir string // plugin call journal ("" = do not read)
+	CNIConfDir string // conflists naming qoscni networks with built-in IPAM ("" = none)
+	Netns      *Netns // namespace of the node's devices
+	Version    string // qoscni_build_info version label
+	Logger     *slog.Logger
+}
+
+// OpDurationBuckets cover a CNI call: a fast DEL takes about a millisecond, an
+// ADD that waits for the IPAM lock or a slow runtime seconds.
+var OpDurationBuckets = []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
+
+var (
+	dirLabels = []string{"namespace", "pod", "interface", "direction"}
+
+	descLimit     = prometheus.NewDesc("qoscni_shaping_rate_limit_bytes_per_second", "Configured shaping rate of the direction (the bandwidth annotation / 8).", dirLabels, nil)
+	descBurst     = prometheus.NewDesc("qoscni_shaping_burst_bytes", "Configured token bucket depth.", dirLabels, nil)
+	descQLimit    = prometheus.NewDesc("qoscni_shaping_queue_limit_bytes", "Bytes the shaper may queue before dropping.", dirLabels, nil)
+	descDelay     = prometheus.NewDesc("qoscni_shaping_queue_delay_budget_seconds", "Queueing delay budget the queue limit was derived from.", dirLabels, nil)
+	descUp        = prometheus.NewDesc("qoscni_shaping_qdisc_up", "1 when the direction's root qdisc was found in the kernel at this scrape, else 0.", dirLabels, nil)
+	descBytes     = prometheus.NewDesc("qoscni_shaping_sent_bytes_total", "Bytes sent through the shaper (layer 2 size).", dirLabels, nil)
+	descPackets   = prometheus.NewDesc("qoscni_shaping_sent_packets_total", "Packets sent through the shaper.", dirLabels, nil)
+	descDrops     = prometheus.NewDesc("qoscni_shaping_dropped_packets_total", "Packets the shaper dropped (queue full).", dirLabels, nil)
+	descOverlimit = prometheus.NewDesc("qoscni_shaping_overlimits_total", "Times the shaper throttled because the rate limit was reached.", dirLabels, nil)
+	descRequeues  = prometheus.NewDesc("qoscni_shaping_requeues_total", "Packets requeued by the shaper because the device was busy.", dirLabels, nil)
+	descBacklogB  = prometheus.NewDesc("qoscni_shaping_backlog_bytes", "Bytes queued in the shaper now.", dirLabels, nil)
+	descBacklogP  = prometheus.NewDesc("qoscni_shaping_backlog_packets", "Packets queued in the shaper now.", dirLabels, nil)
+
+	descInfo = prometheus.NewDesc("qoscni_attachment_info", "One series per exported attachment, carrying its identifiers (not on the hot series).",
+		[]string{"namespace", "pod", "interface", "network", "container_id", "host_veth", "ifb", "mode"}, nil)
+	descPorts  = prometheus.NewDesc("qoscni_pod_hostports", "hostPort mappings held by the pod.", []string{"namespace", "pod"}, nil)
+	descHidden = prometheus.NewDesc("qoscni_state_duplicate_attachments", "Attachment records not exported because another record has the same namespace/pod/interface.", nil, nil)
+	descBad    = prometheus.NewDesc("qoscni_state_bad_records", "Attachment record files that could not be decoded.", nil, nil)
+
+	ipamLabels   = []string{"network", "range_set", "subnets"}
+	descIPAMCap  = prometheus.NewDesc("qoscni_ipam_addresses_capacity", "Allocatable addresses of the range set.", ipamLabels, nil)
+	descIPAMUsed = prometheus.NewDesc("qoscni_ipam_addresses_used", "Reserved addresses of the range set.", ipamLabels, nil)
+
+	descBuild   = prometheus.NewDesc("qoscni_build_info", "Build of the agent; always 1.", []string{"version", "revision", "goversion"}, nil)
+	descCollect = prometheus.NewDesc("qoscni_agent_collect_duration_seconds", "Time the previous collection of qoscni metrics took.", nil, nil)
+)
+
+// counter indexes into a series' five counters.
+const (
+	cBytes = iota
+	cPackets
+	cDrops
+	cOverlimits
+	cRequeues
+	nCounters
+)
+
+type seriesKey struct {
+	key state.Key
+	dir string
+}
+
+// monotonic keeps one direction's exported counters monotonic across a
+// kernel reset (qdisc deleted and recreated) while the attachment lives.
+type monotonic struct {
+	kind   string
+	handle uint32
+	last   [nCounters]uint64
+	offset [nCounters]uint64
+}
+
+func raw(s *QdiscStats) [nCounters]uint64 {
+	return [nCounters]uint64{s.Bytes, s.Packets, uint64(s.Drops), uint64(s.Overlimits), uint64(s.Requeues)}
+}
+
+// update folds a new kernel reading in and returns the exported values.
+func (m *monotonic) update(s *QdiscStats) [nCounters]uint64 {
+	now := raw(s)
+	reset := s.Kind != m.kind || s.Handle != m.handle || now[cBytes] < m.last[cBytes] || now[cPackets] < m.last[cPackets]
+	for i := range now {
+		switch {
+		case reset:
+			m.offset[i] += m.last[i]
+		case now[i] < m.last[i]:
+			// Drops, overlimits and requeues are 32-bit in the kernel's
+			// gnet_stats_queue; bytes and packets going on means a wrap.
+			m.offset[i] += 1 << 32
+		}
+	}
+	m.kind, m.handle, m.last = s.Kind, s.Handle, now
+	var out [nCounters]uint64
+	for i := range now {
+		out[i] = m.offset[i] + now[i]
+	}
+	return out
+}
+
+// Collector is the agent's prometheus.Collector: everything is read at
+// scrape time.
+type Collector struct {
+	cfg   Config
+	store *state.Store
+	log   *slog.Logger
+
+	mu       sync.Mutex // one collection at a time: counters and journal offsets
+	series   map[seriesKey]*monotonic
+	lastTook time.Duration
+
+	ops        *prometheus.CounterVec
+	opDuration *prometheus.HistogramVec
+	journalBad prometheus.Counter
+	errors     *prometheus.CounterVec
+	build      prometheus.Metric
+}
+
+// NewCollector builds the collector; nothing is read until the first scrape.
+func NewCollector(cfg Config) *Collector {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	revision := "unknown"
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" {
+				revision = s.Value
+			}
+		}
+	}
+	version := cfg.Version
+	if version == "" {
+		version = "dev"
+	}
+	c := &Collector{
+		cfg:    cfg,
+		store:  state.New(cfg.StateDir),
+		log:    cfg.Logger,
+		series: map[seriesKey]*monotonic{},
+		ops: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "qoscni_cni_operations_total",
+			Help: "CNI plugin calls by command and result (code 0 = success, else the CNI error code; 999 = not a CNI error).",
+		}, []string{"command", "network", "result", "code"}),
+		opDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "qoscni_cni_operation_duration_seconds",
+			Help:    "Duration of CNI plugin calls, from the plugin's own clock (excludes process start).",
+			Buckets: OpDurationBuckets,
+		}, []string{"command", "network", "result"}),
+		journalBad: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "qoscni_journal_bad_records_total",
+			Help: "Journal lines that could not be parsed.",
+		}),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "qoscni_agent_collect_errors_total",
+			Help: "Failed reads during collection, by source (state, tc, journal, ipam).",
+		}, []string{"source"}),
+		build: prometheus.MustNewConstMetric(descBuild, prometheus.GaugeValue, 1, version, revision, runtime.Version()),
+	}
+	for _, s := range []string{"state", "tc", "journal", "ipam"} {
+		c.errors.WithLabelValues(s) // exported from the start, so rate() works on the first error
+	}
+	return c
+}
+
+// Describe sends the static descriptors.
+func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descLimit, descBurst, descQLimit, descDelay, descUp, descBytes, descPackets,
+		descDrops, descOverlimit, descRequeues, descBacklogB, descBacklogP, descInfo, descPorts, descHidden, descBad,
+		descIPAMCap, descIPAMUsed, descBuild, descCollect} {
+		ch <- d
+	}
+	c.ops.Describe(ch)
+	c.opDuration.Describe(ch)
+	c.journalBad.Describe(ch)
+	c.errors.Describe(ch)
+}
+
+// Collect reads everything once and sends it.
+func (c *Collector) Collect(ch chan<- prometheus.Metric) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	start := time.Now()
+
+	c.drainJournal()
+	c.collectAttachments(ch)
+	c.collectIPAM(ch)
+
+	c.ops.Collect(ch)
+	c.opDuration.Collect(ch)
+	c.journalBad.Collect(ch)
+	c.errors.Collect(ch)
+	ch <- c.build
+	ch <- prometheus.MustNewConstMetric(descCollect, prometheus.GaugeValue, c.lastTook.Seconds())
+	c.lastTook = time.Since(start)
+}
+
+func (c *Collector) drainJournal() {
+	if c.cfg.JournalDir == "" {
+		return
+	}
+	recs, bad, err := journal.Drain(c.cfg.JournalDir)
+	if err != nil {
+		c.errors.WithLabelValues("journal").Inc()
+		c.log.Warn("drain journal", "dir", c.cfg.JournalDir, "err", err)
+	}
+	c.journalBad.Add(float64(bad))
+	for _, r := range recs {
+		result := "success"
+		if !r.OK() {
+			result = "error"
+		}
+		c.ops.WithLabelValues(r.Command, r.Network, result, strconv.Itoa(r.Code)).Inc()
+		c.opDuration.WithLabelValues(r.Command, r.Network, result).Observe(r.Duration.Seconds())
+	}
+}
+
+func (c *Collector) collectAttachments(ch chan<- prometheus.Metric) {
+	snap, err := Take(c.store, c.cfg.Netns)
+	if err != nil {
+		c.errors.WithLabelValues("state").Inc()
+		c.log.Warn("read attachments", "err", err)
+		// Keep the counter offsets: a failed read is not a pod going away.
+		return
+	}
+	gauge := func(d *prometheus.Desc, v float64, l ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, l...)
+	}
+	counter := func(d *prometheus.Desc, v uint64, l ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), l...)
+	}
+	seen := make(map[seriesKey]bool, 2*len(snap.Attachments))
+	ports := map[[2]string]int{}
+	for i := range snap.Attachments {
+		a := &snap.Attachments[i]
+		r := a.Record
+		ifb := ""
+		if r.Shaping != nil {
+			ifb = r.Shaping.IFB
+		}
+		gauge(descInfo, 1, a.Namespace, a.Pod, a.Interface, r.Network, r.ContainerID, r.HostVeth, ifb, string(r.Mode))
+		ports[[2]string{a.Namespace, a.Pod}] += len(r.Ports)
+		for _, d := range a.Dirs {
+			l := []string{a.Namespace, a.Pod, a.Interface, d.Direction}
+			gauge(descLimit, float64(d.Config.RateBits)/8, l...)
+			gauge(descBurst, float64(d.Config.BurstBits)/8, l...)
+			gauge(descQLimit, float64(d.Config.LimitBytes), l...)
+			gauge(descDelay, float64(d.Config.MaxQueueDelayNs)/1e9, l...)
+			if d.Stats == nil {
+				gauge(descUp, 0, l...)
+				continue
+			}
+			gauge(descUp, 1, l...)
+			k := seriesKey{r.Key(), d.Direction}
+			seen[k] = true
+			m := c.series[k]
+			if m == nil {
+				// First sight: the kernel's counts since the qdisc was made.
+				m = &monotonic{kind: d.Stats.Kind, handle: d.Stats.Handle}
+				c.series[k] = m
+			}
+			v := m.update(d.Stats)
+			counter(descBytes, v[cBytes], l...)
+			counter(descPackets, v[cPackets], l...)
+			counter(descDrops, v[cDrops], l...)
+			counter(descOverlimit, v[cOverlimits], l...)
+			counter(descRequeues, v[cRequeues], l...)
+			gauge(descBacklogB, float64(d.Stats.Backlog), l...)
+			gauge(descBacklogP, float64(d.Stats.Qlen), l...)
+		}
+	}
+	for p, n := range ports {
+		gauge(descPorts, float64(n), p[0], p[1])
+	}
+	gauge(descHidden, float64(len(snap.Hidden)))
+	gauge(descBad, float64(len(snap.Bad)))
+	// Forget the offsets of attachments that are gone or lost their qdisc
+	// record; a qdisc missing for one scrape keeps its state (its record is
+	// still there), so the counter resumes monotonic when it comes back.
+	live := make(map[state.Key]bool, len(snap.Attachments)+len(snap.Hidden))
+	for i := range snap.Attachments {
+		live[snap.Attachments[i].Record.Key()] = true
+	}
+	for k := range c.series {
+		if !seen[k] && !live[k.key] {
+			delete(c.series, k)
+		}
+	}
+}

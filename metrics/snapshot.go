@@ -1,0 +1,149 @@
+// Package metrics turns the plugin's attachment records, the live tc
+// statistics of the node, the plugin's call journal and the IPAM stores into
+// Prometheus metrics, read at scrape time by one custom collector.
+package metrics
+
+import (
+	"cmp"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/qoscni/qoscni/state"
+)
+
+// Direction names, also the values of the "direction" label.
+const (
+	DirIngress = "ingress" // into the pod: root of the host veth
+	DirEgress  = "egress"  // out of the pod: root of the IFB
+)
+
+// DirStats is one shaped direction of an attachment.
+type DirStats struct {
+	Direction string
+	Config    state.Direction
+	// Stats is nil when the device or its root qdisc was not found.
+	Stats *QdiscStats
+}
+
+// Attachment is one state record joined with its live statistics.
+type Attachment struct {
+	Record    *state.Record
+	Namespace string
+	Pod       string
+	Interface string
+	Dirs      []DirStats
+}
+
+// Identity is the label set of an attachment on the hot series.
+type Identity struct{ Namespace, Pod, Interface string }
+
+func (a *Attachment) Identity() Identity { return Identity{a.Namespace, a.Pod, a.Interface} }
+
+// Snapshot is what one scrape sees.
+type Snapshot struct {
+	Attachments []Attachment
+	// Hidden are records whose namespace/pod/interface another, preferred,
+	// record already exports (a stale record of an older sandbox of the pod,
+	// or the same pod in two networks): exporting both would give Prometheus
+	// two series with one label set, so only the preferred one is exported.
+	Hidden []*state.Record
+	Bad    []state.BadFile
+}
+
+// podName is the pod label: the Kubernetes name, or for a runtime that
+// passed no pod identity the short container ID (one per attachment anyway).
+func podName(r *state.Record) string {
+	if r.Pod.Name != "" {
+		return r.Pod.Name
+	}
+	id := r.ContainerID
+	if len(id) > 12 {
+		id = id[:12]
+	}
+	return id
+}
+
+// Take reads every record and the root qdiscs of the namespace: one
+// directory walk, one link dump, one qdisc dump.
+func Take(store *state.Store, ns *Netns) (*Snapshot, error) {
+	recs, bad, err := store.List("")
+	if err != nil {
+		return nil, fmt.Errorf("read attachment records: %w", err)
+	}
+	var qd map[string]QdiscStats
+	if len(recs) > 0 {
+		if qd, err = ReadRootQdiscs(ns); err != nil {
+			return nil, err
+		}
+	}
+	return join(recs, bad, qd), nil
+}
+
+func join(recs []*state.Record, bad []state.BadFile, qd map[string]QdiscStats) *Snapshot {
+	snap := &Snapshot{Bad: bad}
+	all := make([]Attachment, 0, len(recs))
+	for _, r := range recs {
+		a := Attachment{Record: r, Namespace: r.Pod.Namespace, Pod: podName(r), Interface: r.IfName}
+		if sh := r.Shaping; sh != nil {
+			for _, d := range []struct {
+				name string
+				cfg  *state.Direction
+			}{{DirIngress, sh.Ingress}, {DirEgress, sh.Egress}} {
+				if d.cfg == nil || d.cfg.Device == "" {
+					continue
+				}
+				ds := DirStats{Direction: d.name, Config: *d.cfg}
+				if s, ok := qd[d.cfg.Device]; ok {
+					ds.Stats = &s
+				}
+				a.Dirs = append(a.Dirs, ds)
+			}
+		}
+		all = append(all, a)
+	}
+	// Preferred first within one identity: live devices, then the newest record.
+	slices.SortFunc(all, func(x, y Attachment) int {
+		if c := cmp.Compare(x.Namespace, y.Namespace); c != 0 {
+			return c
+		}
+		if c := cmp.Compare(x.Pod, y.Pod); c != 0 {
+			return c
+		}
+		if c := cmp.Compare(x.Interface, y.Interface); c != 0 {
+			return c
+		}
+		if c := cmp.Compare(live(y), live(x)); c != 0 {
+			return c
+		}
+		if c := newest(y.Record).Compare(newest(x.Record)); c != 0 {
+			return c
+		}
+		return cmp.Compare(x.Record.ContainerID+x.Record.Network, y.Record.ContainerID+y.Record.Network)
+	})
+	for i := range all {
+		if i > 0 && all[i].Identity() == all[i-1].Identity() {
+			snap.Hidden = append(snap.Hidden, all[i].Record)
+			continue
+		}
+		snap.Attachments = append(snap.Attachments, all[i])
+	}
+	return snap
+}
+
+func live(a Attachment) int {
+	n := 0
+	for _, d := range a.Dirs {
+		if d.Stats != nil {
+			n++
+		}
+	}
+	return n
+}
+
+func newest(r *state.Record) time.Time {
+	if r.Updated.After(r.Created) {
+		return r.Updated
+	}
+	return r.Created
+}
