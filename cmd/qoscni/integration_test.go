@@ -596,7 +596,7 @@ func TestChainedAfterReferenceBridge(t *testing.T) {
 		"ipam": map[string]any{"type": "host-local", "ranges": []any{[]any{map[string]any{"subnet": "10.81.0.0/24"}}}, "dataDir": filepath.Join(n.Dir, "hl")},
 	})
 	env := []string{"CNI_COMMAND=ADD", "CNI_CONTAINERID=ch", "CNI_NETNS=" + pod.Path, "CNI_IFNAME=eth0", "CNI_PATH=" + ref}
-	prev := runRef(t, n, env, mainConf)
+	prev := runRefPlugin(t, n, "bridge", env, mainConf)
 	conf := withPrev(t, []byte(fmt.Sprintf(`{"cniVersion":"1.0.0","name":"qtest","type":"qoscni","stateDir":%q}`, n.StateDir)), prev)
 	r := n.Invoke(t, testnet.Call{Command: "ADD", ContainerID: "ch", Netns: pod.Path, IfName: "eth0", Config: conf}).MustSucceed(t, "chained ADD")
 	if !strings.Contains(string(r.Stdout), "10.81.0.2/24") {
@@ -625,18 +625,6 @@ func TestChainedAfterReferenceBridge(t *testing.T) {
 		t.Errorf("chained DEL removed the main plugin's veth %s", peer)
 	}
 	env[0] = "CNI_COMMAND=DEL"
-	runRef(t, n, env, mainConf)
+	runRefPlugin(t, n, "bridge", env, mainConf)
 }
 
-func runRef(t *testing.T, n *testnet.Node, env []string, conf []byte) []byte {
-	t.Helper()
-	args := append([]string{"netns", "exec", n.Name, "env"}, env...)
-	args = append(args, "/usr/lib/cni/bridge")
-	cmd := execCommand("ip", args...)
-	cmd.Stdin = strings.NewReader(string(conf))
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("reference bridge: %v: %s", err, out)
-	}
-	return out
-}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -198,4 +199,79 @@ func TestShapingBadInput(t *testing.T) {
 	}
 }
 
-var _ = json.Marshal
+// qoscni swapped in for the reference bandwidth plugin after the reference
+// bridge and ptp plugins, with the bandwidth plugin's config keys.
+func TestChainedShapingAfterBridgeAndPtp(t *testing.T) {
+	t.Parallel()
+	if _, err := os.Stat("/usr/lib/cni/ptp"); err != nil {
+		if os.Getenv(testnet.RequireRootEnv) != "" {
+			t.Fatalf("reference plugins missing (apt-get install containernetworking-plugins): %v", err)
+		}
+		t.Skip("reference plugins not installed")
+	}
+	for i, mainType := range []string{"bridge", "ptp"} {
+		t.Run(mainType, func(t *testing.T) {
+			n := testnet.NewNode(t)
+			pod := n.NewPod(t)
+			main := map[string]any{
+				"cniVersion": "1.0.0", "name": "qtest", "type": mainType,
+				"ipam": map[string]any{"type": "host-local", "ranges": []any{[]any{map[string]any{"subnet": "10.8" + string(rune('2'+i)) + ".0.0/24"}}}, "dataDir": filepath.Join(n.Dir, "hl")},
+			}
+			if mainType == "bridge" {
+				main["bridge"] = "refbr0"
+				main["isGateway"] = true
+			}
+			mainConf, _ := json.Marshal(main)
+			env := []string{"CNI_COMMAND=ADD", "CNI_CONTAINERID=chs", "CNI_NETNS=" + pod.Path, "CNI_IFNAME=eth0", "CNI_PATH=/usr/lib/cni"}
+			prev := runRefPlugin(t, n, mainType, env, mainConf)
+			// The reference bandwidth plugin's config: defaults in the
+			// plugin config and the runtime's values in runtimeConfig.
+			base := fmt.Sprintf(`{"cniVersion":"1.0.0","name":"qtest","type":"qoscni","stateDir":%q,
+				"ingressRate":8000000,"ingressBurst":80000,"capabilities":{"bandwidth":true},
+				"runtimeConfig":{"bandwidth":{"egressRate":4000000,"egressBurst":4294967295}}}`, n.StateDir)
+			conf := withPrev(t, []byte(base), prev)
+			r := n.Invoke(t, testnet.Call{Command: "ADD", ContainerID: "chs", Netns: pod.Path, IfName: "eth0", Config: conf}).MustSucceed(t, "chained ADD")
+			rec := readRecord(t, n, "chs")
+			if rec.Mode != state.ModeChained || rec.Shaping == nil || rec.Shaping.Ingress == nil || rec.Shaping.Egress == nil {
+				t.Fatalf("record: %+v %+v", rec, rec.Shaping)
+			}
+			if rec.Shaping.Ingress.Source != "config" || rec.Shaping.Egress.Source != "runtimeConfig" || rec.Shaping.Ingress.BurstBits != 80000 {
+				t.Errorf("sources/burst: %+v %+v", rec.Shaping.Ingress, rec.Shaping.Egress)
+			}
+			if !strings.Contains(string(r.Stdout), rec.Shaping.IFB) || !strings.Contains(string(r.Stdout), "10.8") {
+				t.Errorf("result must be prevResult plus the IFB: %s", r.Stdout)
+			}
+			q := n.Exec(t, "tc", "qdisc", "show", "dev", rec.HostVeth)
+			if !strings.Contains(q, "tbf 1: root") || !strings.Contains(q, "rate 8Mbit") || !strings.Contains(q, "clsact") {
+				t.Errorf("%s qdiscs: %s", rec.HostVeth, q)
+			}
+			if q := n.Exec(t, "tc", "qdisc", "show", "dev", rec.Shaping.IFB); !strings.Contains(q, "rate 4Mbit") {
+				t.Errorf("IFB qdiscs: %s", q)
+			}
+			n.Invoke(t, testnet.Call{Command: "CHECK", ContainerID: "chs", Netns: pod.Path, IfName: "eth0", Config: conf}).MustSucceed(t, "chained CHECK")
+			n.Invoke(t, testnet.Call{Command: "DEL", ContainerID: "chs", Netns: pod.Path, IfName: "eth0", Config: conf}).MustSucceed(t, "chained DEL")
+			if _, err := n.Try("ip", "link", "show", rec.Shaping.IFB); err == nil {
+				t.Error("IFB survived chained DEL")
+			}
+			q = n.Exec(t, "tc", "qdisc", "show", "dev", rec.HostVeth)
+			if strings.Contains(q, "tbf") || strings.Contains(q, "clsact") {
+				t.Errorf("our qdiscs left on the main plugin's veth: %s", q)
+			}
+			env[0] = "CNI_COMMAND=DEL"
+			runRefPlugin(t, n, mainType, env, mainConf)
+		})
+	}
+}
+
+func runRefPlugin(t *testing.T, n *testnet.Node, plugin string, env []string, conf []byte) []byte {
+	t.Helper()
+	args := append([]string{"netns", "exec", n.Name, "env"}, env...)
+	args = append(args, "/usr/lib/cni/"+plugin)
+	cmd := execCommand("ip", args...)
+	cmd.Stdin = strings.NewReader(string(conf))
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("reference %s: %v: %s", plugin, err, out)
+	}
+	return out
+}
