@@ -627,4 +627,3 @@ func TestChainedAfterReferenceBridge(t *testing.T) {
 	env[0] = "CNI_COMMAND=DEL"
 	runRefPlugin(t, n, "bridge", env, mainConf)
 }
-
