@@ -13,7 +13,7 @@ ifdef QOSCNI_REQUIRE_ROOT
 export QOSCNI_REQUIRE_ROOT
 endif
 
-.PHONY: all build test vet fmt-check deps demo bench-addel clean
+.PHONY: all build test vet fmt-check deps demo bench-addel bench-shaping bench-portmap bench-agent clean
 
 all: build
 
@@ -24,6 +24,7 @@ GOBUILD := CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w"
 build:
 	$(GOBUILD) -o bin/qoscni ./cmd/qoscni
 	$(GOBUILD) -o bin/qoscni-cnitool ./cmd/qoscni-cnitool
+	$(GOBUILD) -o bin/qoscni-agent ./cmd/qoscni-agent
 
 test: deps
 	$(GO) vet ./...
@@ -44,6 +45,15 @@ demo: deps
 
 bench-addel: deps build
 	bench/addel.sh
+
+bench-shaping: deps build
+	bench/shaping.sh
+
+bench-portmap: deps build
+	bench/portmap.sh
+
+bench-agent: deps build
+	bench/agent.sh
 
 clean:
 	rm -rf bin

@@ -37,14 +37,14 @@ func Status(stateDir, netnsPath string, interval time.Duration) ([]StatusRow, er
 		return nil, err
 	}
 	defer ns.Close()
-	store := state.New(stateDir)
-	first, err := metrics.Take(store, ns)
+	cache := state.NewCache(state.New(stateDir))
+	first, err := metrics.Take(cache, ns)
 	if err != nil {
 		return nil, err
 	}
 	t0 := time.Now()
 	time.Sleep(interval)
-	second, err := metrics.Take(store, ns)
+	second, err := metrics.Take(cache, ns)
 	if err != nil {
 		return nil, err
 	}

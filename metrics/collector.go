@@ -112,7 +112,7 @@ func (m *monotonic) update(s *QdiscStats) [nCounters]uint64 {
 // scrape time.
 type Collector struct {
 	cfg   Config
-	store *state.Store
+	store *state.Cache
 	log   *slog.Logger
 
 	mu       sync.Mutex // one collection at a time: counters and journal offsets
@@ -145,7 +145,7 @@ func NewCollector(cfg Config) *Collector {
 	}
 	c := &Collector{
 		cfg:    cfg,
-		store:  state.New(cfg.StateDir),
+		store:  state.NewCache(state.New(cfg.StateDir)),
 		log:    cfg.Logger,
 		series: map[seriesKey]*monotonic{},
 		ops: prometheus.NewCounterVec(prometheus.CounterOpts{

@@ -64,10 +64,15 @@ func podName(r *state.Record) string {
 	return id
 }
 
+// Records lists attachment records (a state.Cache re-reads only changed files).
+type Records interface {
+	List() ([]*state.Record, []state.BadFile, error)
+}
+
 // Take reads every record and the root qdiscs of the namespace: one
 // directory walk, one link dump, one qdisc dump.
-func Take(store *state.Store, ns *Netns) (*Snapshot, error) {
-	recs, bad, err := store.List("")
+func Take(store Records, ns *Netns) (*Snapshot, error) {
+	recs, bad, err := store.List()
 	if err != nil {
 		return nil, fmt.Errorf("read attachment records: %w", err)
 	}

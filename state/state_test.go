@@ -102,3 +102,35 @@ func TestLoadCorrupt(t *testing.T) {
 		t.Fatalf("corrupt record: %v", err)
 	}
 }
+
+func TestCacheSeesChanges(t *testing.T) {
+	s := New(t.TempDir())
+	c := NewCache(s)
+	r := &Record{Network: "n", ContainerID: "a", IfName: "eth0", HostVeth: "v1"}
+	if err := s.Save(r); err != nil {
+		t.Fatal(err)
+	}
+	recs, _, err := c.List()
+	if err != nil || len(recs) != 1 || recs[0].HostVeth != "v1" {
+		t.Fatalf("first list: %v %v", recs, err)
+	}
+	first := recs[0]
+	again, _, _ := c.List()
+	if again[0] != first {
+		t.Error("an unchanged record was decoded again")
+	}
+	r.HostVeth = "v2"
+	if err := s.Save(r); err != nil {
+		t.Fatal(err)
+	}
+	recs, _, _ = c.List()
+	if recs[0].HostVeth != "v2" {
+		t.Errorf("changed record not re-read: %+v", recs[0])
+	}
+	if err := s.Delete(r.Key()); err != nil {
+		t.Fatal(err)
+	}
+	if recs, _, _ := c.List(); len(recs) != 0 {
+		t.Errorf("deleted record still listed")
+	}
+}

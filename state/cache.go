@@ -1,0 +1,97 @@
+package state
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Cache lists a store like Store.List but decodes a record file only when
+// it changed since the last call. Records are replaced by rename, so a new
+// inode (or size or modification time) means new content. The node agent
+// lists on every scrape; with hundreds of pods most records never change.
+type Cache struct {
+	store *Store
+	mu    sync.Mutex
+	files map[string]cachedFile
+}
+
+type cachedFile struct {
+	ino   uint64
+	size  int64
+	mtime time.Time
+	rec   *Record
+	err   error
+}
+
+// NewCache returns a cache over the store.
+func NewCache(s *Store) *Cache { return &Cache{store: s, files: map[string]cachedFile{}} }
+
+// List returns every record of every network and the undecodable files.
+// The returned records are shared between calls: callers must not modify them.
+func (c *Cache) List() ([]*Record, []BadFile, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	nets, err := os.ReadDir(c.store.Dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		c.files = map[string]cachedFile{}
+		return nil, nil, nil
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("list state dir %s: %w", c.store.Dir, err)
+	}
+	seen := make(map[string]cachedFile, len(c.files))
+	var recs []*Record
+	var bad []BadFile
+	for _, n := range nets {
+		if !n.IsDir() {
+			continue
+		}
+		dir := filepath.Join(c.store.Dir, n.Name())
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			return nil, nil, fmt.Errorf("list state dir %s: %w", dir, err)
+		}
+		for _, e := range entries {
+			if e.IsDir() || !strings.HasSuffix(e.Name(), ".json") {
+				continue
+			}
+			p := filepath.Join(dir, e.Name())
+			info, err := e.Info()
+			if err != nil {
+				continue // removed since the directory was read
+			}
+			var ino uint64
+			if st, ok := info.Sys().(*syscall.Stat_t); ok {
+				ino = st.Ino
+			}
+			cf, ok := c.files[p]
+			if !ok || cf.ino != ino || cf.size != info.Size() || !cf.mtime.Equal(info.ModTime()) {
+				cf = cachedFile{ino: ino, size: info.Size(), mtime: info.ModTime()}
+				data, err := os.ReadFile(p)
+				if err == nil {
+					cf.rec, cf.err = Decode(data)
+				} else {
+					cf.err = err
+				}
+			}
+			seen[p] = cf
+			if cf.err != nil {
+				bad = append(bad, BadFile{p, cf.err})
+				continue
+			}
+			recs = append(recs, cf.rec)
+		}
+	}
+	c.files = seen
+	return recs, bad, nil
+}
