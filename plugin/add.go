@@ -176,19 +176,20 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	}
 
 	rec := &state.Record{
-		Network:     conf.Name,
-		ContainerID: args.ContainerID,
-		IfName:      args.IfName,
-		Netns:       args.Netns,
-		Pod:         state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
-		Mode:        state.ModeStandalone,
-		Bridge:      conf.Bridge,
-		HostVeth:    hostName,
-		PodMAC:      veth.Pod.Attrs().HardwareAddr.String(),
-		MTU:         mtu,
-		IPMasq:      conf.IPMasq,
-		Shaping:     shaping.ToRecord(shape, hostName, ifb),
-		Created:     time.Now().UTC(),
+		Network:         conf.Name,
+		ContainerID:     args.ContainerID,
+		IfName:          args.IfName,
+		Netns:           args.Netns,
+		Pod:             state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
+		Mode:            state.ModeStandalone,
+		Bridge:          conf.Bridge,
+		HostVeth:        hostName,
+		PodMAC:          veth.Pod.Attrs().HardwareAddr.String(),
+		MTU:             mtu,
+		IPMasq:          conf.IPMasq,
+		Shaping:         shaping.ToRecord(shape, hostName, ifb),
+		ShapingDefaults: shapingDefaults(conf),
+		Created:         time.Now().UTC(),
 	}
 	for _, a := range want.Pod.Addrs {
 		rec.IPs = append(rec.IPs, a.IPNet.String())

@@ -68,16 +68,17 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 		}
 	}
 	rec := &state.Record{
-		Network:     conf.Name,
-		ContainerID: args.ContainerID,
-		IfName:      args.IfName,
-		Netns:       args.Netns,
-		Pod:         state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
-		Mode:        state.ModeChained,
-		HostVeth:    hostName,
-		MTU:         mtu,
-		Shaping:     shaping.ToRecord(shape, hostName, ifb),
-		Created:     time.Now().UTC(),
+		Network:         conf.Name,
+		ContainerID:     args.ContainerID,
+		IfName:          args.IfName,
+		Netns:           args.Netns,
+		Pod:             state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
+		Mode:            state.ModeChained,
+		HostVeth:        hostName,
+		MTU:             mtu,
+		Shaping:         shaping.ToRecord(shape, hostName, ifb),
+		ShapingDefaults: shapingDefaults(conf),
+		Created:         time.Now().UTC(),
 	}
 	for _, ipc := range prev.IPs {
 		rec.IPs = append(rec.IPs, ipc.Address.String())

@@ -3,6 +3,7 @@ package plugin
 import (
 	"github.com/qoscni/qoscni/netconf"
 	"github.com/qoscni/qoscni/shaping"
+	"github.com/qoscni/qoscni/state"
 )
 
 // shapingPlan resolves the attachment's shaping from the pod annotations,
@@ -24,4 +25,18 @@ func shapingPlan(conf *netconf.NetConf, mtu int) (shaping.Plan, error) {
 		}
 	}
 	return shaping.Resolve(in, mtu)
+}
+
+// shapingDefaults keeps the config's shaping inputs in the record for the
+// agent's live reshaping (nil when the config has none).
+func shapingDefaults(conf *netconf.NetConf) *state.ShapingDefaults {
+	d := &state.ShapingDefaults{
+		IngressRate: conf.IngressRate, IngressBurst: conf.IngressBurst,
+		EgressRate: conf.EgressRate, EgressBurst: conf.EgressBurst,
+		MaxQueueDelay: conf.MaxQueueDelay,
+	}
+	if *d == (state.ShapingDefaults{}) {
+		return nil
+	}
+	return d
 }

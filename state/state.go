@@ -12,6 +12,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // SchemaVersion is bumped when Record changes incompatibly.
@@ -49,6 +51,9 @@ type Record struct {
 	Gateways    []string  `json:"gateways,omitempty"`
 	IPMasq      bool      `json:"ipMasq,omitempty"`
 	Shaping     *Shaping  `json:"shaping,omitempty"`
+	// ShapingDefaults are the plugin config's shaping inputs at ADD, so the
+	// agent can re-resolve a pod's shaping when its annotations change.
+	ShapingDefaults *ShapingDefaults `json:"shapingDefaults,omitempty"`
 	Ports       []Port    `json:"ports,omitempty"`
 	Created     time.Time `json:"created"`
 	Updated     time.Time `json:"updated,omitempty"`
@@ -64,6 +69,15 @@ type Shaping struct {
 	Egress *Direction `json:"egress,omitempty"`
 	// IFB is the attachment's IFB device ("" when egress is not shaped).
 	IFB string `json:"ifb,omitempty"`
+}
+
+// ShapingDefaults mirror the plugin config keys (bit/s, bits, Go duration).
+type ShapingDefaults struct {
+	IngressRate   uint64 `json:"ingressRate,omitempty"`
+	IngressBurst  uint64 `json:"ingressBurst,omitempty"`
+	EgressRate    uint64 `json:"egressRate,omitempty"`
+	EgressBurst   uint64 `json:"egressBurst,omitempty"`
+	MaxQueueDelay string `json:"maxQueueDelay,omitempty"`
 }
 
 // Direction is one direction's effective shaping parameters.
@@ -128,6 +142,15 @@ func (s *Store) path(k Key) string {
 // Save writes the record atomically: a crash leaves either the old or the
 // new record, never a torn one.
 func (s *Store) Save(r *Record) error {
+	unlock, err := s.lock(r.Network)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return s.save(r)
+}
+
+func (s *Store) save(r *Record) error {
 	r.Schema = SchemaVersion
 	dir := s.netDir(r.Network)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -171,9 +194,56 @@ func Decode(data []byte) (*Record, error) {
 	return r, nil
 }
 
+// ErrNoRecord is returned by Update when the attachment has no record.
+var ErrNoRecord = errors.New("no state record")
+
+// Update changes an existing record under the network's lock, so a writer
+// that raced with DEL never brings a deleted record back.
+func (s *Store) Update(k Key, change func(*Record) error) error {
+	unlock, err := s.lock(k.Network)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	r, err := s.Load(k)
+	if err != nil {
+		return err
+	}
+	if r == nil {
+		return ErrNoRecord
+	}
+	if err := change(r); err != nil {
+		return err
+	}
+	r.Updated = time.Now().UTC()
+	return s.save(r)
+}
+
+// lock takes the network's lock file (flock, released with the process).
+func (s *Store) lock(network string) (func(), error) {
+	dir := s.netDir(network)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create state dir %s: %w", dir, err)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open state lock: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock state of %s: %w", network, err)
+	}
+	return func() { f.Close() }, nil
+}
+
 // Delete removes the record; a missing record is not an error.
 func (s *Store) Delete(k Key) error {
-	err := os.Remove(s.path(k))
+	unlock, err := s.lock(k.Network)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	err = os.Remove(s.path(k))
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove state for %s/%s: %w", k.ContainerID, k.IfName, err)
 	}
