@@ -105,7 +105,7 @@ func assertClean(t *testing.T, n *testnet.Node) {
 				}
 				continue
 			}
-			if name == "lock" || strings.HasPrefix(name, "last_reserved_ip") {
+			if name == "lock" || name == ".lock" || strings.HasPrefix(name, "last_reserved_ip") {
 				continue
 			}
 			t.Errorf("left in %s: %s", dir, name)
