@@ -100,8 +100,8 @@ func TestShapingFromAnnotations(t *testing.T) {
 	assertClean(t, n)
 }
 
+// Not parallel: a throughput check wants the CPU to itself.
 func TestShapingThroughput(t *testing.T) {
-	t.Parallel()
 	n := testnet.NewNode(t)
 	pod := n.NewPod(t)
 	conf := shapedConf(n, map[string]string{"kubernetes.io/ingress-bandwidth": "10M", "kubernetes.io/egress-bandwidth": "10M"}, nil)

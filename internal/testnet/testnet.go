@@ -247,7 +247,8 @@ func StartIperf3(t testing.TB, ns *NS) {
 // send.
 func Iperf3Rate(t testing.TB, ns *NS, server string, secs int, reverse bool) float64 {
 	t.Helper()
-	args := []string{"netns", "exec", ns.Name, "iperf3", "-c", server, "-t", fmt.Sprint(secs), "-J"}
+	// The first second (slow start, the token bucket's burst) is left out.
+	args := []string{"netns", "exec", ns.Name, "iperf3", "-c", server, "-t", fmt.Sprint(secs), "-O", "1", "-J"}
 	if reverse {
 		args = append(args, "-R")
 	}
