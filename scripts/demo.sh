@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # End-to-end demo of qoscni in throw-away network namespaces:
 #   a "node" netns (where the plugin runs, as under a runtime) and two pods.
-# Steps: build, namespaces, ADD x2, pod<->pod and pod->gateway ping (v4+v6),
-# CHECK, DEL x2, prove nothing is left. Prints PASS/FAIL per step and overall.
+# Steps: build, namespaces, ADD x2 (pod 1 with bandwidth annotations, as
+# containerd passes them), pod<->pod and pod->gateway ping (v4+v6), the tc
+# pipeline and measured rates of the shaped pod, the agent's metrics, CHECK,
+# DEL x2, prove nothing is left. Prints PASS/FAIL per step and overall.
 #
 # Nothing outside the namespaces and a temp dir is touched; everything is
 # removed on exit, also on failure or Ctrl-C.
@@ -24,11 +26,18 @@ IFNAME=eth0
 WORK=""
 RESULTS=()
 FAILED=0
-declare -A POD_ID=() POD_ADDED=() POD_V4=() POD_V6=()
+declare -A POD_ID=() POD_ADDED=() POD_V4=() POD_V6=() POD_CAPS=()
+AGENT_PID=""
+AGENT_ADDR=127.0.0.1:19742
+# What containerd passes for a pod annotated with
+# kubernetes.io/ingress-bandwidth: 10M and kubernetes.io/egress-bandwidth: 5M.
+SHAPED_CAPS='{"io.kubernetes.cri.pod-annotations":{"kubernetes.io/ingress-bandwidth":"10M","kubernetes.io/egress-bandwidth":"5M"},"bandwidth":{"IngressRate":10000000,"IngressBurst":4294967295,"EgressRate":5000000,"EgressBurst":4294967295}}'
+
 
 cleanup() {
 	local rc=$?
 	set +e
+	if [ -n "$AGENT_PID" ]; then kill "$AGENT_PID" 2>/dev/null; wait "$AGENT_PID" 2>/dev/null; fi
 	if [ -n "$WORK" ] && [ -f "$WORK/conflist" ]; then
 		for p in "${PODS[@]}"; do
 			if [ "${POD_ADDED[$p]:-}" = 1 ]; then
@@ -63,7 +72,7 @@ step_build() {
 	if [ "$DEMO_PLUGIN" = ref ]; then
 		build_bins qoscni-cnitool
 	else
-		build_bins qoscni qoscni-cnitool
+		build_bins qoscni qoscni-cnitool qoscni-agent
 	fi
 }
 
@@ -93,6 +102,8 @@ write_conflist() {
 		 "capabilities":{"portMappings":true,"bandwidth":true,"io.kubernetes.cri.pod-annotations":true}}]}
 		EOF
 	fi
+	mkdir -p "$WORK/netd"
+	cp "$WORK/conflist" "$WORK/netd/10-demo.conflist"
 	CNI_FLAGS=(--conflist "$WORK/conflist" --cni-path "$CNI_PATH_ARG" --cache-dir "$CACHE_DIR")
 	info "conflist: $WORK/conflist"
 	sed 's/^/      /' "$WORK/conflist"
@@ -113,7 +124,9 @@ step_add() {
 	local p=$1 i=$2
 	POD_ID[$p]=$(printf 'demo%060d' "$i")
 	POD_ADDED[$p]=1 # a failed ADD can leave state; cleanup DELs it anyway
-	cnitool "$NODE" add "${CNI_FLAGS[@]}" --id "${POD_ID[$p]}" --netns "/run/netns/$p" \
+	local caps=()
+	[ -n "${POD_CAPS[$p]:-}" ] && caps=(--cap-args "${POD_CAPS[$p]}")
+	cnitool "$NODE" add "${CNI_FLAGS[@]}" "${caps[@]}" --id "${POD_ID[$p]}" --netns "/run/netns/$p" \
 		--ifname "$IFNAME" --args "K8S_POD_NAMESPACE=default;K8S_POD_NAME=demo-$i;K8S_POD_UID=00000000-0000-0000-0000-00000000000$i" \
 		>"$WORK/result-$p.json" || return 1
 	sed 's/^/      /' "$WORK/result-$p.json"
@@ -160,6 +173,66 @@ step_ping_gateway() {
 	# The gateway addresses must be on the bridge in the node netns.
 	ip -n "$NODE" -br addr show dev "$BRIDGE" | sed 's/^/      /'
 	return $rc
+}
+
+# hostveth POD: the host end of the pod's veth, from the kernel.
+hostveth() {
+	local idx
+	idx=$(ip -n "$1" -o link show dev "$IFNAME" | sed -n 's/.*@if\([0-9]*\).*/\1/p')
+	ip -n "$NODE" -o link show | awk -F': ' -v i="$idx" '$1 == i {print $2}' | cut -d@ -f1
+}
+
+step_shaping_pipeline() {
+	local p=${PODS[0]} veth ifb
+	veth=$(hostveth "$p")
+	[ -n "$veth" ] || { warn "no host veth for $p"; return 1; }
+	ifb=$(ip -n "$NODE" -o link show type ifb | awk -F': ' '{print $2}' | head -1)
+	info "$p: host veth $veth (traffic into the pod), IFB ${ifb:-none} (traffic out of the pod)"
+	ip netns exec "$NODE" tc qdisc show dev "$veth" | sed 's/^/      /'
+	ip netns exec "$NODE" tc filter show dev "$veth" ingress | grep -E "u32|mirred|Redirect" | sed 's/^/      /'
+	[ -n "$ifb" ] || return 1
+	ip netns exec "$NODE" tc qdisc show dev "$ifb" | sed 's/^/      /'
+	ip netns exec "$NODE" tc qdisc show dev "$veth" | grep -q "rate 10Mbit" &&
+		ip netns exec "$NODE" tc qdisc show dev "$ifb" | grep -q "rate 5Mbit"
+}
+
+# rate_ok MEASURED LIMIT: goodput within 0.8-1.05 of the limit (TCP over
+# Ethernet tops out near 0.956 of the frame rate).
+rate_ok() {
+	awk -v m="$1" -v l="$2" 'BEGIN { r = m / l; printf "      %.2f Mbit/s at a %.0f Mbit/s limit (%.2fx)\n", m/1e6, l/1e6, r; exit !(r >= 0.8 && r <= 1.05) }'
+}
+
+step_shaping_rates() {
+	local p=${PODS[0]} pid rc=0 in out
+	command -v iperf3 >/dev/null || { warn "iperf3 not installed: run 'make deps'"; return 1; }
+	ip netns exec "$p" iperf3 -s --bind "${POD_V4[$p]}" >/dev/null 2>&1 &
+	pid=$!
+	sleep 0.5
+	in=$(ip netns exec "$NODE" iperf3 -c "${POD_V4[$p]}" -t 4 -O 1 -J 2>/dev/null | json_field end.sum_received.bits_per_second)
+	out=$(ip netns exec "$NODE" iperf3 -c "${POD_V4[$p]}" -t 4 -O 1 -R -J 2>/dev/null | json_field end.sum_received.bits_per_second)
+	kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+	info "into $p (node -> pod, iperf3 4 s):"
+	rate_ok "${in:-0}" 10000000 || rc=1
+	info "out of $p (pod -> node, iperf3 -R 4 s):"
+	rate_ok "${out:-0}" 5000000 || rc=1
+	return $rc
+}
+
+step_metrics() {
+	local tries=0 body
+	ip netns exec "$NODE" "$QOSCNI_ROOT/bin/qoscni-agent" --listen "$AGENT_ADDR" --state-dir "$STATE_DIR" \
+		--journal-dir "$WORK/journal" --cni-conf-dir "$WORK/netd" >"$WORK/agent.log" 2>&1 &
+	AGENT_PID=$!
+	until body=$(ip netns exec "$NODE" curl -sf "http://$AGENT_ADDR/metrics"); do
+		tries=$((tries + 1))
+		[ $tries -lt 50 ] || { warn "agent did not answer"; cat "$WORK/agent.log"; return 1; }
+		sleep 0.1
+	done
+	info "qoscni-agent on $AGENT_ADDR (node netns); the shaped pod's series:"
+	echo "$body" | grep -E '^qoscni_(shaping_(rate_limit_bytes_per_second|sent_bytes_total|dropped_packets_total|backlog_bytes)|cni_operations_total|ipam_addresses_used)' | sed 's/^/      /'
+	info "status CLI:"
+	ip netns exec "$NODE" "$QOSCNI_ROOT/bin/qoscni-agent" status --state-dir "$STATE_DIR" | sed 's/^/      /'
+	echo "$body" | grep -q 'qoscni_shaping_rate_limit_bytes_per_second{direction="ingress",interface="eth0",namespace="default",pod="demo-1"} 1.25e+06'
 }
 
 step_check() {
@@ -212,12 +285,18 @@ main() {
 	step "build bin/qoscni and bin/qoscni-cnitool" step_build
 	if [ $FAILED -ne 0 ]; then summary; return; fi
 	write_conflist
+	[ "$DEMO_PLUGIN" = ref ] || POD_CAPS[${PODS[0]}]=$SHAPED_CAPS
 	step "create node and pod network namespaces" step_namespaces
 	step "STATUS: plugin ready" step_status
 	step "ADD ${PODS[0]}" step_add "${PODS[0]}" 1
 	step "ADD ${PODS[1]}" step_add "${PODS[1]}" 2
 	step "pod-to-pod ping, IPv4 and IPv6" step_ping_pods
 	step "pod-to-gateway ping, IPv4 and IPv6" step_ping_gateway
+	if [ "$DEMO_PLUGIN" != ref ]; then
+		step "shaping pipeline of ${PODS[0]}: TBF on the host veth, u32+mirred to an IFB, TBF on the IFB" step_shaping_pipeline
+		step "measured rates of ${PODS[0]} in both directions" step_shaping_rates
+		step "qoscni-agent serves the pod's shaping metrics" step_metrics
+	fi
 	step "CHECK both attachments" step_check
 	step "DEL both attachments" step_del
 	step "nothing left: veths, IPAM, state, cache" step_nothing_left

@@ -6,7 +6,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 # iputils-ping: the demo proves connectivity with ping.
-PACKAGES=(iproute2 nftables iperf3 containernetworking-plugins conntrack iputils-ping prometheus)
+PACKAGES=(iproute2 nftables iperf3 containernetworking-plugins conntrack iputils-ping curl python3 prometheus)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -56,3 +56,12 @@ leftover_files() {
 	[ -d "$1" ] || return 0
 	find "$1" -type f ! -name lock ! -name '*.lock' -print
 }
+
+# json_field PATH: read a dotted path from JSON on stdin (python3 is on
+# every Debian machine this runs on).
+json_field() {
+	python3 -c 'import json,sys
+v=json.load(sys.stdin)
+for k in sys.argv[1].split("."): v=v[k]
+print(v)' "$1" 2>/dev/null
+}
