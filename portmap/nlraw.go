@@ -1,0 +1,224 @@
+package portmap
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/google/nftables/userdata"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// google/nftables v0.3.0 can only dump a whole set and dump rules chain by
+// chain. An ADD must not cost O(mappings), so the two queries it needs are
+// done here on a raw nfnetlink socket: GETSETELEM of one exact key (a hash
+// lookup in the kernel; what `nft get element` does) and one GETRULE dump
+// of the whole table for the base check.
+
+type rawConn struct {
+	c *netlink.Conn
+}
+
+func dialRaw(nsFd int) (*rawConn, error) {
+	cfg := &netlink.Config{}
+	if nsFd >= 0 {
+		cfg.NetNS = nsFd
+	}
+	c, err := netlink.Dial(unix.NETLINK_NETFILTER, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("open nfnetlink socket: %w", err)
+	}
+	return &rawConn{c: c}, nil
+}
+
+func (r *rawConn) Close() error { return r.c.Close() }
+
+func nfgen(family byte) []byte { return []byte{family, unix.NFNETLINK_V0, 0, 0} }
+
+func msgType(t int) netlink.HeaderType {
+	return netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | t)
+}
+
+// element is what the kernel holds for one key.
+type element struct {
+	Key, Val []byte
+	Comment  string
+}
+
+// getElem fetches the element with exactly this key; found is false when
+// the key, the set or the table does not exist.
+func (r *rawConn) getElem(table, set string, key []byte) (el element, found bool, err error) {
+	keyAttr, err := netlink.MarshalAttributes([]netlink.Attribute{{Type: unix.NFTA_DATA_VALUE, Data: key}})
+	if err != nil {
+		return el, false, err
+	}
+	item, err := netlink.MarshalAttributes([]netlink.Attribute{{Type: unix.NLA_F_NESTED | unix.NFTA_SET_ELEM_KEY, Data: keyAttr}})
+	if err != nil {
+		return el, false, err
+	}
+	list, err := netlink.MarshalAttributes([]netlink.Attribute{{Type: unix.NLA_F_NESTED | unix.NFTA_LIST_ELEM, Data: item}})
+	if err != nil {
+		return el, false, err
+	}
+	attrs, err := netlink.MarshalAttributes([]netlink.Attribute{
+		{Type: unix.NFTA_SET_ELEM_LIST_TABLE, Data: []byte(table + "\x00")},
+		{Type: unix.NFTA_SET_ELEM_LIST_SET, Data: []byte(set + "\x00")},
+		{Type: unix.NLA_F_NESTED | unix.NFTA_SET_ELEM_LIST_ELEMENTS, Data: list},
+	})
+	if err != nil {
+		return el, false, err
+	}
+	// No NLM_F_ACK: the reply (or an error) is the only answer, so the
+	// socket holds nothing stale for the next request.
+	msgs, err := r.c.Execute(netlink.Message{
+		Header: netlink.Header{Type: msgType(unix.NFT_MSG_GETSETELEM), Flags: netlink.Request},
+		Data:   append(nfgen(unix.NFPROTO_INET), attrs...),
+	})
+	if errors.Is(err, unix.ENOENT) {
+		return el, false, nil
+	}
+	if err != nil {
+		return el, false, fmt.Errorf("get element of set %s: %w", set, err)
+	}
+	for _, m := range msgs {
+		els, err := decodeElems(m.Data)
+		if err != nil {
+			return el, false, fmt.Errorf("decode element of set %s: %w", set, err)
+		}
+		if len(els) > 0 {
+			return els[0], true, nil
+		}
+	}
+	return el, false, nil
+}
+
+func decodeElems(data []byte) ([]element, error) {
+	if len(data) < 4 {
+		return nil, errors.New("short message")
+	}
+	ad, err := netlink.NewAttributeDecoder(data[4:])
+	if err != nil {
+		return nil, err
+	}
+	var out []element
+	for ad.Next() {
+		if ad.Type() != unix.NFTA_SET_ELEM_LIST_ELEMENTS {
+			continue
+		}
+		ad.Nested(func(list *netlink.AttributeDecoder) error {
+			for list.Next() {
+				if list.Type() != unix.NFTA_LIST_ELEM {
+					continue
+				}
+				var el element
+				list.Nested(func(e *netlink.AttributeDecoder) error {
+					for e.Next() {
+						switch e.Type() {
+						case unix.NFTA_SET_ELEM_KEY:
+							e.Nested(func(v *netlink.AttributeDecoder) error {
+								for v.Next() {
+									if v.Type() == unix.NFTA_DATA_VALUE {
+										el.Key = v.Bytes()
+									}
+								}
+								return nil
+							})
+						case unix.NFTA_SET_ELEM_DATA:
+							e.Nested(func(v *netlink.AttributeDecoder) error {
+								for v.Next() {
+									if v.Type() == unix.NFTA_DATA_VALUE {
+										el.Val = v.Bytes()
+									}
+								}
+								return nil
+							})
+						case unix.NFTA_SET_ELEM_USERDATA:
+							el.Comment, _ = userdata.GetString(e.Bytes(), userdata.NFTNL_UDATA_SET_ELEM_COMMENT)
+						}
+					}
+					return nil
+				})
+				out = append(out, el)
+			}
+			return nil
+		})
+	}
+	return out, ad.Err()
+}
+
+// dumpElems lists every element of a set; a missing table or set is empty.
+func (r *rawConn) dumpElems(table, set string) ([]element, error) {
+	attrs, err := netlink.MarshalAttributes([]netlink.Attribute{
+		{Type: unix.NFTA_SET_ELEM_LIST_TABLE, Data: []byte(table + "\x00")},
+		{Type: unix.NFTA_SET_ELEM_LIST_SET, Data: []byte(set + "\x00")},
+	})
+	if err != nil {
+		return nil, err
+	}
+	msgs, err := r.c.Execute(netlink.Message{
+		Header: netlink.Header{Type: msgType(unix.NFT_MSG_GETSETELEM), Flags: netlink.Request | netlink.Dump},
+		Data:   append(nfgen(unix.NFPROTO_INET), attrs...),
+	})
+	if errors.Is(err, unix.ENOENT) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list set %s: %w", set, err)
+	}
+	var out []element
+	for _, m := range msgs {
+		els, err := decodeElems(m.Data)
+		if err != nil {
+			return nil, fmt.Errorf("decode set %s: %w", set, err)
+		}
+		out = append(out, els...)
+	}
+	return out, nil
+}
+
+// ruleComments dumps every rule of the table once and returns, per chain,
+// the rule comments in order.
+func (r *rawConn) ruleComments(table string) (map[string][]string, error) {
+	attrs, err := netlink.MarshalAttributes([]netlink.Attribute{
+		{Type: unix.NFTA_RULE_TABLE, Data: []byte(table + "\x00")},
+	})
+	if err != nil {
+		return nil, err
+	}
+	msgs, err := r.c.Execute(netlink.Message{
+		Header: netlink.Header{Type: msgType(unix.NFT_MSG_GETRULE), Flags: netlink.Request | netlink.Dump},
+		Data:   append(nfgen(unix.NFPROTO_INET), attrs...),
+	})
+	if errors.Is(err, unix.ENOENT) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list rules of table %s: %w", table, err)
+	}
+	out := map[string][]string{}
+	for _, m := range msgs {
+		if len(m.Data) < 4 {
+			continue
+		}
+		ad, err := netlink.NewAttributeDecoder(m.Data[4:])
+		if err != nil {
+			return nil, err
+		}
+		ad.ByteOrder = binary.BigEndian
+		var chain, com string
+		for ad.Next() {
+			switch ad.Type() {
+			case unix.NFTA_RULE_CHAIN:
+				chain = ad.String()
+			case unix.NFTA_RULE_USERDATA:
+				com, _ = userdata.GetString(ad.Bytes(), userdata.TypeComment)
+			}
+		}
+		if err := ad.Err(); err != nil {
+			return nil, err
+		}
+		out[chain] = append(out[chain], com)
+	}
+	return out, nil
+}

@@ -1,0 +1,181 @@
+package portmap
+
+import (
+	"bytes"
+	"errors"
+	"net"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/qoscni/qoscni/netconf"
+)
+
+var (
+	pod4 = net.ParseIP("10.1.0.5").To4()
+	pod6 = net.ParseIP("fd00::5")
+)
+
+func TestPlanFamilies(t *testing.T) {
+	in := []netconf.PortMapping{
+		{HostPort: 80, ContainerPort: 8080, Protocol: "TCP"},
+		{HostPort: 53, ContainerPort: 53, Protocol: "Udp", HostIP: "192.168.1.1"},
+		{HostPort: 53, ContainerPort: 53, Protocol: "udp", HostIP: "2001:db8::1"},
+		{HostPort: 443, ContainerPort: 443, HostIP: "0.0.0.0"},
+		{HostPort: 444, ContainerPort: 443, HostIP: "::"},
+		{HostPort: 80, ContainerPort: 8080, Protocol: "tcp"}, // exact duplicate
+	}
+	got, err := Plan(in, []net.IP{pod4, pod6})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Mapping{
+		{80, 8080, "tcp", nil, pod4},
+		{80, 8080, "tcp", nil, pod6},
+		{53, 53, "udp", net.ParseIP("192.168.1.1").To4(), pod4},
+		{53, 53, "udp", net.ParseIP("2001:db8::1"), pod6},
+		{443, 443, "tcp", nil, pod4},
+		{444, 443, "tcp", nil, pod6},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("Plan:\n got %v\nwant %v", got, want)
+	}
+
+	// A v4-only pod: IPv6 hostIPs are skipped, any-address gives one mapping.
+	got, err = Plan(in, []net.IP{pod4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range got {
+		if m.IPv6() {
+			t.Errorf("v4-only pod got %v", m)
+		}
+	}
+	if len(got) != 3 {
+		t.Errorf("v4-only pod: %v", got)
+	}
+}
+
+func TestPlanErrors(t *testing.T) {
+	cases := []struct {
+		name string
+		in   netconf.PortMapping
+		msg  string
+	}{
+		{"hostPort 0", netconf.PortMapping{HostPort: 0, ContainerPort: 1}, "runtimeConfig.portMappings[1].hostPort 0"},
+		{"hostPort big", netconf.PortMapping{HostPort: 65536, ContainerPort: 1}, "runtimeConfig.portMappings[1].hostPort 65536"},
+		{"containerPort", netconf.PortMapping{HostPort: 1, ContainerPort: 70000}, "runtimeConfig.portMappings[1].containerPort 70000"},
+		{"protocol", netconf.PortMapping{HostPort: 1, ContainerPort: 1, Protocol: "icmp"}, `runtimeConfig.portMappings[1].protocol "icmp"`},
+		{"hostIP", netconf.PortMapping{HostPort: 1, ContainerPort: 1, HostIP: "10.0.0.300"}, `invalid runtimeConfig.portMappings[1].hostIP "10.0.0.300": not an IP address`},
+		{"clash", netconf.PortMapping{HostPort: 80, ContainerPort: 81}, "runtimeConfig.portMappings[1]"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			in := []netconf.PortMapping{{HostPort: 80, ContainerPort: 80}, tc.in}
+			_, err := Plan(in, []net.IP{pod4, pod6})
+			var e *types.Error
+			if !errors.As(err, &e) || e.Code != types.ErrInvalidNetworkConfig {
+				t.Fatalf("want CNI error 7, got %v", err)
+			}
+			if !strings.Contains(e.Msg, tc.msg) {
+				t.Fatalf("message %q lacks %q", e.Msg, tc.msg)
+			}
+		})
+	}
+}
+
+func TestKeyEncoding(t *testing.T) {
+	m := Mapping{HostPort: 8080, ContainerPort: 80, Protocol: "udp", PodIP: pod4}
+	if got, want := elemKey(m), []byte{17, 0, 0, 0, 0x1f, 0x90, 0, 0}; !bytes.Equal(got, want) {
+		t.Errorf("any v4 key %x, want %x", got, want)
+	}
+	if got, want := elemValue(m), []byte{10, 1, 0, 5, 0, 80, 0, 0}; !bytes.Equal(got, want) {
+		t.Errorf("v4 target %x, want %x", got, want)
+	}
+	m.HostIP = net.ParseIP("192.168.1.1").To4()
+	if got, want := elemKey(m), []byte{192, 168, 1, 1, 17, 0, 0, 0, 0x1f, 0x90, 0, 0}; !bytes.Equal(got, want) {
+		t.Errorf("hostIP v4 key %x, want %x", got, want)
+	}
+	m6 := Mapping{HostPort: 443, ContainerPort: 8443, Protocol: "sctp", HostIP: net.ParseIP("2001:db8::1"), PodIP: pod6}
+	k := elemKey(m6)
+	if len(k) != int(typeHostKey6.Bytes) || !bytes.Equal(k[16:], []byte{132, 0, 0, 0, 0x01, 0xbb, 0, 0}) {
+		t.Errorf("hostIP v6 key %x", k)
+	}
+	if v := elemValue(m6); len(v) != int(typeTarget6.Bytes) || targetString(true, v) != "[fd00::5]:8443" {
+		t.Errorf("v6 target %x = %s", v, targetString(true, v))
+	}
+	if h := hairpinKey(pod4); len(h) != int(typePair4.Bytes) {
+		t.Errorf("hairpin key %x", h)
+	}
+	l := newLayout()
+	for _, tc := range []struct {
+		m    Mapping
+		set  string
+		klen uint32
+	}{
+		{Mapping{Protocol: "tcp", PodIP: pod4}, setAny4, typeAnyKey.Bytes},
+		{Mapping{Protocol: "tcp", PodIP: pod6}, setAny6, typeAnyKey.Bytes},
+		{Mapping{Protocol: "tcp", PodIP: pod4, HostIP: pod4}, setHostIP4, typeHostKey4.Bytes},
+		{Mapping{Protocol: "tcp", PodIP: pod6, HostIP: pod6}, setHostIP6, typeHostKey6.Bytes},
+	} {
+		s := l.mapFor(tc.m)
+		if s.Name != tc.set || uint32(len(elemKey(tc.m))) != tc.klen || uint32(len(elemValue(tc.m))) != s.DataType.Bytes {
+			t.Errorf("%v: set %s key %d bytes", tc.m, s.Name, len(elemKey(tc.m)))
+		}
+		back, ok := mappingOf(s, elemKey(tc.m))
+		if !ok || back.Protocol != "tcp" || back.IPv6() != tc.m.IPv6() || (tc.m.HostIP != nil) != (back.HostIP != nil) {
+			t.Errorf("mappingOf(%s) = %v, %v", s.Name, back, ok)
+		}
+	}
+}
+
+func TestOwnerEncoding(t *testing.T) {
+	o := Owner{ContainerID: "abc", IfName: "eth0", PodNamespace: "ns", PodName: "web-0"}
+	got, ok := decodeOwner(encodeOwner(o))
+	if !ok || got != o {
+		t.Fatalf("round trip %+v -> %+v", o, got)
+	}
+	long := Owner{ContainerID: strings.Repeat("a", 64), IfName: "eth0", PodNamespace: strings.Repeat("n", 63), PodName: strings.Repeat("p", 253)}
+	enc := encodeOwner(long)
+	got, ok = decodeOwner(enc)
+	if len(enc) > maxComment || !ok || !got.same(long) {
+		t.Fatalf("long owner: %d bytes, %+v", len(enc), got)
+	}
+	if _, ok := decodeOwner("garbage"); ok {
+		t.Fatal("garbage decoded as an owner")
+	}
+	if s := o.String(); !strings.Contains(s, "ns/web-0") {
+		t.Errorf("owner string %q", s)
+	}
+}
+
+func TestStateRoundTrip(t *testing.T) {
+	maps, err := Plan([]netconf.PortMapping{
+		{HostPort: 80, ContainerPort: 8080, Protocol: "tcp"},
+		{HostPort: 53, ContainerPort: 53, Protocol: "udp", HostIP: "192.168.1.1"},
+	}, []net.IP{pod4, pod6})
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := FromState(ToState(maps))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(back, maps) {
+		t.Fatalf("round trip:\n got %v\nwant %v", back, maps)
+	}
+}
+
+func TestRulesStable(t *testing.T) {
+	// The base check compares rule comments; they must be unique per chain.
+	seen := map[string]bool{}
+	for _, r := range newLayout().rules() {
+		k := r.chain.Name + "|" + r.comment
+		if seen[k] {
+			t.Fatalf("duplicate rule comment %q", k)
+		}
+		seen[k] = true
+	}
+}
