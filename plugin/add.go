@@ -12,6 +12,7 @@ import (
 
 	"github.com/qoscni/qoscni/netconf"
 	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/portmap"
 	"github.com/qoscni/qoscni/shaping"
 	"github.com/qoscni/qoscni/state"
 )
@@ -71,6 +72,9 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	}
 	shape, err := shapingPlan(conf, mtu)
 	if err != nil {
+		return nil, err
+	}
+	if err := validatePorts(conf); err != nil {
 		return nil, err
 	}
 
@@ -165,6 +169,18 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	}
 
 	st.mark("masq")
+	ports, err := planPorts(conf, ipsOf(want.Pod.Addrs))
+	if err != nil {
+		return nil, err
+	}
+	if len(ports) > 0 {
+		undoPorts, err := addPorts(portOwner(key, pod), conf.Bridge, ports)
+		if err != nil {
+			return nil, err
+		}
+		rollback.push(undoPorts)
+	}
+	st.mark("ports")
 	// Refresh for the MACs the kernel assigned.
 	hostLink, err := host.LinkByIndex(veth.Host.Attrs().Index)
 	if err != nil {
@@ -189,6 +205,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 		IPMasq:          conf.IPMasq,
 		Shaping:         shaping.ToRecord(shape, hostName, ifb),
 		ShapingDefaults: shapingDefaults(conf),
+		Ports:           portmap.ToState(ports),
 		Created:         time.Now().UTC(),
 	}
 	for _, a := range want.Pod.Addrs {

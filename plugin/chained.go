@@ -2,6 +2,7 @@ package plugin
 
 import (
 	"fmt"
+	"net"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/qoscni/qoscni/netconf"
 	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/portmap"
 	"github.com/qoscni/qoscni/shaping"
 	"github.com/qoscni/qoscni/state"
 )
@@ -47,6 +49,14 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 	if err != nil {
 		return err
 	}
+	var podIPs []net.IP
+	for _, ipc := range prev.IPs {
+		podIPs = append(podIPs, ipc.Address.IP)
+	}
+	ports, err := planPorts(conf, podIPs)
+	if err != nil {
+		return err
+	}
 	ifb := podnet.IFBName(args.ContainerID, args.IfName)
 	if !shape.Empty() {
 		sh, err := shaping.Open(-1)
@@ -67,6 +77,17 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 			}
 		}
 	}
+	var undoPorts func() error
+	if len(ports) > 0 {
+		key := state.Key{Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName}
+		undoPorts, err = addPorts(portOwner(key, pod), routeLocalnetIface(prev, hostName), ports)
+		if err != nil {
+			if !shape.Empty() {
+				p.removeShaping(hostName, ifb)
+			}
+			return err
+		}
+	}
 	rec := &state.Record{
 		Network:         conf.Name,
 		ContainerID:     args.ContainerID,
@@ -78,17 +99,20 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 		MTU:             mtu,
 		Shaping:         shaping.ToRecord(shape, hostName, ifb),
 		ShapingDefaults: shapingDefaults(conf),
+		Ports:           portmap.ToState(ports),
 		Created:         time.Now().UTC(),
 	}
 	for _, ipc := range prev.IPs {
 		rec.IPs = append(rec.IPs, ipc.Address.String())
 	}
 	if err := state.New(conf.StateDir).Save(rec); err != nil {
-		if !shape.Empty() {
-			if sh, oerr := shaping.Open(-1); oerr == nil {
-				_ = sh.Remove(hostName, ifb)
-				sh.Close()
+		if undoPorts != nil {
+			if uerr := undoPorts(); uerr != nil {
+				p.Log.Warn("rollback of hostPorts failed", "err", uerr)
 			}
+		}
+		if !shape.Empty() {
+			p.removeShaping(hostName, ifb)
 		}
 		return err
 	}
@@ -151,4 +175,34 @@ func hostSideFromResult(prev *current.Result) (string, bool) {
 		return "", false
 	}
 	return found[0], true
+}
+
+func (p *Plugin) removeShaping(hostVeth, ifb string) {
+	sh, err := shaping.Open(-1)
+	if err == nil {
+		err = sh.Remove(hostVeth, ifb)
+		sh.Close()
+	}
+	if err != nil {
+		p.Log.Warn("rollback of shaping failed", "err", err)
+	}
+}
+
+// routeLocalnetIface is where localhost hostPort traffic leaves the node
+// for the pod: the main plugin's bridge when it has one, else the veth.
+func routeLocalnetIface(prev *current.Result, hostVeth string) string {
+	host, err := hostHandle()
+	if err != nil {
+		return hostVeth
+	}
+	defer host.Close()
+	for _, ifc := range prev.Interfaces {
+		if ifc.Sandbox != "" {
+			continue
+		}
+		if l, err := host.LinkByName(ifc.Name); err == nil && l.Type() == "bridge" {
+			return ifc.Name
+		}
+	}
+	return hostVeth
 }

@@ -52,6 +52,9 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 	if err := checkShaping(rec); err != nil {
 		errs = append(errs, err)
 	}
+	if err := checkPorts(rec); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 

@@ -87,6 +87,12 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 		}
 	}
 	st.mark("masq")
+	if rec == nil || len(rec.Ports) > 0 {
+		if err := delPorts(key, rec); err != nil {
+			errs = append(errs, fmt.Errorf("remove hostPorts of %s/%s: %w", key.ContainerID, key.IfName, err))
+		}
+	}
+	st.mark("ports")
 	if len(errs) > 0 {
 		// Keep the record and addresses so a retry still knows what to clean.
 		return errors.Join(errs...)

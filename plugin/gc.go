@@ -48,6 +48,10 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 			errs = append(errs, fmt.Errorf("gc %s/%s: %w", rec.ContainerID, rec.IfName, err))
 		}
 	}
+	// hostPort elements of attachments whose record is already gone.
+	if err := gcPorts(valid, conf.Name, store); err != nil {
+		errs = append(errs, fmt.Errorf("gc hostPorts: %w", err))
+	}
 	if src.alloc != nil {
 		if _, err := src.alloc.GC(validIPAM); err != nil {
 			errs = append(errs, fmt.Errorf("gc addresses: %w", err))

@@ -90,9 +90,12 @@ func del(t *testing.T, n *testnet.Node, conf []byte, cid, netns string) {
 // assertClean checks that the node holds nothing of any attachment.
 func assertClean(t *testing.T, n *testnet.Node) {
 	t.Helper()
-	links := n.Exec(t, "ip", "-o", "link", "show", "type", "veth")
-	if strings.TrimSpace(links) != "" {
-		t.Errorf("veths left in node: %s", links)
+	// qoscni's devices: host veths "qv...", IFBs "qi...".
+	for _, l := range strings.Split(n.Exec(t, "ip", "-o", "link", "show"), "\n") {
+		f := strings.Fields(l)
+		if len(f) > 1 && (strings.HasPrefix(f[1], "qv") || strings.HasPrefix(f[1], "qi")) {
+			t.Errorf("device left in node: %s", l)
+		}
 	}
 	for _, dir := range []string{filepath.Join(n.StateDir, "qtest"), filepath.Join(n.IPAMDir, "qtest")} {
 		entries, _ := os.ReadDir(dir)

@@ -275,3 +275,16 @@ func runRefPlugin(t *testing.T, n *testnet.Node, plugin string, env []string, co
 	}
 	return out
 }
+
+func mustJSON(t *testing.T, r any) []byte {
+	t.Helper()
+	b, err := json.Marshal(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func mustJSONValue(t *testing.T, v any) []byte { return mustJSON(t, v) }
+
+func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }

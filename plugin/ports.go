@@ -1,0 +1,117 @@
+package plugin
+
+import (
+	"fmt"
+	"net"
+
+	"github.com/qoscni/qoscni/netconf"
+	"github.com/qoscni/qoscni/portmap"
+	"github.com/qoscni/qoscni/state"
+)
+
+// validatePorts checks the hostPort entries (addresses included) before
+// anything changes; the per-family plan needs the pod's addresses and is
+// made later by planPorts.
+func validatePorts(conf *netconf.NetConf) error {
+	_, err := portmap.Plan(conf.RuntimeConfig.PortMappings, nil)
+	return err
+}
+
+func planPorts(conf *netconf.NetConf, podIPs []net.IP) ([]portmap.Mapping, error) {
+	if len(conf.RuntimeConfig.PortMappings) == 0 {
+		return nil, nil
+	}
+	return portmap.Plan(conf.RuntimeConfig.PortMappings, podIPs)
+}
+
+func portOwner(key state.Key, pod netconf.PodArgs) portmap.Owner {
+	return portmap.Owner{ContainerID: key.ContainerID, IfName: key.IfName, PodNamespace: pod.Namespace, PodName: pod.Name}
+}
+
+// addPorts maps the hostPorts and returns the undo step.
+func addPorts(owner portmap.Owner, hostIface string, maps []portmap.Mapping) (func() error, error) {
+	m, err := portmap.New(-1)
+	if err != nil {
+		return nil, err
+	}
+	defer m.Close()
+	if err := m.Add(owner, hostIface, maps); err != nil {
+		return nil, err
+	}
+	return func() error {
+		m, err := portmap.New(-1)
+		if err != nil {
+			return err
+		}
+		defer m.Close()
+		return m.Del(owner, maps)
+	}, nil
+}
+
+// delPorts removes the attachment's hostPort elements: those its record
+// lists, or, without a record, every element this attachment owns.
+func delPorts(key state.Key, rec *state.Record) error {
+	if rec != nil && len(rec.Ports) == 0 {
+		return nil
+	}
+	m, err := portmap.New(-1)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	if rec != nil {
+		maps, err := portmap.FromState(rec.Ports)
+		if err != nil {
+			return fmt.Errorf("hostPorts of %s/%s in the state record: %w", key.ContainerID, key.IfName, err)
+		}
+		return m.Del(portmap.Owner{ContainerID: key.ContainerID, IfName: key.IfName, PodNamespace: rec.Pod.Namespace, PodName: rec.Pod.Name}, maps)
+	}
+	_, err = m.GC(func(o portmap.Owner) bool { return o.ContainerID != key.ContainerID || o.IfName != key.IfName })
+	return err
+}
+
+func checkPorts(rec *state.Record) error {
+	if len(rec.Ports) == 0 {
+		return nil
+	}
+	maps, err := portmap.FromState(rec.Ports)
+	if err != nil {
+		return err
+	}
+	m, err := portmap.New(-1)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	owner := portmap.Owner{ContainerID: rec.ContainerID, IfName: rec.IfName, PodNamespace: rec.Pod.Namespace, PodName: rec.Pod.Name}
+	if err := m.Check(owner, maps); err != nil {
+		return fmt.Errorf("hostPorts of %s/%s: %w", rec.ContainerID, rec.IfName, err)
+	}
+	return nil
+}
+
+// gcPorts removes the elements of every attachment of this network that
+// is not in valid. The table is shared by all qoscni networks of the node
+// and elements do not name their network, so attachments another network
+// still has a record for are left to that network's GC.
+func gcPorts(valid map[state.Key]bool, network string, store *state.Store) error {
+	others := map[[2]string]bool{}
+	recs, _, err := store.List("")
+	if err != nil {
+		return err
+	}
+	for _, r := range recs {
+		if r.Network != network {
+			others[[2]string{r.ContainerID, r.IfName}] = true
+		}
+	}
+	m, err := portmap.New(-1)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	_, err = m.GC(func(o portmap.Owner) bool {
+		return valid[state.Key{Network: network, ContainerID: o.ContainerID, IfName: o.IfName}] || others[[2]string{o.ContainerID, o.IfName}]
+	})
+	return err
+}
