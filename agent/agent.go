@@ -1,5 +1,7 @@
 // Package agent is the qoscni node daemon: the HTTP server for /metrics,
-// /healthz and /readyz, and the status table of the node's shaped pods.
+// /healthz and /readyz, the status table of the node's shaped pods, and
+// the reconciler (live reshaping from pod annotations, drift repair, GC)
+// with its Kubernetes pod watcher.
 package agent
 
 import (
@@ -10,13 +12,18 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sys/unix"
+	"k8s.io/client-go/kubernetes"
 
+	"github.com/qoscni/qoscni/kube"
 	"github.com/qoscni/qoscni/metrics"
+	"github.com/qoscni/qoscni/reconcile"
 )
 
 // DefaultListen is the default address: port 9742 lies in the 9100-9999
@@ -47,6 +54,17 @@ type Config struct {
 	Logger     *slog.Logger
 	// ShutdownTimeout bounds the wait for in-flight scrapes on SIGTERM.
 	ShutdownTimeout time.Duration
+
+	// Kube is the API client (nil = no API access: no live reshaping, GC
+	// decides from the pods' netns alone).
+	Kube kubernetes.Interface
+	// NodeName selects the pods to watch (spec.nodeName).
+	NodeName string
+	// ReconcileInterval is the period of drift repair and GC
+	// (0 = reconcile.DefaultInterval).
+	ReconcileInterval time.Duration
+	// Cleaners are extra per-attachment GC steps (portmap).
+	Cleaners []reconcile.AttachmentCleaner
 }
 
 // Server is a running agent.
@@ -56,6 +74,9 @@ type Server struct {
 	collector *metrics.Collector
 	http      *http.Server
 	ln        net.Listener
+	nodeNS    int // fd of the node namespace for the reconciler, -1 = own
+	rec       *reconcile.Reconciler
+	pods      *kube.PodWatcher
 }
 
 // New opens the node namespace and binds the listen address.
@@ -76,7 +97,11 @@ func New(cfg Config) (*Server, error) {
 	})
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(col, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	s := &Server{cfg: cfg, ns: ns, collector: col}
+	s := &Server{cfg: cfg, ns: ns, collector: col, nodeNS: -1}
+	if err := s.newReconciler(reg); err != nil {
+		ns.Close()
+		return nil, err
+	}
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{
 		ErrorLog:            slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelError),
@@ -89,12 +114,74 @@ func New(cfg Config) (*Server, error) {
 	s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
+		s.closeReconciler()
 		ns.Close()
 		return nil, fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
 	s.ln = ln
 	return s, nil
 }
+
+func (s *Server) newReconciler(reg prometheus.Registerer) error {
+	if s.cfg.NetnsPath != "" {
+		fd, err := unix.Open(s.cfg.NetnsPath, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("open netns %s: %w", s.cfg.NetnsPath, err)
+		}
+		s.nodeNS = fd
+	}
+	m := reconcile.NewMetrics()
+	if err := m.Register(reg); err != nil {
+		s.closeReconciler()
+		return err
+	}
+	rcfg := reconcile.Config{
+		StateDir: s.cfg.StateDir, CNIConfDir: s.cfg.CNIConfDir, NetnsFd: s.nodeNS,
+		Cleaners: s.cfg.Cleaners, Interval: s.cfg.ReconcileInterval, Metrics: m, Logger: s.cfg.Logger,
+	}
+	var h reconcileHandler
+	if s.cfg.Kube != nil {
+		w, err := kube.NewPodWatcher(s.cfg.Kube, s.cfg.NodeName, &h, s.cfg.Logger)
+		if err != nil {
+			s.closeReconciler()
+			return err
+		}
+		s.pods = w
+		rcfg.Pods = w
+		rcfg.Events = &kube.Events{Client: s.cfg.Kube, Node: s.cfg.NodeName, Log: s.cfg.Logger}
+	}
+	r, err := reconcile.New(rcfg)
+	if err != nil {
+		s.closeReconciler()
+		return err
+	}
+	h.r = r
+	s.rec = r
+	return nil
+}
+
+// reconcileHandler breaks the cycle watcher -> reconciler -> watcher.
+type reconcileHandler struct{ r *reconcile.Reconciler }
+
+func (h *reconcileHandler) PodChanged(ns, name string) {
+	if h.r != nil {
+		h.r.PodChanged(ns, name)
+	}
+}
+
+func (s *Server) closeReconciler() {
+	if s.rec != nil {
+		s.rec.Close()
+		s.rec = nil
+	}
+	if s.nodeNS >= 0 {
+		unix.Close(s.nodeNS)
+		s.nodeNS = -1
+	}
+}
+
+// Reconciler exposes the reconciler (tests, benchmarks).
+func (s *Server) Reconciler() *reconcile.Reconciler { return s.rec }
 
 // Addr is the bound address (useful with port 0).
 func (s *Server) Addr() string { return s.ln.Addr().String() }
@@ -124,6 +211,28 @@ func (s *Server) Serve(ctx context.Context) error {
 	log.Info("agent listening", "addr", s.Addr(), "stateDir", s.cfg.StateDir, "journalDir", s.cfg.JournalDir,
 		"cniConfDir", s.cfg.CNIConfDir, "netns", s.cfg.NetnsPath)
 	defer s.ns.Close()
+	rctx, stopReconciler := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		stopReconciler()
+		wg.Wait()
+		if s.pods != nil {
+			s.pods.Shutdown()
+		}
+		s.closeReconciler()
+	}()
+	if s.pods != nil {
+		s.pods.Start(rctx)
+		log.Info("watching the node's pods through the Kubernetes API", "node", s.cfg.NodeName)
+	} else {
+		log.Warn("no Kubernetes API access: pod annotations are not watched (no live reshaping, no Events); " +
+			"drift repair runs, and GC removes attachments whose netns is gone")
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		_ = s.rec.Run(rctx)
+	}()
 	select {
 	case err := <-errc:
 		return fmt.Errorf("serve: %w", err)

@@ -1,10 +1,12 @@
 // Command qoscni-agent is the qoscni node daemon. "qoscni-agent [serve]"
-// serves /metrics, /healthz and /readyz; "qoscni-agent status" prints the
-// node's shaped pods.
+// serves /metrics, /healthz and /readyz and reconciles the node's
+// attachments (live reshaping from pod annotations, drift repair, GC);
+// "qoscni-agent status" prints the node's shaped pods.
 package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -14,6 +16,8 @@ import (
 	"time"
 
 	"github.com/qoscni/qoscni/agent"
+	"github.com/qoscni/qoscni/kube"
+	"github.com/qoscni/qoscni/reconcile"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -38,6 +42,9 @@ func main() {
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	output := fs.String("o", "table", "status output: table or json")
 	interval := fs.Duration("interval", time.Second, "status: time between the two statistics reads")
+	kubeconfig := fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig file (env KUBECONFIG; default: the in-cluster service account, else no API access)")
+	nodeName := fs.String("node-name", os.Getenv("NODE_NAME"), "this node's name, whose pods are watched (env NODE_NAME, from spec.nodeName)")
+	reconcileInterval := fs.Duration("reconcile-interval", reconcile.DefaultInterval, "period of drift repair and garbage collection")
 	_ = fs.Parse(args)
 
 	var level slog.Level
@@ -59,10 +66,31 @@ func main() {
 		return
 	}
 
+	if *reconcileInterval <= 0 {
+		fmt.Fprintln(os.Stderr, "qoscni-agent: -reconcile-interval must be positive")
+		os.Exit(2)
+	}
+	client, err := kube.NewClient(*kubeconfig)
+	switch {
+	case errors.Is(err, kube.ErrNoAPI):
+		client = nil // the agent says so once when it starts serving
+	case err != nil:
+		logger.Error("start", "err", err)
+		os.Exit(1)
+	case *nodeName == "":
+		logger.Error("start: the Kubernetes API is reachable but the node name is unknown: set NODE_NAME (fieldRef spec.nodeName) or --node-name")
+		os.Exit(1)
+	}
+
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	srv, err := agent.New(agent.Config{Listen: listen, StateDir: *stateDir, JournalDir: *journalDir,
-		CNIConfDir: *cniConfDir, NetnsPath: *netnsPath, Version: version, Logger: logger})
+	cfg := agent.Config{Listen: listen, StateDir: *stateDir, JournalDir: *journalDir,
+		CNIConfDir: *cniConfDir, NetnsPath: *netnsPath, Version: version, Logger: logger,
+		NodeName: *nodeName, ReconcileInterval: *reconcileInterval}
+	if client != nil {
+		cfg.Kube = client
+	}
+	srv, err := agent.New(cfg)
 	if err != nil {
 		logger.Error("start", "err", err)
 		os.Exit(1)

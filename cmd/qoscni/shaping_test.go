@@ -227,8 +227,9 @@ func TestChainedShapingAfterBridgeAndPtp(t *testing.T) {
 			// The reference bandwidth plugin's config: defaults in the
 			// plugin config and the runtime's values in runtimeConfig.
 			base := fmt.Sprintf(`{"cniVersion":"1.0.0","name":"qtest","type":"qoscni","stateDir":%q,
-				"ingressRate":8000000,"ingressBurst":80000,"capabilities":{"bandwidth":true},
-				"runtimeConfig":{"bandwidth":{"egressRate":4000000,"egressBurst":4294967295}}}`, n.StateDir)
+				"ingressRate":8000000,"ingressBurst":80000,"capabilities":{"bandwidth":true,"portMappings":true},
+				"runtimeConfig":{"bandwidth":{"egressRate":4000000,"egressBurst":4294967295},
+				"portMappings":[{"hostPort":8181,"containerPort":80,"protocol":"tcp"}]}}`, n.StateDir)
 			conf := withPrev(t, []byte(base), prev)
 			r := n.Invoke(t, testnet.Call{Command: "ADD", ContainerID: "chs", Netns: pod.Path, IfName: "eth0", Config: conf}).MustSucceed(t, "chained ADD")
 			rec := readRecord(t, n, "chs")
@@ -248,10 +249,19 @@ func TestChainedShapingAfterBridgeAndPtp(t *testing.T) {
 			if q := n.Exec(t, "tc", "qdisc", "show", "dev", rec.Shaping.IFB); !strings.Contains(q, "rate 4Mbit") {
 				t.Errorf("IFB qdiscs: %s", q)
 			}
+			if len(rec.Ports) != 1 || rec.Ports[0].HostPort != 8181 {
+				t.Errorf("record ports: %+v", rec.Ports)
+			}
+			if m := n.Exec(t, "nft", "list", "map", "inet", "qoscni", "hostport4"); !strings.Contains(m, "8181") {
+				t.Errorf("hostPort element missing: %s", m)
+			}
 			n.Invoke(t, testnet.Call{Command: "CHECK", ContainerID: "chs", Netns: pod.Path, IfName: "eth0", Config: conf}).MustSucceed(t, "chained CHECK")
 			n.Invoke(t, testnet.Call{Command: "DEL", ContainerID: "chs", Netns: pod.Path, IfName: "eth0", Config: conf}).MustSucceed(t, "chained DEL")
 			if _, err := n.Try("ip", "link", "show", rec.Shaping.IFB); err == nil {
 				t.Error("IFB survived chained DEL")
+			}
+			if m := n.Exec(t, "nft", "list", "map", "inet", "qoscni", "hostport4"); strings.Contains(m, "8181") {
+				t.Errorf("hostPort element left after chained DEL: %s", m)
 			}
 			q = n.Exec(t, "tc", "qdisc", "show", "dev", rec.HostVeth)
 			if strings.Contains(q, "tbf") || strings.Contains(q, "clsact") {
