@@ -55,10 +55,10 @@ func TestRuntimeBurstCapAndFirstSecond(t *testing.T) {
 			if first > 1.25 {
 				t.Errorf("rate %d burst %d: first second %.3fx", rate, burst, first)
 			}
-			// A saturated queue adds at most the budget (or two frames at
-			// rates where one frame already takes longer).
+			// A saturated queue adds at most the budget (or the frame floor
+			// at rates where the budget holds fewer frames).
 			delay := time.Duration(float64(p.Ingress.LimitBytes*8) / float64(rate) * 1e9)
-			if delay > DefaultMaxQueueDelay+time.Millisecond && p.Ingress.LimitBytes > 2*1514 {
+			if delay > DefaultMaxQueueDelay+time.Millisecond && p.Ingress.LimitBytes > minQueueFrames*1514 {
 				t.Errorf("rate %d: queue limit %d B = %v", rate, p.Ingress.LimitBytes, delay)
 			}
 		}
