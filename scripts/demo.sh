@@ -31,6 +31,8 @@ AGENT_PID=""
 AGENT_ADDR=127.0.0.1:19742
 # What containerd passes for a pod annotated with
 # kubernetes.io/ingress-bandwidth: 10M and kubernetes.io/egress-bandwidth: 5M.
+# Pod 2 publishes container port 80 as hostPort 8080 (containerd's key case).
+PORT_CAPS='{"portMappings":[{"HostPort":8080,"ContainerPort":80,"Protocol":"TCP"}]}'
 SHAPED_CAPS='{"io.kubernetes.cri.pod-annotations":{"kubernetes.io/ingress-bandwidth":"10M","kubernetes.io/egress-bandwidth":"5M"},"bandwidth":{"IngressRate":10000000,"IngressBurst":4294967295,"EgressRate":5000000,"EgressBurst":4294967295}}'
 
 
@@ -218,6 +220,30 @@ step_shaping_rates() {
 	return $rc
 }
 
+step_hostport() {
+	local p=${PODS[1]} pid rc=0 out dir gw
+	dir=$(mktemp -d "$WORK/www.XXXX")
+	echo "hello from $p" >"$dir/index.html"
+	(cd "$dir" && exec ip netns exec "$p" python3 -m http.server 80 --bind :: >/dev/null 2>&1) &
+	pid=$!
+	sleep 0.7
+	gw=$(ip -n "$NODE" -4 -o addr show dev "$BRIDGE" | awk '{print $4}' | cut -d/ -f1 | head -1)
+	for url in "http://$gw:8080/" "http://127.0.0.1:8080/"; do
+		if out=$(ip netns exec "$NODE" curl -s --max-time 3 "$url") && [ "$out" = "hello from $p" ]; then
+			info "node -> $url: $out"
+		else
+			warn "node -> $url failed: $out"
+			rc=1
+		fi
+	done
+	kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+	if [ "$DEMO_PLUGIN" != ref ]; then
+		info "the mapping is one element of a map in qoscni's nftables table:"
+		ip netns exec "$NODE" nft list map inet qoscni hostport4 | sed 's/^/      /'
+	fi
+	return $rc
+}
+
 step_metrics() {
 	local tries=0 body
 	ip netns exec "$NODE" "$QOSCNI_ROOT/bin/qoscni-agent" --listen "$AGENT_ADDR" --state-dir "$STATE_DIR" \
@@ -286,6 +312,7 @@ main() {
 	if [ $FAILED -ne 0 ]; then summary; return; fi
 	write_conflist
 	[ "$DEMO_PLUGIN" = ref ] || POD_CAPS[${PODS[0]}]=$SHAPED_CAPS
+	POD_CAPS[${PODS[1]}]=$PORT_CAPS
 	step "create node and pod network namespaces" step_namespaces
 	step "STATUS: plugin ready" step_status
 	step "ADD ${PODS[0]}" step_add "${PODS[0]}" 1
@@ -297,6 +324,7 @@ main() {
 		step "measured rates of ${PODS[0]} in both directions" step_shaping_rates
 		step "qoscni-agent serves the pod's shaping metrics" step_metrics
 	fi
+	step "hostPort 8080 -> ${PODS[1]}:80 from the node (its address and 127.0.0.1)" step_hostport
 	step "CHECK both attachments" step_check
 	step "DEL both attachments" step_del
 	step "nothing left: veths, IPAM, state, cache" step_nothing_left
