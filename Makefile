@@ -13,7 +13,7 @@ ifdef QOSCNI_REQUIRE_ROOT
 export QOSCNI_REQUIRE_ROOT
 endif
 
-.PHONY: all build test vet fmt-check deps demo bench-addel bench-shaping bench-portmap bench-agent clean
+.PHONY: all build test vet fmt-check deps demo bench-addel bench-shaping bench-portmap bench-agent image clean
 
 all: build
 
@@ -54,6 +54,12 @@ bench-portmap: deps build
 
 bench-agent: deps build
 	bench/agent.sh
+
+# OCI image without a Docker daemon: a docker-archive tarball with both
+# static binaries; import with: ctr -n k8s.io images import bin/qoscni-image.tar
+IMAGE ?= qoscni/qoscni:dev
+image: build
+	$(GO) run ./cmd/qoscni-image -o bin/qoscni-image.tar --tag $(IMAGE) --plugin bin/qoscni --agent bin/qoscni-agent
 
 clean:
 	rm -rf bin
