@@ -8,6 +8,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/qoscni/qoscni/internal/atomicfile"
 )
 
 // writeAtomic makes path hold data with mode perm and reports whether it
@@ -127,14 +129,4 @@ func removeFile(path string) (bool, error) {
 }
 
 // syncDir makes a rename or removal in dir survive a crash.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", dir, err)
-	}
-	return nil
-}
+func syncDir(dir string) error { return atomicfile.SyncDir(dir) }

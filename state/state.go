@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/internal/atomicfile"
 )
 
 // SchemaVersion is bumped when Record changes incompatibly.
@@ -36,27 +38,27 @@ type Pod struct {
 
 // Record describes one attachment.
 type Record struct {
-	Schema      int       `json:"schema"`
-	Network     string    `json:"network"`
-	ContainerID string    `json:"containerID"`
-	IfName      string    `json:"ifName"`
-	Netns       string    `json:"netns,omitempty"`
-	Pod         Pod       `json:"pod"`
-	Mode        Mode      `json:"mode"`
-	Bridge      string    `json:"bridge,omitempty"`
-	HostVeth    string    `json:"hostVeth"`
-	PodMAC      string    `json:"podMAC,omitempty"`
-	MTU         int       `json:"mtu,omitempty"`
-	IPs         []string  `json:"ips,omitempty"` // CIDR notation, pod side
-	Gateways    []string  `json:"gateways,omitempty"`
-	IPMasq      bool      `json:"ipMasq,omitempty"`
-	Shaping     *Shaping  `json:"shaping,omitempty"`
+	Schema      int      `json:"schema"`
+	Network     string   `json:"network"`
+	ContainerID string   `json:"containerID"`
+	IfName      string   `json:"ifName"`
+	Netns       string   `json:"netns,omitempty"`
+	Pod         Pod      `json:"pod"`
+	Mode        Mode     `json:"mode"`
+	Bridge      string   `json:"bridge,omitempty"`
+	HostVeth    string   `json:"hostVeth"`
+	PodMAC      string   `json:"podMAC,omitempty"`
+	MTU         int      `json:"mtu,omitempty"`
+	IPs         []string `json:"ips,omitempty"` // CIDR notation, pod side
+	Gateways    []string `json:"gateways,omitempty"`
+	IPMasq      bool     `json:"ipMasq,omitempty"`
+	Shaping     *Shaping `json:"shaping,omitempty"`
 	// ShapingDefaults are the plugin config's shaping inputs at ADD, so the
 	// agent can re-resolve a pod's shaping when its annotations change.
 	ShapingDefaults *ShapingDefaults `json:"shapingDefaults,omitempty"`
-	Ports       []Port    `json:"ports,omitempty"`
-	Created     time.Time `json:"created"`
-	Updated     time.Time `json:"updated,omitempty"`
+	Ports           []Port           `json:"ports,omitempty"`
+	Created         time.Time        `json:"created"`
+	Updated         time.Time        `json:"updated,omitempty"`
 }
 
 // Shaping is the traffic shaping applied to an attachment; nil or an empty
@@ -160,7 +162,7 @@ func (s *Store) save(r *Record) error {
 	if err != nil {
 		return fmt.Errorf("encode state for %s/%s: %w", r.ContainerID, r.IfName, err)
 	}
-	return writeAtomic(s.path(r.Key()), data)
+	return atomicfile.Write(s.path(r.Key()), data, 0o600)
 }
 
 // Load returns the record, or (nil, nil) when there is none.
@@ -305,45 +307,4 @@ func (s *Store) List(network string) ([]*Record, []BadFile, error) {
 		}
 	}
 	return recs, bad, nil
-}
-
-func writeAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, ".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	if err := f.Chmod(0o600); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("rename %s: %w", path, err)
-	}
-	ok = true
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("sync dir %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync dir %s: %w", dir, err)
-	}
-	return nil
 }

@@ -59,7 +59,7 @@ func TestSaveLoadListDelete(t *testing.T) {
 	// No temporary files left behind.
 	entries, _ := os.ReadDir(filepath.Join(s.Dir, "net"))
 	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), ".tmp") {
+		if strings.Contains(e.Name(), ".tmp-") {
 			t.Errorf("temp file left: %s", e.Name())
 		}
 	}
