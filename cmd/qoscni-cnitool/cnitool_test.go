@@ -131,7 +131,7 @@ func leftovers(t *testing.T, dirs ...string) []string {
 			if err != nil || e.IsDir() {
 				return nil
 			}
-			if n := e.Name(); n == "lock" || strings.HasPrefix(n, "last_reserved_ip.") {
+			if n := e.Name(); n == "lock" || n == ".lock" || strings.HasPrefix(n, "last_reserved_ip.") {
 				return nil
 			}
 			out = append(out, p)

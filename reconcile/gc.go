@@ -1,0 +1,240 @@
+package reconcile
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/cniconf"
+	"github.com/qoscni/qoscni/ipam"
+	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/state"
+)
+
+// qoscniLink matches the names podnet derives: "qv" host veths and "qi"
+// IFBs, each followed by 12 hex digits of the attachment's hash.
+var qoscniLink = regexp.MustCompile(`^q[vi][0-9a-f]{12}$`)
+
+// gc removes stale attachments and leftover devices, and returns the
+// records that are still live.
+func (r *Reconciler) gc(recs []*state.Record, bad []state.BadFile, res *PassResult) []*state.Record {
+	live := make([]*state.Record, 0, len(recs))
+	for _, rec := range recs {
+		if !r.stale(rec) {
+			live = append(live, rec)
+			continue
+		}
+		if err := r.cleanup(rec); err != nil {
+			res.Errors++
+			r.m.errors.WithLabelValues("gc").Inc()
+			r.log.Error("gc stale attachment", "network", rec.Network, "container", rec.ContainerID, "ifname", rec.IfName, "err", err)
+			live = append(live, rec) // still holds what it held
+			continue
+		}
+		res.GCed++
+		r.m.gc.WithLabelValues("attachment").Inc()
+		r.log.Info("removed attachment whose pod and netns are gone", "network", rec.Network, "container", rec.ContainerID,
+			"ifname", rec.IfName, "namespace", rec.Pod.Namespace, "pod", rec.Pod.Name, "netns", rec.Netns)
+	}
+	res.GCed += r.gcLinks(live, bad, res)
+	for _, c := range r.cfg.Cleaners {
+		n, err := c.GC(live)
+		if n > 0 {
+			res.GCed += n
+			r.m.gc.WithLabelValues(c.Name()).Add(float64(n))
+		}
+		if err != nil {
+			res.Errors++
+			r.m.errors.WithLabelValues("gc").Inc()
+			r.log.Error("gc", "step", c.Name(), "err", err)
+		}
+	}
+	return live
+}
+
+// stale: the pod's netns is gone, and the API says the pod is gone too
+// (or there is no API). A record without a netns path is left to the
+// runtime's DEL and GC.
+func (r *Reconciler) stale(rec *state.Record) bool {
+	if rec.Netns == "" || !netnsGone(rec.Netns) {
+		return false
+	}
+	if r.cfg.Pods == nil {
+		return true
+	}
+	if !r.cfg.Pods.Synced() {
+		return false
+	}
+	if rec.Pod.Name == "" {
+		return true
+	}
+	pod, ok := r.cfg.Pods.Pod(rec.Pod.Namespace, rec.Pod.Name)
+	return !ok || !samePod(rec, pod)
+}
+
+// netnsGone reports a netns path that no longer names a network
+// namespace. When its directory is missing (the agent's pod lacks the
+// host mount) nothing can be told, and nothing is called gone.
+func netnsGone(path string) bool {
+	if _, err := os.Stat(filepath.Dir(path)); err != nil {
+		return false
+	}
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return errors.Is(err, unix.ENOENT)
+	}
+	defer unix.Close(fd)
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(fd, &st); err != nil {
+		return false
+	}
+	// The bind mount is gone and a plain file is left: the namespace died.
+	return st.Type != unix.NSFS_MAGIC && st.Type != unix.PROC_SUPER_MAGIC
+}
+
+// cleanup mirrors the plugin's DEL: kernel objects first, the record next,
+// addresses last, so an address is never free while something uses it.
+func (r *Reconciler) cleanup(rec *state.Record) error {
+	var errs []error
+	ifb := ifbOf(rec)
+	if rec.Mode == state.ModeChained {
+		// The veth is the main plugin's: take only our qdiscs off it.
+		if err := r.shaper.Remove(rec.HostVeth, ifb); err != nil {
+			errs = append(errs, fmt.Errorf("remove shaping: %w", err))
+		}
+	} else {
+		if err := podnet.DeleteLink(r.nl, podnet.HostVethName(rec.ContainerID, rec.IfName)); err != nil {
+			errs = append(errs, err)
+		}
+		if err := podnet.DeleteLink(r.nl, ifb); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if ips := recordIPs(rec); rec.IPMasq && len(ips) > 0 {
+		m, err := podnet.NewMasq(r.cfg.NetnsFd)
+		if err == nil {
+			err = m.Del(ips)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("remove ipMasq: %w", err))
+		}
+	}
+	for _, c := range r.cfg.Cleaners {
+		if err := c.Del(rec); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", c.Name(), err))
+		}
+	}
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	if err := r.store.Delete(rec.Key()); err != nil {
+		return err
+	}
+	if rec.Mode == state.ModeChained {
+		return nil // addresses are the main plugin's
+	}
+	return r.release(rec)
+}
+
+func (r *Reconciler) release(rec *state.Record) error {
+	if r.cfg.CNIConfDir == "" {
+		return nil
+	}
+	n, ok, errs := cniconf.IPAMNetworkByName(r.cfg.CNIConfDir, rec.Network)
+	if !ok {
+		if len(recordIPs(rec)) > 0 {
+			r.log.Warn("addresses of a removed attachment not released: no qoscni network with built-in IPAM of that name in the CNI config dir",
+				"network", rec.Network, "container", rec.ContainerID, "ifname", rec.IfName, "ips", rec.IPs, "cniConfDir", r.cfg.CNIConfDir, "configErrors", errors.Join(errs...))
+		}
+		return nil
+	}
+	a, err := ipam.New(n.Config, n.Name)
+	if err != nil {
+		return fmt.Errorf("release addresses of %s/%s: %w", rec.ContainerID, rec.IfName, err)
+	}
+	if err := a.Release(rec.ContainerID, rec.IfName); err != nil {
+		return fmt.Errorf("release addresses of %s/%s: %w", rec.ContainerID, rec.IfName, err)
+	}
+	return nil
+}
+
+func recordIPs(rec *state.Record) []net.IP {
+	var out []net.IP
+	for _, c := range rec.IPs {
+		if ip, _, err := net.ParseCIDR(c); err == nil {
+			out = append(out, ip)
+		}
+	}
+	return out
+}
+
+// gcLinks deletes qoscni-named links that no record accounts for. An ADD
+// creates its devices before it writes the record, so a link is deleted
+// only when two consecutive passes saw it unaccounted for, with the same
+// ifindex.
+func (r *Reconciler) gcLinks(live []*state.Record, bad []state.BadFile, res *PassResult) int {
+	known := map[string]bool{}
+	account := func(cid, ifname string) {
+		known[podnet.HostVethName(cid, ifname)] = true
+		known[podnet.IFBName(cid, ifname)] = true
+	}
+	for _, rec := range live {
+		account(rec.ContainerID, rec.IfName)
+		known[rec.HostVeth] = true
+		known[ifbOf(rec)] = true
+	}
+	for _, b := range bad {
+		// An undecodable record still claims its attachment's devices:
+		// <containerID>_<ifname>.json.
+		name := strings.TrimSuffix(filepath.Base(b.Path), ".json")
+		if i := strings.LastIndexByte(name, '_'); i > 0 {
+			account(name[:i], name[i+1:])
+		}
+	}
+	links, err := r.nl.LinkList()
+	if err != nil {
+		res.Errors++
+		r.m.errors.WithLabelValues("gc").Inc()
+		r.log.Error("list links", "err", err)
+		return 0
+	}
+	removed := 0
+	next := map[string]int{}
+	for _, l := range links {
+		a := l.Attrs()
+		if !qoscniLink.MatchString(a.Name) || known[a.Name] {
+			continue
+		}
+		if idx, ok := r.suspects[a.Name]; !ok || idx != a.Index {
+			next[a.Name] = a.Index
+			continue
+		}
+		kind := "veth"
+		if strings.HasPrefix(a.Name, "qi") {
+			kind = "ifb"
+		}
+		if err := r.nl.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+			res.Errors++
+			r.m.errors.WithLabelValues("gc").Inc()
+			r.log.Error("delete leftover link", "link", a.Name, "err", err)
+			next[a.Name] = a.Index
+			continue
+		}
+		removed++
+		r.m.gc.WithLabelValues(kind).Inc()
+		r.log.Info("removed leftover link without a state record", "link", a.Name, "kind", kind)
+	}
+	r.suspects = next
+	return removed
+}
+
+// linkExists reports whether the node namespace has a link of that name.
+func (r *Reconciler) linkExists(name string) (bool, error) {
+	return podnet.LinkExists(r.nl, name)
+}

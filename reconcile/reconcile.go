@@ -1,0 +1,314 @@
+// Package reconcile is the node agent's control loop over the attachments
+// the plugin recorded: it reshapes a pod's attachments in place when its
+// bandwidth annotations change, repairs shaping that drifted from the
+// record, and removes what outlived its pod (devices, nftables elements,
+// addresses, records). Every kernel change goes through shaping's one
+// desired-vs-actual routine, the one CHECK uses.
+//
+// The package knows nothing of client-go: the Kubernetes side (kube/)
+// feeds it pods through PodSource and PodChanged, and reports bad
+// annotations through EventSink, so a fake, a real clientset or no API at
+// all drop in alike.
+package reconcile
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/qoscni/qoscni/shaping"
+	"github.com/qoscni/qoscni/state"
+)
+
+// DefaultInterval is the period of the drift repair and GC pass.
+const DefaultInterval = 30 * time.Second
+
+// Pod is what the reconciler needs of a Kubernetes pod.
+type Pod struct {
+	Namespace   string
+	Name        string
+	UID         string
+	Annotations map[string]string
+}
+
+// PodSource answers for the pods of this node (an informer's cache).
+type PodSource interface {
+	// Synced reports whether the source has listed the node's pods at
+	// least once; before that, "not found" means nothing.
+	Synced() bool
+	// Pod returns the node's pod of that name, false when there is none.
+	Pod(namespace, name string) (Pod, bool)
+}
+
+// EventSink reports a problem on a pod (a Kubernetes Event).
+type EventSink interface {
+	Warn(pod Pod, reason, message string)
+}
+
+// AttachmentCleaner is a per-attachment cleanup step beyond shaping,
+// wiring, masquerade and IPAM, run by GC (portmap's hostPort elements plug
+// in here). Implementations work in the node namespace they were built
+// for and must be idempotent.
+type AttachmentCleaner interface {
+	// Name labels the step in logs and in qoscni_agent_gc_total{kind}.
+	Name() string
+	// Del removes what the stale attachment rec holds. An error keeps the
+	// record, so the next pass retries.
+	Del(rec *state.Record) error
+	// GC removes what belongs to none of the live attachments. It must
+	// tolerate an ADD in flight (objects made before the record is
+	// written), e.g. by removing only what two consecutive calls saw. It
+	// returns how many objects it removed.
+	GC(live []*state.Record) (int, error)
+}
+
+// ReasonInvalidAnnotation is the Event reason for a bandwidth annotation
+// that does not parse or is out of range.
+const ReasonInvalidAnnotation = "InvalidBandwidthAnnotation"
+
+// Config is what the reconciler works on.
+type Config struct {
+	StateDir   string
+	CNIConfDir string // for the IPAM config of a GC'd attachment's network
+	// NetnsFd is the node namespace of the devices (-1 = the caller's).
+	NetnsFd int
+	// Pods is nil when the agent has no API access: no live reshaping, and
+	// GC decides from the netns alone.
+	Pods     PodSource
+	Events   EventSink // nil = log only
+	Cleaners []AttachmentCleaner
+	Interval time.Duration // 0 = DefaultInterval
+	Metrics  *Metrics      // nil = unregistered counters
+	Logger   *slog.Logger
+}
+
+// Reconciler owns the node namespace's shaping: one goroutine (Run) does
+// all kernel work, so the Shaper needs no locking.
+type Reconciler struct {
+	cfg    Config
+	log    *slog.Logger
+	m      *Metrics
+	store  *state.Store
+	cache  *state.Cache
+	shaper *shaping.Shaper
+	nl     *netlink.Handle
+
+	mu      sync.Mutex
+	pending map[podRef]struct{}
+	signal  chan struct{}
+	passReq chan chan PassResult
+
+	// bad remembers the last invalid-annotation message per pod, so one
+	// bad value is reported once, not on every pass.
+	bad map[podRef]string
+	// suspects are qoscni-named links without a record seen by the last
+	// pass (name -> ifindex): deleted when the next pass sees them again.
+	suspects map[string]int
+}
+
+type podRef struct{ ns, name, uid string }
+
+// New opens the node namespace's netlink sockets.
+func New(cfg Config) (*Reconciler, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Interval <= 0 {
+		cfg.Interval = DefaultInterval
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics()
+	}
+	sh, err := shaping.Open(cfg.NetnsFd)
+	if err != nil {
+		return nil, err
+	}
+	var h *netlink.Handle
+	if cfg.NetnsFd >= 0 {
+		h, err = netlink.NewHandleAt(netns.NsHandle(cfg.NetnsFd))
+	} else {
+		h, err = netlink.NewHandle()
+	}
+	if err != nil {
+		sh.Close()
+		return nil, fmt.Errorf("open netlink: %w", err)
+	}
+	store := state.New(cfg.StateDir)
+	return &Reconciler{
+		cfg: cfg, log: cfg.Logger, m: cfg.Metrics, store: store, cache: state.NewCache(store),
+		shaper: sh, nl: h,
+		pending: map[podRef]struct{}{}, signal: make(chan struct{}, 1), passReq: make(chan chan PassResult),
+		bad: map[podRef]string{}, suspects: map[string]int{},
+	}, nil
+}
+
+// Close releases the sockets; call after Run returned.
+func (r *Reconciler) Close() {
+	r.shaper.Close()
+	r.nl.Close()
+}
+
+// PodChanged queues a pod for reshaping. It never blocks: changes of one
+// pod that arrive while it waits are coalesced.
+func (r *Reconciler) PodChanged(namespace, name string) {
+	r.mu.Lock()
+	r.pending[podRef{ns: namespace, name: name}] = struct{}{}
+	r.mu.Unlock()
+	select {
+	case r.signal <- struct{}{}:
+	default:
+	}
+}
+
+// Run reshapes queued pods as they come and runs a full pass (reshape
+// check, drift repair, GC) at start and every Interval, until ctx ends.
+// Nothing runs between events and ticks: an idle node costs no CPU.
+func (r *Reconciler) Run(ctx context.Context) error {
+	r.Pass()
+	t := time.NewTicker(r.cfg.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-r.signal:
+			r.drain()
+		case <-t.C:
+			r.Pass()
+		case reply := <-r.passReq:
+			reply <- r.Pass()
+		}
+	}
+}
+
+// PassNow runs a full pass inside a running Run and returns its result
+// (tests, benchmarks).
+func (r *Reconciler) PassNow(ctx context.Context) (PassResult, error) {
+	reply := make(chan PassResult, 1)
+	select {
+	case r.passReq <- reply:
+	case <-ctx.Done():
+		return PassResult{}, ctx.Err()
+	}
+	select {
+	case res := <-reply:
+		return res, nil
+	case <-ctx.Done():
+		return PassResult{}, ctx.Err()
+	}
+}
+
+func (r *Reconciler) drain() {
+	r.mu.Lock()
+	refs := make([]podRef, 0, len(r.pending))
+	for ref := range r.pending {
+		refs = append(refs, ref)
+	}
+	clear(r.pending)
+	r.mu.Unlock()
+	if len(refs) == 0 || r.cfg.Pods == nil {
+		return
+	}
+	recs, _, err := r.cache.List()
+	if err != nil {
+		r.m.errors.WithLabelValues("reshape").Inc()
+		r.log.Error("list state records", "err", err)
+		return
+	}
+	byPod := map[[2]string][]*state.Record{}
+	for _, rec := range recs {
+		k := [2]string{rec.Pod.Namespace, rec.Pod.Name}
+		byPod[k] = append(byPod[k], rec)
+	}
+	for _, ref := range refs {
+		pod, ok := r.cfg.Pods.Pod(ref.ns, ref.name)
+		if !ok {
+			continue
+		}
+		for _, rec := range byPod[[2]string{ref.ns, ref.name}] {
+			if samePod(rec, pod) {
+				r.reshape(rec, pod)
+			}
+		}
+	}
+}
+
+// samePod matches a record to a pod by namespace/name, and by UID when
+// both have one (a pod recreated under the same name is another pod).
+func samePod(rec *state.Record, pod Pod) bool {
+	if rec.Pod.Namespace != pod.Namespace || rec.Pod.Name != pod.Name || rec.Pod.Name == "" {
+		return false
+	}
+	return rec.Pod.UID == "" || pod.UID == "" || rec.Pod.UID == pod.UID
+}
+
+// PassResult counts what one pass did.
+type PassResult struct {
+	Records  int
+	Reshaped int
+	Repaired int
+	GCed     int
+	Errors   int
+	Duration time.Duration
+}
+
+// Pass runs one full pass: GC first (so a stale attachment is not
+// "repaired"), then for every record the annotation check (when the API
+// knows its pod) and the drift repair. Call it only from the goroutine
+// that runs Run, or when Run is not running.
+func (r *Reconciler) Pass() PassResult {
+	start := time.Now()
+	var res PassResult
+	recs, bad, err := r.cache.List()
+	if err != nil {
+		r.m.errors.WithLabelValues("list").Inc()
+		r.log.Error("list state records", "err", err)
+		res.Errors++
+		return res
+	}
+	live := r.gc(recs, bad, &res)
+	res.Records = len(live)
+	for _, rec := range live {
+		if r.cfg.Pods != nil && r.cfg.Pods.Synced() {
+			if pod, ok := r.cfg.Pods.Pod(rec.Pod.Namespace, rec.Pod.Name); ok && samePod(rec, pod) {
+				switch r.reshape(rec, pod) {
+				case outcomeApplied:
+					res.Reshaped++
+					continue // the reshape's Apply compared with the kernel already
+				case outcomeFailed:
+					res.Errors++
+					continue
+				}
+			}
+		}
+		switch r.repair(rec) {
+		case outcomeApplied:
+			res.Repaired++
+		case outcomeFailed:
+			res.Errors++
+		}
+	}
+	res.Duration = time.Since(start)
+	r.m.passDuration.Observe(res.Duration.Seconds())
+	r.log.Debug("reconcile pass", "records", res.Records, "reshaped", res.Reshaped, "repaired", res.Repaired,
+		"gc", res.GCed, "errors", res.Errors, "took", res.Duration)
+	return res
+}
+
+type outcome int
+
+const (
+	outcomeNone outcome = iota
+	outcomeApplied
+	outcomeInvalid
+	outcomeFailed
+	outcomeGone
+)
+
+var errUnchanged = errors.New("unchanged")
