@@ -13,7 +13,7 @@ ifdef QOSCNI_REQUIRE_ROOT
 export QOSCNI_REQUIRE_ROOT
 endif
 
-.PHONY: all build test vet fmt-check deps demo bench-addel bench-shaping bench-portmap bench-agent image clean
+.PHONY: all build test vet fmt-check deps demo bench-addel bench-shaping bench-portmap bench-agent bench-reshape image clean
 
 all: build
 
@@ -54,6 +54,9 @@ bench-portmap: deps build
 
 bench-agent: deps build
 	bench/agent.sh
+
+bench-reshape: deps build
+	bench/reshape.sh
 
 # OCI image without a Docker daemon: a docker-archive tarball with both
 # static binaries; import with: ctr -n k8s.io images import bin/qoscni-image.tar

@@ -16,7 +16,9 @@ import (
 	"time"
 
 	"github.com/qoscni/qoscni/agent"
+	"github.com/qoscni/qoscni/install"
 	"github.com/qoscni/qoscni/kube"
+	"github.com/qoscni/qoscni/portmap"
 	"github.com/qoscni/qoscni/reconcile"
 )
 
@@ -24,6 +26,10 @@ import (
 var version = "dev"
 
 func main() {
+	// install/uninstall run as the DaemonSet's init container or by hand.
+	if len(os.Args) > 1 && (os.Args[1] == "install" || os.Args[1] == "uninstall") {
+		os.Exit(install.Main(os.Args[1:], os.Stdout, os.Stderr))
+	}
 	args := os.Args[1:]
 	cmd := "serve"
 	if len(args) > 0 && (args[0] == "serve" || args[0] == "status") {
@@ -90,6 +96,18 @@ func main() {
 	if client != nil {
 		cfg.Kube = client
 	}
+	// hostPort elements are cleaned with the attachments, in the node netns.
+	nsFd := -1
+	if *netnsPath != "" {
+		f, err := os.Open(*netnsPath)
+		if err != nil {
+			logger.Error("start: open --netns", "err", err)
+			os.Exit(1)
+		}
+		defer f.Close()
+		nsFd = int(f.Fd())
+	}
+	cfg.Cleaners = []reconcile.AttachmentCleaner{portmap.NewCleaner(nsFd)}
 	srv, err := agent.New(cfg)
 	if err != nil {
 		logger.Error("start", "err", err)

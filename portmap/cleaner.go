@@ -1,0 +1,65 @@
+package portmap
+
+import (
+	"fmt"
+
+	"github.com/qoscni/qoscni/state"
+)
+
+// Cleaner is the node agent's hostPort step of garbage collection
+// (reconcile.AttachmentCleaner): it removes the elements of stale
+// attachments and of attachments that have no record at all.
+type Cleaner struct {
+	nsFd int
+	// prev are the record-less owners the last GC saw: an ADD writes its
+	// elements before its record, so only owners seen twice are removed.
+	prev map[string]bool
+}
+
+// NewCleaner works in the namespace nsFd (-1 = the current one).
+func NewCleaner(nsFd int) *Cleaner { return &Cleaner{nsFd: nsFd, prev: map[string]bool{}} }
+
+// Name labels the step in logs and metrics.
+func (c *Cleaner) Name() string { return "hostport" }
+
+// Del removes the elements a stale attachment's record lists.
+func (c *Cleaner) Del(rec *state.Record) error {
+	if len(rec.Ports) == 0 {
+		return nil
+	}
+	maps, err := FromState(rec.Ports)
+	if err != nil {
+		return fmt.Errorf("hostPorts of %s/%s: %w", rec.ContainerID, rec.IfName, err)
+	}
+	m, err := New(c.nsFd)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	return m.Del(Owner{ContainerID: rec.ContainerID, IfName: rec.IfName, PodNamespace: rec.Pod.Namespace, PodName: rec.Pod.Name}, maps)
+}
+
+// GC removes elements whose owner has no record, once two calls in a row
+// found them so.
+func (c *Cleaner) GC(live []*state.Record) (int, error) {
+	alive := make(map[string]bool, len(live))
+	for _, r := range live {
+		alive[r.ContainerID+"/"+r.IfName] = true
+	}
+	m, err := New(c.nsFd)
+	if err != nil {
+		return 0, err
+	}
+	defer m.Close()
+	seen := map[string]bool{}
+	n, err := m.GC(func(o Owner) bool {
+		k := o.ContainerID + "/" + o.IfName
+		if alive[k] {
+			return true
+		}
+		seen[k] = true
+		return !c.prev[k]
+	})
+	c.prev = seen
+	return n, err
+}
