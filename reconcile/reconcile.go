@@ -274,6 +274,12 @@ func (r *Reconciler) Pass() PassResult {
 	}
 	live := r.gc(recs, bad, &res)
 	res.Records = len(live)
+	// One qdisc dump for the whole pass instead of one per attachment.
+	if err := r.shaper.BeginPass(); err != nil {
+		r.m.errors.WithLabelValues("dump").Inc()
+		r.log.Error("dump qdiscs", "err", err)
+	}
+	defer r.shaper.EndPass()
 	for _, rec := range live {
 		if r.cfg.Pods != nil && r.cfg.Pods.Synced() {
 			if pod, ok := r.cfg.Pods.Pod(rec.Pod.Namespace, rec.Pod.Name); ok && samePod(rec, pod) {

@@ -59,7 +59,27 @@ type Shaper struct {
 	nl *netlink.Handle
 	// noFqCodel is set once the kernel said it has no fq_codel.
 	noFqCodel bool
+	// pass holds one qdisc dump shared by the Apply calls of a pass over
+	// many attachments (see BeginPass); nil outside a pass.
+	pass []tc.Object
 }
+
+// BeginPass takes one qdisc dump for the Apply and Diff calls that follow,
+// until EndPass: a pass over N attachments then costs one dump, not N.
+// Each call still reads its own devices' links, classes and filters, and
+// only changes its own devices, so the shared dump stays right for the
+// others.
+func (s *Shaper) BeginPass() error {
+	q, err := s.tc.Qdisc().Get()
+	if err != nil {
+		return fmt.Errorf("dump qdiscs: %w", err)
+	}
+	s.pass = q
+	return nil
+}
+
+// EndPass drops the shared dump.
+func (s *Shaper) EndPass() { s.pass = nil }
 
 // Open connects to the namespace nsFd (-1 = the current one).
 func Open(nsFd int) (*Shaper, error) {
@@ -178,9 +198,11 @@ func (s *Shaper) read(d Desired) (*kstate, error) {
 	if st.veth == nil && st.ifb == nil {
 		return st, nil
 	}
-	qdiscs, err := s.tc.Qdisc().Get()
-	if err != nil {
-		return nil, fmt.Errorf("dump qdiscs: %w", err)
+	qdiscs := s.pass
+	if qdiscs == nil {
+		if qdiscs, err = s.tc.Qdisc().Get(); err != nil {
+			return nil, fmt.Errorf("dump qdiscs: %w", err)
+		}
 	}
 	if st.veth != nil {
 		idx := uint32(st.veth.Attrs().Index)
