@@ -80,9 +80,15 @@ func TestExplicitBurstAndDelay(t *testing.T) {
 	if p.Ingress.BurstBytes != 1_000_000 || p.Ingress.MaxQueueDelay != 5*time.Millisecond {
 		t.Errorf("%+v", p.Ingress)
 	}
-	// Limit covers the burst so a whole burst-sized packet fits.
+	// With a peak rate packets are cut to two frames, so the queue keeps
+	// to the budget whatever the bucket.
+	if p.Ingress.LimitBytes != 62_500 {
+		t.Errorf("limit %d, want the 5 ms budget at 100M", p.Ingress.LimitBytes)
+	}
+	// Above the peak range (3.4 Gbit/s) the queue must hold a whole burst.
+	p, _ = Resolve(Inputs{Annotations: map[string]string{AnnotationIngressRate: "10G", AnnotationIngressBurst: "800M"}}, 1500)
 	if p.Ingress.LimitBytes < p.Ingress.BurstBytes {
-		t.Errorf("limit %d below burst %d", p.Ingress.LimitBytes, p.Ingress.BurstBytes)
+		t.Errorf("10G: limit %d below burst %d", p.Ingress.LimitBytes, p.Ingress.BurstBytes)
 	}
 	// Below one frame: clamped up so a full-size packet can pass.
 	p, _ = Resolve(Inputs{Annotations: map[string]string{AnnotationIngressRate: "10M", AnnotationIngressBurst: "100"}}, 1500)
@@ -148,7 +154,7 @@ func TestBadInput(t *testing.T) {
 func TestShapeMatching(t *testing.T) {
 	for _, rate := range []uint64{1_000, 1_000_000, 1_000_000_000, 100_000_000_000, MaxRateBits} {
 		p := derive(rate, 0, false, DefaultMaxQueueDelay, 1500, SourceConfig)
-		w := wantShape(p)
+		w := wantShape(p, 1500)
 		// What the kernel dumps: the same ticks (TBF recomputes them from
 		// the burst in bytes, off by at most one).
 		got := *w
@@ -164,7 +170,7 @@ func TestShapeMatching(t *testing.T) {
 			t.Errorf("rate %d: kind %s", rate, w.kind)
 		}
 	}
-	if wantShape(nil) != nil || (*shape)(nil).matches(wantShape(derive(1000, 0, false, DefaultMaxQueueDelay, 1500, ""))) {
+	if wantShape(nil, 1500) != nil || (*shape)(nil).matches(wantShape(derive(1000, 0, false, DefaultMaxQueueDelay, 1500, ""), 1500)) {
 		t.Error("nil handling")
 	}
 }

@@ -120,6 +120,9 @@ type shape struct {
 	// in 64 ns ticks, saturated at 32 bits. Comparisons use it.
 	burstTicks uint32
 	limitBytes uint64
+	// peakBytes and peakTicks are TBF's peak rate and peak bucket (0 = none).
+	peakBytes uint64
+	peakTicks uint32
 	// leaf is the handle of the queue under the shaper (0 = the kernel's
 	// built-in one).
 	leaf uint32
@@ -132,7 +135,7 @@ func (sh *shape) String() string {
 	return fmt.Sprintf("%s rate %d bit/s burst %d B limit %d B", sh.kind, sh.rateBytes*8, sh.burstBytes, sh.limitBytes)
 }
 
-func wantShape(p *Params) *shape {
+func wantShape(p *Params, mtu int) *shape {
 	if p == nil {
 		return nil
 	}
@@ -141,8 +144,25 @@ func wantShape(p *Params) *shape {
 		// TBF's rate is 32-bit in go-tc; HTB carries 64-bit rates.
 		kind = "htb"
 	}
-	return &shape{kind: kind, rateBytes: p.RateBytes(), burstBytes: p.BurstBytes,
+	sh := &shape{kind: kind, rateBytes: p.RateBytes(), burstBytes: p.BurstBytes,
 		burstTicks: bytesToTicks(p.BurstBytes, p.RateBytes()), limitBytes: p.LimitBytes}
+	if kind == "tbf" && UsesPeak(sh.rateBytes) {
+		if mtu == 0 {
+			mtu = 1500
+		}
+		sh.peakBytes = PeakBytes(sh.rateBytes)
+		sh.peakTicks = bytesToTicks(PeakBurst(mtu), sh.peakBytes)
+	}
+	return sh
+}
+
+// maxPacket is the largest packet the shaper sends whole (bigger GSO
+// packets are cut first): the peak bucket when there is one, else the burst.
+func (sh *shape) maxPacket() uint64 {
+	if sh.peakBytes != 0 {
+		return ticksToBytes(sh.peakTicks, sh.peakBytes)
+	}
+	return sh.burstBytes
 }
 
 // matches compares with the precision the kernel keeps: the burst goes
@@ -155,7 +175,8 @@ func (sh *shape) matches(o *shape) bool {
 		d := math.Abs(float64(a) - float64(b))
 		return d <= 1 || d <= float64(max(a, b))*0.002
 	}
-	return sh.kind == o.kind && sh.rateBytes == o.rateBytes && near(sh.burstTicks, o.burstTicks) && sh.limitBytes == o.limitBytes
+	return sh.kind == o.kind && sh.rateBytes == o.rateBytes && near(sh.burstTicks, o.burstTicks) && sh.limitBytes == o.limitBytes &&
+		sh.peakBytes == o.peakBytes && near(sh.peakTicks, o.peakTicks)
 }
 
 // kstate is what the kernel has for one attachment.
@@ -260,6 +281,9 @@ func (s *Shaper) readShape(qdiscs []tc.Object, ifindex uint32) (*shape, string, 
 			rate := uint64(q.Tbf.Parms.Rate.Rate)
 			sh := &shape{kind: "tbf", rateBytes: rate, burstBytes: ticksToBytes(q.Tbf.Parms.Buffer, rate),
 				burstTicks: q.Tbf.Parms.Buffer, limitBytes: uint64(q.Tbf.Parms.Limit)}
+			if pr := uint64(q.Tbf.Parms.PeakRate.Rate); pr != 0 {
+				sh.peakBytes, sh.peakTicks = pr, q.Tbf.Parms.Mtu
+			}
 			for _, l := range qdiscs {
 				if l.Ifindex == ifindex && l.Parent == classHandle {
 					sh.leaf = l.Handle
@@ -386,7 +410,7 @@ func plan(d Desired, st *kstate) actions {
 			return fmt.Errorf("interface %s does not exist", d.HostVeth)
 		}}}
 	}
-	in := wantShape(d.Plan.Ingress)
+	in := wantShape(d.Plan.Ingress, d.MTU)
 	switch {
 	case in == nil && st.ingress != nil:
 		acts = append(acts, action{fmt.Sprintf("remove ingress shaping (%s) from %s", st.ingress, d.HostVeth), func(s *Shaper, d Desired, st *kstate) error {
@@ -398,7 +422,7 @@ func plan(d Desired, st *kstate) actions {
 		}})
 	}
 
-	eg := wantShape(d.Plan.Egress)
+	eg := wantShape(d.Plan.Egress, d.MTU)
 	if eg == nil {
 		if st.redirectCount > 0 || st.clsact {
 			acts = append(acts, action{fmt.Sprintf("remove the egress redirect from %s", d.HostVeth), func(s *Shaper, d Desired, st *kstate) error {
@@ -499,20 +523,28 @@ func (s *Shaper) setShape(ifindex int, want, have *shape) error {
 
 func (s *Shaper) setTBF(ifindex int, want, have *shape) error {
 	burst := uint32(min(want.burstBytes, math.MaxUint32))
-	q := &tc.Object{Msg: msg(ifindex, rootHandle, tc.HandleRoot, 0), Attribute: tc.Attribute{Kind: "tbf", Tbf: &tc.Tbf{
+	tbf := &tc.Tbf{
 		Parms: &tc.TbfQopt{
 			Rate:   tc.RateSpec{Rate: uint32(want.rateBytes), Linklayer: linkEthernet},
 			Limit:  uint32(min(want.limitBytes, math.MaxUint32)),
 			Buffer: bytesToTicks(want.burstBytes, want.rateBytes),
 		},
 		Burst: &burst,
-	}}}
+	}
+	if want.peakBytes != 0 {
+		pburst := uint32(ticksToBytes(want.peakTicks, want.peakBytes))
+		tbf.Parms.PeakRate = tc.RateSpec{Rate: uint32(want.peakBytes), Linklayer: linkEthernet}
+		tbf.Parms.Mtu = want.peakTicks
+		tbf.Pburst = &pburst
+	}
+	q := &tc.Object{Msg: msg(ifindex, rootHandle, tc.HandleRoot, 0), Attribute: tc.Attribute{Kind: "tbf", Tbf: tbf}}
 	if err := s.tc.Qdisc().Replace(q); err != nil {
 		return fmt.Errorf("replace tbf on ifindex %d: %w", ifindex, err)
 	}
-	if have != nil && have.kind == "tbf" && want.burstBytes < have.burstBytes {
+	if have != nil && have.kind == "tbf" && want.maxPacket() < have.maxPacket() {
 		// TBF keeps its queue across a change. A queued packet longer than
-		// the new burst can never collect enough tokens and would block the
+		// the new largest packet (burst or peak bucket) can never collect
+		// enough tokens and would block the
 		// pod's traffic for good, so a smaller burst starts on a fresh
 		// queue: grafting a new leaf drops the old one's packets (at most
 		// one delay budget's worth, which TCP retransmits).

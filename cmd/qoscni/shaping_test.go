@@ -72,7 +72,7 @@ func TestShapingFromAnnotations(t *testing.T) {
 		t.Errorf("result lacks the IFB: %s", r.Stdout)
 	}
 	q := n.Exec(t, "tc", "-s", "qdisc", "show", "dev", rec.HostVeth)
-	if !strings.Contains(q, "tbf 1: root") || !strings.Contains(q, "rate 10Mbit") || !strings.Contains(q, "burst 12500b") {
+	if !strings.Contains(q, "tbf 1: root") || !strings.Contains(q, "rate 10Mbit") || !strings.Contains(q, "burst 62500b") || !strings.Contains(q, "peakrate 100Mbit") {
 		t.Errorf("veth qdisc: %s", q)
 	}
 	q = n.Exec(t, "tc", "-s", "qdisc", "show", "dev", rec.Shaping.IFB)
