@@ -251,23 +251,28 @@ func parseDelay(field, v string) (time.Duration, error) {
 // losing that time for good, and adds nothing to queueing delay: packets
 // only wait in the queue. With a peak rate (see UsesPeak) TBF cuts every
 // packet to two frames first, so the deep bucket never lets a 64 kB GSO
-// packet meet the short queue whole. Without one (above 3.4 Gbit/s) the
-// queue must hold a whole burst, as TBF then sends packets up to the burst.
+// packet meet the short queue whole. Queues long enough for GSO packets
+// (high rates) go without a peak rate; there the bucket is the budget's
+// worth and the queue holds a whole bucket, as TBF then sends packets up to
+// the burst whole.
 func derive(rateBits, burstBits uint64, explicit bool, delay time.Duration, mtu int, source string) *Params {
 	frame := uint64(mtu + ethHeader)
 	budget := bytesIn(rateBits, delay)
+	limit := min(max(budget, minQueueFrames*frame), math.MaxUint32)
+	peak := UsesPeak(rateBits/8, limit)
 	var burst uint64
-	if burstBits != 0 && explicit {
+	switch {
+	case burstBits != 0 && explicit:
 		burst = max(ceilDiv(burstBits, 8), frame)
-	} else {
+	case peak:
 		burst = max(bytesIn(rateBits, burstWindow), 2*frame)
+	default:
+		burst = max(budget, 2*frame)
 	}
 	burst = min(burst, math.MaxUint32)
-	limit := max(budget, minQueueFrames*frame)
-	if !UsesPeak(rateBits / 8) {
-		limit = max(limit, burst)
+	if !peak {
+		limit = min(max(limit, burst), math.MaxUint32)
 	}
-	limit = min(limit, math.MaxUint32)
 	return &Params{RateBits: rateBits, BurstBytes: burst, LimitBytes: limit, MaxQueueDelay: delay, Source: source}
 }
 
@@ -283,9 +288,18 @@ const burstWindow = 50 * time.Millisecond
 // ten times the rate lets a full bucket drain in a tenth of its window.
 const peakFactor = 10
 
-// UsesPeak reports whether the TBF for this byte rate carries a peak rate:
-// go-tc holds TBF's peak rate in 32 bits, so up to 429 MB/s (3.4 Gbit/s).
-func UsesPeak(rateBytes uint64) bool { return rateBytes*peakFactor <= math.MaxUint32 }
+// peakQueueBelow: a queue this short cannot take a 64 kB GSO packet or two
+// whole, so packets are cut to frames first (peak mode). Longer queues
+// (above about 100 Mbit/s at a 10 ms budget) take them whole, and a peak
+// bucket of two frames would cost a timer wake-up every few microseconds
+// at those rates (1 Gbit/s egress fell to 0.84 of the rate with it).
+const peakQueueBelow = 128 << 10
+
+// UsesPeak reports whether the TBF for this byte rate and queue limit
+// carries a peak rate. go-tc holds TBF's peak rate in 32 bits.
+func UsesPeak(rateBytes, limitBytes uint64) bool {
+	return limitBytes < peakQueueBelow && rateBytes*peakFactor <= math.MaxUint32
+}
 
 // PeakBytes is the peak rate (bytes/s) TBF uses for a byte rate.
 func PeakBytes(rateBytes uint64) uint64 { return rateBytes * peakFactor }

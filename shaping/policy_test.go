@@ -82,10 +82,10 @@ func TestExplicitBurstAndDelay(t *testing.T) {
 	}
 	// With a peak rate packets are cut to two frames, so the queue keeps
 	// to the budget whatever the bucket.
-	if p.Ingress.LimitBytes != 62_500 {
-		t.Errorf("limit %d, want the 5 ms budget at 100M", p.Ingress.LimitBytes)
+	if p.Ingress.LimitBytes != 62_500 || !UsesPeak(p.Ingress.RateBytes(), p.Ingress.LimitBytes) {
+		t.Errorf("limit %d, want the 5 ms budget at 100M, in peak mode", p.Ingress.LimitBytes)
 	}
-	// Above the peak range (3.4 Gbit/s) the queue must hold a whole burst.
+	// Without a peak rate the queue must hold a whole burst.
 	p, _ = Resolve(Inputs{Annotations: map[string]string{AnnotationIngressRate: "10G", AnnotationIngressBurst: "800M"}}, 1500)
 	if p.Ingress.LimitBytes < p.Ingress.BurstBytes {
 		t.Errorf("10G: limit %d below burst %d", p.Ingress.LimitBytes, p.Ingress.BurstBytes)

@@ -146,7 +146,7 @@ func wantShape(p *Params, mtu int) *shape {
 	}
 	sh := &shape{kind: kind, rateBytes: p.RateBytes(), burstBytes: p.BurstBytes,
 		burstTicks: bytesToTicks(p.BurstBytes, p.RateBytes()), limitBytes: p.LimitBytes}
-	if kind == "tbf" && UsesPeak(sh.rateBytes) {
+	if kind == "tbf" && UsesPeak(sh.rateBytes, sh.limitBytes) {
 		if mtu == 0 {
 			mtu = 1500
 		}
