@@ -226,7 +226,12 @@ step_hostport() {
 	echo "hello from $p" >"$dir/index.html"
 	(cd "$dir" && exec ip netns exec "$p" python3 -m http.server 80 --bind :: >/dev/null 2>&1) &
 	pid=$!
-	sleep 0.7
+	local tries=0
+	until ip netns exec "$p" ss -ltn 'sport = :80' | grep -q ':80'; do
+		tries=$((tries + 1))
+		[ $tries -lt 100 ] || { warn "web server in $p did not start"; break; }
+		sleep 0.1
+	done
 	gw=$(ip -n "$NODE" -4 -o addr show dev "$BRIDGE" | awk '{print $4}' | cut -d/ -f1 | head -1)
 	for url in "http://$gw:8080/" "http://127.0.0.1:8080/"; do
 		if out=$(ip netns exec "$NODE" curl -s --max-time 3 "$url") && [ "$out" = "hello from $p" ]; then
