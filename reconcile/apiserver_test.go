@@ -3,15 +3,10 @@ package reconcile_test
 import (
 	"context"
 	"encoding/json"
-	"log/slog"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -40,33 +35,8 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	t.Helper()
 	testnet.RequireRoot(t)
 	cp := cluster.StartControlPlane(t) // skips when the binaries are not built
-	node := testnet.NewNode(t)
-	e := &env{t: t, node: node, confDir: t.TempDir(), store: state.New(node.StateDir)}
-	e.conf = map[string]any{
-		"cniVersion": "1.1.0", "name": testNetwork, "type": "qoscni", "bridge": "qbr0",
-		"isDefaultGateway": true, "ipMasq": true, "stateDir": node.StateDir,
-		"capabilities": map[string]any{"bandwidth": true, "io.kubernetes.cri.pod-annotations": true},
-		"ipam": map[string]any{
-			"ranges":  []any{[]any{map[string]any{"subnet": "10.79.0.0/24"}}},
-			"dataDir": node.IPAMDir,
-		},
-	}
-	b, _ := json.Marshal(e.conf)
-	if err := os.WriteFile(filepath.Join(e.confDir, "10-qrec.conf"), b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	fd, err := unix.Open(node.Path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Close(fd) })
-	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	e.metrics = reconcile.NewMetrics()
-	e.reg = prometheus.NewRegistry()
-	if err := e.metrics.Register(e.reg); err != nil {
-		t.Fatal(err)
-	}
-
+	e, fd, log := baseEnv(t, "10.79.0.0/24")
+	node := e.node
 	// The agent's own client construction, as with --kubeconfig.
 	api, err := kube.NewClient(cp.Kubeconfig)
 	if err != nil {

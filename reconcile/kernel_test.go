@@ -51,7 +51,9 @@ type envOpts struct {
 	noAPI bool
 }
 
-func newEnv(t *testing.T, o envOpts) *env {
+// baseEnv makes the node netns, a conflist for subnet and the reconciler's
+// metrics; it returns the node netns fd and a test logger.
+func baseEnv(t *testing.T, subnet string) (*env, int, *slog.Logger) {
 	t.Helper()
 	node := testnet.NewNode(t)
 	e := &env{t: t, node: node, confDir: t.TempDir(), store: state.New(node.StateDir)}
@@ -60,7 +62,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 		"isDefaultGateway": true, "ipMasq": true, "stateDir": node.StateDir,
 		"capabilities": map[string]any{"bandwidth": true, "io.kubernetes.cri.pod-annotations": true},
 		"ipam": map[string]any{
-			"ranges":  []any{[]any{map[string]any{"subnet": "10.78.0.0/24"}}},
+			"ranges":  []any{[]any{map[string]any{"subnet": subnet}}},
 			"dataDir": node.IPAMDir,
 		},
 	}
@@ -79,6 +81,14 @@ func newEnv(t *testing.T, o envOpts) *env {
 	if err := e.metrics.Register(e.reg); err != nil {
 		t.Fatal(err)
 	}
+	return e, fd, log
+}
+
+func newEnv(t *testing.T, o envOpts) *env {
+	t.Helper()
+	e, fd, log := baseEnv(t, "10.78.0.0/24")
+	node := e.node
+	var err error
 	cfg := reconcile.Config{StateDir: node.StateDir, CNIConfDir: e.confDir, NetnsFd: fd, Interval: time.Hour, Metrics: e.metrics, Logger: log}
 	ctx, cancel := context.WithCancel(context.Background())
 	e.cancel = cancel
