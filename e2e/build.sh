@@ -101,19 +101,27 @@ build_one() {
 }
 
 bump_k8s() {
-	local v=$1 staging gomod dir=$here/build/k8s
+	local v=$1 staging gomod dir=$here/build/k8s tmp
 	[[ $v =~ ^v1\.[0-9]+\.[0-9]+$ ]] || die "--bump-k8s wants a release like v1.37.2, not $v"
 	staging="v0.${v#v1.}"
 	gomod=$($GO mod download -json "k8s.io/kubernetes@$v" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
 	[ -f "$gomod" ] || die "k8s.io/kubernetes@$v: no go.mod from the proxy"
 	cd "$dir"
-	local args=(-require="k8s.io/kubernetes@$v")
-	for m in $(awk '$2 == "=>" { print $1 }' go.mod); do args+=(-dropreplace="$m"); done
-	# Every staging module kubernetes replaces with ./staging/src/... .
-	for m in $(sed -n '/^replace (/,/^)/p' "$gomod" | awk '$2 == "=>" && $3 ~ /^\.\/staging\// { print $1 }'); do
-		args+=(-replace="$m=$m@$staging")
-	done
-	$GO mod edit "${args[@]}"
+	tmp=$(mktemp go.mod.XXXXXX)
+	# The replace block is ours alone: rewritten in place from every
+	# staging module kubernetes replaces with ./staging/src/... .
+	sed -n '/^replace (/,/^)/p' "$gomod" |
+		awk -v s="$staging" '$2 == "=>" && $3 ~ /^\.\/staging\// { printf "\t%s => %s %s\n", $1, $1, s }' >"$tmp.block"
+	awk -v block="$tmp.block" '
+		function emit(  l) { if (done++) return; print "replace ("; while ((getline l < block) > 0) print l; print ")" }
+		/^replace \($/ { skip = 1; emit(); next }
+		skip { if ($0 == ")") skip = 0; next }
+		/^replace / { emit(); next }
+		{ print }
+		END { if (!done) { print ""; emit() } }' go.mod >"$tmp"
+	rm -f "$tmp.block"
+	mv "$tmp" go.mod
+	$GO mod edit -require="k8s.io/kubernetes@$v"
 	$GO mod tidy
 	echo "e2e/build/k8s now pins k8s.io/kubernetes $v with its staging modules at $staging"
 }

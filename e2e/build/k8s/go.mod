@@ -2,7 +2,7 @@
 // k8s.io/kubernetes points its staging modules at ./staging with replace
 // directives, which `go install pkg@version` refuses; this module pins each
 // of them to its published release instead. Regenerate the replace block from
-// the kubernetes go.mod when bumping: e2e/build.sh --sync-replaces.
+// the kubernetes go.mod when bumping: e2e/build.sh --bump-k8s v1.X.Y.
 module qoscni-e2e-build
 
 go 1.26.0
