@@ -228,9 +228,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 		},
 	}
 	if shape.Egress != nil {
-		if l, err := host.LinkByName(ifb); err == nil {
-			res.Interfaces = append(res.Interfaces, &current.Interface{Name: ifb, Mac: l.Attrs().HardwareAddr.String()})
-		}
+		res.Interfaces = appendIFB(host, res.Interfaces, ifb)
 	}
 	for _, a := range want.Pod.Addrs {
 		res.IPs = append(res.IPs, &current.IPConfig{

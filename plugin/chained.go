@@ -25,21 +25,21 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 	if err != nil {
 		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
 	}
-	hostName, err := hostSideOf(args)
-	if err != nil {
-		// Not a veth we can follow by peer index: take the one host-side
-		// interface of the previous result, as the reference plugin does.
-		name, ok := hostSideFromResult(prev)
-		if !ok {
-			return err
-		}
-		hostName = name
-	}
 	host, err := hostHandle()
 	if err != nil {
 		return err
 	}
 	defer host.Close()
+	hostName, err := hostSideOf(host, args)
+	if err != nil {
+		// Not a veth we can follow by peer index: take the one host-side
+		// interface of the previous result, as the reference plugin does.
+		name, ok := hostSideFromResult(host, prev)
+		if !ok {
+			return err
+		}
+		hostName = name
+	}
 	hl, err := host.LinkByName(hostName)
 	if err != nil {
 		return fmt.Errorf("host interface %s of %s/%s: %w", hostName, args.ContainerID, args.IfName, err)
@@ -66,21 +66,17 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 		defer sh.Close()
 		if _, err := sh.Apply(shaping.Desired{HostVeth: hostName, IFB: ifb, MTU: mtu, Plan: shape}); err != nil {
 			// Leave the main plugin's veth as we found it.
-			if rerr := sh.Remove(hostName, ifb); rerr != nil {
-				p.Log.Warn("rollback of shaping failed", "err", rerr)
-			}
+			p.removeShaping(hostName, ifb)
 			return fmt.Errorf("shape %s/%s on %s: %w", args.ContainerID, args.IfName, hostName, err)
 		}
 		if shape.Egress != nil {
-			if l, err := host.LinkByName(ifb); err == nil {
-				prev.Interfaces = append(prev.Interfaces, &current.Interface{Name: ifb, Mac: l.Attrs().HardwareAddr.String()})
-			}
+			prev.Interfaces = appendIFB(host, prev.Interfaces, ifb)
 		}
 	}
 	var undoPorts func() error
 	if len(ports) > 0 {
 		key := state.Key{Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName}
-		undoPorts, err = addPorts(portOwner(key, pod), routeLocalnetIface(prev, hostName), ports)
+		undoPorts, err = addPorts(portOwner(key, pod), routeLocalnetIface(host, prev, hostName), ports)
 		if err != nil {
 			if !shape.Empty() {
 				p.removeShaping(hostName, ifb)
@@ -121,7 +117,7 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 
 // hostSideOf finds the node-side peer of the pod's veth through the peer
 // index the kernel reports for it.
-func hostSideOf(args *skel.CmdArgs) (string, error) {
+func hostSideOf(host *netlink.Handle, args *skel.CmdArgs) (string, error) {
 	netns, err := podnet.OpenNetNS(args.Netns)
 	if err != nil {
 		return "", err
@@ -140,11 +136,6 @@ func hostSideOf(args *skel.CmdArgs) (string, error) {
 		return "", types.NewError(types.ErrInvalidNetworkConfig,
 			fmt.Sprintf("invalid prevResult: pod interface %s is a %s; qoscni chains only after plugins that make veth pairs", args.IfName, pl.Type()), "")
 	}
-	host, err := hostHandle()
-	if err != nil {
-		return "", err
-	}
-	defer host.Close()
 	hl, err := host.LinkByIndex(pl.Attrs().ParentIndex)
 	if err != nil {
 		return "", fmt.Errorf("host peer of %s (index %d): %w", args.IfName, pl.Attrs().ParentIndex, err)
@@ -154,12 +145,7 @@ func hostSideOf(args *skel.CmdArgs) (string, error) {
 
 // hostSideFromResult picks the previous result's only host-side interface
 // (no sandbox) that exists in the node namespace.
-func hostSideFromResult(prev *current.Result) (string, bool) {
-	host, err := hostHandle()
-	if err != nil {
-		return "", false
-	}
-	defer host.Close()
+func hostSideFromResult(host *netlink.Handle, prev *current.Result) (string, bool) {
 	var found []string
 	for _, ifc := range prev.Interfaces {
 		if ifc.Sandbox != "" {
@@ -190,12 +176,7 @@ func (p *Plugin) removeShaping(hostVeth, ifb string) {
 
 // routeLocalnetIface is where localhost hostPort traffic leaves the node
 // for the pod: the main plugin's bridge when it has one, else the veth.
-func routeLocalnetIface(prev *current.Result, hostVeth string) string {
-	host, err := hostHandle()
-	if err != nil {
-		return hostVeth
-	}
-	defer host.Close()
+func routeLocalnetIface(host *netlink.Handle, prev *current.Result, hostVeth string) string {
 	for _, ifc := range prev.Interfaces {
 		if ifc.Sandbox != "" {
 			continue
@@ -205,4 +186,12 @@ func routeLocalnetIface(prev *current.Result, hostVeth string) string {
 		}
 	}
 	return hostVeth
+}
+
+// appendIFB adds the attachment's IFB to a result's interfaces.
+func appendIFB(host *netlink.Handle, ifs []*current.Interface, ifb string) []*current.Interface {
+	if l, err := host.LinkByName(ifb); err == nil {
+		ifs = append(ifs, &current.Interface{Name: ifb, Mac: l.Attrs().HardwareAddr.String()})
+	}
+	return ifs
 }

@@ -44,11 +44,6 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 	st := p.steps("DEL")
 	defer st.done()
 	var errs []error
-	host, err := hostHandle()
-	if err != nil {
-		return err
-	}
-	defer host.Close()
 	ifb := podnet.IFBName(key.ContainerID, key.IfName)
 	if rec != nil && rec.Shaping != nil && rec.Shaping.IFB != "" {
 		ifb = rec.Shaping.IFB
@@ -64,6 +59,11 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 			errs = append(errs, fmt.Errorf("remove shaping of %s/%s: %w", key.ContainerID, key.IfName, err))
 		}
 	} else {
+		host, err := hostHandle()
+		if err != nil {
+			return err
+		}
+		defer host.Close()
 		if err := podnet.DeleteLink(host, podnet.HostVethName(key.ContainerID, key.IfName)); err != nil {
 			errs = append(errs, err)
 		}

@@ -64,7 +64,7 @@ func delPorts(key state.Key, rec *state.Record) error {
 		if err != nil {
 			return fmt.Errorf("hostPorts of %s/%s in the state record: %w", key.ContainerID, key.IfName, err)
 		}
-		return m.Del(portmap.Owner{ContainerID: key.ContainerID, IfName: key.IfName, PodNamespace: rec.Pod.Namespace, PodName: rec.Pod.Name}, maps)
+		return m.Del(portmap.OwnerOf(rec), maps)
 	}
 	_, err = m.GC(func(o portmap.Owner) bool { return o.ContainerID != key.ContainerID || o.IfName != key.IfName })
 	return err
@@ -83,8 +83,7 @@ func checkPorts(rec *state.Record) error {
 		return err
 	}
 	defer m.Close()
-	owner := portmap.Owner{ContainerID: rec.ContainerID, IfName: rec.IfName, PodNamespace: rec.Pod.Namespace, PodName: rec.Pod.Name}
-	if err := m.Check(owner, maps); err != nil {
+	if err := m.Check(portmap.OwnerOf(rec), maps); err != nil {
 		return fmt.Errorf("hostPorts of %s/%s: %w", rec.ContainerID, rec.IfName, err)
 	}
 	return nil

@@ -36,7 +36,12 @@ func (c *Cleaner) Del(rec *state.Record) error {
 		return err
 	}
 	defer m.Close()
-	return m.Del(Owner{ContainerID: rec.ContainerID, IfName: rec.IfName, PodNamespace: rec.Pod.Namespace, PodName: rec.Pod.Name}, maps)
+	return m.Del(OwnerOf(rec), maps)
+}
+
+// OwnerOf is the owner of an attachment's elements, from its record.
+func OwnerOf(rec *state.Record) Owner {
+	return Owner{ContainerID: rec.ContainerID, IfName: rec.IfName, PodNamespace: rec.Pod.Namespace, PodName: rec.Pod.Name}
 }
 
 // GC removes elements whose owner has no record, once two calls in a row
