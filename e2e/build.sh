@@ -26,14 +26,14 @@ GO=${GO:-go}
 
 # One line per binary. The build module is a directory under e2e/build/, the
 # module is the one whose version keys the cache, the package is what to build.
-# Issue 8 adds kubelet, kube-controller-manager, kube-scheduler and kubectl the
-# same way (they are already tools of e2e/build/k8s, so go.sum covers them):
-#   kubelet  k8s  k8s.io/kubernetes  k8s.io/kubernetes/cmd/kubelet
-#
 # component      build-module  module                      package
 components="
 etcd             etcd          go.etcd.io/etcd/server/v3   go.etcd.io/etcd/server/v3
 kube-apiserver   k8s           k8s.io/kubernetes           k8s.io/kubernetes/cmd/kube-apiserver
+kubelet          k8s           k8s.io/kubernetes           k8s.io/kubernetes/cmd/kubelet
+kube-controller-manager k8s    k8s.io/kubernetes           k8s.io/kubernetes/cmd/kube-controller-manager
+kube-scheduler   k8s           k8s.io/kubernetes           k8s.io/kubernetes/cmd/kube-scheduler
+kubectl          k8s           k8s.io/kubernetes           k8s.io/kubernetes/cmd/kubectl
 "
 
 die() { echo "e2e/build.sh: $*" >&2; exit 1; }

@@ -1,0 +1,156 @@
+package node
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// privateDirs are the host directories the node's programs write, whatever
+// their own root and state flags say: each is covered by an empty tmpfs in
+// the node's mount namespace.
+var privateDirs = []string{
+	"/opt/cni/bin",   // the DaemonSet's install step (hostPath)
+	"/etc/cni/net.d", // idem
+	"/var/lib/cni",   // plugin state, IPAM, journal (hostPath)
+	"/run/containerd",
+	"/var/lib/containerd",
+	"/etc/containerd",
+	"/var/lib/kubelet", // written also with another --root-dir
+	"/var/log/pods",
+	"/var/log/containers",
+}
+
+// privateFiles are global (not per network namespace) sysctls the kubelet
+// sets at start: each is covered by a private copy holding its current
+// value, so the kubelet's writes go nowhere.
+var privateFiles = []string{
+	"/proc/sys/kernel/panic",
+	"/proc/sys/kernel/panic_on_oops",
+	"/proc/sys/kernel/keys/root_maxkeys",
+	"/proc/sys/kernel/keys/root_maxbytes",
+	"/proc/sys/vm/overcommit_memory",
+	"/proc/sys/vm/panic_on_oom",
+}
+
+// makeMountpoints creates the private directories that the host does not
+// have (a mount needs its mountpoint), returning them for removal.
+func makeMountpoints() ([]string, error) {
+	var made []string
+	for _, d := range privateDirs {
+		missing := d
+		for {
+			parent := filepath.Dir(missing)
+			if _, err := os.Stat(parent); err == nil || parent == missing {
+				break
+			}
+			missing = parent
+		}
+		if _, err := os.Stat(d); err == nil {
+			continue
+		}
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return made, err
+		}
+		// Remove from the deepest up to the first directory made.
+		for p := d; ; p = filepath.Dir(p) {
+			made = append(made, p)
+			if p == missing {
+				break
+			}
+		}
+	}
+	return made, nil
+}
+
+// removeMountpoints removes the directories makeMountpoints created, if
+// still empty on the host (nothing was ever written to them: they were
+// covered).
+func removeMountpoints(made []string) {
+	for _, d := range made {
+		_ = os.Remove(d)
+	}
+}
+
+// coverHostPaths runs in the child, in its own mount namespace (a slave of
+// the host's: host mounts still show, its own never leave it).
+func coverHostPaths() error {
+	for _, d := range privateDirs {
+		if err := syscall.Mount("qoscni-e2e", d, "tmpfs", syscall.MS_NODEV|syscall.MS_NOSUID, "mode=0755"); err != nil {
+			return fmt.Errorf("cover %s: %w", d, err)
+		}
+	}
+	// The copies live in one of the tmpfs above (containerd gets its
+	// config by flag, so /etc/containerd is otherwise unused).
+	scratch := "/etc/containerd/qoscni-e2e-sysctl"
+	if err := os.MkdirAll(scratch, 0o700); err != nil {
+		return err
+	}
+	for i, f := range privateFiles {
+		v, err := os.ReadFile(f)
+		if err != nil {
+			if os.IsNotExist(err) {
+				continue
+			}
+			return err
+		}
+		copyPath := filepath.Join(scratch, strconv.Itoa(i))
+		if err := os.WriteFile(copyPath, bytes.TrimSpace(v), 0o644); err != nil {
+			return err
+		}
+		if err := syscall.Mount(copyPath, f, "", syscall.MS_BIND, ""); err != nil {
+			return fmt.Errorf("cover %s: %w", f, err)
+		}
+	}
+	// /run/netns: pod namespaces that containerd makes here must reach the
+	// agent's container (mountPropagation: HostToContainer), so the mount
+	// is shared within this namespace; being a slave of the host's, none
+	// of them shows on the host.
+	if err := os.MkdirAll("/run/netns", 0o755); err != nil {
+		return err
+	}
+	if err := syscall.Mount("/run/netns", "/run/netns", "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
+		return fmt.Errorf("bind /run/netns: %w", err)
+	}
+	if err := syscall.Mount("", "/run/netns", "", syscall.MS_SHARED|syscall.MS_REC, ""); err != nil {
+		return fmt.Errorf("share /run/netns: %w", err)
+	}
+	return nil
+}
+
+// killNamespace kills every process still in the network namespace whose
+// file is nsPath (containerd shims and containers daemonize away from the
+// test's process tree), and waits up to 5 s for them to go.
+func killNamespace(nsPath string) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(nsPath, &st); err != nil {
+		return
+	}
+	want := fmt.Sprintf("net:[%d]", st.Ino)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var left int
+		entries, _ := os.ReadDir("/proc")
+		for _, e := range entries {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil || pid == os.Getpid() {
+				continue
+			}
+			link, err := os.Readlink(filepath.Join("/proc", e.Name(), "ns", "net"))
+			if err != nil || !strings.EqualFold(link, want) {
+				continue
+			}
+			left++
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+		if left == 0 || time.Now().After(deadline) {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
