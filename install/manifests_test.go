@@ -171,7 +171,7 @@ func TestManifests(t *testing.T) {
 }
 
 func checkManifests(t *testing.T, r *rendered, mode install.Mode) {
-	want := []string{"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Service", "ServiceMonitor"}
+	want := []string{"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Service"}
 	for _, k := range want {
 		if !slices.ContainsFunc(r.allResources, func(s string) bool { return strings.HasPrefix(s, k+"/") }) {
 			t.Errorf("no %s rendered (have %v)", k, r.allResources)
@@ -256,18 +256,11 @@ func checkManifests(t *testing.T, r *rendered, mode install.Mode) {
 	if len(svc.Spec.Ports) != 1 || svc.Spec.Ports[0].Port != install.ListenPort || svc.Spec.Ports[0].TargetPort.String() != "metrics" {
 		t.Errorf("Service ports %+v", svc.Spec.Ports)
 	}
-	sm := r.monitors[0]
-	if sm.APIVersion != "monitoring.coreos.com/v1" || sm.Metadata.Namespace != ns {
-		t.Errorf("ServiceMonitor %s in %q", sm.APIVersion, sm.Metadata.Namespace)
+	if len(r.monitors) != 0 {
+		// Without the Operator's CRDs, kubectl apply -k deploy/ would fail.
+		t.Errorf("ServiceMonitor in the base manifests: it belongs in deploy/servicemonitor")
 	}
-	for k, v := range sm.Spec.Selector.MatchLabels {
-		if svc.Labels[k] != v {
-			t.Errorf("ServiceMonitor selector %v does not select the Service %v", sm.Spec.Selector.MatchLabels, svc.Labels)
-		}
-	}
-	if len(sm.Spec.Endpoints) != 1 || sm.Spec.Endpoints[0].Port != svc.Spec.Ports[0].Name || sm.Spec.Endpoints[0].Path != install.MetricsPath {
-		t.Errorf("ServiceMonitor endpoints %+v", sm.Spec.Endpoints)
-	}
+	checkServiceMonitor(t, render(t, filepath.Join(deployDir, "servicemonitor")), ns, svc)
 	// deploy/prometheus/kubernetes.yml keeps pods by this label.
 	if podLabels["app.kubernetes.io/name"] != install.AgentBinary {
 		t.Errorf("pod label app.kubernetes.io/name=%q, deploy/prometheus expects %q", podLabels["app.kubernetes.io/name"], install.AgentBinary)
@@ -475,5 +468,25 @@ func TestUninstallManifests(t *testing.T) {
 		if !slices.Contains(slices.Collect(mapValues(hostPath)), p) {
 			t.Errorf("uninstall DaemonSet does not mount %s", p)
 		}
+	}
+}
+
+// checkServiceMonitor: deploy/servicemonitor selects the base's Service.
+func checkServiceMonitor(t *testing.T, r *rendered, ns string, svc corev1.Service) {
+	t.Helper()
+	if len(r.monitors) != 1 || len(r.allResources) != 1 {
+		t.Fatalf("deploy/servicemonitor renders %v, want one ServiceMonitor", r.allResources)
+	}
+	sm := r.monitors[0]
+	if sm.APIVersion != "monitoring.coreos.com/v1" || sm.Metadata.Namespace != ns {
+		t.Errorf("ServiceMonitor %s in %q", sm.APIVersion, sm.Metadata.Namespace)
+	}
+	for k, v := range sm.Spec.Selector.MatchLabels {
+		if svc.Labels[k] != v {
+			t.Errorf("ServiceMonitor selector %v does not select the Service %v", sm.Spec.Selector.MatchLabels, svc.Labels)
+		}
+	}
+	if len(sm.Spec.Endpoints) != 1 || sm.Spec.Endpoints[0].Port != svc.Spec.Ports[0].Name || sm.Spec.Endpoints[0].Path != install.MetricsPath {
+		t.Errorf("ServiceMonitor endpoints %+v", sm.Spec.Endpoints)
 	}
 }
