@@ -7,8 +7,6 @@
 package main
 
 import (
-	"archive/tar"
-	"bytes"
 	"flag"
 	"fmt"
 	"io"
@@ -18,13 +16,10 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
 	"github.com/qoscni/qoscni/install"
+	"github.com/qoscni/qoscni/internal/ociimage"
 )
 
 func main() {
@@ -43,15 +38,9 @@ func run(args []string, stderr io.Writer) int {
 		return 2
 	}
 	// Reproducible: the same binaries give the same image digest.
-	created := time.Unix(0, 0).UTC()
-	if s := os.Getenv("SOURCE_DATE_EPOCH"); s != "" {
-		if n, err := strconv.ParseInt(s, 10, 64); err == nil {
-			created = time.Unix(n, 0).UTC()
-		}
-	}
-	img, err := build(map[string]string{install.PluginBinary: *plugin, install.AgentBinary: *agent}, *arch, created)
+	img, err := build(map[string]string{install.PluginBinary: *plugin, install.AgentBinary: *agent}, *arch, ociimage.CreatedFromEnv())
 	if err == nil {
-		err = write(*out, *tag, img)
+		err = ociimage.Write(*out, *tag, img)
 	}
 	if err != nil {
 		fmt.Fprintln(stderr, "qoscni-image:", err)
@@ -62,90 +51,29 @@ func run(args []string, stderr io.Writer) int {
 	return 0
 }
 
-// build makes the image: one layer with the binaries (name -> source file).
+// build makes the image: the binaries (name -> source file) in
+// install.ImageBinDir, the agent as entrypoint.
 func build(binaries map[string]string, arch string, created time.Time) (v1.Image, error) {
-	layerTar, err := binaryLayer(binaries, created)
-	if err != nil {
-		return nil, err
+	files := map[string]string{}
+	for n, src := range binaries {
+		if _, err := os.Stat(src); err != nil {
+			return nil, fmt.Errorf("%s binary: %w (run make build first)", n, err)
+		}
+		files[path.Join(install.ImageBinDir, n)] = src
 	}
-	layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) {
-		return io.NopCloser(bytes.NewReader(layerTar)), nil
+	return ociimage.Build(ociimage.Spec{
+		Files:   files,
+		Arch:    arch,
+		Created: created,
+		Config: v1.Config{
+			Entrypoint:   []string{path.Join(install.ImageBinDir, install.AgentBinary)},
+			Cmd:          []string{"serve"},
+			Env:          []string{"PATH=" + install.ImageBinDir},
+			ExposedPorts: map[string]struct{}{strconv.Itoa(install.ListenPort) + "/tcp": {}},
+			Labels: map[string]string{
+				"org.opencontainers.image.title":  "qoscni",
+				"org.opencontainers.image.source": "https://github.com/qoscni/qoscni",
+			},
+		},
 	})
-	if err != nil {
-		return nil, fmt.Errorf("layer: %w", err)
-	}
-	img, err := mutate.AppendLayers(empty.Image, layer)
-	if err != nil {
-		return nil, err
-	}
-	cfg, err := img.ConfigFile()
-	if err != nil {
-		return nil, err
-	}
-	cfg = cfg.DeepCopy()
-	cfg.OS, cfg.Architecture = "linux", arch
-	cfg.Created = v1.Time{Time: created}
-	cfg.Config.Entrypoint = []string{path.Join(install.ImageBinDir, install.AgentBinary)}
-	cfg.Config.Cmd = []string{"serve"}
-	cfg.Config.Env = []string{"PATH=" + install.ImageBinDir}
-	cfg.Config.ExposedPorts = map[string]struct{}{strconv.Itoa(install.ListenPort) + "/tcp": {}}
-	cfg.Config.Labels = map[string]string{
-		"org.opencontainers.image.title":  "qoscni",
-		"org.opencontainers.image.source": "https://github.com/qoscni/qoscni",
-	}
-	return mutate.ConfigFile(img, cfg)
-}
-
-// binaryLayer is a tar of usr/, usr/local/, usr/local/bin/ and the binaries
-// (sorted, fixed times and owners: reproducible).
-func binaryLayer(binaries map[string]string, mtime time.Time) ([]byte, error) {
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	dir := ""
-	for _, part := range []string{"usr", "local", "bin"} {
-		dir = path.Join(dir, part)
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: dir + "/", Mode: 0o755, ModTime: mtime}); err != nil {
-			return nil, err
-		}
-	}
-	if dir != install.ImageBinDir[1:] {
-		return nil, fmt.Errorf("layer dir %s is not %s", dir, install.ImageBinDir)
-	}
-	for _, n := range []string{install.AgentBinary, install.PluginBinary} {
-		src, ok := binaries[n]
-		if !ok {
-			continue
-		}
-		data, err := os.ReadFile(src)
-		if err != nil {
-			return nil, fmt.Errorf("read %s binary: %w (run make build first)", n, err)
-		}
-		h := &tar.Header{Typeflag: tar.TypeReg, Name: path.Join(dir, n), Mode: 0o755, Size: int64(len(data)), ModTime: mtime}
-		if err := tw.WriteHeader(h); err != nil {
-			return nil, err
-		}
-		if _, err := tw.Write(data); err != nil {
-			return nil, err
-		}
-	}
-	if err := tw.Close(); err != nil {
-		return nil, err
-	}
-	return buf.Bytes(), nil
-}
-
-func write(out, tag string, img v1.Image) error {
-	ref, err := name.NewTag(tag)
-	if err != nil {
-		return fmt.Errorf("tag %q: %w", tag, err)
-	}
-	if err := os.MkdirAll(path.Dir(out), 0o755); err != nil {
-		return err
-	}
-	tmp := out + ".tmp"
-	if err := tarball.WriteToFile(tmp, ref, img); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", out, err)
-	}
-	return os.Rename(tmp, out)
 }
