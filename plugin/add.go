@@ -114,6 +114,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 		return nil, err
 	}
 	rollback.push(func() error { return podnet.DeleteLink(host, hostName) })
+	st.mark("veth-created")
 	if err := podnet.AttachHost(host, veth.Host, br, conf.HairpinMode); err != nil {
 		return nil, err
 	}

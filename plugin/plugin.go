@@ -16,6 +16,7 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/vishvananda/netlink"
 
+	"github.com/qoscni/qoscni/internal/fault"
 	"github.com/qoscni/qoscni/ipam"
 	"github.com/qoscni/qoscni/netconf"
 	"github.com/qoscni/qoscni/podnet"
@@ -54,7 +55,10 @@ func (p *Plugin) steps(op string) *steps {
 	return &steps{log: p.Log, op: op, start: now, last: now}
 }
 
+// mark ends a step. Each step changes the kernel or the disk, so the
+// reliability tests may kill the plugin here (internal/fault).
 func (s *steps) mark(name string) {
+	fault.At(s.op, name)
 	now := time.Now()
 	s.attrs = append(s.attrs, name, now.Sub(s.last))
 	s.last = now

@@ -5,12 +5,15 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"strconv"
 
 	tc "github.com/florianl/go-tc"
 	"github.com/florianl/go-tc/core"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/internal/fault"
 )
 
 // Handles and constants of the pipeline. The shaping qdisc is always 1: at
@@ -393,10 +396,11 @@ func (a actions) describe() []string {
 }
 
 func (a actions) run(s *Shaper, d Desired, st *kstate) error {
-	for _, x := range a {
+	for i, x := range a {
 		if err := x.do(s, d, st); err != nil {
 			return fmt.Errorf("%s: %w", x.what, err)
 		}
+		fault.At("shape", strconv.Itoa(i+1))
 	}
 	return nil
 }
