@@ -6,7 +6,8 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 # iputils-ping: the demo proves connectivity with ping.
-PACKAGES=(iproute2 nftables iperf3 containernetworking-plugins conntrack iputils-ping curl python3 prometheus)
+# containerd, runc: the e2e harnesses (make e2e-cri, e2e-k8s).
+PACKAGES=(iproute2 nftables iperf3 containernetworking-plugins conntrack iputils-ping curl python3 prometheus containerd runc)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -71,6 +71,14 @@ type Options struct {
 	// service; default 127.0.0.1. A loopback address cannot be an
 	// endpoint, so then the endpoint reconciler is off.
 	AdvertiseAddress string
+	// BindAddress is where the API server listens; default 127.0.0.1.
+	// A node's pods (the agent's in-cluster config) need the advertised
+	// address, e.g. "0.0.0.0".
+	BindAddress string
+	// ServiceAccounts keeps the ServiceAccount admission plugin on: pods
+	// then get tokens, which needs a controller-manager (the root CA
+	// ConfigMap, the service-account controllers).
+	ServiceAccounts bool
 }
 
 // ControlPlane is a running etcd and kube-apiserver.
@@ -93,6 +101,7 @@ type ControlPlane struct {
 	CAFile, ServiceAccountKeyFile, ServiceAccountPubFile string
 
 	ca *authority
+	sp *spawner
 }
 
 // StartControlPlane starts etcd and kube-apiserver with default Options.
@@ -111,6 +120,9 @@ func StartControlPlaneWith(t testing.TB, o Options) *ControlPlane {
 	if o.AdvertiseAddress == "" {
 		o.AdvertiseAddress = "127.0.0.1"
 	}
+	if o.BindAddress == "" {
+		o.BindAddress = "127.0.0.1"
+	}
 	dir := t.TempDir()
 	cp := &ControlPlane{
 		Dir:                   dir,
@@ -120,6 +132,7 @@ func StartControlPlaneWith(t testing.TB, o Options) *ControlPlane {
 		Kubeconfig:            filepath.Join(dir, "admin.kubeconfig"),
 	}
 	sp := newSpawner(t)
+	cp.sp = sp
 	if err := cp.writePKI(o.AdvertiseAddress); err != nil {
 		t.Fatalf("control plane certificates: %v", err)
 	}
@@ -157,7 +170,7 @@ func StartControlPlaneWith(t testing.TB, o Options) *ControlPlane {
 		}
 		args := []string{
 			"--etcd-servers=" + cp.EtcdURL,
-			"--bind-address=127.0.0.1", "--secure-port=" + port,
+			"--bind-address=" + o.BindAddress, "--secure-port=" + port,
 			"--advertise-address=" + o.AdvertiseAddress,
 			"--cert-dir=" + filepath.Join(dir, "apiserver"),
 			"--tls-cert-file=" + filepath.Join(dir, "apiserver.crt"),
@@ -170,14 +183,16 @@ func StartControlPlaneWith(t testing.TB, o Options) *ControlPlane {
 			// Node for kubelets (issue 8), RBAC for everything else; the
 			// admin is system:masters.
 			"--authorization-mode=Node,RBAC",
-			// Needs the default service account, which only a
-			// controller-manager creates.
-			"--disable-admission-plugins=ServiceAccount",
 			"--allow-privileged=true",
 			"--kubelet-preferred-address-types=InternalIP",
 			"--kubelet-client-certificate=" + filepath.Join(dir, "apiserver-kubelet-client.crt"),
 			"--kubelet-client-key=" + filepath.Join(dir, "apiserver-kubelet-client.key"),
 			"--profiling=false",
+		}
+		if !o.ServiceAccounts {
+			// Needs the default service account, which only a
+			// controller-manager creates.
+			args = append(args, "--disable-admission-plugins=ServiceAccount")
 		}
 		if ip := net.ParseIP(o.AdvertiseAddress); ip != nil && ip.IsLoopback() {
 			args = append(args, "--endpoint-reconciler-type=none")
