@@ -13,7 +13,7 @@ ifdef QOSCNI_REQUIRE_ROOT
 export QOSCNI_REQUIRE_ROOT
 endif
 
-.PHONY: all build test vet fmt-check deps demo bench-addel bench-shaping bench-portmap bench-agent bench-reshape image clean e2e-build
+.PHONY: all build test unit vet fmt-check deps demo bench-addel bench-shaping bench-portmap bench-agent bench-reshape image clean e2e-build e2e-cri e2e-k8s bench-fuzz
 
 all: build
 
@@ -28,9 +28,20 @@ build:
 
 # The control-plane tests need etcd and kube-apiserver: built once (about
 # 14 min on 2 cores), cached by version after that.
-test: deps e2e-build
+test: unit
+
+unit: deps e2e-build
 	$(GO) vet ./...
 	$(GO) test -count=1 -p $(TEST_P) ./...
+
+# containerd's CRI runs pods with qoscni, standalone and chained (about 3 min).
+e2e-cri: deps e2e-build
+	e2e/run.sh cri
+
+# A single-node Kubernetes (etcd, apiserver, controller-manager, scheduler,
+# kubelet over containerd) runs qoscni installed from deploy/.
+e2e-k8s: deps e2e-build
+	e2e/run.sh k8s
 
 vet:
 	$(GO) vet ./...
@@ -66,6 +77,10 @@ bench-agent: deps build
 
 bench-reshape: deps build
 	bench/reshape.sh
+
+# Every go test -fuzz target for $${FUZZTIME:-60s}; failures stay in testdata.
+bench-fuzz:
+	bench/fuzz.sh
 
 # OCI image without a Docker daemon: a docker-archive tarball with both
 # static binaries; import with: ctr -n k8s.io images import bin/qoscni-image.tar

@@ -276,8 +276,10 @@ func (a *Allocator) readHint(set int) netip.Addr {
 	if err != nil {
 		return netip.Addr{}
 	}
-	ip, err := netip.ParseAddr(strings.TrimSpace(string(data)))
-	if err != nil {
+	// A hint in any other form (a zone, a non-canonical spelling) would
+	// start the walk outside the names reservations are stored under.
+	ip, ok := parseIPName(strings.TrimSpace(string(data)))
+	if !ok {
 		return netip.Addr{}
 	}
 	return ip

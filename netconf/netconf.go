@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/qoscni/qoscni/ipam"
@@ -108,8 +109,32 @@ func Parse(stdin []byte) (*NetConf, error) {
 		if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
 			return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
 		}
+		if err := validatePrevResult(conf.PrevResult); err != nil {
+			return nil, err
+		}
 	}
 	return conf, nil
+}
+
+// validatePrevResult refuses what the CNI library decodes but no runtime
+// could read back: an IP entry without an address, a route without a
+// destination. Chained mode passes prevResult on and records its IPs.
+func validatePrevResult(r types.Result) error {
+	res, err := current.NewResultFromResult(r)
+	if err != nil {
+		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
+	}
+	for i, ip := range res.IPs {
+		if ip == nil || ip.Address.IP == nil || ip.Address.Mask == nil {
+			return InvalidField(fmt.Sprintf("prevResult.ips[%d].address", i), "(none)", "missing")
+		}
+	}
+	for i, rt := range res.Routes {
+		if rt == nil || rt.Dst.IP == nil || rt.Dst.Mask == nil {
+			return InvalidField(fmt.Sprintf("prevResult.routes[%d].dst", i), "(none)", "missing")
+		}
+	}
+	return nil
 }
 
 // SupportedVersions are the CNI spec versions qoscni speaks.

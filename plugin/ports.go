@@ -12,10 +12,15 @@ import (
 // validatePorts checks the hostPort entries (addresses included) before
 // anything changes; the per-family plan needs the pod's addresses and is
 // made later by planPorts.
+// validatePorts runs before any change. The pod's addresses are not known
+// yet: one of each family stands in for them, so that two mappings of one
+// host port clash here already, not after the veth exists.
 func validatePorts(conf *netconf.NetConf) error {
-	_, err := portmap.Plan(conf.RuntimeConfig.PortMappings, nil)
+	_, err := portmap.Plan(conf.RuntimeConfig.PortMappings, placeholderPodIPs)
 	return err
 }
+
+var placeholderPodIPs = []net.IP{net.ParseIP("192.0.2.1"), net.ParseIP("2001:db8::1")}
 
 func planPorts(conf *netconf.NetConf, podIPs []net.IP) ([]portmap.Mapping, error) {
 	if len(conf.RuntimeConfig.PortMappings) == 0 {

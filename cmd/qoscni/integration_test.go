@@ -371,6 +371,13 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{name: "bad hostPort", conf: netConf(n, "1.1.0", func(c map[string]any) {
 			c["runtimeConfig"] = map[string]any{"portMappings": []any{map[string]any{"hostPort": 70000, "containerPort": 80}}}
 		}), code: types.ErrInvalidNetworkConfig, inMsg: "hostPort 70000"},
+		{name: "hostPort twice", conf: netConf(n, "1.1.0", func(c map[string]any) {
+			c["runtimeConfig"] = map[string]any{"portMappings": []any{
+				map[string]any{"hostPort": 8080, "containerPort": 80}, map[string]any{"hostPort": 8080, "containerPort": 81}}}
+		}), code: types.ErrInvalidNetworkConfig, inMsg: "8080"},
+		{name: "prevResult IP without address", conf: netConf(n, "1.1.0", func(c map[string]any) {
+			c["prevResult"] = map[string]any{"cniVersion": "1.1.0", "ips": []any{map[string]any{}}}
+		}), code: types.ErrInvalidNetworkConfig, inMsg: "prevResult.ips[0].address"},
 		{name: "unsupported version", conf: netConf(n, "0.2.0", nil), code: types.ErrIncompatibleCNIVersion},
 		{name: "future version", conf: netConf(n, "9.9.9", nil), code: types.ErrIncompatibleCNIVersion},
 		{name: "missing container ID", conf: good, noArgs: true, code: types.ErrInvalidEnvironmentVariables, inMsg: "CNI_CONTAINERID"},

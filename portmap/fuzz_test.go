@@ -1,0 +1,130 @@
+package portmap_test
+
+import (
+	"encoding/json"
+	"errors"
+	"net"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/qoscni/qoscni/netconf"
+	"github.com/qoscni/qoscni/portmap"
+	"github.com/qoscni/qoscni/state"
+)
+
+// FuzzPlan: runtime portMappings (as JSON, the way they arrive) and the
+// pod's addresses (comma-separated) in; a CNI error 7 naming the entry, or
+// mappings that are valid, unique per host side, of the pod's families,
+// and that survive the trip through the state record that DEL relies on.
+func FuzzPlan(f *testing.F) {
+	f.Fuzz(func(t *testing.T, mappingsJSON []byte, podIPList string) {
+		var in []netconf.PortMapping
+		if json.Unmarshal(mappingsJSON, &in) != nil {
+			return
+		}
+		var podIPs []net.IP
+		var pod4, pod6 net.IP
+		for _, s := range strings.Split(podIPList, ",") {
+			ip := net.ParseIP(s)
+			if ip == nil {
+				continue
+			}
+			podIPs = append(podIPs, ip)
+			if v4 := ip.To4(); v4 != nil && pod4 == nil {
+				pod4 = v4
+			} else if v4 == nil && pod6 == nil {
+				pod6 = ip
+			}
+		}
+
+		// ADD validates without addresses first, so that bad input is
+		// refused before anything changes: that pass may not be stricter.
+		_, preErr := portmap.Plan(in, nil)
+		out, err := portmap.Plan(in, podIPs)
+		if preErr != nil {
+			requireEntryError(t, preErr)
+			if err == nil {
+				t.Fatalf("accepted with addresses, refused without: %v", preErr)
+			}
+		}
+		if err != nil {
+			requireEntryError(t, err)
+			return
+		}
+
+		type hostSide struct {
+			v6    bool
+			addr  string
+			proto string
+			port  uint16
+		}
+		seen := map[hostSide]bool{}
+		for _, m := range out {
+			if m.HostPort == 0 || m.ContainerPort == 0 {
+				t.Fatalf("mapping with port 0: %+v", m)
+			}
+			if m.Protocol != "tcp" && m.Protocol != "udp" && m.Protocol != "sctp" {
+				t.Fatalf("protocol %q", m.Protocol)
+			}
+			if !m.PodIP.Equal(pod4) && !m.PodIP.Equal(pod6) {
+				t.Fatalf("pod IP %s is not the pod's first address of its family", m.PodIP)
+			}
+			if m.HostIP != nil && (m.HostIP.IsUnspecified() || (m.HostIP.To4() == nil) != m.IPv6()) {
+				t.Fatalf("host IP %s for pod IP %s", m.HostIP, m.PodIP)
+			}
+			k := hostSide{m.IPv6(), m.HostIP.String(), m.Protocol, m.HostPort}
+			if seen[k] {
+				t.Fatalf("host side %+v mapped twice", k)
+			}
+			seen[k] = true
+		}
+		back, err := portmap.FromState(portmap.ToState(out))
+		if err != nil {
+			t.Fatalf("state record of accepted mappings unreadable: %v", err)
+		}
+		if len(out) == 0 {
+			out = []portmap.Mapping{}
+		}
+		if !reflect.DeepEqual(back, out) {
+			t.Fatalf("state round trip:\n%v\n%v", out, back)
+		}
+	})
+}
+
+func requireEntryError(t *testing.T, err error) {
+	t.Helper()
+	var e *types.Error
+	if !errors.As(err, &e) || e.Code != types.ErrInvalidNetworkConfig || !strings.HasPrefix(e.Msg, "invalid runtimeConfig.portMappings[") {
+		t.Fatalf("want CNI error 7 naming the entry, got %T %v", err, err)
+	}
+}
+
+// FuzzFromState: DEL and CHECK rebuild mappings from whatever the state
+// record holds. No panic; what is accepted is valid and stable.
+func FuzzFromState(f *testing.F) {
+	f.Fuzz(func(t *testing.T, portsJSON []byte) {
+		var ports []state.Port
+		if json.Unmarshal(portsJSON, &ports) != nil {
+			return
+		}
+		maps, err := portmap.FromState(ports)
+		if err != nil {
+			if !strings.HasPrefix(err.Error(), "state port ") {
+				t.Fatalf("error does not name the entry: %v", err)
+			}
+			return
+		}
+		for _, m := range maps {
+			if m.HostPort == 0 || m.ContainerPort == 0 || (m.HostIP != nil && (m.HostIP.To4() == nil) != m.IPv6()) {
+				t.Fatalf("accepted %+v", m)
+			}
+		}
+		again, err := portmap.FromState(portmap.ToState(maps))
+		if err != nil || !reflect.DeepEqual(again, maps) {
+			t.Fatalf("not stable: %v\n%v\n%v", err, maps, again)
+		}
+	})
+}

@@ -1,0 +1,182 @@
+package shaping_test
+
+import (
+	"errors"
+	"math"
+	"strings"
+	"testing"
+
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/qoscni/qoscni/shaping"
+)
+
+// Bits of FuzzResolveShaping's present argument: which annotations exist
+// (an empty value is not the same as no annotation) and whether the
+// runtime sent a bandwidth capability at all.
+const (
+	hasIngressRate = 1 << iota
+	hasEgressRate
+	hasIngressBurst
+	hasEgressBurst
+	hasMaxQueueDelay
+	hasRuntime
+)
+
+// FuzzResolveShaping feeds every input Resolve takes: the five annotation
+// strings, runtimeConfig.bandwidth, the plugin config defaults and their
+// delay, and the device MTU (folded into 68..65535, what a Linux link can
+// have; the plugin passes the config's mtu or the device's).
+func FuzzResolveShaping(f *testing.F) {
+	f.Fuzz(func(t *testing.T,
+		ingressRate, egressRate, ingressBurst, egressBurst, maxQueueDelay string, present uint8,
+		rtIngressRate, rtIngressBurst, rtEgressRate, rtEgressBurst uint64,
+		cfgIngressRate, cfgIngressBurst, cfgEgressRate, cfgEgressBurst uint64,
+		cfgMaxQueueDelay string, mtu int) {
+		mtu = 68 + int(uint64(mtu)%(65535-68+1))
+		in := shaping.Inputs{
+			Annotations: map[string]string{},
+			Config: shaping.Rates{IngressRate: cfgIngressRate, IngressBurst: cfgIngressBurst,
+				EgressRate: cfgEgressRate, EgressBurst: cfgEgressBurst},
+			ConfigMaxQueueDelay: cfgMaxQueueDelay,
+		}
+		for _, a := range []struct {
+			bit        uint8
+			key, value string
+		}{
+			{hasIngressRate, shaping.AnnotationIngressRate, ingressRate},
+			{hasEgressRate, shaping.AnnotationEgressRate, egressRate},
+			{hasIngressBurst, shaping.AnnotationIngressBurst, ingressBurst},
+			{hasEgressBurst, shaping.AnnotationEgressBurst, egressBurst},
+			{hasMaxQueueDelay, shaping.AnnotationMaxQueueDelay, maxQueueDelay},
+		} {
+			if present&a.bit != 0 {
+				in.Annotations[a.key] = a.value
+			}
+		}
+		if present&hasRuntime != 0 {
+			in.Runtime = &shaping.Rates{IngressRate: rtIngressRate, IngressBurst: rtIngressBurst,
+				EgressRate: rtEgressRate, EgressBurst: rtEgressBurst}
+		}
+
+		plan, err := shaping.Resolve(in, mtu)
+		if err != nil {
+			checkNamesInput(t, err, in)
+			return
+		}
+		checkDirection(t, "ingress", plan.Ingress, in, shaping.AnnotationIngressRate,
+			func(r *shaping.Rates) (uint64, uint64) { return r.IngressRate, r.IngressBurst }, mtu)
+		checkDirection(t, "egress", plan.Egress, in, shaping.AnnotationEgressRate,
+			func(r *shaping.Rates) (uint64, uint64) { return r.EgressRate, r.EgressBurst }, mtu)
+	})
+}
+
+// checkNamesInput requires a CNI error 7 whose message names an input
+// that was actually given, so a user can find what to fix.
+func checkNamesInput(t *testing.T, err error, in shaping.Inputs) {
+	t.Helper()
+	var e *types.Error
+	if !errors.As(err, &e) || e.Code != types.ErrInvalidNetworkConfig || e.Msg == "" {
+		t.Fatalf("want CNI error %d with a message, got %T %v", types.ErrInvalidNetworkConfig, err, err)
+	}
+	var given []string
+	for k := range in.Annotations {
+		given = append(given, "annotation "+k)
+	}
+	if in.ConfigMaxQueueDelay != "" {
+		given = append(given, "maxQueueDelay")
+	}
+	if in.Runtime != nil {
+		given = append(given, "runtimeConfig.bandwidth.ingressRate", "runtimeConfig.bandwidth.egressRate")
+	}
+	// A config burst is named when its rate is set and the burst is not.
+	for field, v := range map[string]uint64{
+		"ingressRate": in.Config.IngressRate, "ingressBurst": in.Config.IngressRate,
+		"egressRate": in.Config.EgressRate, "egressBurst": in.Config.EgressRate,
+	} {
+		if v != 0 {
+			given = append(given, field)
+		}
+	}
+	for _, g := range given {
+		if strings.HasPrefix(e.Msg, "invalid "+g+" ") {
+			return
+		}
+	}
+	t.Fatalf("message %q names none of the given inputs %q", e.Msg, given)
+}
+
+func checkDirection(t *testing.T, dir string, p *shaping.Params, in shaping.Inputs, rateAnno string,
+	pick func(*shaping.Rates) (rate, burst uint64), mtu int) {
+	t.Helper()
+	_, fromAnno := in.Annotations[rateAnno]
+	var rtRate, rtBurst uint64
+	if in.Runtime != nil {
+		rtRate, rtBurst = pick(in.Runtime)
+	}
+	cfgRate, cfgBurst := pick(&in.Config)
+	want := ""
+	switch {
+	case fromAnno:
+		want = shaping.SourceAnnotation
+	case rtRate != 0:
+		want = shaping.SourceRuntimeConfig
+	case cfgRate != 0:
+		want = shaping.SourceConfig
+	}
+	if p == nil {
+		if want != "" {
+			t.Fatalf("%s not shaped although %s sets it", dir, want)
+		}
+		return
+	}
+	if p.Source != want {
+		t.Fatalf("%s: source %q, want %q", dir, p.Source, want)
+	}
+	if p.RateBits < shaping.MinRateBits || p.RateBits > shaping.MaxRateBits {
+		t.Fatalf("%s: rate %d outside 1k..1P", dir, p.RateBits)
+	}
+	frame := shaping.PeakBurst(mtu) / 2
+	switch p.Source {
+	case shaping.SourceRuntimeConfig:
+		if p.RateBits != rtRate {
+			t.Fatalf("%s: rate %d, runtime asked %d", dir, p.RateBits, rtRate)
+		}
+		if rtBurst != 0 && rtBurst <= rtRate/4 {
+			checkExplicitBurst(t, dir, p, rtBurst, frame)
+		}
+	case shaping.SourceConfig:
+		if p.RateBits != cfgRate {
+			t.Fatalf("%s: rate %d, config asked %d", dir, p.RateBits, cfgRate)
+		}
+		checkExplicitBurst(t, dir, p, cfgBurst, frame)
+	}
+	if p.MaxQueueDelay < shaping.MinMaxQueueDelay || p.MaxQueueDelay > shaping.MaxMaxQueueDelay {
+		t.Fatalf("%s: delay %v out of range", dir, p.MaxQueueDelay)
+	}
+	// A full-size frame must pass the bucket, and the kernel takes 32 bits.
+	if p.BurstBytes < frame || p.BurstBytes > math.MaxUint32 {
+		t.Fatalf("%s: burst %d B, frame %d B", dir, p.BurstBytes, frame)
+	}
+	if p.LimitBytes < min(8*frame, math.MaxUint32) || p.LimitBytes > math.MaxUint32 {
+		t.Fatalf("%s: limit %d B, below 8 frames of %d B or above 32 bits", dir, p.LimitBytes, frame)
+	}
+	// Without a peak rate TBF sends a whole bucket at once: the queue must hold it.
+	peak := shaping.UsesPeak(p.RateBytes(), p.LimitBytes)
+	if !peak && p.LimitBytes < p.BurstBytes {
+		t.Fatalf("%s: no peak rate and limit %d < burst %d", dir, p.LimitBytes, p.BurstBytes)
+	}
+	if peak && shaping.PeakBytes(p.RateBytes()) > math.MaxUint32 {
+		t.Fatalf("%s: peak rate %d does not fit go-tc's 32 bits", dir, shaping.PeakBytes(p.RateBytes()))
+	}
+}
+
+// checkExplicitBurst: a burst given in bits becomes bytes, rounded up, at
+// least one frame, at most 32 bits.
+func checkExplicitBurst(t *testing.T, dir string, p *shaping.Params, bits, frame uint64) {
+	t.Helper()
+	want := min(max(bits/8+min(bits%8, 1), frame), math.MaxUint32)
+	if p.BurstBytes != want {
+		t.Fatalf("%s: burst %d B from %d bits, want %d", dir, p.BurstBytes, bits, want)
+	}
+}
