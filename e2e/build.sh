@@ -34,6 +34,7 @@ kubelet          k8s           k8s.io/kubernetes           k8s.io/kubernetes/cmd
 kube-controller-manager k8s    k8s.io/kubernetes           k8s.io/kubernetes/cmd/kube-controller-manager
 kube-scheduler   k8s           k8s.io/kubernetes           k8s.io/kubernetes/cmd/kube-scheduler
 kubectl          k8s           k8s.io/kubernetes           k8s.io/kubernetes/cmd/kubectl
+crictl           cri-tools     sigs.k8s.io/cri-tools       sigs.k8s.io/cri-tools/cmd/crictl
 "
 
 die() { echo "e2e/build.sh: $*" >&2; exit 1; }
