@@ -27,6 +27,8 @@ esac
 [ "$(id -u)" -eq 0 ] || { echo "e2e/run.sh: needs root (namespaces, containerd, kubelet)" >&2; exit 1; }
 
 log=$(mktemp /tmp/qoscni-e2e-$harness.XXXXXX.log)
+# The logs of the processes a failed test started are kept beside it.
+export QOSCNI_E2E_LOGDIR=${log%.log}.d
 start=$SECONDS
 # One package at a time: the shaping measurements want the machine.
 set +e

@@ -13,9 +13,14 @@ import (
 
 // DefaultStandaloneConflist is the standalone network config when none is
 // given. Without ipam.ranges, the ranges are the node's spec.podCIDRs.
+// cniVersion 1.0.0 is the newest containerd 1.6 and 1.7 accept (their
+// libcni refuses a 1.1.0 result, and no pod would start); runtimes whose
+// libcni reads cniVersions (containerd 2, CRI-O 1.30+) pick 1.1.0 from it
+// and then call STATUS and GC.
 // deploy/base/config/standalone.json is tested to be the same.
 var DefaultStandaloneConflist = []byte(`{
-  "cniVersion": "1.1.0",
+  "cniVersion": "1.0.0",
+  "cniVersions": ["1.0.0", "1.1.0"],
   "name": "qoscni",
   "plugins": [
     {

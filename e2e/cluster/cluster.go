@@ -34,6 +34,8 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/qoscni/qoscni/e2e/node"
 )
 
 const (
@@ -472,6 +474,7 @@ func (p *process) stop(t testing.TB) {
 		if t.Failed() || os.Getenv(LogsEnv) != "" {
 			t.Logf("last lines of %s:\n%s", p.log, p.tail())
 		}
+		node.KeepLog(t, p.log)
 	})
 }
 

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/qoscni/qoscni/e2e/node"
 )
 
 // StartControllerManager starts kube-controller-manager against the
@@ -124,7 +126,14 @@ func (cp *ControlPlane) StartKubelet(t testing.TB, o KubeletOptions) *Kubelet {
 		t.Fatal(err)
 	}
 	removeCgroups := makeCgroupRoot(t, k.CgroupRoot)
-	t.Cleanup(removeCgroups) // runs after the kubelet's stop, registered below
+	// Both run after the kubelet's stop, registered below: its volumes
+	// (tmpfs, projected tokens) stay mounted under its root dir.
+	t.Cleanup(removeCgroups)
+	t.Cleanup(func() {
+		if err := node.UnmountUnder(dir); err != nil {
+			t.Errorf("kubelet mounts: %v", err)
+		}
+	})
 	config := fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: %[1]s

@@ -417,7 +417,7 @@ func (c *Containerd) cleanup(t testing.TB) {
 		t.Errorf("cleanup: %v", err)
 	}
 	for _, dir := range []string{c.State, c.Root} {
-		if err := unmountUnder(dir); err != nil {
+		if err := node.UnmountUnder(dir); err != nil {
 			t.Errorf("cleanup: %v", err)
 		}
 	}
@@ -432,7 +432,7 @@ func (c *Containerd) cleanup(t testing.TB) {
 			continue
 		}
 		t.Logf("cleanup: removing pod network namespace %s left by containerd", ns)
-		if err := unmountUnder(ns); err != nil {
+		if err := node.UnmountUnder(ns); err != nil {
 			t.Errorf("cleanup: %v", err)
 		}
 		if err := os.Remove(ns); err != nil {
@@ -480,7 +480,7 @@ func netnsMounts(nss map[string]bool) []string {
 		if len(f) < 5 || !nss[f[3]] {
 			continue
 		}
-		mp := unescapeMount(f[4])
+		mp := node.UnescapeMount(f[4])
 		if criNetNS(mp) {
 			mps = append(mps, mp)
 		}
@@ -645,7 +645,7 @@ func cgroupDirs(parent string) []string {
 		if fs := fields[sep+1]; fs != "cgroup" && fs != "cgroup2" {
 			continue
 		}
-		root := filepath.Join(unescapeMount(fields[4]), parent)
+		root := filepath.Join(node.UnescapeMount(fields[4]), parent)
 		_ = filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
 			if err == nil && d.IsDir() {
 				dirs = append(dirs, p)
@@ -699,53 +699,6 @@ func removeCgroup(parent string) error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// unmountUnder lazily unmounts every mount point at or below dir, deepest
-// first (sandbox shm, container rootfs overlays, netns bind mounts).
-func unmountUnder(dir string) error {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return err
-	}
-	var mps []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 5 {
-			continue
-		}
-		mp := unescapeMount(f[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			mps = append(mps, mp)
-		}
-	}
-	slices.SortFunc(mps, func(a, b string) int { return strings.Count(b, "/") - strings.Count(a, "/") })
-	var errs []error
-	for _, mp := range slices.Compact(mps) {
-		if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("unmount %s: %w", mp, err))
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// unescapeMount undoes mountinfo's octal escapes (\040 for a space...).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // spawner starts processes from one OS thread that lives until the test
@@ -817,6 +770,7 @@ func (p *process) stop(t testing.TB) {
 				<-p.done
 			}
 		}
+		node.KeepLog(t, p.log)
 	})
 }
 

@@ -78,8 +78,10 @@ func removeMountpoints(made []string) {
 }
 
 // coverHostPaths runs in the child, in its own mount namespace (a slave of
-// the host's: host mounts still show, its own never leave it).
-func coverHostPaths() error {
+// the host's: host mounts still show, its own never leave it). keep are
+// the namespaces of /run/netns it still needs (the node's and the
+// client's).
+func coverHostPaths(keep ...string) error {
 	for _, d := range privateDirs {
 		if err := syscall.Mount("qoscni-e2e", d, "tmpfs", syscall.MS_NODEV|syscall.MS_NOSUID, "mode=0755"); err != nil {
 			return fmt.Errorf("cover %s: %w", d, err)
@@ -107,17 +109,34 @@ func coverHostPaths() error {
 			return fmt.Errorf("cover %s: %w", f, err)
 		}
 	}
-	// /run/netns: pod namespaces that containerd makes here must reach the
-	// agent's container (mountPropagation: HostToContainer), so the mount
-	// is shared within this namespace; being a slave of the host's, none
-	// of them shows on the host.
-	if err := os.MkdirAll("/run/netns", 0o755); err != nil {
+	// /run/netns: containerd creates a file here for every pod namespace
+	// and binds the namespace onto it. A bind of the host's directory would
+	// keep the bind mounts private but not the files, which would outlive
+	// a containerd that never removed them: so a tmpfs, holding only the
+	// node's and the client's namespaces (bound from the host's files),
+	// and shared within this mount namespace, so that the pod namespaces
+	// made later reach the agent's container (mountPropagation:
+	// HostToContainer).
+	hostNetns := "/etc/containerd/qoscni-e2e-host-netns"
+	if err := os.MkdirAll(hostNetns, 0o700); err != nil {
 		return err
 	}
-	if err := syscall.Mount("/run/netns", "/run/netns", "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
-		return fmt.Errorf("bind /run/netns: %w", err)
+	if err := syscall.Mount("/run/netns", hostNetns, "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
+		return fmt.Errorf("bind the host's /run/netns: %w", err)
 	}
-	if err := syscall.Mount("", "/run/netns", "", syscall.MS_SHARED|syscall.MS_REC, ""); err != nil {
+	if err := syscall.Mount("qoscni-e2e", "/run/netns", "tmpfs", syscall.MS_NODEV|syscall.MS_NOSUID|syscall.MS_NOEXEC, "mode=0755"); err != nil {
+		return fmt.Errorf("cover /run/netns: %w", err)
+	}
+	for _, name := range keep {
+		f := filepath.Join("/run/netns", name)
+		if err := os.WriteFile(f, nil, 0o444); err != nil {
+			return err
+		}
+		if err := syscall.Mount(filepath.Join(hostNetns, name), f, "", syscall.MS_BIND, ""); err != nil {
+			return fmt.Errorf("bind netns %s: %w", name, err)
+		}
+	}
+	if err := syscall.Mount("", "/run/netns", "", syscall.MS_SHARED, ""); err != nil {
 		return fmt.Errorf("share /run/netns: %w", err)
 	}
 	return nil

@@ -76,7 +76,7 @@ func Get(t testing.TB) *Node {
 // environment variable is set (to anything but "0"); otherwise they skip.
 func Main(m *testing.M, switchEnv string) {
 	if os.Getenv(innerEnv) != "" {
-		if err := coverHostPaths(); err != nil {
+		if err := coverHostPaths(os.Getenv(innerEnv), os.Getenv(clientEnv)); err != nil {
 			fmt.Fprintln(os.Stderr, "e2e node:", err)
 			os.Exit(1)
 		}
