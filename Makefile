@@ -26,9 +26,10 @@ build:
 	$(GOBUILD) -o bin/qoscni-cnitool ./cmd/qoscni-cnitool
 	$(GOBUILD) -o bin/qoscni-agent ./cmd/qoscni-agent
 
-# The control-plane tests need etcd and kube-apiserver: built once (about
-# 14 min on 2 cores), cached by version after that.
-test: unit
+# Unit and kernel tests, then both end-to-end harnesses. The control-plane
+# tests and the harnesses need etcd, the Kubernetes components and crictl:
+# built once (about 30 min on 2 cores), cached by version after that.
+test: unit e2e-cri e2e-k8s
 
 unit: deps e2e-build
 	$(GO) vet ./...

@@ -40,7 +40,7 @@ failed=$(grep -cE '^\s*--- FAIL:' "$log" || true)
 skipped=$(grep -cE '^\s*--- SKIP:' "$log" || true)
 echo
 echo "timings:"
-grep -E 'timing: ' "$log" | sed -E 's/^\s+/  /' || true
+grep -E 'timing: | took | ready in | in [0-9.]+m?s' "$log" | grep -vE '^\s*(---|===)' | sed -E 's/^\s+/  /' || true
 # A package that failed to build or crashed has no --- FAIL line.
 if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
 	failed=1
