@@ -21,6 +21,8 @@ import (
 // qoscni finds the host end of the pod's veth and records the attachment
 // for the features that act on it, passing the previous result through.
 func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netconf.PodArgs) error {
+	st := p.steps("ADD-chained")
+	defer st.done()
 	prev, err := current.NewResultFromResult(conf.PrevResult)
 	if err != nil {
 		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
@@ -73,6 +75,7 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 			prev.Interfaces = appendIFB(host, prev.Interfaces, ifb)
 		}
 	}
+	st.mark("shaping")
 	var undoPorts func() error
 	if len(ports) > 0 {
 		key := state.Key{Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName}
@@ -84,6 +87,7 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 			return err
 		}
 	}
+	st.mark("ports")
 	rec := &state.Record{
 		Network:         conf.Name,
 		ContainerID:     args.ContainerID,
@@ -112,6 +116,7 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 		}
 		return err
 	}
+	st.mark("state")
 	return types.PrintResult(prev, conf.CNIVersion)
 }
 

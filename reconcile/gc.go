@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/qoscni/qoscni/cniconf"
+	"github.com/qoscni/qoscni/internal/fault"
 	"github.com/qoscni/qoscni/ipam"
 	"github.com/qoscni/qoscni/podnet"
 	"github.com/qoscni/qoscni/state"
@@ -116,6 +117,8 @@ func (r *Reconciler) cleanup(rec *state.Record) error {
 			errs = append(errs, err)
 		}
 	}
+	// The reliability tests kill the agent between GC's steps (internal/fault).
+	fault.At("gc", "links")
 	if ips := recordIPs(rec); rec.IPMasq && len(ips) > 0 {
 		m, err := podnet.NewMasq(r.cfg.NetnsFd)
 		if err == nil {
@@ -125,21 +128,28 @@ func (r *Reconciler) cleanup(rec *state.Record) error {
 			errs = append(errs, fmt.Errorf("remove ipMasq: %w", err))
 		}
 	}
+	fault.At("gc", "masq")
 	for _, c := range r.cfg.Cleaners {
 		if err := c.Del(rec); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", c.Name(), err))
 		}
 	}
+	fault.At("gc", "cleaners")
 	if len(errs) > 0 {
 		return errors.Join(errs...)
 	}
 	if err := r.store.Delete(rec.Key()); err != nil {
 		return err
 	}
+	fault.At("gc", "state")
 	if rec.Mode == state.ModeChained {
 		return nil // addresses are the main plugin's
 	}
-	return r.release(rec)
+	if err := r.release(rec); err != nil {
+		return err
+	}
+	fault.At("gc", "ipam")
+	return nil
 }
 
 func (r *Reconciler) release(rec *state.Record) error {

@@ -5,6 +5,7 @@ import (
 	"reflect"
 	"strings"
 
+	"github.com/qoscni/qoscni/internal/fault"
 	"github.com/qoscni/qoscni/podnet"
 	"github.com/qoscni/qoscni/shaping"
 	"github.com/qoscni/qoscni/state"
@@ -106,9 +107,15 @@ func (r *Reconciler) reshape(rec *state.Record, pod Pod) outcome {
 		if err != nil {
 			return err
 		}
+		// Kernel changed, record not yet: the reliability tests kill the
+		// agent here and between the shaping actions (internal/fault).
+		fault.At("reshape", "applied")
 		cur.Shaping = want
 		return nil
 	})
+	if err == nil {
+		fault.At("reshape", "state")
+	}
 	switch {
 	case errors.Is(err, errUnchanged):
 		return outcomeNone

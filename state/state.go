@@ -8,11 +8,13 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
+	"github.com/containernetworking/cni/pkg/types"
 	"golang.org/x/sys/unix"
 
 	"github.com/qoscni/qoscni/internal/atomicfile"
@@ -116,13 +118,20 @@ type Key struct {
 
 func (r *Record) Key() Key { return Key{r.Network, r.ContainerID, r.IfName} }
 
+// DefaultLockTimeout bounds the wait for a network's lock, as
+// ipam.DefaultLockTimeout does for the address store.
+const DefaultLockTimeout = 30 * time.Second
+
 // Store is a directory of records: <dir>/<network>/<containerID>_<ifname>.json.
 type Store struct {
 	Dir string
+	// LockTimeout bounds the wait for a network's lock (New sets
+	// DefaultLockTimeout); zero or negative means a single attempt.
+	LockTimeout time.Duration
 }
 
 // New returns a store rooted at dir; directories are created on first write.
-func New(dir string) *Store { return &Store{Dir: dir} }
+func New(dir string) *Store { return &Store{Dir: dir, LockTimeout: DefaultLockTimeout} }
 
 // safe keeps a path element inside its directory whatever the runtime sent.
 func safe(s string) string {
@@ -221,21 +230,42 @@ func (s *Store) Update(k Key, change func(*Record) error) error {
 	return s.save(r)
 }
 
-// lock takes the network's lock file (flock, released with the process).
+// lock takes the network's lock file (flock, released with the process),
+// polling so that a stuck holder turns into a retryable CNI error (11)
+// instead of a hung pod start or teardown.
 func (s *Store) lock(network string) (func(), error) {
 	dir := s.netDir(network)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create state dir %s: %w", dir, err)
 	}
-	f, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	path := filepath.Join(dir, ".lock")
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("open state lock: %w", err)
 	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock state of %s: %w", network, err)
+	deadline := time.Now().Add(s.LockTimeout)
+	backoff := 200 * time.Microsecond
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		switch {
+		case err == nil:
+			return func() { f.Close() }, nil
+		case errors.Is(err, unix.EINTR):
+			continue
+		case !errors.Is(err, unix.EWOULDBLOCK):
+			f.Close()
+			return nil, fmt.Errorf("lock state of %s: %w", network, err)
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			f.Close()
+			return nil, types.NewError(types.ErrTryAgainLater,
+				fmt.Sprintf("state: %s is locked by another process for %s", path, s.LockTimeout), "")
+		}
+		// Jitter keeps many waiting plugin processes from polling in lockstep.
+		time.Sleep(min(backoff/2+rand.N(backoff/2+1), left))
+		backoff = min(backoff*2, 10*time.Millisecond)
 	}
-	return func() { f.Close() }, nil
 }
 
 // Delete removes the record; a missing record is not an error.

@@ -1,11 +1,15 @@
 package state
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
+	"golang.org/x/sys/unix"
 )
 
 func TestSaveLoadListDelete(t *testing.T) {
@@ -132,5 +136,50 @@ func TestCacheSeesChanges(t *testing.T) {
 	}
 	if recs, _, _ := c.List(); len(recs) != 0 {
 		t.Errorf("deleted record still listed")
+	}
+}
+
+func TestLockTimeout(t *testing.T) {
+	s := New(t.TempDir())
+	s.LockTimeout = 50 * time.Millisecond
+	r := &Record{Network: "n", ContainerID: "c", IfName: "eth0", HostVeth: "v"}
+	if err := os.MkdirAll(s.netDir("n"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	// flock conflicts between open file descriptions, also of one process.
+	f, err := os.OpenFile(filepath.Join(s.netDir("n"), ".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	for name, op := range map[string]func() error{
+		"Save":   func() error { return s.Save(r) },
+		"Delete": func() error { return s.Delete(r.Key()) },
+		"Update": func() error { return s.Update(r.Key(), func(*Record) error { return nil }) },
+	} {
+		start := time.Now()
+		err := op()
+		var te *types.Error
+		if !errors.As(err, &te) || te.Code != types.ErrTryAgainLater {
+			t.Fatalf("%s with the lock held: want CNI error 11, got %v", name, err)
+		}
+		if !strings.Contains(te.Msg, filepath.Join(s.netDir("n"), ".lock")) {
+			t.Errorf("%s: message %q does not name the lock file", name, te.Msg)
+		}
+		if d := time.Since(start); d < 50*time.Millisecond || d > 2*time.Second {
+			t.Errorf("%s waited %v for a 50ms bound", name, d)
+		}
+	}
+	if got, _ := s.Load(r.Key()); got != nil {
+		t.Fatal("Save refused at the lock wrote the record")
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_UN); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Save(r); err != nil {
+		t.Fatalf("Save after the lock is free: %v", err)
 	}
 }
