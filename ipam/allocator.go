@@ -308,6 +308,17 @@ func (a *Allocator) Get(containerID, ifName string) ([]net.IP, error) {
 	return out, nil
 }
 
+// Owner returns the attachment that holds ip; ok is false when the address
+// is free or its owner cannot be read.
+func (a *Allocator) Owner(ip net.IP) (o Attachment, ok bool) {
+	addr, valid := netip.AddrFromSlice(ip)
+	if !valid {
+		return Attachment{}, false
+	}
+	o, st := a.readOwner(addr.Unmap())
+	return o, st == ipOwned
+}
+
 // Release frees everything the attachment holds; releasing nothing is not an error.
 // Address files go first and the index last, so a crash in between leaves an index
 // whose addresses fail the ownership check, never an address without a way to find it.

@@ -89,6 +89,9 @@ func join(recs []*state.Record, bad []state.BadFile, qd map[string]QdiscStats) *
 	snap := &Snapshot{Bad: bad}
 	all := make([]Attachment, 0, len(recs))
 	for _, r := range recs {
+		if r.Provisional {
+			continue // an ADD under way
+		}
 		a := Attachment{Record: r, Namespace: r.Pod.Namespace, Pod: podName(r), Interface: r.IfName}
 		if sh := r.Shaping; sh != nil {
 			for _, d := range []struct {

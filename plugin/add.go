@@ -39,8 +39,19 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	store := state.New(conf.StateDir)
 	key := state.Key{Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName}
 	if rec, lerr := store.Load(key); lerr == nil && rec != nil {
-		return nil, types.NewError(types.ErrInvalidEnvironmentVariables,
-			fmt.Sprintf("attachment %s/%s already exists in network %s (DEL it first)", args.ContainerID, args.IfName, conf.Name), "")
+		if !rec.Provisional {
+			return nil, types.NewError(types.ErrInvalidEnvironmentVariables,
+				fmt.Sprintf("attachment %s/%s already exists in network %s (DEL it first)", args.ContainerID, args.IfName, conf.Name), "")
+		}
+		// An earlier ADD of this attachment was killed half way and no DEL
+		// came: what it left goes first.
+		src, err := newAddrSource(conf)
+		if err != nil {
+			return nil, err
+		}
+		if err := p.teardown(conf, src, store, key, rec, true); err != nil {
+			return nil, fmt.Errorf("remove what an unfinished ADD of %s/%s left: %w", args.ContainerID, args.IfName, err)
+		}
 	}
 
 	netns, err := podnet.OpenNetNS(args.Netns)
@@ -89,6 +100,20 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	if err != nil {
 		return nil, err
 	}
+	// Before the first change: a record saying this ADD is under way, so
+	// that DEL, GC and the agent find what it made if it is killed before
+	// the full record replaces this one.
+	hostName := podnet.HostVethName(args.ContainerID, args.IfName)
+	if err := store.Save(&state.Record{
+		Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns,
+		Pod:  state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
+		Mode: state.ModeStandalone, Bridge: conf.Bridge, HostVeth: hostName, IPMasq: conf.IPMasq,
+		Created: time.Now().UTC(), Provisional: true,
+	}); err != nil {
+		return nil, err
+	}
+	rollback.push(func() error { return store.Delete(key) })
+	st.mark("provisional")
 	ipcs, ipamRoutes, dns, err := src.allocate(args.ContainerID, args.IfName)
 	if err != nil {
 		return nil, err
@@ -102,7 +127,6 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	}
 
 	st.mark("bridge")
-	hostName := podnet.HostVethName(args.ContainerID, args.IfName)
 	// A host veth under our deterministic name with no state record is what
 	// an ADD killed half way leaves behind; the runtime has already given up
 	// on it, so it is replaced.

@@ -43,6 +43,10 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 		return types.NewError(types.ErrUnknownContainer,
 			fmt.Sprintf("unknown attachment %s/%s in network %s: no state record", args.ContainerID, args.IfName, conf.Name), "")
 	}
+	if rec.Provisional {
+		return types.NewError(types.ErrUnknownContainer,
+			fmt.Sprintf("attachment %s/%s in network %s: its ADD did not finish (DEL it)", args.ContainerID, args.IfName, conf.Name), "")
+	}
 	var errs []error
 	if rec.Mode != state.ModeChained {
 		if err := p.checkStandalone(args, conf, prev, rec); err != nil {

@@ -48,6 +48,13 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 	if rec != nil && rec.Shaping != nil && rec.Shaping.IFB != "" {
 		ifb = rec.Shaping.IFB
 	}
+	// A provisional record (an ADD killed half way) knows only the
+	// attachment: its addresses come from the IPAM store, its hostPorts
+	// go by owner, as without a record.
+	full := rec
+	if rec != nil && rec.Provisional {
+		full = nil
+	}
 	if rec != nil && rec.Mode == state.ModeChained {
 		// The veth is the main plugin's: take only our qdiscs off it.
 		sh, err := shaping.Open(-1)
@@ -73,7 +80,7 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 	}
 
 	st.mark("veth")
-	ips, err := attachmentIPs(src, key, rec)
+	ips, err := attachmentIPs(src, key, full)
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -87,8 +94,8 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 		}
 	}
 	st.mark("masq")
-	if rec == nil || len(rec.Ports) > 0 {
-		if err := delPorts(key, rec); err != nil {
+	if full == nil || len(full.Ports) > 0 {
+		if err := delPorts(key, full); err != nil {
 			errs = append(errs, fmt.Errorf("remove hostPorts of %s/%s: %w", key.ContainerID, key.IfName, err))
 		}
 	}

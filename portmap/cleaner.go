@@ -24,6 +24,17 @@ func (c *Cleaner) Name() string { return "hostport" }
 
 // Del removes the elements a stale attachment's record lists.
 func (c *Cleaner) Del(rec *state.Record) error {
+	if rec.Provisional {
+		// An ADD killed before its full record: any element it added
+		// carries its owner.
+		m, err := New(c.nsFd)
+		if err != nil {
+			return err
+		}
+		defer m.Close()
+		_, err = m.GC(func(o Owner) bool { return o.ContainerID != rec.ContainerID || o.IfName != rec.IfName })
+		return err
+	}
 	if len(rec.Ports) == 0 {
 		return nil
 	}

@@ -99,8 +99,11 @@ func netnsGone(path string) bool {
 	return st.Type != unix.NSFS_MAGIC && st.Type != unix.PROC_SUPER_MAGIC
 }
 
-// cleanup mirrors the plugin's DEL: kernel objects first, the record next,
-// addresses last, so an address is never free while something uses it.
+// cleanup removes a stale attachment: kernel objects first, then the
+// addresses, then the record, so that an agent killed half way finds the
+// record again at its next pass and finishes (the plugin's DEL releases
+// last instead: the runtime's next DEL or GC finds the addresses by owner;
+// the agent has no such second chance).
 func (r *Reconciler) cleanup(rec *state.Record) error {
 	var errs []error
 	ifb := ifbOf(rec)
@@ -119,7 +122,11 @@ func (r *Reconciler) cleanup(rec *state.Record) error {
 	}
 	// The reliability tests kill the agent between GC's steps (internal/fault).
 	fault.At("gc", "links")
-	if ips := recordIPs(rec); rec.IPMasq && len(ips) > 0 {
+	alloc, err := r.allocator(rec)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	if ips := r.masqIPs(rec, alloc); rec.IPMasq && len(ips) > 0 {
 		m, err := podnet.NewMasq(r.cfg.NetnsFd)
 		if err == nil {
 			err = m.Del(ips)
@@ -138,40 +145,65 @@ func (r *Reconciler) cleanup(rec *state.Record) error {
 	if len(errs) > 0 {
 		return errors.Join(errs...)
 	}
+	if alloc != nil {
+		if err := alloc.Release(rec.ContainerID, rec.IfName); err != nil {
+			return fmt.Errorf("release addresses of %s/%s: %w", rec.ContainerID, rec.IfName, err)
+		}
+	}
+	fault.At("gc", "ipam")
 	if err := r.store.Delete(rec.Key()); err != nil {
 		return err
 	}
 	fault.At("gc", "state")
-	if rec.Mode == state.ModeChained {
-		return nil // addresses are the main plugin's
-	}
-	if err := r.release(rec); err != nil {
-		return err
-	}
-	fault.At("gc", "ipam")
 	return nil
 }
 
-func (r *Reconciler) release(rec *state.Record) error {
-	if r.cfg.CNIConfDir == "" {
-		return nil
+// allocator is the built-in IPAM store of the record's network, nil for a
+// chained attachment (the main plugin's addresses) or when the CNI config
+// dir has no qoscni network of that name with built-in IPAM.
+func (r *Reconciler) allocator(rec *state.Record) (*ipam.Allocator, error) {
+	if rec.Mode == state.ModeChained || r.cfg.CNIConfDir == "" {
+		return nil, nil
 	}
 	n, ok, errs := cniconf.IPAMNetworkByName(r.cfg.CNIConfDir, rec.Network)
 	if !ok {
-		if len(recordIPs(rec)) > 0 {
+		if len(recordIPs(rec)) > 0 || rec.Provisional {
 			r.log.Warn("addresses of a removed attachment not released: no qoscni network with built-in IPAM of that name in the CNI config dir",
 				"network", rec.Network, "container", rec.ContainerID, "ifname", rec.IfName, "ips", rec.IPs, "cniConfDir", r.cfg.CNIConfDir, "configErrors", errors.Join(errs...))
 		}
-		return nil
+		return nil, nil
 	}
 	a, err := ipam.New(n.Config, n.Name)
 	if err != nil {
-		return fmt.Errorf("release addresses of %s/%s: %w", rec.ContainerID, rec.IfName, err)
+		return nil, fmt.Errorf("addresses of %s/%s: %w", rec.ContainerID, rec.IfName, err)
 	}
-	if err := a.Release(rec.ContainerID, rec.IfName); err != nil {
-		return fmt.Errorf("release addresses of %s/%s: %w", rec.ContainerID, rec.IfName, err)
+	return a, nil
+}
+
+// masqIPs are the addresses whose masquerade elements go with the
+// attachment: the record's (a provisional record has none: the IPAM
+// store's), less any the IPAM store now gives to another attachment (an
+// agent killed after releasing them, and the address reused since).
+func (r *Reconciler) masqIPs(rec *state.Record, alloc *ipam.Allocator) []net.IP {
+	ips := recordIPs(rec)
+	if alloc == nil {
+		return ips
 	}
-	return nil
+	if rec.Provisional {
+		held, err := alloc.Get(rec.ContainerID, rec.IfName)
+		if err != nil {
+			r.log.Warn("addresses of an unfinished ADD", "container", rec.ContainerID, "ifname", rec.IfName, "err", err)
+		}
+		return held
+	}
+	out := ips[:0:0]
+	for _, ip := range ips {
+		if o, ok := alloc.Owner(ip); ok && (o.ContainerID != rec.ContainerID || o.IfName != rec.IfName) {
+			continue
+		}
+		out = append(out, ip)
+	}
+	return out
 }
 
 func recordIPs(rec *state.Record) []net.IP {

@@ -223,6 +223,9 @@ func (r *Reconciler) drain() {
 	}
 	byPod := map[[2]string][]*state.Record{}
 	for _, rec := range recs {
+		if rec.Provisional {
+			continue // an ADD under way (or killed): nothing to reshape yet
+		}
 		k := [2]string{rec.Pod.Namespace, rec.Pod.Name}
 		byPod[k] = append(byPod[k], rec)
 	}
@@ -281,6 +284,9 @@ func (r *Reconciler) Pass() PassResult {
 	}
 	defer r.shaper.EndPass()
 	for _, rec := range live {
+		if rec.Provisional {
+			continue // an ADD under way: its shaping is not decided yet
+		}
 		if r.cfg.Pods != nil && r.cfg.Pods.Synced() {
 			if pod, ok := r.cfg.Pods.Pod(rec.Pod.Namespace, rec.Pod.Name); ok && samePod(rec, pod) {
 				switch r.reshape(rec, pod) {
