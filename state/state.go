@@ -61,6 +61,13 @@ type Record struct {
 	Ports           []Port           `json:"ports,omitempty"`
 	Created         time.Time        `json:"created"`
 	Updated         time.Time        `json:"updated,omitempty"`
+	// Provisional marks the record a standalone ADD writes before its first
+	// change to the kernel or the IPAM store, replaced by the full record
+	// when it succeeds. One left behind is an ADD that was killed half
+	// way: DEL, GC and the agent tear it down as they would without a
+	// record (addresses from the IPAM store, hostPorts by owner), and
+	// nothing else acts on it.
+	Provisional bool `json:"provisional,omitempty"`
 }
 
 // Shaping is the traffic shaping applied to an attachment; nil or an empty
