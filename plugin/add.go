@@ -104,11 +104,11 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	// that DEL, GC and the agent find what it made if it is killed before
 	// the full record replaces this one.
 	hostName := podnet.HostVethName(args.ContainerID, args.IfName)
-	if err := store.Save(&state.Record{
+	if err := store.SaveProvisional(&state.Record{
 		Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns,
 		Pod:  state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
 		Mode: state.ModeStandalone, Bridge: conf.Bridge, HostVeth: hostName, IPMasq: conf.IPMasq,
-		Created: time.Now().UTC(), Provisional: true,
+		Created: time.Now().UTC(),
 	}); err != nil {
 		return nil, err
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sort"
 
 	"github.com/google/nftables"
@@ -18,12 +19,18 @@ import (
 const TableName = "qoscni"
 
 const (
-	masqChain   = "masquerade"
-	masqSrc4    = "masq-src4"
-	masqSrc6    = "masq-src6"
-	masqSkip4   = "masq-skip-dst4"
-	masqSkip6   = "masq-skip-dst6"
-	masqRuleNum = 2
+	masqChain = "masquerade"
+	masqSrc4  = "masq-src4"
+	masqSrc6  = "masq-src6"
+	masqSkip4 = "masq-skip-dst4"
+	masqSkip6 = "masq-skip-dst6"
+	// The cluster's pod CIDRs (every node's spec.podCIDRs), written by the
+	// agent only. Kept apart from masq-skip-dst, which the plugin fills
+	// and never shrinks, so that a node leaving removes exactly its own
+	// CIDR and never a subnet the plugin added.
+	masqCluster4 = "masq-skip-cluster4"
+	masqCluster6 = "masq-skip-cluster6"
+	masqRuleNum  = 2
 )
 
 // Multicast is never masqueraded (as the reference bridge plugin does).
@@ -33,16 +40,20 @@ var multicast = []net.IPNet{
 }
 
 // Masq manages ipMasq: a pod address in masq-src{4,6} is masqueraded when
-// it talks to a destination outside the interval set masq-skip-dst{4,6}
-// (the pod subnets and multicast).
+// it talks to a destination outside both interval sets masq-skip-dst{4,6}
+// (the node's pod subnets and multicast, kept by the plugin) and
+// masq-skip-cluster{4,6} (the other nodes' pod CIDRs, kept by the agent,
+// so that pod-to-pod traffic across nodes keeps its source address).
 type Masq struct {
-	conn  *nftables.Conn
-	table *nftables.Table
-	src4  *nftables.Set
-	src6  *nftables.Set
-	skip4 *nftables.Set
-	skip6 *nftables.Set
-	chain *nftables.Chain
+	conn     *nftables.Conn
+	table    *nftables.Table
+	src4     *nftables.Set
+	src6     *nftables.Set
+	skip4    *nftables.Set
+	skip6    *nftables.Set
+	cluster4 *nftables.Set
+	cluster6 *nftables.Set
+	chain    *nftables.Chain
 }
 
 // NewMasq opens nftables in the namespace nsFd (-1 = the current one).
@@ -57,12 +68,14 @@ func NewMasq(nsFd int) (*Masq, error) {
 	}
 	t := &nftables.Table{Family: nftables.TableFamilyINet, Name: TableName}
 	return &Masq{
-		conn:  c,
-		table: t,
-		src4:  &nftables.Set{Table: t, Name: masqSrc4, KeyType: nftables.TypeIPAddr},
-		src6:  &nftables.Set{Table: t, Name: masqSrc6, KeyType: nftables.TypeIP6Addr},
-		skip4: &nftables.Set{Table: t, Name: masqSkip4, KeyType: nftables.TypeIPAddr, Interval: true},
-		skip6: &nftables.Set{Table: t, Name: masqSkip6, KeyType: nftables.TypeIP6Addr, Interval: true},
+		conn:     c,
+		table:    t,
+		src4:     &nftables.Set{Table: t, Name: masqSrc4, KeyType: nftables.TypeIPAddr},
+		src6:     &nftables.Set{Table: t, Name: masqSrc6, KeyType: nftables.TypeIP6Addr},
+		skip4:    &nftables.Set{Table: t, Name: masqSkip4, KeyType: nftables.TypeIPAddr, Interval: true},
+		skip6:    &nftables.Set{Table: t, Name: masqSkip6, KeyType: nftables.TypeIP6Addr, Interval: true},
+		cluster4: &nftables.Set{Table: t, Name: masqCluster4, KeyType: nftables.TypeIPAddr, Interval: true},
+		cluster6: &nftables.Set{Table: t, Name: masqCluster6, KeyType: nftables.TypeIP6Addr, Interval: true},
 		chain: &nftables.Chain{
 			Name: masqChain, Table: t, Type: nftables.ChainTypeNAT,
 			Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource,
@@ -71,8 +84,10 @@ func NewMasq(nsFd int) (*Masq, error) {
 }
 
 func (m *Masq) rules() []*nftables.Rule {
-	// nfproto, saddr in @src, daddr not in @skip, masquerade.
-	mk := func(proto byte, srcOff, dstOff, alen uint32, src, skip *nftables.Set) *nftables.Rule {
+	// nfproto, saddr in @src, daddr not in @skip, daddr not in @cluster,
+	// masquerade. daddr is loaded again before the second lookup only so
+	// that nft lists the rule readably; the register still holds it.
+	mk := func(proto byte, srcOff, dstOff, alen uint32, src, skip, cluster *nftables.Set) *nftables.Rule {
 		return &nftables.Rule{Table: m.table, Chain: m.chain, Exprs: []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
@@ -80,26 +95,72 @@ func (m *Masq) rules() []*nftables.Rule {
 			&expr.Lookup{SourceRegister: 1, SetName: src.Name, SetID: src.ID},
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: dstOff, Len: alen},
 			&expr.Lookup{SourceRegister: 1, SetName: skip.Name, SetID: skip.ID, Invert: true},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: dstOff, Len: alen},
+			&expr.Lookup{SourceRegister: 1, SetName: cluster.Name, SetID: cluster.ID, Invert: true},
 			&expr.Masq{},
 		}}
 	}
 	return []*nftables.Rule{
-		mk(unix.NFPROTO_IPV4, 12, 16, 4, m.src4, m.skip4),
-		mk(unix.NFPROTO_IPV6, 8, 24, 16, m.src6, m.skip6),
+		mk(unix.NFPROTO_IPV4, 12, 16, 4, m.src4, m.skip4, m.cluster4),
+		mk(unix.NFPROTO_IPV6, 8, 24, 16, m.src6, m.skip6, m.cluster6),
 	}
 }
 
-// baseReady reports whether the table, chain and rules are in place.
+// baseReady reports whether the table, chain and the current rules are in
+// place. Rules of an older version (without the cluster lookup) are not
+// ready: the next Add or SetClusterCIDRs replaces them in one batch.
 func (m *Masq) baseReady() bool {
 	rules, err := m.conn.GetRules(m.table, m.chain)
-	return err == nil && len(rules) == masqRuleNum
+	if err != nil || len(rules) != masqRuleNum {
+		return false
+	}
+	for i, want := range m.rules() {
+		if !slices.Equal(lookupSets(rules[i]), lookupSets(want)) {
+			return false
+		}
+	}
+	return true
+}
+
+func lookupSets(r *nftables.Rule) []string {
+	var names []string
+	for _, e := range r.Exprs {
+		if l, ok := e.(*expr.Lookup); ok {
+			names = append(names, l.SetName)
+		}
+	}
+	return names
+}
+
+// ensureBase creates the table, sets, chain and rules when they are not
+// all there, with multicast in the skip sets, in one batch.
+func (m *Masq) ensureBase() error {
+	if m.baseReady() {
+		return nil
+	}
+	if err := m.queueBase(); err != nil {
+		return err
+	}
+	for _, mc := range multicast {
+		s := m.skip4
+		if mc.IP.To4() == nil {
+			s = m.skip6
+		}
+		if err := m.conn.SetAddElements(s, intervalElems(prefixInterval(mc))); err != nil {
+			return fmt.Errorf("add multicast to %s: %w", s.Name, err)
+		}
+	}
+	if err := m.conn.Flush(); err != nil {
+		return fmt.Errorf("create nftables table %s for ipMasq: %w", TableName, err)
+	}
+	return nil
 }
 
 // queueBase adds the table, sets, chain and rules to the pending batch,
 // replacing whatever rules the chain has (drift or an older version).
 func (m *Masq) queueBase() error {
 	m.conn.AddTable(m.table)
-	for _, s := range []*nftables.Set{m.src4, m.src6, m.skip4, m.skip6} {
+	for _, s := range []*nftables.Set{m.src4, m.src6, m.skip4, m.skip6, m.cluster4, m.cluster6} {
 		if err := m.conn.AddSet(s, nil); err != nil {
 			return fmt.Errorf("add set %s: %w", s.Name, err)
 		}
@@ -180,23 +241,8 @@ func intervalElems(iv interval) []nftables.SetElement {
 // Add makes each pod address masqueraded towards everything outside its
 // subnet, in one batch.
 func (m *Masq) Add(addrs []net.IPNet) error {
-	if !m.baseReady() {
-		if err := m.queueBase(); err != nil {
-			return err
-		}
-		// New sets: multicast goes in with the base.
-		for _, mc := range multicast {
-			s := m.skip4
-			if mc.IP.To4() == nil {
-				s = m.skip6
-			}
-			if err := m.conn.SetAddElements(s, intervalElems(prefixInterval(mc))); err != nil {
-				return fmt.Errorf("add multicast to %s: %w", s.Name, err)
-			}
-		}
-		if err := m.conn.Flush(); err != nil {
-			return fmt.Errorf("create nftables table %s for ipMasq: %w", TableName, err)
-		}
+	if err := m.ensureBase(); err != nil {
+		return err
 	}
 	for _, a := range addrs {
 		src, skip := m.src4, m.skip4
@@ -260,7 +306,8 @@ func (m *Masq) Has(ip net.IP) (bool, error) {
 	if ip.To4() == nil {
 		src = m.src6
 	}
-	if !m.baseReady() {
+	// Any version of the rules will do: CHECK asks about the element.
+	if rules, err := m.conn.GetRules(m.table, m.chain); err != nil || len(rules) != masqRuleNum {
 		return false, nil
 	}
 	elems, err := m.conn.GetSetElements(src)
@@ -274,4 +321,85 @@ func (m *Masq) Has(ip net.IP) (bool, error) {
 		}
 	}
 	return false, nil
+}
+
+// SetClusterCIDRs makes the destination sets masq-skip-cluster{4,6} hold
+// exactly nets (the pod CIDRs of every node), so that pods keep their
+// source address towards pods on other nodes. Overlapping and adjacent
+// CIDRs are merged first (an interval set takes no overlaps); only the
+// intervals that differ from the kernel's are added or removed, in one
+// batch, so an unchanged cluster costs two set listings. It creates the
+// table when the plugin has not yet (ipMasq pods may come later).
+func (m *Masq) SetClusterCIDRs(nets []net.IPNet) error {
+	if err := m.ensureBase(); err != nil {
+		return err
+	}
+	var want4, want6 []interval
+	for _, n := range nets {
+		if n.IP.To4() != nil {
+			want4 = append(want4, prefixInterval(n))
+		} else if n.IP.To16() != nil {
+			want6 = append(want6, prefixInterval(n))
+		}
+	}
+	changed := false
+	for _, f := range []struct {
+		set  *nftables.Set
+		want []interval
+	}{{m.cluster4, mergeIntervals(want4)}, {m.cluster6, mergeIntervals(want6)}} {
+		have, err := m.intervals(f.set)
+		if err != nil {
+			return err
+		}
+		for _, h := range have {
+			if !slices.ContainsFunc(f.want, h.equal) {
+				if err := m.conn.SetDeleteElements(f.set, intervalElems(h)); err != nil {
+					return fmt.Errorf("remove cluster CIDR from %s: %w", f.set.Name, err)
+				}
+				changed = true
+			}
+		}
+		for _, w := range f.want {
+			if !slices.ContainsFunc(have, w.equal) {
+				if err := m.conn.SetAddElements(f.set, intervalElems(w)); err != nil {
+					return fmt.Errorf("add cluster CIDR to %s: %w", f.set.Name, err)
+				}
+				changed = true
+			}
+		}
+	}
+	if !changed {
+		return nil
+	}
+	if err := m.conn.Flush(); err != nil {
+		return fmt.Errorf("set cluster pod CIDRs %v in %s: %w", nets, TableName, err)
+	}
+	return nil
+}
+
+func (iv interval) equal(o interval) bool {
+	return bytes.Equal(iv.lo, o.lo) && bytes.Equal(iv.hi, o.hi) && (iv.hi == nil) == (o.hi == nil)
+}
+
+// mergeIntervals sorts intervals of one family and joins those that
+// overlap or touch.
+func mergeIntervals(ivs []interval) []interval {
+	if len(ivs) == 0 {
+		return nil
+	}
+	s := slices.Clone(ivs)
+	slices.SortFunc(s, func(a, b interval) int { return bytes.Compare(a.lo, b.lo) })
+	out := []interval{s[0]}
+	for _, iv := range s[1:] {
+		last := &out[len(out)-1]
+		if last.hi != nil && bytes.Compare(iv.lo, last.hi) > 0 {
+			out = append(out, iv)
+			continue
+		}
+		// Overlapping or adjacent: extend to the later end (nil = top).
+		if last.hi != nil && (iv.hi == nil || bytes.Compare(iv.hi, last.hi) > 0) {
+			last.hi = iv.hi
+		}
+	}
+	return out
 }

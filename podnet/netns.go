@@ -37,7 +37,39 @@ func OpenNetNS(path string) (*NetNS, error) {
 		h.Close()
 		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open netns %s: not a network namespace", path), "")
 	}
+	// nsfs holds every kind of namespace: a mount or PID namespace would
+	// pass the check above and fail only at the first setns, half way
+	// through the wiring. ENOTTY: a kernel older than 4.11 cannot tell.
+	if kind, err := unix.IoctlRetInt(int(h), unix.NS_GET_NSTYPE); !errors.Is(err, unix.ENOTTY) && (err != nil || kind != unix.CLONE_NEWNET) {
+		h.Close()
+		msg := fmt.Sprintf("open netns %s: not a network namespace (%s)", path, nsKind(kind, err))
+		return nil, types.NewError(types.ErrInvalidNetNS, msg, "")
+	}
 	return &NetNS{Path: path, Handle: h}, nil
+}
+
+// nsKind names what NS_GET_NSTYPE said, for the error message.
+func nsKind(kind int, err error) string {
+	if err != nil {
+		return fmt.Sprintf("NS_GET_NSTYPE: %v", err)
+	}
+	switch kind {
+	case unix.CLONE_NEWNS:
+		return "a mount namespace"
+	case unix.CLONE_NEWPID:
+		return "a PID namespace"
+	case unix.CLONE_NEWUTS:
+		return "a UTS namespace"
+	case unix.CLONE_NEWIPC:
+		return "an IPC namespace"
+	case unix.CLONE_NEWUSER:
+		return "a user namespace"
+	case unix.CLONE_NEWCGROUP:
+		return "a cgroup namespace"
+	case unix.CLONE_NEWTIME:
+		return "a time namespace"
+	}
+	return fmt.Sprintf("namespace type %#x", kind)
 }
 
 func (n *NetNS) Close() error { return n.Handle.Close() }

@@ -231,13 +231,22 @@ func (r *Reconciler) gcLinks(live []*state.Record, bad []state.BadFile, res *Pas
 		known[rec.HostVeth] = true
 		known[ifbOf(rec)] = true
 	}
+	blind := 0
 	for _, b := range bad {
-		// An undecodable record still claims its attachment's devices:
-		// <containerID>_<ifname>.json.
-		name := strings.TrimSuffix(filepath.Base(b.Path), ".json")
-		if i := strings.LastIndexByte(name, '_'); i > 0 {
-			account(name[:i], name[i+1:])
+		// An undecodable record still claims its attachment's devices, by
+		// its file name; one whose name does not give the attachment (a
+		// capped long name, a foreign file) could claim any of them.
+		k, ok := state.KeyFromFileName(filepath.Base(filepath.Dir(b.Path)), filepath.Base(b.Path))
+		if !ok {
+			blind++
+			continue
 		}
+		account(k.ContainerID, k.IfName)
+	}
+	if blind > 0 {
+		r.suspects = nil
+		r.log.Warn("leftover links not collected: unreadable state files that do not name their attachment", "files", blind)
+		return 0
 	}
 	links, err := r.nl.LinkList()
 	if err != nil {

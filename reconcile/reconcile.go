@@ -215,7 +215,7 @@ func (r *Reconciler) drain() {
 	if len(refs) == 0 || r.cfg.Pods == nil {
 		return
 	}
-	recs, _, err := r.cache.List()
+	recs, _, err := r.records()
 	if err != nil {
 		r.m.errors.WithLabelValues("reshape").Inc()
 		r.log.Error("list state records", "err", err)
@@ -251,6 +251,27 @@ func samePod(rec *state.Record, pod Pod) bool {
 	return rec.Pod.UID == "" || pod.UID == "" || rec.Pod.UID == pod.UID
 }
 
+// records lists the records stored where their key says. A misplaced
+// copy (an operator's, another network's record in the wrong directory)
+// would make the agent act on another attachment: it is logged, never
+// acted on.
+func (r *Reconciler) records() ([]*state.Record, []state.BadFile, error) {
+	entries, bad, err := r.cache.Entries()
+	if err != nil {
+		return nil, nil, err
+	}
+	recs := make([]*state.Record, 0, len(entries))
+	for _, e := range entries {
+		if e.Misplaced {
+			r.log.Warn("ignoring a state record stored under another attachment's name", "file", e.Path,
+				"network", e.Record.Network, "container", e.Record.ContainerID, "ifname", e.Record.IfName)
+			continue
+		}
+		recs = append(recs, e.Record)
+	}
+	return recs, bad, nil
+}
+
 // PassResult counts what one pass did.
 type PassResult struct {
 	Records  int
@@ -268,7 +289,7 @@ type PassResult struct {
 func (r *Reconciler) Pass() PassResult {
 	start := time.Now()
 	var res PassResult
-	recs, bad, err := r.cache.List()
+	recs, bad, err := r.records()
 	if err != nil {
 		r.m.errors.WithLabelValues("list").Inc()
 		r.log.Error("list state records", "err", err)

@@ -35,7 +35,22 @@ func NewCache(s *Store) *Cache { return &Cache{store: s, files: map[string]cache
 
 // List returns every record of every network and the undecodable files.
 // The returned records are shared between calls: callers must not modify them.
+// It includes misplaced records; Entries tells them apart.
 func (c *Cache) List() ([]*Record, []BadFile, error) {
+	entries, bad, err := c.Entries()
+	if err != nil {
+		return nil, nil, err
+	}
+	recs := make([]*Record, 0, len(entries))
+	for _, e := range entries {
+		recs = append(recs, e.Record)
+	}
+	return recs, bad, nil
+}
+
+// Entries is List with each record's file and whether it is misplaced
+// (see Entry): a copy of a record must not be acted on as the attachment.
+func (c *Cache) Entries() ([]Entry, []BadFile, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	nets, err := os.ReadDir(c.store.Dir)
@@ -47,7 +62,7 @@ func (c *Cache) List() ([]*Record, []BadFile, error) {
 		return nil, nil, fmt.Errorf("list state dir %s: %w", c.store.Dir, err)
 	}
 	seen := make(map[string]cachedFile, len(c.files))
-	var recs []*Record
+	var out []Entry
 	var bad []BadFile
 	for _, n := range nets {
 		if !n.IsDir() {
@@ -62,7 +77,7 @@ func (c *Cache) List() ([]*Record, []BadFile, error) {
 			return nil, nil, fmt.Errorf("list state dir %s: %w", dir, err)
 		}
 		for _, e := range entries {
-			if e.IsDir() || !strings.HasSuffix(e.Name(), ".json") {
+			if e.IsDir() || !strings.HasSuffix(e.Name(), recordSuffix) {
 				continue
 			}
 			p := filepath.Join(dir, e.Name())
@@ -89,9 +104,9 @@ func (c *Cache) List() ([]*Record, []BadFile, error) {
 				bad = append(bad, BadFile{p, cf.err})
 				continue
 			}
-			recs = append(recs, cf.rec)
+			out = append(out, Entry{Path: p, Record: cf.rec, Misplaced: p != c.store.path(cf.rec.Key())})
 		}
 	}
 	c.files = seen
-	return recs, bad, nil
+	return out, bad, nil
 }

@@ -129,7 +129,8 @@ func (r *Record) Key() Key { return Key{r.Network, r.ContainerID, r.IfName} }
 // ipam.DefaultLockTimeout does for the address store.
 const DefaultLockTimeout = 30 * time.Second
 
-// Store is a directory of records: <dir>/<network>/<containerID>_<ifname>.json.
+// Store is a directory of records: <dir>/<network>/<containerID>_<ifname>.json,
+// each part escaped (see FileName).
 type Store struct {
 	Dir string
 	// LockTimeout bounds the wait for a network's lock (New sets
@@ -140,35 +141,31 @@ type Store struct {
 // New returns a store rooted at dir; directories are created on first write.
 func New(dir string) *Store { return &Store{Dir: dir, LockTimeout: DefaultLockTimeout} }
 
-// safe keeps a path element inside its directory whatever the runtime sent.
-func safe(s string) string {
-	return strings.Map(func(r rune) rune {
-		switch {
-		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '-', r == '.', r == '_':
-			return r
-		}
-		return '%'
-	}, s)
-}
-
-func (s *Store) netDir(network string) string { return filepath.Join(s.Dir, safe(network)) }
+func (s *Store) netDir(network string) string { return filepath.Join(s.Dir, dirName(network)) }
 
 func (s *Store) path(k Key) string {
-	return filepath.Join(s.netDir(k.Network), safe(k.ContainerID)+"_"+safe(k.IfName)+".json")
+	return filepath.Join(s.netDir(k.Network), FileName(k.ContainerID, k.IfName))
 }
+
+// Path is where the attachment's record is (or would be) stored.
+func (s *Store) Path(k Key) string { return s.path(k) }
 
 // Save writes the record atomically: a crash leaves either the old or the
-// new record, never a torn one.
-func (s *Store) Save(r *Record) error {
-	unlock, err := s.lock(r.Network)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	return s.save(r)
+// new record, never a torn one. It takes no lock: records are written
+// whole (a rename), only by the ADD of their attachment, which the runtime
+// never runs beside a DEL of it; the lock orders the agent's Update
+// against Delete.
+func (s *Store) Save(r *Record) error { return s.save(r, true) }
+
+// SaveProvisional writes ADD's provisional record without the fsyncs: a
+// machine crash takes the kernel objects it stands for with it, and a
+// plain kill of the plugin keeps what it wrote.
+func (s *Store) SaveProvisional(r *Record) error {
+	r.Provisional = true
+	return s.save(r, false)
 }
 
-func (s *Store) save(r *Record) error {
+func (s *Store) save(r *Record, durable bool) error {
 	r.Schema = SchemaVersion
 	dir := s.netDir(r.Network)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -178,12 +175,16 @@ func (s *Store) save(r *Record) error {
 	if err != nil {
 		return fmt.Errorf("encode state for %s/%s: %w", r.ContainerID, r.IfName, err)
 	}
+	if !durable {
+		return atomicfile.WriteVolatile(s.path(r.Key()), data, 0o600)
+	}
 	return atomicfile.Write(s.path(r.Key()), data, 0o600)
 }
 
 // Load returns the record, or (nil, nil) when there is none.
 func (s *Store) Load(k Key) (*Record, error) {
-	data, err := os.ReadFile(s.path(k))
+	p := s.path(k)
+	data, err := os.ReadFile(p)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
@@ -192,7 +193,8 @@ func (s *Store) Load(k Key) (*Record, error) {
 	}
 	r, err := Decode(data)
 	if err != nil {
-		return nil, fmt.Errorf("state for %s/%s: %w", k.ContainerID, k.IfName, err)
+		// The path, so that whoever reads the error can look at the file.
+		return nil, fmt.Errorf("state for %s/%s in %s: %w", k.ContainerID, k.IfName, p, err)
 	}
 	return r, nil
 }
@@ -234,7 +236,7 @@ func (s *Store) Update(k Key, change func(*Record) error) error {
 		return err
 	}
 	r.Updated = time.Now().UTC()
-	return s.save(r)
+	return s.save(r, true)
 }
 
 // lock takes the network's lock file (flock, released with the process),
@@ -295,9 +297,35 @@ type BadFile struct {
 	Err  error
 }
 
+// Entry is one decodable record file.
+type Entry struct {
+	Path   string
+	Record *Record
+	// Misplaced: the record is not stored where its network, container ID
+	// and interface name say it should be (a copy, or a file an operator
+	// moved). Acting on it would act on another attachment, maybe of
+	// another network.
+	Misplaced bool
+}
+
 // List returns every decodable record of a network ("" = all networks) and
 // the files that could not be decoded, so callers can report and GC them.
+// It includes misplaced records; Entries tells them apart.
 func (s *Store) List(network string) ([]*Record, []BadFile, error) {
+	entries, bad, err := s.Entries(network)
+	if err != nil {
+		return nil, nil, err
+	}
+	var recs []*Record
+	for _, e := range entries {
+		recs = append(recs, e.Record)
+	}
+	return recs, bad, nil
+}
+
+// Entries is List with each record's file, and whether the record is
+// misplaced.
+func (s *Store) Entries(network string) ([]Entry, []BadFile, error) {
 	var dirs []string
 	if network != "" {
 		dirs = []string{s.netDir(network)}
@@ -315,7 +343,7 @@ func (s *Store) List(network string) ([]*Record, []BadFile, error) {
 			}
 		}
 	}
-	var recs []*Record
+	var out []Entry
 	var bad []BadFile
 	for _, d := range dirs {
 		entries, err := os.ReadDir(d)
@@ -326,7 +354,7 @@ func (s *Store) List(network string) ([]*Record, []BadFile, error) {
 			return nil, nil, fmt.Errorf("list state dir %s: %w", d, err)
 		}
 		for _, e := range entries {
-			if e.IsDir() || !strings.HasSuffix(e.Name(), ".json") {
+			if e.IsDir() || !strings.HasSuffix(e.Name(), recordSuffix) {
 				continue
 			}
 			p := filepath.Join(d, e.Name())
@@ -340,8 +368,8 @@ func (s *Store) List(network string) ([]*Record, []BadFile, error) {
 				bad = append(bad, BadFile{p, err})
 				continue
 			}
-			recs = append(recs, r)
+			out = append(out, Entry{Path: p, Record: r, Misplaced: p != s.path(r.Key())})
 		}
 	}
-	return recs, bad, nil
+	return out, bad, nil
 }

@@ -102,8 +102,8 @@ func TestLoadCorrupt(t *testing.T) {
 	if err := os.WriteFile(s.path(k), []byte(`{"schema":1,"netw`), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Load(k); err == nil || !strings.Contains(err.Error(), "c/eth0") {
-		t.Fatalf("corrupt record: %v", err)
+	if _, err := s.Load(k); err == nil || !strings.Contains(err.Error(), "c/eth0") || !strings.Contains(err.Error(), s.Path(k)) {
+		t.Fatalf("corrupt record: want an error naming the attachment and %s, got %v", s.Path(k), err)
 	}
 }
 
@@ -155,8 +155,12 @@ func TestLockTimeout(t *testing.T) {
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
 		t.Fatal(err)
 	}
+	// ADD's writes take no lock: a whole-record rename, never beside a DEL
+	// of the same attachment.
+	if err := s.Save(r); err != nil {
+		t.Fatalf("Save with the lock held: %v", err)
+	}
 	for name, op := range map[string]func() error{
-		"Save":   func() error { return s.Save(r) },
 		"Delete": func() error { return s.Delete(r.Key()) },
 		"Update": func() error { return s.Update(r.Key(), func(*Record) error { return nil }) },
 	} {
@@ -173,13 +177,13 @@ func TestLockTimeout(t *testing.T) {
 			t.Errorf("%s waited %v for a 50ms bound", name, d)
 		}
 	}
-	if got, _ := s.Load(r.Key()); got != nil {
-		t.Fatal("Save refused at the lock wrote the record")
+	if got, _ := s.Load(r.Key()); got == nil {
+		t.Fatal("Delete refused at the lock removed the record")
 	}
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_UN); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Save(r); err != nil {
-		t.Fatalf("Save after the lock is free: %v", err)
+	if err := s.Delete(r.Key()); err != nil {
+		t.Fatalf("Delete after the lock is free: %v", err)
 	}
 }

@@ -14,6 +14,17 @@ import (
 // a dot and ends in neither .json nor .conf, so directory readers that
 // filter by suffix never pick it up.
 func Write(path string, data []byte, perm fs.FileMode) error {
+	return write(path, data, perm, true)
+}
+
+// WriteVolatile is Write without the fsyncs: readers still see the old
+// content or the new, but a machine crash may lose the change. For files
+// that describe what a crash takes with it anyway (kernel objects).
+func WriteVolatile(path string, data []byte, perm fs.FileMode) error {
+	return write(path, data, perm, false)
+}
+
+func write(path string, data []byte, perm fs.FileMode, durable bool) error {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-")
 	if err != nil {
@@ -33,8 +44,10 @@ func Write(path string, data []byte, perm fs.FileMode) error {
 	if _, err := f.Write(data); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", path, err)
+	if durable {
+		if err := f.Sync(); err != nil {
+			return fmt.Errorf("sync %s: %w", path, err)
+		}
 	}
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
@@ -43,6 +56,9 @@ func Write(path string, data []byte, perm fs.FileMode) error {
 		return fmt.Errorf("rename %s: %w", path, err)
 	}
 	ok = true
+	if !durable {
+		return nil
+	}
 	return SyncDir(dir)
 }
 
