@@ -13,7 +13,7 @@ ifdef QOSCNI_REQUIRE_ROOT
 export QOSCNI_REQUIRE_ROOT
 endif
 
-.PHONY: all build test unit vet fmt-check deps demo bench-addel bench-shaping bench-portmap bench-agent bench-reshape image clean e2e-build e2e-cri e2e-k8s bench-fuzz
+.PHONY: all build test unit vet fmt-check deps demo bench-addel bench-shaping bench-portmap bench-agent bench-reshape image clean e2e-build e2e-cri e2e-k8s bench-fuzz bench-noderoutes
 
 all: build
 
@@ -78,6 +78,10 @@ bench-agent: deps build
 
 bench-reshape: deps build
 	bench/reshape.sh
+
+# Routes to other nodes' pods (host-gw): Node to route latency, throughput.
+bench-noderoutes: deps
+	bench/noderoutes.sh
 
 # Every go test -fuzz target for $${FUZZTIME:-60s}; failures stay in testdata.
 bench-fuzz:

@@ -65,6 +65,9 @@ type Config struct {
 	ReconcileInterval time.Duration
 	// Cleaners are extra per-attachment GC steps (portmap).
 	Cleaners []reconcile.AttachmentCleaner
+	// Registry, when set, is where /metrics is served from, so that other
+	// parts of the agent (pod routes) add their metrics; nil = a new one.
+	Registry *prometheus.Registry
 }
 
 // Server is a running agent.
@@ -95,7 +98,10 @@ func New(cfg Config) (*Server, error) {
 		StateDir: cfg.StateDir, JournalDir: cfg.JournalDir, CNIConfDir: cfg.CNIConfDir,
 		Netns: ns, Version: cfg.Version, Logger: cfg.Logger,
 	})
-	reg := prometheus.NewRegistry()
+	reg := cfg.Registry
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
 	reg.MustRegister(col, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	s := &Server{cfg: cfg, ns: ns, collector: col, nodeNS: -1}
 	if err := s.newReconciler(reg); err != nil {

@@ -15,9 +15,12 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/qoscni/qoscni/agent"
 	"github.com/qoscni/qoscni/install"
 	"github.com/qoscni/qoscni/kube"
+	"github.com/qoscni/qoscni/nodenet"
 	"github.com/qoscni/qoscni/portmap"
 	"github.com/qoscni/qoscni/reconcile"
 )
@@ -51,7 +54,13 @@ func main() {
 	kubeconfig := fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig file (env KUBECONFIG; default: the in-cluster service account, else no API access)")
 	nodeName := fs.String("node-name", os.Getenv("NODE_NAME"), "this node's name, whose pods are watched (env NODE_NAME, from spec.nodeName)")
 	reconcileInterval := fs.Duration("reconcile-interval", reconcile.DefaultInterval, "period of drift repair and garbage collection")
+	podRoutes := fs.String("pod-routes", os.Getenv(nodenet.ModeEnv), "routes to the pods of other nodes (standalone mode): off or hostgw (env "+nodenet.ModeEnv+"; default off)")
 	_ = fs.Parse(args)
+	routesMode, err := nodenet.ParseMode(*podRoutes)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "qoscni-agent: -pod-routes:", err)
+		os.Exit(2)
+	}
 
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
@@ -108,6 +117,20 @@ func main() {
 		nsFd = int(f.Fd())
 	}
 	cfg.Cleaners = []reconcile.AttachmentCleaner{portmap.NewCleaner(nsFd)}
+	cfg.Registry = prometheus.NewRegistry()
+	if routesMode != nodenet.ModeOff {
+		if client == nil {
+			logger.Warn("-pod-routes " + string(routesMode) + " needs the Kubernetes API: no routes to other nodes' pods")
+		} else {
+			stopRoutes, err := nodenet.StartAgent(ctx, nodenet.AgentConfig{Mode: routesMode, Client: client,
+				NodeName: *nodeName, NetnsFd: nsFd, Logger: logger, Registerer: cfg.Registry})
+			if err != nil {
+				logger.Error("start", "err", err)
+				os.Exit(1)
+			}
+			defer stopRoutes()
+		}
+	}
 	srv, err := agent.New(cfg)
 	if err != nil {
 		logger.Error("start", "err", err)
