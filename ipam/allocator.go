@@ -153,6 +153,17 @@ func (a *Allocator) Allocate(containerID, ifName string) ([]*current.IPConfig, e
 	if err := checkAttachment(o); err != nil {
 		return nil, err
 	}
+	// The owner file and its fsync, before the lock: under a busy disk an
+	// fsync can take seconds, and every other ADD of the node waits for
+	// the lock. Unused (the attachment holds its addresses already), it
+	// is removed.
+	tmp, err := a.writeOwnerTemp(o)
+	if err != nil {
+		return nil, fmt.Errorf("ipam: reserve for %s/%s: %w", containerID, ifName, err)
+	}
+	// All new address files of this call are hard links of one inode; nothing ever
+	// writes to an address file after it is published, so sharing is harmless.
+	defer os.Remove(tmp)
 	l, err := a.lock()
 	if err != nil {
 		return nil, err
@@ -181,13 +192,6 @@ func (a *Allocator) Allocate(containerID, ifName string) ([]*current.IPConfig, e
 
 	var fresh []int // set indexes reserved by this call
 	if missing {
-		tmp, err := a.writeOwnerTemp(o)
-		if err != nil {
-			return nil, fmt.Errorf("ipam: reserve for %s/%s: %w", containerID, ifName, err)
-		}
-		// All new address files of this call are hard links of one inode; nothing ever
-		// writes to an address file after it is published, so sharing is harmless.
-		defer os.Remove(tmp)
 		for i := range a.sets {
 			if chosen[i].IsValid() {
 				continue
@@ -380,12 +384,15 @@ func (a *Allocator) GC(valid []Attachment) ([]Attachment, error) {
 	if err := a.gcIndexes(kept); err != nil {
 		return nil, err
 	}
-	// Temporary files are only written under the lock we hold, so any present is a
-	// leftover of a crashed process.
+	// Temporary files: an index's is written under the lock we hold, an
+	// owner file just before an Allocate takes it. One older than a minute
+	// is a leftover of a crashed process.
 	for _, dir := range []string{a.dir, filepath.Join(a.dir, indexDir)} {
 		names, _ := filepath.Glob(filepath.Join(dir, tmpPrefix+"*"))
 		for _, n := range names {
-			os.Remove(n)
+			if fi, err := os.Lstat(n); err == nil && time.Since(fi.ModTime()) > staleTemp {
+				os.Remove(n)
+			}
 		}
 	}
 	out := make([]Attachment, 0, len(freed))
@@ -397,6 +404,9 @@ func (a *Allocator) GC(valid []Attachment) ([]Attachment, error) {
 	})
 	return out, nil
 }
+
+// staleTemp is the age from which GC removes a temporary file.
+const staleTemp = time.Minute
 
 // gcIndexes makes the index directory match the address files: one correct index per
 // attachment that still holds addresses, nothing else.

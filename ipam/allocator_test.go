@@ -322,6 +322,12 @@ func TestCorruptedStore(t *testing.T) {
 	write(indexDir+"/c9_eth0", `{"containerID":"c9","ifName":"eth0","ips":["10.22`)
 	write(indexDir+"/junk", "\x00")
 	write(tmpPrefix+"dead", "leftover")
+	// A leftover is old; a fresh one may be an Allocate about to take the lock.
+	old := time.Now().Add(-2 * staleTemp)
+	if err := os.Chtimes(filepath.Join(d, tmpPrefix+"dead"), old, old); err != nil {
+		t.Fatal(err)
+	}
+	write(tmpPrefix+"fresh", "an owner file of an Allocate in flight")
 
 	got := mustAllocate(t, a, "c1", "eth0")
 	if !slices.Equal(got, []string{"10.22.0.6/24"}) {
@@ -346,6 +352,9 @@ func TestCorruptedStore(t *testing.T) {
 		if _, err := os.Lstat(filepath.Join(d, name)); err != nil {
 			t.Errorf("gc removed foreign %q: %v", name, err)
 		}
+	}
+	if _, err := os.Lstat(filepath.Join(d, tmpPrefix+"fresh")); err != nil {
+		t.Errorf("gc removed a fresh temp file: %v", err)
 	}
 	if _, err := os.Lstat(filepath.Join(d, tmpPrefix+"dead")); !os.IsNotExist(err) {
 		t.Errorf("gc kept temp file: %v", err)

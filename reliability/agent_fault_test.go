@@ -23,6 +23,7 @@ import (
 
 	"github.com/qoscni/qoscni/e2e/cluster"
 	"github.com/qoscni/qoscni/internal/testnet"
+	"github.com/qoscni/qoscni/reliability/reltest"
 	"github.com/qoscni/qoscni/state"
 )
 
@@ -172,7 +173,7 @@ func settle(a *agentProc) {
 func writeConfDir(t *testing.T, node *testnet.Node) string {
 	t.Helper()
 	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, "10-"+network+".conf"), marshal(baseConf(node)), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "10-"+network+".conf"), reltest.Marshal(standaloneNet.BaseConf(node)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	return dir
@@ -425,9 +426,9 @@ func agentReshape(t *testing.T) {
 		t.Cleanup(func() { _ = pods.Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: new(int64)}) })
 		pod := newPodNS(t)
 		cid := "c" + name
-		c := baseConf(node)
+		c := standaloneNet.BaseConf(node)
 		c["runtimeConfig"] = map[string]any{"io.kubernetes.cri.pod-annotations": oldAnn}
-		add := call{cmd: "ADD", cid: cid, netns: pod.Path, ifname: "eth0", conf: marshal(c),
+		add := call{cmd: "ADD", cid: cid, netns: pod.Path, ifname: "eth0", conf: reltest.Marshal(c),
 			args: "K8S_POD_NAMESPACE=default;K8S_POD_NAME=" + name + ";K8S_POD_UID=" + string(p.UID)}
 		if r := invoke(t, node, add); r.failed {
 			t.Fatalf("ADD: %s", r)

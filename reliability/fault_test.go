@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/qoscni/qoscni/internal/testnet"
+	"github.com/qoscni/qoscni/reliability/reltest"
 )
 
 // point is where the plugin dies: "<op>:<step>[@n]" (internal/fault).
@@ -301,11 +302,11 @@ func pluginTrial(t *testing.T, node *testnet.Node, p profile, pt point, action s
 		waitVethGone(t, node, cid)
 		run("DEL without netns", with(plain, "DEL"))
 	case actGC:
-		run("GC", call{cmd: "GC", conf: gcConf(node)})
+		run("GC", call{cmd: "GC", conf: standaloneNet.GCConf(node)})
 	case actNetnsGoneGC:
 		deletePodNS(t, pod)
 		waitVethGone(t, node, cid)
-		run("GC", call{cmd: "GC", conf: gcConf(node)})
+		run("GC", call{cmd: "GC", conf: standaloneNet.GCConf(node)})
 	}
 	first := countLeaks(t, node)
 	if first.total() > 0 {
@@ -363,10 +364,10 @@ func gcKilledTrial(t *testing.T, node *testnet.Node, pt point, c *tally) {
 		}
 		atts = append(atts, a)
 	}
-	if r := invoke(t, node, call{cmd: "GC", conf: gcConf(node), fault: pt.String()}); !r.killed {
+	if r := invoke(t, node, call{cmd: "GC", conf: standaloneNet.GCConf(node), fault: pt.String()}); !r.killed {
 		fail("GC with %s was not killed: %s", pt, r)
 	}
-	if r := invoke(t, node, call{cmd: "GC", conf: gcConf(node)}); r.failed {
+	if r := invoke(t, node, call{cmd: "GC", conf: standaloneNet.GCConf(node)}); r.failed {
 		fail("GC after the killed GC: %s", r)
 	}
 	first := countLeaks(t, node)
@@ -418,7 +419,7 @@ func groupParallel() int {
 const refPluginDir = "/usr/lib/cni"
 
 func refBridgeConf(node *testnet.Node) []byte {
-	return marshal(map[string]any{
+	return reltest.Marshal(map[string]any{
 		"cniVersion": "1.0.0", "name": network, "type": "bridge", "bridge": refBridge, "isGateway": true,
 		"ipam": map[string]any{"type": "host-local", "ranges": []any{[]any{map[string]any{"subnet": "10.80.0.0/24"}}},
 			"dataDir": hostLocalDir(node)},
@@ -443,7 +444,7 @@ func chainedConf(node *testnet.Node, runtime bool, prev []byte) []byte {
 		}
 		c["prevResult"] = p
 	}
-	return marshal(c)
+	return reltest.Marshal(c)
 }
 
 // chainedAttachment runs the chain for one pod.

@@ -27,6 +27,7 @@ import (
 
 	"github.com/qoscni/qoscni/internal/testnet"
 	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/reliability/reltest"
 	"github.com/qoscni/qoscni/state"
 )
 
@@ -287,41 +288,17 @@ var (
 	profPlain = profile{name: "plain"}
 )
 
-// baseConf is the standalone network: bridge, built-in IPAM with an IPv4
-// and an IPv6 range under the node's directory, ipMasq.
-func baseConf(node *testnet.Node) map[string]any {
-	return map[string]any{
-		"cniVersion":       "1.1.0",
-		"name":             network,
-		"type":             "qoscni",
-		"bridge":           bridge,
-		"isDefaultGateway": true,
-		"ipMasq":           true,
-		"hairpinMode":      true,
-		"stateDir":         node.StateDir,
-		"capabilities":     map[string]any{"bandwidth": true, "portMappings": true, "io.kubernetes.cri.pod-annotations": true},
-		"ipam": map[string]any{
-			"ranges": []any{
-				[]any{map[string]any{"subnet": "10.79.0.0/24"}},
-				[]any{map[string]any{"subnet": "fd79::/64"}},
-			},
-			"dataDir": node.IPAMDir,
-		},
-	}
-}
-
-func marshal(v any) []byte {
-	b, err := json.Marshal(v)
-	if err != nil {
-		panic(err)
-	}
-	return b
-}
+// standaloneNet is the standalone network: bridge, built-in IPAM with an
+// IPv4 and an IPv6 range under the node's directory, ipMasq.
+var standaloneNet = reltest.Net{Name: network, Bridge: bridge, PodAnnotations: true, Ranges: []map[string]any{
+	{"subnet": "10.79.0.0/24"},
+	{"subnet": "fd79::/64"},
+}}
 
 // addConf is the config a runtime sends at ADD for a pod of profile p
 // (the same runtimeConfig goes with its first DEL).
 func addConf(node *testnet.Node, p profile) []byte {
-	c := baseConf(node)
+	c := standaloneNet.BaseConf(node)
 	rc := map[string]any{}
 	bw := map[string]any{}
 	if p.ingress {
@@ -341,22 +318,11 @@ func addConf(node *testnet.Node, p profile) []byte {
 		rc["portMappings"] = list
 	}
 	c["runtimeConfig"] = rc
-	return marshal(c)
+	return reltest.Marshal(c)
 }
 
 // plainConf is the config without runtimeConfig (containerd's second DEL).
-func plainConf(node *testnet.Node) []byte { return marshal(baseConf(node)) }
-
-// gcConf is a CNI GC config listing the valid attachments.
-func gcConf(node *testnet.Node, valid ...string) []byte {
-	c := baseConf(node)
-	list := []any{}
-	for _, cid := range valid {
-		list = append(list, map[string]any{"containerID": cid, "ifname": "eth0"})
-	}
-	c["cni.dev/valid-attachments"] = list
-	return marshal(c)
-}
+func plainConf(node *testnet.Node) []byte { return reltest.Marshal(standaloneNet.BaseConf(node)) }
 
 func podArgs(cid string) string {
 	return "K8S_POD_NAMESPACE=default;K8S_POD_NAME=" + cid + ";K8S_POD_UID=uid-" + cid

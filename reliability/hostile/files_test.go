@@ -22,6 +22,7 @@ import (
 
 	"github.com/qoscni/qoscni/internal/testnet"
 	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/reliability/reltest"
 )
 
 const callLimit = 2 * time.Minute
@@ -33,16 +34,16 @@ func podArgs(cid string) string {
 // mustAdd ADDs an attachment and returns the result and its addresses.
 func mustAdd(t *testing.T, n *testnet.Node, cid, ifname string, ns *testnet.NS, conf []byte) ([]byte, []string) {
 	t.Helper()
-	o := invoke(t, n, call{cmd: "ADD", cid: cid, netns: ns.Path, ifname: ifname, args: podArgs(cid), conf: conf}, callLimit)
-	if o.err != nil {
+	o := reltest.Invoke(t, n, reltest.Call{Command: "ADD", ContainerID: cid, Netns: ns.Path, IfName: ifname, Args: podArgs(cid), Config: conf}, callLimit)
+	if o.Err != nil {
 		t.Fatalf("ADD %s/%s: %s", cid, ifname, o)
 	}
-	return o.stdout, addrs(t, o.stdout)
+	return o.Stdout, addrs(t, o.Stdout)
 }
 
-func mustOK(t *testing.T, what string, o outcome) {
+func mustOK(t *testing.T, what string, o reltest.Outcome) {
 	t.Helper()
-	if o.err != nil {
+	if o.Err != nil {
 		t.Fatalf("%s: %s", what, o)
 	}
 }
@@ -116,7 +117,7 @@ func nftHas(t *testing.T, n *testnet.Node, s string) bool {
 // otherConf is a second qoscni network on the same node, sharing the
 // state and IPAM roots, as a node with two qoscni networks has.
 func otherConf(n *testnet.Node) []byte {
-	return confWith(n, func(c map[string]any) {
+	return hostileNet.ConfWith(n, func(c map[string]any) {
 		c["name"] = "qother"
 		c["bridge"] = "qobr0"
 		c["isDefaultGateway"] = false // the pod's default routes are eth0's
@@ -154,7 +155,7 @@ func TestCorruptedStateAndIPAMFiles(t *testing.T) {
 		ips  []string
 	}
 	start := func(cid string, mutate func(map[string]any)) *live {
-		p := &live{cid: cid, ns: n.NewPod(t), conf: confWith(n, mutate)}
+		p := &live{cid: cid, ns: n.NewPod(t), conf: hostileNet.ConfWith(n, mutate)}
 		p.res, p.ips = mustAdd(t, n, cid, "eth0", p.ns, p.conf)
 		return p
 	}
@@ -221,8 +222,8 @@ func TestCorruptedStateAndIPAMFiles(t *testing.T) {
 		put(t, filepath.Join(ipamDir, name), []byte("foreign"))
 	}
 
-	checkOf := func(p *live, conf, res []byte, ifname string) outcome {
-		return invoke(t, n, call{cmd: "CHECK", cid: p.cid, netns: p.ns.Path, ifname: ifname, args: podArgs(p.cid), conf: withPrev(conf, res)}, callLimit)
+	checkOf := func(p *live, conf, res []byte, ifname string) reltest.Outcome {
+		return reltest.Invoke(t, n, reltest.Call{Command: "CHECK", ContainerID: p.cid, Netns: p.ns.Path, IfName: ifname, Args: podArgs(p.cid), Config: reltest.WithPrev(conf, res)}, callLimit)
 	}
 
 	// --- Pods not concerned work as usual.
@@ -231,14 +232,14 @@ func TestCorruptedStateAndIPAMFiles(t *testing.T) {
 		mustOK(t, "CHECK good2 (its IPAM index truncated)", checkOf(good2, good2.conf, good2.res, "eth0"))
 		mustOK(t, "CHECK good1/net1 of the other network", checkOf(good1, other, otherRes, "net1"))
 		ns := n.NewPod(t)
-		res, ips := mustAdd(t, n, "new1", "eth0", ns, confWith(n, shapedPorts(8084)))
+		res, ips := mustAdd(t, n, "new1", "eth0", ns, hostileNet.ConfWith(n, shapedPorts(8084)))
 		for _, ip := range ips {
 			if !exists(filepath.Join(ipamDir, ip)) {
 				t.Errorf("new1's address %s has no reservation file", ip)
 			}
 		}
-		mustOK(t, "CHECK new1", invoke(t, n, call{cmd: "CHECK", cid: "new1", netns: ns.Path, ifname: "eth0", conf: withPrev(confWith(n, shapedPorts(8084)), res)}, callLimit))
-		mustOK(t, "DEL new1", invoke(t, n, call{cmd: "DEL", cid: "new1", netns: ns.Path, ifname: "eth0", conf: confWith(n, nil)}, callLimit))
+		mustOK(t, "CHECK new1", reltest.Invoke(t, n, reltest.Call{Command: "CHECK", ContainerID: "new1", Netns: ns.Path, IfName: "eth0", Config: reltest.WithPrev(hostileNet.ConfWith(n, shapedPorts(8084)), res)}, callLimit))
+		mustOK(t, "DEL new1", reltest.Invoke(t, n, reltest.Call{Command: "DEL", ContainerID: "new1", Netns: ns.Path, IfName: "eth0", Config: hostileNet.ConfWith(n, nil)}, callLimit))
 		if hasLink(t, n, podnet.HostVethName("new1", "eth0")) || exists(rec("new1")) {
 			t.Error("DEL new1 left its veth or record")
 		}
@@ -248,19 +249,19 @@ func TestCorruptedStateAndIPAMFiles(t *testing.T) {
 	t.Run("affected attachments get clear errors", func(t *testing.T) {
 		o := checkOf(vdel, vdel.conf, vdel.res, "eth0")
 		t.Logf("CHECK vdel (garbage record): %s", o)
-		if o.err == nil || o.hung {
+		if o.Err == nil || o.Hung {
 			t.Fatalf("CHECK of an attachment with a garbage record: %s", o)
 		}
-		if !strings.Contains(o.err.Msg, "vdel/eth0") {
-			t.Errorf("CHECK vdel: message %q does not name the attachment", o.err.Msg)
+		if !strings.Contains(o.Err.Msg, "vdel/eth0") {
+			t.Errorf("CHECK vdel: message %q does not name the attachment", o.Err.Msg)
 		}
-		if !strings.Contains(o.err.Msg, rec("vdel")) {
-			t.Errorf("CHECK vdel: message %q does not name the file %s", o.err.Msg, rec("vdel"))
+		if !strings.Contains(o.Err.Msg, rec("vdel")) {
+			t.Errorf("CHECK vdel: message %q does not name the file %s", o.Err.Msg, rec("vdel"))
 		}
 
 		o = checkOf(vipam, vipam.conf, vipam.res, "eth0")
 		t.Logf("CHECK vipam (garbage address file): %s", o)
-		if o.err == nil || o.hung || !strings.Contains(o.err.Msg, "vipam/eth0") || !strings.Contains(o.err.Msg, ip4(vipam)) {
+		if o.Err == nil || o.Hung || !strings.Contains(o.Err.Msg, "vipam/eth0") || !strings.Contains(o.Err.Msg, ip4(vipam)) {
 			t.Errorf("CHECK of an attachment whose reservation is garbage: want an error naming it and %s, got %s", ip4(vipam), o)
 		}
 
@@ -268,39 +269,39 @@ func TestCorruptedStateAndIPAMFiles(t *testing.T) {
 		// broken disk leaves): ADD replaces it.
 		put(t, rec("vstale"), []byte(`{"schema":1,"network":"qhost`))
 		ns := n.NewPod(t)
-		sc := confWith(n, nil)
-		o = invoke(t, n, call{cmd: "ADD", cid: "vstale", netns: ns.Path, ifname: "eth0", args: podArgs("vstale"), conf: sc}, callLimit)
-		if o.err != nil {
+		sc := hostileNet.ConfWith(n, nil)
+		o = reltest.Invoke(t, n, reltest.Call{Command: "ADD", ContainerID: "vstale", Netns: ns.Path, IfName: "eth0", Args: podArgs("vstale"), Config: sc}, callLimit)
+		if o.Err != nil {
 			t.Errorf("ADD over a garbage record of the same attachment: %s", o)
 		} else {
-			mustOK(t, "CHECK vstale", invoke(t, n, call{cmd: "CHECK", cid: "vstale", netns: ns.Path, ifname: "eth0", conf: withPrev(sc, o.stdout)}, callLimit))
-			mustOK(t, "DEL vstale", invoke(t, n, call{cmd: "DEL", cid: "vstale", netns: ns.Path, ifname: "eth0", conf: sc}, callLimit))
+			mustOK(t, "CHECK vstale", reltest.Invoke(t, n, reltest.Call{Command: "CHECK", ContainerID: "vstale", Netns: ns.Path, IfName: "eth0", Config: reltest.WithPrev(sc, o.Stdout)}, callLimit))
+			mustOK(t, "DEL vstale", reltest.Invoke(t, n, reltest.Call{Command: "DEL", ContainerID: "vstale", Netns: ns.Path, IfName: "eth0", Config: sc}, callLimit))
 		}
 
-		before := takeSnapshot(t, n)
+		before := reltest.TakeSnapshot(t, n)
 		for _, c := range []struct{ cid, file string }{{"vdir", rec("vdir")}, {"vidx", filepath.Join(ipamDir, "attachments", "vidx_eth0")}} {
 			ns := n.NewPod(t)
-			o := invoke(t, n, call{cmd: "ADD", cid: c.cid, netns: ns.Path, ifname: "eth0", args: podArgs(c.cid), conf: confWith(n, shapedPorts(8085))}, callLimit)
+			o := reltest.Invoke(t, n, reltest.Call{Command: "ADD", ContainerID: c.cid, Netns: ns.Path, IfName: "eth0", Args: podArgs(c.cid), Config: hostileNet.ConfWith(n, shapedPorts(8085))}, callLimit)
 			t.Logf("ADD %s (a directory at %s): %s", c.cid, c.file, o)
-			if o.err == nil || o.hung {
+			if o.Err == nil || o.Hung {
 				t.Errorf("ADD %s with a directory where its file goes: %s", c.cid, o)
 				continue
 			}
-			if !strings.Contains(o.err.Msg, c.file) {
-				t.Errorf("ADD %s: message %q does not name %s", c.cid, o.err.Msg, c.file)
+			if !strings.Contains(o.Err.Msg, c.file) {
+				t.Errorf("ADD %s: message %q does not name %s", c.cid, o.Err.Msg, c.file)
 			}
 			if out := ns.Exec(t, "ip", "-o", "link"); strings.Contains(out, "eth0") {
 				t.Errorf("refused ADD %s left eth0 in the pod: %s", c.cid, out)
 			}
 		}
-		if d := before.diff(takeSnapshot(t, n)); len(d) > 0 {
+		if d := before.Diff(reltest.TakeSnapshot(t, n)); len(d) > 0 {
 			t.Errorf("refused ADDs changed the node:\n%s", strings.Join(d, "\n"))
 		}
 	})
 
 	// --- DEL with a garbage record still removes everything.
 	t.Run("DEL recovers", func(t *testing.T) {
-		mustOK(t, "DEL vdel", invoke(t, n, call{cmd: "DEL", cid: "vdel", netns: vdel.ns.Path, ifname: "eth0", conf: confWith(n, nil)}, callLimit))
+		mustOK(t, "DEL vdel", reltest.Invoke(t, n, reltest.Call{Command: "DEL", ContainerID: "vdel", Netns: vdel.ns.Path, IfName: "eth0", Config: hostileNet.ConfWith(n, nil)}, callLimit))
 		for _, l := range []string{podnet.HostVethName("vdel", "eth0"), podnet.IFBName("vdel", "eth0")} {
 			if hasLink(t, n, l) {
 				t.Errorf("DEL vdel left %s", l)
@@ -320,7 +321,7 @@ func TestCorruptedStateAndIPAMFiles(t *testing.T) {
 		if nftHas(t, n, "8082") {
 			t.Error("DEL vdel left its hostPort 8082")
 		}
-		mustOK(t, "DEL vipam", invoke(t, n, call{cmd: "DEL", cid: "vipam", netns: vipam.ns.Path, ifname: "eth0", conf: confWith(n, nil)}, callLimit))
+		mustOK(t, "DEL vipam", reltest.Invoke(t, n, reltest.Call{Command: "DEL", ContainerID: "vipam", Netns: vipam.ns.Path, IfName: "eth0", Config: hostileNet.ConfWith(n, nil)}, callLimit))
 		if hasLink(t, n, podnet.HostVethName("vipam", "eth0")) || exists(rec("vipam")) || exists(filepath.Join(ipamDir, vipam.ips[1])) {
 			t.Error("DEL vipam left its veth, record or IPv6 reservation")
 		}
@@ -335,12 +336,12 @@ func TestCorruptedStateAndIPAMFiles(t *testing.T) {
 	t.Run("GC recovers", func(t *testing.T) {
 		testnet.Run(t, "ip", "netns", "del", vgc.ns.Name)
 		start := time.Now()
-		o := invoke(t, n, call{cmd: "GC", conf: gcConf(n, "good1/eth0", "good2/eth0")}, callLimit)
-		t.Logf("GC over the corrupted directories: %s in %v", o, o.took.Round(time.Millisecond))
-		if o.hung {
+		o := reltest.Invoke(t, n, reltest.Call{Command: "GC", Config: hostileNet.GCConf(n, "good1/eth0", "good2/eth0")}, callLimit)
+		t.Logf("GC over the corrupted directories: %s in %v", o, o.Took.Round(time.Millisecond))
+		if o.Hung {
 			t.Fatalf("GC hung")
 		}
-		if o.err != nil {
+		if o.Err != nil {
 			t.Errorf("GC: %s", o)
 		}
 		if d := time.Since(start); d > 30*time.Second {
@@ -349,7 +350,7 @@ func TestCorruptedStateAndIPAMFiles(t *testing.T) {
 		// The valid attachments, of both networks, are untouched.
 		mustOK(t, "CHECK good1 after GC", checkOf(good1, good1.conf, good1.res, "eth0"))
 		mustOK(t, "CHECK good2 after GC", checkOf(good2, good2.conf, good2.res, "eth0"))
-		if oc := checkOf(good1, other, otherRes, "net1"); oc.err != nil {
+		if oc := checkOf(good1, other, otherRes, "net1"); oc.Err != nil {
 			t.Errorf("GC of %s broke good1/net1 of network qother (a copy of its record was misplaced into %s): CHECK %s", network, stateDir, oc)
 		}
 		if !hasLink(t, n, podnet.HostVethName("good1", "net1")) {
@@ -396,14 +397,14 @@ func TestCorruptedStateAndIPAMFiles(t *testing.T) {
 		// remove (an operator put it there): its ADD still fails, clearly.
 		for _, cid := range []string{"vidx", "vdir"} {
 			ns := n.NewPod(t)
-			c := confWith(n, nil)
-			o := invoke(t, n, call{cmd: "ADD", cid: cid, netns: ns.Path, ifname: "eth0", args: podArgs(cid), conf: c}, callLimit)
+			c := hostileNet.ConfWith(n, nil)
+			o := reltest.Invoke(t, n, reltest.Call{Command: "ADD", ContainerID: cid, Netns: ns.Path, IfName: "eth0", Args: podArgs(cid), Config: c}, callLimit)
 			t.Logf("ADD %s after GC: %s", cid, o)
-			if cid == "vidx" && o.err != nil {
+			if cid == "vidx" && o.Err != nil {
 				t.Errorf("ADD vidx after GC: %s", o)
 			}
-			if o.err == nil {
-				mustOK(t, "DEL "+cid, invoke(t, n, call{cmd: "DEL", cid: cid, netns: ns.Path, ifname: "eth0", conf: c}, callLimit))
+			if o.Err == nil {
+				mustOK(t, "DEL "+cid, reltest.Invoke(t, n, reltest.Call{Command: "DEL", ContainerID: cid, Netns: ns.Path, IfName: "eth0", Config: c}, callLimit))
 			}
 		}
 		entries, _ := os.ReadDir(stateDir)
@@ -436,7 +437,7 @@ func TestCorruptedStateAndIPAMFiles(t *testing.T) {
 			refusals  []string
 			wg        sync.WaitGroup
 			sem       = make(chan struct{}, 8)
-			conf      = confWith(n, nil)
+			conf      = hostileNet.ConfWith(n, nil)
 			attempted int
 		)
 		// 40 addresses per family exist; ask for more than are left.
@@ -449,14 +450,14 @@ func TestCorruptedStateAndIPAMFiles(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				defer func() { <-sem }()
-				o := invoke(t, n, call{cmd: "ADD", cid: cid, netns: ns.Path, ifname: ifname, args: podArgs(cid), conf: conf}, callLimit)
+				o := reltest.Invoke(t, n, reltest.Call{Command: "ADD", ContainerID: cid, Netns: ns.Path, IfName: ifname, Args: podArgs(cid), Config: conf}, callLimit)
 				mu.Lock()
 				defer mu.Unlock()
-				if o.err != nil {
+				if o.Err != nil {
 					refusals = append(refusals, fmt.Sprintf("%s: %s", cid, o))
 					return
 				}
-				handed = append(handed, got{cid, ifname, ns, addrs(t, o.stdout)})
+				handed = append(handed, got{cid, ifname, ns, addrs(t, o.Stdout)})
 			}()
 		}
 		wg.Wait()
@@ -500,7 +501,7 @@ func TestCorruptedStateAndIPAMFiles(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				defer func() { <-sem }()
-				if o := invoke(t, n, call{cmd: "DEL", cid: g.cid, netns: g.ns.Path, ifname: g.ifname, conf: conf}, callLimit); o.err != nil {
+				if o := reltest.Invoke(t, n, reltest.Call{Command: "DEL", ContainerID: g.cid, Netns: g.ns.Path, IfName: g.ifname, Config: conf}, callLimit); o.Err != nil {
 					t.Errorf("DEL %s: %s", g.cid, o)
 				}
 			}()
@@ -518,10 +519,10 @@ func TestCorruptedStateAndIPAMFiles(t *testing.T) {
 
 	// --- The end: everything of the live pods goes; only the unreadable
 	// files stay.
-	mustOK(t, "DEL good1", invoke(t, n, call{cmd: "DEL", cid: "good1", netns: good1.ns.Path, ifname: "eth0", conf: confWith(n, nil)}, callLimit))
-	mustOK(t, "DEL good2", invoke(t, n, call{cmd: "DEL", cid: "good2", netns: good2.ns.Path, ifname: "eth0", conf: confWith(n, nil)}, callLimit))
-	mustOK(t, "DEL good1/net1", invoke(t, n, call{cmd: "DEL", cid: "good1", netns: good1.ns.Path, ifname: "net1", conf: other}, callLimit))
-	mustOK(t, "GC of nothing", invoke(t, n, call{cmd: "GC", conf: gcConf(n)}, callLimit))
+	mustOK(t, "DEL good1", reltest.Invoke(t, n, reltest.Call{Command: "DEL", ContainerID: "good1", Netns: good1.ns.Path, IfName: "eth0", Config: hostileNet.ConfWith(n, nil)}, callLimit))
+	mustOK(t, "DEL good2", reltest.Invoke(t, n, reltest.Call{Command: "DEL", ContainerID: "good2", Netns: good2.ns.Path, IfName: "eth0", Config: hostileNet.ConfWith(n, nil)}, callLimit))
+	mustOK(t, "DEL good1/net1", reltest.Invoke(t, n, reltest.Call{Command: "DEL", ContainerID: "good1", Netns: good1.ns.Path, IfName: "net1", Config: other}, callLimit))
+	mustOK(t, "GC of nothing", reltest.Invoke(t, n, reltest.Call{Command: "GC", Config: hostileNet.GCConf(n)}, callLimit))
 	out := n.Exec(t, "ip", "-o", "link", "show")
 	for _, l := range strings.Split(out, "\n") {
 		if f := strings.Fields(l); len(f) > 1 && (strings.HasPrefix(f[1], "qv") || strings.HasPrefix(f[1], "qi")) {

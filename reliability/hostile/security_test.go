@@ -22,6 +22,7 @@ import (
 	"github.com/qoscni/qoscni/agent"
 	"github.com/qoscni/qoscni/internal/testnet"
 	"github.com/qoscni/qoscni/journal"
+	"github.com/qoscni/qoscni/reliability/reltest"
 )
 
 // TestFilesPrivate: after ADD, CHECK and GC of a shaped pod with a
@@ -33,13 +34,13 @@ func TestFilesPrivate(t *testing.T) {
 	n := testnet.NewNode(t)
 	_ = testnet.PluginBinary(t)
 	pod := n.NewPod(t)
-	conf := confWith(n, shapedPorts(9201))
-	o := invoke(t, n, call{cmd: "ADD", cid: "perm", netns: pod.Path, ifname: "eth0", args: podArgs("perm"), conf: conf, umask0: true}, callLimit)
+	conf := hostileNet.ConfWith(n, shapedPorts(9201))
+	o := reltest.Invoke(t, n, reltest.Call{Command: "ADD", ContainerID: "perm", Netns: pod.Path, IfName: "eth0", Args: podArgs("perm"), Config: conf, Umask0: true}, callLimit)
 	mustOK(t, "ADD", o)
-	mustOK(t, "CHECK", invoke(t, n, call{cmd: "CHECK", cid: "perm", netns: pod.Path, ifname: "eth0", conf: withPrev(conf, o.stdout), umask0: true}, callLimit))
-	mustOK(t, "GC", invoke(t, n, call{cmd: "GC", conf: gcConf(n, "perm/eth0"), umask0: true}, callLimit))
+	mustOK(t, "CHECK", reltest.Invoke(t, n, reltest.Call{Command: "CHECK", ContainerID: "perm", Netns: pod.Path, IfName: "eth0", Config: reltest.WithPrev(conf, o.Stdout), Umask0: true}, callLimit))
+	mustOK(t, "GC", reltest.Invoke(t, n, reltest.Call{Command: "GC", Config: hostileNet.GCConf(n, "perm/eth0"), Umask0: true}, callLimit))
 	t.Cleanup(func() {
-		_ = invoke(t, n, call{cmd: "DEL", cid: "perm", netns: pod.Path, ifname: "eth0", conf: conf}, callLimit)
+		_ = reltest.Invoke(t, n, reltest.Call{Command: "DEL", ContainerID: "perm", Netns: pod.Path, IfName: "eth0", Config: conf}, callLimit)
 	})
 	var files, dirs int
 	for _, root := range []string{n.StateDir, n.IPAMDir, journal.DirFor(n.StateDir)} {

@@ -2,14 +2,8 @@ package stress_test
 
 import (
 	"bytes"
-	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -17,18 +11,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containernetworking/cni/pkg/types"
-	current "github.com/containernetworking/cni/pkg/types/100"
-	"github.com/containernetworking/cni/pkg/version"
 	"golang.org/x/sys/unix"
 
 	"github.com/qoscni/qoscni/internal/testnet"
+	"github.com/qoscni/qoscni/reliability/reltest"
 )
 
 const (
-	network    = "qstress"
-	bridge     = "qsbr0"
-	cniVersion = "1.1.0"
+	network = "qstress"
+	bridge  = "qsbr0"
 )
 
 // pod is one attachment of the storm: its per-pod config carries shaping
@@ -40,295 +31,23 @@ type pod struct {
 	args string
 }
 
-// baseConf is the standalone config of every test here; IPv4 and IPv6
-// ranges hold far more than the 100 pods a round has live.
-func baseConf(n *testnet.Node) map[string]any {
-	return map[string]any{
-		"cniVersion":       cniVersion,
-		"name":             network,
-		"type":             "qoscni",
-		"bridge":           bridge,
-		"isDefaultGateway": true,
-		"ipMasq":           true,
-		"hairpinMode":      true,
-		"stateDir":         n.StateDir,
-		"capabilities":     map[string]any{"bandwidth": true, "portMappings": true},
-		"ipam": map[string]any{
-			"ranges": []any{
-				[]any{map[string]any{"subnet": "10.96.0.0/22"}},
-				[]any{map[string]any{"subnet": "fd96::/64"}},
-			},
-			"dataDir": n.IPAMDir,
-		},
-	}
-}
+// stressNet is the standalone network of every test here; its IPv4 and
+// IPv6 ranges hold far more than the 100 pods a round has live.
+var stressNet = reltest.Net{Name: network, Bridge: bridge, Ranges: []map[string]any{
+	{"subnet": "10.96.0.0/22"},
+	{"subnet": "fd96::/64"},
+}}
 
-func marshal(v any) []byte {
-	b, err := json.Marshal(v)
-	if err != nil {
-		panic(err)
-	}
-	return b
-}
-
-// podConf gives pod i of a round its runtimeConfig: i%4 == 1 shaped,
-// 2 a hostPort, 3 both, 0 plain.
-func podConf(n *testnet.Node, i int) []byte {
-	c := baseConf(n)
-	rc := map[string]any{}
-	if i%4 == 1 || i%4 == 3 {
-		rc["bandwidth"] = map[string]any{"ingressRate": 10_000_000, "ingressBurst": 200_000, "egressRate": 20_000_000, "egressBurst": 200_000}
-	}
-	if i%4 >= 2 {
-		rc["portMappings"] = []any{map[string]any{"hostPort": 20000 + i, "containerPort": 80, "protocol": "tcp"}}
-	}
-	if len(rc) > 0 {
-		c["runtimeConfig"] = rc
-	}
-	return marshal(c)
-}
-
-// gcConf lists the attachments the runtime still knows.
-func gcConf(n *testnet.Node, valid []string) []byte {
-	c := baseConf(n)
-	list := make([]any, 0, len(valid))
-	for _, cid := range valid {
-		list = append(list, map[string]any{"containerID": cid, "ifname": "eth0"})
-	}
-	c["cni.dev/valid-attachments"] = list
-	return marshal(c)
-}
-
-// withPrev adds the ADD result as prevResult, as a runtime does for CHECK.
-func withPrev(conf, prev []byte) []byte {
-	var c, p map[string]any
-	if err := json.Unmarshal(conf, &c); err != nil {
-		panic(err)
-	}
-	if err := json.Unmarshal(prev, &p); err != nil {
-		panic(err)
-	}
-	c["prevResult"] = p
-	return marshal(c)
-}
-
-// call is one plugin invocation.
-type call struct {
-	cmd, cid, netns, ifname, args string
-	conf                          []byte
-	env                           []string // extra variables for the plugin
-}
-
-// outcome is how an invocation ended and how long it took.
-type outcome struct {
-	stdout, stderr []byte
-	err            *types.Error // nil on success
-	took           time.Duration
-	hung           bool // killed by the test's deadline
-}
-
-func (o outcome) String() string {
-	switch {
-	case o.hung:
-		return fmt.Sprintf("hung: killed after %v", o.took.Round(time.Millisecond))
-	case o.err != nil:
-		return fmt.Sprintf("error %d: %s (%s); stderr %q", o.err.Code, o.err.Msg, o.err.Details, o.stderr)
-	}
-	return "ok"
-}
-
-// invoke runs the built plugin inside the node namespace as testnet.Invoke
-// does, but kills it after limit so that a hang is a failure, not a stuck
-// test. The measured time includes `ip netns exec`, as a runtime's fork
-// and exec would.
-func invoke(t testing.TB, n *testnet.Node, c call, limit time.Duration) outcome {
+// invoke is reltest.Invoke with the plugin registered in procs while it
+// runs, so that the lock watch can name a lock holder.
+func invoke(t testing.TB, n *testnet.Node, c reltest.Call, limit time.Duration) reltest.Outcome {
 	t.Helper()
-	bin := testnet.PluginBinary(t)
-	env := append([]string{"PATH=" + os.Getenv("PATH"), "CNI_COMMAND=" + c.cmd, "CNI_PATH=" + filepath.Dir(bin)}, c.env...)
-	for k, v := range map[string]string{"CNI_CONTAINERID": c.cid, "CNI_NETNS": c.netns, "CNI_IFNAME": c.ifname, "CNI_ARGS": c.args} {
-		if v != "" {
-			env = append(env, k+"="+v)
-		}
+	c.Started = func(pid int, stderr *bytes.Buffer) func() {
+		pr := &proc{label: strings.TrimSpace(c.Command + " " + c.ContainerID), stderr: stderr, done: make(chan struct{})}
+		procs.Store(pid, pr)
+		return func() { close(pr.done) }
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), limit)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", n.Name, bin)
-	cmd.Env = env
-	cmd.Stdin = bytes.NewReader(c.conf)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	start := time.Now()
-	err := cmd.Start()
-	if err == nil {
-		// `ip netns exec` execs the plugin: the PID is the plugin's.
-		pr := &proc{label: strings.TrimSpace(c.cmd + " " + c.cid), stderr: &stderr, done: make(chan struct{})}
-		procs.Store(cmd.Process.Pid, pr)
-		err = cmd.Wait()
-		close(pr.done)
-	}
-	o := outcome{stdout: stdout.Bytes(), stderr: stderr.Bytes(), took: time.Since(start)}
-	if err == nil {
-		return o
-	}
-	if ctx.Err() != nil {
-		o.hung = true
-		o.err = &types.Error{Code: 999, Msg: "killed by the test deadline"}
-		return o
-	}
-	e := &types.Error{}
-	if jerr := json.Unmarshal(o.stdout, e); jerr != nil || (e.Code == 0 && e.Msg == "") {
-		e = &types.Error{Code: 999, Msg: fmt.Sprintf("plugin exited %v without a CNI error; stdout %q", err, o.stdout)}
-	}
-	o.err = e
-	return o
-}
-
-// addrs decodes the IPs of an ADD result.
-func addrs(t testing.TB, stdout []byte) []string {
-	t.Helper()
-	res, err := version.NewResult(cniVersion, stdout)
-	if err != nil {
-		t.Fatalf("decode ADD result: %v\n%s", err, stdout)
-	}
-	cur, err := current.NewResultFromResult(res)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, ipc := range cur.IPs {
-		out = append(out, ipc.Address.IP.String())
-	}
-	return out
-}
-
-// snapshot is everything a pod can leave in the node: links, addresses,
-// routes, qdiscs, the qoscni nftables table (stateless listing, so packet
-// counters do not count), and the entries of the IPAM and state
-// directories with their modes. The round-robin hints move between rounds
-// by design, so only their presence counts.
-type snapshot map[string][]string
-
-func takeSnapshot(t testing.TB, n *testnet.Node) snapshot {
-	t.Helper()
-	s := snapshot{}
-	lines := func(out string) []string {
-		var l []string
-		for _, x := range strings.Split(out, "\n") {
-			// Carrier and DAD state follow the bridge's ports asynchronously.
-			x = strings.ReplaceAll(strings.ReplaceAll(x, " linkdown", ""), " tentative", "")
-			if x = strings.TrimSpace(x); x != "" {
-				l = append(l, x)
-			}
-		}
-		sort.Strings(l)
-		return l
-	}
-	var links []string
-	for _, l := range lines(n.Exec(t, "ip", "-o", "link", "show")) {
-		// "3: qsbr0: <...> mtu ... state UP ..." minus the index and the
-		// operational state, which follows the bridge's ports.
-		f := strings.Fields(l)
-		if len(f) > 1 {
-			links = append(links, strings.TrimSuffix(f[1], ":"))
-		}
-	}
-	sort.Strings(links)
-	s["links"] = links
-	s["addrs"] = lines(n.Exec(t, "ip", "-o", "addr", "show"))
-	s["routes4"] = lines(n.Exec(t, "ip", "-4", "route", "show", "table", "all"))
-	// The kernel adds local and anycast routes for a link's fe80:: address
-	// when its DAD is done, asynchronously: those of pod veths are theirs.
-	for _, r := range lines(n.Exec(t, "ip", "-6", "route", "show", "table", "all")) {
-		if !(strings.Contains(r, "fe80:") && strings.Contains(r, "table local") && strings.Contains(r, "dev qv")) {
-			s["routes6"] = append(s["routes6"], r)
-		}
-	}
-	s["qdiscs"] = lines(n.Exec(t, "tc", "qdisc", "show"))
-	if out, err := n.Try("nft", "-s", "list", "table", "inet", "qoscni"); err == nil {
-		s["nft"] = lines(out)
-	}
-	for _, d := range []struct{ key, dir string }{{"ipam", n.IPAMDir}, {"state", n.StateDir}} {
-		var entries []string
-		err := filepath.WalkDir(d.dir, func(p string, e fs.DirEntry, err error) error {
-			if err != nil {
-				return err
-			}
-			info, err := e.Info()
-			if err != nil {
-				return err
-			}
-			rel, _ := filepath.Rel(d.dir, p)
-			entries = append(entries, fmt.Sprintf("%s %v", rel, info.Mode()))
-			return nil
-		})
-		if err != nil && !errors.Is(err, fs.ErrNotExist) {
-			t.Fatalf("walk %s: %v", d.dir, err)
-		}
-		sort.Strings(entries)
-		s[d.key] = entries
-	}
-	return s
-}
-
-// diff lists what b has that a lacks (+) and the reverse (-).
-func (a snapshot) diff(b snapshot) []string {
-	var out []string
-	keys := map[string]bool{}
-	for k := range a {
-		keys[k] = true
-	}
-	for k := range b {
-		keys[k] = true
-	}
-	var sorted []string
-	for k := range keys {
-		sorted = append(sorted, k)
-	}
-	sort.Strings(sorted)
-	for _, k := range sorted {
-		in := func(l []string) map[string]int {
-			m := map[string]int{}
-			for _, x := range l {
-				m[x]++
-			}
-			return m
-		}
-		ma, mb := in(a[k]), in(b[k])
-		for x, c := range mb {
-			if ma[x] < c {
-				out = append(out, k+" + "+x)
-			}
-		}
-		for x, c := range ma {
-			if mb[x] < c {
-				out = append(out, k+" - "+x)
-			}
-		}
-	}
-	sort.Strings(out)
-	return out
-}
-
-// percentile of sorted durations (nearest rank).
-func percentile(d []time.Duration, p float64) time.Duration {
-	if len(d) == 0 {
-		return 0
-	}
-	i := int(p*float64(len(d))+0.999999) - 1
-	if i < 0 {
-		i = 0
-	}
-	if i >= len(d) {
-		i = len(d) - 1
-	}
-	return d[i]
-}
-
-func stats(d []time.Duration) string {
-	s := append([]time.Duration(nil), d...)
-	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-	r := func(x time.Duration) time.Duration { return x.Round(time.Millisecond) }
-	return fmt.Sprintf("p50 %v p99 %v max %v", r(percentile(s, 0.50)), r(percentile(s, 0.99)), r(percentile(s, 1)))
+	return reltest.Invoke(t, n, c, limit)
 }
 
 // proc is a running or finished plugin invocation, by PID, so that a lock

@@ -22,6 +22,7 @@ import (
 	"github.com/qoscni/qoscni/internal/testnet"
 	"github.com/qoscni/qoscni/plugin"
 	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/reliability/reltest"
 )
 
 // debugEnv makes the plugin log each step's duration on stderr, which the
@@ -43,11 +44,11 @@ func podArgs(cid string) string {
 // warmUp ADDs and DELs one pod so that the bridge, the nftables table and
 // the store directories exist: that is the node's steady empty state, which
 // every round must return to.
-func warmUp(t *testing.T, n *testnet.Node, ns *testnet.NS) snapshot {
+func warmUp(t *testing.T, n *testnet.Node, ns *testnet.NS) reltest.Snapshot {
 	t.Helper()
-	conf := podConf(n, 3)
-	add := invoke(t, n, call{cmd: "ADD", cid: "warm", netns: ns.Path, ifname: "eth0", args: podArgs("warm"), conf: conf}, callLimit)
-	if add.err != nil {
+	conf := stressNet.PodConf(n, 3)
+	add := invoke(t, n, reltest.Call{Command: "ADD", ContainerID: "warm", Netns: ns.Path, IfName: "eth0", Args: podArgs("warm"), Config: conf}, callLimit)
+	if add.Err != nil {
 		t.Fatalf("warm-up ADD: %s", add)
 	}
 	// The bridge's link-local address and its local routes appear once DAD
@@ -59,12 +60,12 @@ func warmUp(t *testing.T, n *testnet.Node, ns *testnet.NS) snapshot {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	del := invoke(t, n, call{cmd: "DEL", cid: "warm", netns: ns.Path, ifname: "eth0", conf: conf}, callLimit)
-	if del.err != nil {
+	del := invoke(t, n, reltest.Call{Command: "DEL", ContainerID: "warm", Netns: ns.Path, IfName: "eth0", Config: conf}, callLimit)
+	if del.Err != nil {
 		t.Fatalf("warm-up DEL: %s", del)
 	}
-	t.Logf("alone (first pod, shaped, one hostPort): ADD %v, DEL %v", add.took.Round(time.Millisecond), del.took.Round(time.Millisecond))
-	return takeSnapshot(t, n)
+	t.Logf("alone (first pod, shaped, one hostPort): ADD %v, DEL %v", add.Took.Round(time.Millisecond), del.Took.Round(time.Millisecond))
+	return reltest.TakeSnapshot(t, n)
 }
 
 // TestStorm: five rounds of 100 concurrent ADDs of distinct pods (a
@@ -86,11 +87,11 @@ func TestStorm(t *testing.T) {
 		pods := make([]pod, perPods)
 		for i := range pods {
 			cid := fmt.Sprintf("r%d-p%03d", r, i)
-			pods[i] = pod{cid: cid, ns: nss[i], conf: podConf(n, i), args: podArgs(cid)}
+			pods[i] = pod{cid: cid, ns: nss[i], conf: stressNet.PodConf(n, i), args: podArgs(cid)}
 		}
 		valid := make([]string, perPods)
 		for i, p := range pods {
-			valid[i] = p.cid
+			valid[i] = p.cid + "/eth0"
 		}
 
 		var (
@@ -128,12 +129,12 @@ func TestStorm(t *testing.T) {
 					go func() {
 						defer side.Done()
 						p := pods[i]
-						o := invoke(t, n, call{cmd: "CHECK", cid: p.cid, netns: p.ns.Path, ifname: "eth0", args: p.args, conf: withPrev(p.conf, prev), env: debugEnv}, callLimit)
-						if o.err != nil {
+						o := invoke(t, n, reltest.Call{Command: "CHECK", ContainerID: p.cid, Netns: p.ns.Path, IfName: "eth0", Args: p.args, Config: reltest.WithPrev(p.conf, prev), Env: debugEnv}, callLimit)
+						if o.Err != nil {
 							fail("CHECK %s: %s", p.cid, o)
 						}
 						mu.Lock()
-						sideTook = append(sideTook, o.took)
+						sideTook = append(sideTook, o.Took)
 						mu.Unlock()
 					}()
 				}
@@ -142,12 +143,12 @@ func TestStorm(t *testing.T) {
 					side.Add(1)
 					go func() {
 						defer side.Done()
-						o := invoke(t, n, call{cmd: "GC", conf: gcConf(n, valid), env: debugEnv}, callLimit)
-						if o.err != nil {
+						o := invoke(t, n, reltest.Call{Command: "GC", Config: stressNet.GCConf(n, valid...), Env: debugEnv}, callLimit)
+						if o.Err != nil {
 							fail("GC: %s", o)
 						}
 						mu.Lock()
-						sideTook = append(sideTook, o.took)
+						sideTook = append(sideTook, o.Took)
 						mu.Unlock()
 					}()
 				}
@@ -165,13 +166,13 @@ func TestStorm(t *testing.T) {
 			go func(i int) {
 				defer wg.Done()
 				p := pods[i]
-				o := invoke(t, n, call{cmd: "ADD", cid: p.cid, netns: p.ns.Path, ifname: "eth0", args: p.args, conf: p.conf, env: debugEnv}, callLimit)
-				addTook[i] = o.took
-				if o.err != nil {
+				o := invoke(t, n, reltest.Call{Command: "ADD", ContainerID: p.cid, Netns: p.ns.Path, IfName: "eth0", Args: p.args, Config: p.conf, Env: debugEnv}, callLimit)
+				addTook[i] = o.Took
+				if o.Err != nil {
 					fail("ADD %s: %s", p.cid, o)
 				} else {
 					mu.Lock()
-					added[i] = o.stdout
+					added[i] = o.Stdout
 					live = append(live, i)
 					mu.Unlock()
 				}
@@ -189,7 +190,10 @@ func TestStorm(t *testing.T) {
 			if out == nil {
 				continue
 			}
-			ips := addrs(t, out)
+			ips, err := reltest.Addrs(out)
+			if err != nil {
+				t.Fatal(err)
+			}
 			if len(ips) != 2 {
 				fail("ADD %s returned %d addresses: %v", pods[i].cid, len(ips), ips)
 			}
@@ -236,9 +240,9 @@ func TestStorm(t *testing.T) {
 			go func(i int) {
 				defer wg.Done()
 				p := pods[i]
-				o := invoke(t, n, call{cmd: "DEL", cid: p.cid, netns: p.ns.Path, ifname: "eth0", args: p.args, conf: p.conf, env: debugEnv}, callLimit)
-				delTook[i] = o.took
-				if o.err != nil {
+				o := invoke(t, n, reltest.Call{Command: "DEL", ContainerID: p.cid, Netns: p.ns.Path, IfName: "eth0", Args: p.args, Config: p.conf, Env: debugEnv}, callLimit)
+				delTook[i] = o.Took
+				if o.Err != nil {
 					fail("DEL %s: %s", p.cid, o)
 				}
 			}(i)
@@ -247,14 +251,14 @@ func TestStorm(t *testing.T) {
 		delWall := time.Since(start)
 		lockSummary := locks.end(5 * time.Second)
 
-		leaks := base.diff(takeSnapshot(t, n))
+		leaks := base.Diff(reltest.TakeSnapshot(t, n))
 		calls := 2*perPods + checks + gcs
 		totalCalls += calls
 		totalFailures += len(failures)
 		t.Logf("round %d: %d ADD (wall %v) %s | %d DEL (wall %v) %s | %d CHECK, %d GC interleaved | %d failures | %d unique addresses | %d leaks",
-			r, perPods, addWall.Round(time.Millisecond), stats(addTook), perPods, delWall.Round(time.Millisecond), stats(delTook),
+			r, perPods, addWall.Round(time.Millisecond), reltest.Stats(addTook), perPods, delWall.Round(time.Millisecond), reltest.Stats(delTook),
 			checks, gcs, len(failures), len(owner), len(leaks))
-		t.Logf("round %d: CHECK/GC %s; %s", r, stats(sideTook), lockSummary)
+		t.Logf("round %d: CHECK/GC %s; %s", r, reltest.Stats(sideTook), lockSummary)
 		sort.Strings(failures)
 		for i, f := range failures {
 			if i == 20 {
@@ -318,11 +322,11 @@ func TestLockWaitBounded(t *testing.T) {
 			live, fresh, warm := n.NewPod(t), n.NewPod(t), n.NewPod(t)
 			base := warmUp(t, n, warm)
 			// Both shaped with a hostPort (their own), so that every step runs.
-			conf, freshConf := podConf(n, 3), podConf(n, 7)
-			if o := invoke(t, n, call{cmd: "ADD", cid: "live", netns: live.Path, ifname: "eth0", args: podArgs("live"), conf: conf}, callLimit); o.err != nil {
+			conf, freshConf := stressNet.PodConf(n, 3), stressNet.PodConf(n, 7)
+			if o := invoke(t, n, reltest.Call{Command: "ADD", ContainerID: "live", Netns: live.Path, IfName: "eth0", Args: podArgs("live"), Config: conf}, callLimit); o.Err != nil {
 				t.Fatalf("ADD live: %s", o)
 			}
-			withLive := takeSnapshot(t, n)
+			withLive := reltest.TakeSnapshot(t, n)
 
 			lockPath := filepath.Join(n.IPAMDir, network, "lock")
 			if which == "state" {
@@ -330,16 +334,16 @@ func TestLockWaitBounded(t *testing.T) {
 			}
 			release := holdLock(t, lockPath)
 			limit := lockBound + 60*time.Second
-			var add, del outcome
+			var add, del reltest.Outcome
 			var wg sync.WaitGroup
 			wg.Add(2)
 			go func() {
 				defer wg.Done()
-				add = invoke(t, n, call{cmd: "ADD", cid: "fresh", netns: fresh.Path, ifname: "eth0", args: podArgs("fresh"), conf: freshConf}, limit)
+				add = invoke(t, n, reltest.Call{Command: "ADD", ContainerID: "fresh", Netns: fresh.Path, IfName: "eth0", Args: podArgs("fresh"), Config: freshConf}, limit)
 			}()
 			go func() {
 				defer wg.Done()
-				del = invoke(t, n, call{cmd: "DEL", cid: "live", netns: live.Path, ifname: "eth0", conf: conf}, limit)
+				del = invoke(t, n, reltest.Call{Command: "DEL", ContainerID: "live", Netns: live.Path, IfName: "eth0", Config: conf}, limit)
 			}()
 			wg.Wait()
 			// ADD writes records without the state lock (whole-file renames,
@@ -348,24 +352,24 @@ func TestLockWaitBounded(t *testing.T) {
 			addBlocked := which == "ipam"
 			for _, c := range []struct {
 				what string
-				o    outcome
+				o    reltest.Outcome
 			}{{"ADD", add}, {"DEL", del}} {
-				t.Logf("%s with the %s lock held: %s after %v", c.what, which, c.o, c.o.took.Round(time.Millisecond))
+				t.Logf("%s with the %s lock held: %s after %v", c.what, which, c.o, c.o.Took.Round(time.Millisecond))
 				if c.what == "ADD" && !addBlocked {
-					if c.o.hung || c.o.err != nil {
+					if c.o.Hung || c.o.Err != nil {
 						t.Errorf("ADD with the state lock held: %s", c.o)
 					}
 					continue
 				}
 				switch {
-				case c.o.hung:
-					t.Errorf("%s with the %s lock held hung: killed after %v", c.what, which, c.o.took.Round(time.Second))
-				case c.o.err == nil:
+				case c.o.Hung:
+					t.Errorf("%s with the %s lock held hung: killed after %v", c.what, which, c.o.Took.Round(time.Second))
+				case c.o.Err == nil:
 					t.Errorf("%s with the %s lock held succeeded", c.what, which)
-				case c.o.err.Code != types.ErrTryAgainLater:
-					t.Errorf("%s with the %s lock held: code %d (%s), want %d", c.what, which, c.o.err.Code, c.o.err.Msg, types.ErrTryAgainLater)
-				case c.o.took > lockBound+20*time.Second:
-					t.Errorf("%s with the %s lock held took %v, bound %v", c.what, which, c.o.took, lockBound)
+				case c.o.Err.Code != types.ErrTryAgainLater:
+					t.Errorf("%s with the %s lock held: code %d (%s), want %d", c.what, which, c.o.Err.Code, c.o.Err.Msg, types.ErrTryAgainLater)
+				case c.o.Took > lockBound+20*time.Second:
+					t.Errorf("%s with the %s lock held took %v, bound %v", c.what, which, c.o.Took, lockBound)
 				}
 			}
 			// The refused ADD changed nothing: the pod is bare and the node
@@ -376,8 +380,8 @@ func TestLockWaitBounded(t *testing.T) {
 				if out := fresh.Exec(t, "ip", "-o", "link"); strings.Contains(out, "eth0") {
 					t.Errorf("refused ADD left eth0 in the pod: %s", out)
 				}
-				now := takeSnapshot(t, n)
-				for _, d := range withLive.diff(now) {
+				now := reltest.TakeSnapshot(t, n)
+				for _, d := range withLive.Diff(now) {
 					if strings.HasPrefix(d, "ipam +") || strings.HasPrefix(d, "state +") || strings.Contains(d, podnet.HostVethName("fresh", "eth0")) ||
 						strings.Contains(d, podnet.IFBName("fresh", "eth0")) || (strings.HasPrefix(d, "nft +")) {
 						t.Errorf("refused ADD changed the node: %s", d)
@@ -396,25 +400,25 @@ func TestLockWaitBounded(t *testing.T) {
 			}
 
 			release()
-			if o := invoke(t, n, call{cmd: "DEL", cid: "live", netns: live.Path, ifname: "eth0", conf: conf}, callLimit); o.err != nil {
+			if o := invoke(t, n, reltest.Call{Command: "DEL", ContainerID: "live", Netns: live.Path, IfName: "eth0", Config: conf}, callLimit); o.Err != nil {
 				t.Fatalf("DEL retry: %s", o)
 			}
 			if !addBlocked {
-				if o := invoke(t, n, call{cmd: "DEL", cid: "fresh", netns: fresh.Path, ifname: "eth0", conf: freshConf}, callLimit); o.err != nil {
+				if o := invoke(t, n, reltest.Call{Command: "DEL", ContainerID: "fresh", Netns: fresh.Path, IfName: "eth0", Config: freshConf}, callLimit); o.Err != nil {
 					t.Fatalf("DEL: %s", o)
 				}
 			}
-			if leaks := base.diff(takeSnapshot(t, n)); len(leaks) > 0 {
+			if leaks := base.Diff(reltest.TakeSnapshot(t, n)); len(leaks) > 0 {
 				t.Fatalf("after the DEL retry the node differs from its start:\n%s", strings.Join(leaks, "\n"))
 			}
 			// And the ADD the runtime retries now works.
-			if o := invoke(t, n, call{cmd: "ADD", cid: "fresh", netns: fresh.Path, ifname: "eth0", args: podArgs("fresh"), conf: freshConf}, callLimit); o.err != nil {
+			if o := invoke(t, n, reltest.Call{Command: "ADD", ContainerID: "fresh", Netns: fresh.Path, IfName: "eth0", Args: podArgs("fresh"), Config: freshConf}, callLimit); o.Err != nil {
 				t.Fatalf("ADD retry: %s", o)
 			}
-			if o := invoke(t, n, call{cmd: "DEL", cid: "fresh", netns: fresh.Path, ifname: "eth0", conf: freshConf}, callLimit); o.err != nil {
+			if o := invoke(t, n, reltest.Call{Command: "DEL", ContainerID: "fresh", Netns: fresh.Path, IfName: "eth0", Config: freshConf}, callLimit); o.Err != nil {
 				t.Fatalf("DEL: %s", o)
 			}
-			if leaks := base.diff(takeSnapshot(t, n)); len(leaks) > 0 {
+			if leaks := base.Diff(reltest.TakeSnapshot(t, n)); len(leaks) > 0 {
 				t.Fatalf("node differs from its start:\n%s", strings.Join(leaks, "\n"))
 			}
 		})
