@@ -10,7 +10,6 @@
 package cluster
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -24,8 +23,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -45,7 +42,7 @@ const (
 	BuiltEnv = "QOSCNI_E2E_BUILT"
 	// LogsEnv, when set, shows the processes' last log lines also when
 	// the test passed (they always show when it failed).
-	LogsEnv = "QOSCNI_E2E_LOGS"
+	LogsEnv = node.ShowLogsEnv
 	// RequireRootEnv is testnet's switch from skips to failures.
 	RequireRootEnv = "QOSCNI_REQUIRE_ROOT"
 
@@ -103,7 +100,7 @@ type ControlPlane struct {
 	CAFile, ServiceAccountKeyFile, ServiceAccountPubFile string
 
 	ca *authority
-	sp *spawner
+	sp *node.Spawner
 }
 
 // StartControlPlane starts etcd and kube-apiserver with default Options.
@@ -133,13 +130,13 @@ func StartControlPlaneWith(t testing.TB, o Options) *ControlPlane {
 		ServiceAccountPubFile: filepath.Join(dir, "sa.pub"),
 		Kubeconfig:            filepath.Join(dir, "admin.kubeconfig"),
 	}
-	sp := newSpawner(t)
+	sp := node.NewSpawner(t)
 	cp.sp = sp
 	if err := cp.writePKI(o.AdvertiseAddress); err != nil {
 		t.Fatalf("control plane certificates: %v", err)
 	}
 
-	etcd := startRetrying(t, sp, "etcd", func() (*process, error) {
+	etcd := startRetrying(t, sp, "etcd", func() (*node.Process, error) {
 		client, peer := freePort(t), freePort(t)
 		cp.EtcdURL = "http://127.0.0.1:" + client
 		peerURL := "http://127.0.0.1:" + peer
@@ -156,15 +153,15 @@ func StartControlPlaneWith(t testing.TB, o Options) *ControlPlane {
 			// A test cluster's data does not outlive the test.
 			"--unsafe-no-fsync", "--log-level=warn",
 		}
-		p, err := sp.start("etcd", filepath.Join(dir, "etcd.log"), etcdBin, append(args, o.EtcdArgs...)...)
+		p, err := sp.Start("etcd", filepath.Join(dir, "etcd.log"), etcdBin, append(args, o.EtcdArgs...)...)
 		if err != nil {
 			return nil, err
 		}
 		return p, waitHTTP(p, startTimeout, func() error { return etcdHealthy(cp.EtcdURL) })
 	})
-	t.Cleanup(func() { etcd.stop(t) })
+	t.Cleanup(func() { etcd.Stop(t, stopTimeout) })
 
-	api := startRetrying(t, sp, "kube-apiserver", func() (*process, error) {
+	api := startRetrying(t, sp, "kube-apiserver", func() (*node.Process, error) {
 		port := freePort(t)
 		cp.URL = "https://127.0.0.1:" + port
 		if err := cp.writeAdminKubeconfig(); err != nil {
@@ -199,13 +196,13 @@ func StartControlPlaneWith(t testing.TB, o Options) *ControlPlane {
 		if ip := net.ParseIP(o.AdvertiseAddress); ip != nil && ip.IsLoopback() {
 			args = append(args, "--endpoint-reconciler-type=none")
 		}
-		p, err := sp.start("kube-apiserver", filepath.Join(dir, "kube-apiserver.log"), apiBin, append(args, o.APIServerArgs...)...)
+		p, err := sp.Start("kube-apiserver", filepath.Join(dir, "kube-apiserver.log"), apiBin, append(args, o.APIServerArgs...)...)
 		if err != nil {
 			return nil, err
 		}
 		return p, waitHTTP(p, startTimeout, cp.ready)
 	})
-	t.Cleanup(func() { api.stop(t) })
+	t.Cleanup(func() { api.Stop(t, stopTimeout) })
 	return cp
 }
 
@@ -345,20 +342,20 @@ func etcdHealthy(url string) error {
 
 // startRetrying starts a process up to three times while it loses its
 // random ports to someone else (they are free when picked, not reserved).
-func startRetrying(t testing.TB, sp *spawner, name string, start func() (*process, error)) *process {
+func startRetrying(t testing.TB, sp *node.Spawner, name string, start func() (*node.Process, error)) *node.Process {
 	t.Helper()
-	var p *process
+	var p *node.Process
 	var err error
 	for attempt := 1; attempt <= 3; attempt++ {
 		began := time.Now()
 		p, err = start()
 		if err == nil {
-			t.Logf("%s ready in %v (pid %d, log %s)", name, time.Since(began).Round(time.Millisecond), p.cmd.Process.Pid, p.log)
+			t.Logf("%s ready in %v (pid %d, log %s)", name, time.Since(began).Round(time.Millisecond), p.Cmd.Process.Pid, p.Log)
 			return p
 		}
 		if p != nil {
-			p.stop(t)
-			if bytes.Contains(p.tail(), []byte("address already in use")) {
+			p.Stop(t, stopTimeout)
+			if bytes.Contains([]byte(node.Tail(p.Log)), []byte("address already in use")) {
 				t.Logf("%s: port taken, retrying", name)
 				continue
 			}
@@ -366,20 +363,20 @@ func startRetrying(t testing.TB, sp *spawner, name string, start func() (*proces
 		break
 	}
 	if p != nil {
-		t.Fatalf("start %s: %v\nlast lines of %s:\n%s", name, err, p.log, p.tail())
+		t.Fatalf("start %s: %v\nlast lines of %s:\n%s", name, err, p.Log, []byte(node.Tail(p.Log)))
 	}
 	t.Fatalf("start %s: %v", name, err)
 	return nil
 }
 
 // waitHTTP polls check until it passes, the process exits or time is up.
-func waitHTTP(p *process, timeout time.Duration, check func() error) error {
+func waitHTTP(p *node.Process, timeout time.Duration, check func() error) error {
 	deadline := time.Now().Add(timeout)
 	var last error
 	for time.Now().Before(deadline) {
 		select {
-		case <-p.done:
-			return fmt.Errorf("%s exited: %v", p.name, p.err)
+		case <-p.Done:
+			return fmt.Errorf("%s exited: %v", p.Name, p.Err)
 		default:
 		}
 		if last = check(); last == nil {
@@ -387,7 +384,7 @@ func waitHTTP(p *process, timeout time.Duration, check func() error) error {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return fmt.Errorf("%s not ready after %v: %v", p.name, timeout, last)
+	return fmt.Errorf("%s not ready after %v: %v", p.Name, timeout, last)
 }
 
 // freePort returns a loopback TCP port that was free a moment ago.
@@ -399,102 +396,6 @@ func freePort(t testing.TB) string {
 	}
 	defer l.Close()
 	return strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
-}
-
-// spawner starts processes from one OS thread that lives until the test
-// ends, so that their parent-death signal (SIGKILL) fires when the test
-// binary dies without running its cleanups (a panic, a go test timeout)
-// and not earlier: the signal follows the thread that forked, and Go may
-// retire other threads at any time.
-type spawner struct {
-	reqs chan func()
-}
-
-func newSpawner(t testing.TB) *spawner {
-	s := &spawner{reqs: make(chan func())}
-	go func() {
-		runtime.LockOSThread()
-		// Returning while locked ends the thread: by then every process
-		// was stopped, and one that was not gets its SIGKILL.
-		for f := range s.reqs {
-			f()
-		}
-	}()
-	t.Cleanup(func() { close(s.reqs) }) // registered first, so it runs last
-	return s
-}
-
-// process is one running binary whose output goes to a log file.
-type process struct {
-	name string
-	log  string
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error // valid after done
-	once sync.Once
-}
-
-func (s *spawner) start(name, logPath, bin string, args ...string) (*process, error) {
-	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close() // the child has its own copy
-	fmt.Fprintf(f, "--- %s %s\n", bin, strings.Join(args, " "))
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = f, f
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	errc := make(chan error)
-	s.reqs <- func() { errc <- cmd.Start() }
-	if err := <-errc; err != nil {
-		return nil, fmt.Errorf("start %s: %w", bin, err)
-	}
-	p := &process{name: name, log: logPath, cmd: cmd, done: make(chan struct{})}
-	go func() { p.err = cmd.Wait(); close(p.done) }()
-	return p, nil
-}
-
-// stop ends the process by its PID: SIGTERM, then SIGKILL after
-// stopTimeout. On a failed test (or with QOSCNI_E2E_LOGS) it logs the
-// process's last lines.
-func (p *process) stop(t testing.TB) {
-	p.once.Do(func() {
-		select {
-		case <-p.done:
-		default:
-			_ = p.cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-p.done:
-			case <-time.After(stopTimeout):
-				t.Logf("%s (pid %d) ignored SIGTERM for %v; killing it", p.name, p.cmd.Process.Pid, stopTimeout)
-				_ = p.cmd.Process.Kill()
-				<-p.done
-			}
-		}
-		if t.Failed() || os.Getenv(LogsEnv) != "" {
-			t.Logf("last lines of %s:\n%s", p.log, p.tail())
-		}
-		node.KeepLog(t, p.log)
-	})
-}
-
-// tail is the end of the process's log.
-func (p *process) tail() []byte {
-	f, err := os.Open(p.log)
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
-	var lines []string
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		lines = append(lines, sc.Text())
-		if len(lines) > 60 {
-			lines = lines[1:]
-		}
-	}
-	return []byte(strings.Join(lines, "\n"))
 }
 
 func lastLine(b []byte) string {

@@ -29,7 +29,7 @@ func (cp *ControlPlane) StartControllerManager(t testing.TB, clusterCIDRs ...str
 	if err := cp.WriteKubeconfig(kc, "system:kube-controller-manager"); err != nil {
 		t.Fatal(err)
 	}
-	p := startRetrying(t, cp.sp, "kube-controller-manager", func() (*process, error) {
+	p := startRetrying(t, cp.sp, "kube-controller-manager", func() (*node.Process, error) {
 		port := freePort(t)
 		args := []string{
 			"--kubeconfig=" + kc,
@@ -51,13 +51,13 @@ func (cp *ControlPlane) StartControllerManager(t testing.TB, clusterCIDRs ...str
 			args = append(args, "--allocate-node-cidrs=true", "--cluster-cidr="+strings.Join(clusterCIDRs, ","),
 				"--node-cidr-mask-size-ipv4=24", "--node-cidr-mask-size-ipv6=64")
 		}
-		p, err := cp.sp.start("kube-controller-manager", filepath.Join(cp.Dir, "kube-controller-manager.log"), bin, args...)
+		p, err := cp.sp.Start("kube-controller-manager", filepath.Join(cp.Dir, "kube-controller-manager.log"), bin, args...)
 		if err != nil {
 			return nil, err
 		}
 		return p, waitHTTP(p, startTimeout, func() error { return healthz("https://127.0.0.1:" + port + "/healthz") })
 	})
-	t.Cleanup(func() { p.stop(t) })
+	t.Cleanup(func() { p.Stop(t, stopTimeout) })
 }
 
 // StartScheduler starts kube-scheduler; stopped when the test ends.
@@ -68,7 +68,7 @@ func (cp *ControlPlane) StartScheduler(t testing.TB) {
 	if err := cp.WriteKubeconfig(kc, "system:kube-scheduler"); err != nil {
 		t.Fatal(err)
 	}
-	p := startRetrying(t, cp.sp, "kube-scheduler", func() (*process, error) {
+	p := startRetrying(t, cp.sp, "kube-scheduler", func() (*node.Process, error) {
 		port := freePort(t)
 		args := []string{
 			"--kubeconfig=" + kc,
@@ -76,13 +76,13 @@ func (cp *ControlPlane) StartScheduler(t testing.TB) {
 			"--bind-address=127.0.0.1", "--secure-port=" + port,
 			"--leader-elect=false", "--profiling=false",
 		}
-		p, err := cp.sp.start("kube-scheduler", filepath.Join(cp.Dir, "kube-scheduler.log"), bin, args...)
+		p, err := cp.sp.Start("kube-scheduler", filepath.Join(cp.Dir, "kube-scheduler.log"), bin, args...)
 		if err != nil {
 			return nil, err
 		}
 		return p, waitHTTP(p, startTimeout, func() error { return healthz("https://127.0.0.1:" + port + "/healthz") })
 	})
-	t.Cleanup(func() { p.stop(t) })
+	t.Cleanup(func() { p.Stop(t, stopTimeout) })
 }
 
 // KubeletOptions describe the node a kubelet registers.
@@ -177,11 +177,11 @@ fileCheckFrequency: 20s
 		"--v=2",
 	}
 	began := time.Now()
-	p, err := cp.sp.start("kubelet", filepath.Join(dir, "kubelet.log"), bin, args...)
+	p, err := cp.sp.Start("kubelet", filepath.Join(dir, "kubelet.log"), bin, args...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { p.stop(t) })
+	t.Cleanup(func() { p.Stop(t, stopTimeout) })
 	err = waitHTTP(p, startTimeout, func() error {
 		if err := healthz("http://127.0.0.1:10248/healthz"); err != nil {
 			return err
@@ -192,9 +192,9 @@ fileCheckFrequency: 20s
 		return err
 	})
 	if err != nil {
-		t.Fatalf("kubelet: %v\nlast lines of %s:\n%s", err, p.log, p.tail())
+		t.Fatalf("kubelet: %v\nlast lines of %s:\n%s", err, p.Log, node.Tail(p.Log))
 	}
-	t.Logf("kubelet registered node %s in %v (pid %d, log %s)", o.NodeName, time.Since(began).Round(time.Millisecond), p.cmd.Process.Pid, p.log)
+	t.Logf("kubelet registered node %s in %v (pid %d, log %s)", o.NodeName, time.Since(began).Round(time.Millisecond), p.Cmd.Process.Pid, p.Log)
 	return k
 }
 

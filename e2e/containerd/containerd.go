@@ -21,7 +21,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -77,9 +76,9 @@ type Containerd struct {
 	opts       Options
 	crictl     string
 	crictlConf string
-	sp         *spawner
+	sp         *node.Spawner
 	mu         sync.Mutex
-	proc       *process
+	proc       *node.Process
 }
 
 // Start writes a config for o, starts containerd, waits until its CRI
@@ -142,7 +141,7 @@ func Start(t testing.TB, o Options) *Containerd {
 		t.Fatal(err)
 	}
 
-	c.sp = newSpawner(t) // its cleanup runs last
+	c.sp = node.NewSpawner(t) // its cleanup runs last
 	t.Cleanup(func() { c.cleanup(t) })
 
 	began := time.Now()
@@ -241,7 +240,7 @@ func (c *Containerd) start(t testing.TB, wantNetwork bool) {
 	// A socket left by a killed containerd would make the wait below
 	// talk to nothing for a while; containerd replaces it anyway.
 	_ = os.Remove(c.Address)
-	p, err := c.sp.start("containerd", c.Log, "containerd", "--config", c.Config)
+	p, err := c.sp.Start("containerd", c.Log, "containerd", "--config", c.Config)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -252,8 +251,8 @@ func (c *Containerd) start(t testing.TB, wantNetwork bool) {
 	var last error
 	for time.Now().Before(deadline) {
 		select {
-		case <-p.done:
-			t.Fatalf("containerd exited while starting: %v\nlast lines of %s:\n%s", p.err, c.Log, tail(c.Log))
+		case <-p.Done:
+			t.Fatalf("containerd exited while starting: %v\nlast lines of %s:\n%s", p.Err, c.Log, node.Tail(c.Log))
 		default:
 		}
 		if last = c.ready(wantNetwork); last == nil {
@@ -261,11 +260,11 @@ func (c *Containerd) start(t testing.TB, wantNetwork bool) {
 		}
 		// containerd serves on without a plugin that failed to load.
 		if log, _ := os.ReadFile(c.Log); strings.Contains(string(log), "failed to load plugin io.containerd.grpc.v1.cri") {
-			t.Fatalf("containerd's CRI plugin did not load\nlast lines of %s:\n%s", c.Log, tail(c.Log))
+			t.Fatalf("containerd's CRI plugin did not load\nlast lines of %s:\n%s", c.Log, node.Tail(c.Log))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	t.Fatalf("containerd not ready after %v: %v\nlast lines of %s:\n%s", readyTimeout, last, c.Log, tail(c.Log))
+	t.Fatalf("containerd not ready after %v: %v\nlast lines of %s:\n%s", readyTimeout, last, c.Log, node.Tail(c.Log))
 }
 
 // ready is nil once crictl info says the runtime (and, if wanted, the
@@ -319,7 +318,7 @@ func (c *Containerd) waitFor(t testing.TB, timeout time.Duration, what string, c
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("containerd: waiting for %s: %v\nlast lines of %s:\n%s", what, err, c.Log, tail(c.Log))
+			t.Fatalf("containerd: waiting for %s: %v\nlast lines of %s:\n%s", what, err, c.Log, node.Tail(c.Log))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -331,7 +330,7 @@ func (c *Containerd) pid() int {
 	if c.proc == nil {
 		return 0
 	}
-	return c.proc.cmd.Process.Pid
+	return c.proc.Cmd.Process.Pid
 }
 
 // Restart stops containerd with SIGTERM (shims and pods keep running, as
@@ -344,7 +343,7 @@ func (c *Containerd) Restart(t testing.TB) {
 	p := c.proc
 	c.mu.Unlock()
 	if p != nil {
-		p.stop(t)
+		p.Stop(t, stopTimeout)
 	}
 	stopped := time.Since(began)
 	c.start(t, hasNetworkConfig(c.opts.CNIConfDir))
@@ -391,17 +390,17 @@ func (c *Containerd) cleanup(t testing.TB) {
 	var netnsPaths []string
 	if p != nil {
 		select {
-		case <-p.done:
-			t.Logf("containerd had exited (%v): pods are not removed through the CRI", p.err)
+		case <-p.Done:
+			t.Logf("containerd had exited (%v): pods are not removed through the CRI", p.Err)
 		default:
 			netnsPaths = c.podNetNSPaths()
 			if out, err := c.TryCrictl("rmp", "-fa"); err != nil {
 				t.Errorf("cleanup: crictl rmp -fa: %v\n%s", err, out)
 			}
 		}
-		p.stop(t)
+		p.Stop(t, stopTimeout)
 		if t.Failed() || os.Getenv(cluster.LogsEnv) != "" {
-			t.Logf("last lines of %s:\n%s", c.Log, tail(c.Log))
+			t.Logf("last lines of %s:\n%s", c.Log, node.Tail(c.Log))
 		}
 	}
 	// Pod namespaces of processes still running after that: containerd
@@ -699,98 +698,6 @@ func removeCgroup(parent string) error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// spawner starts processes from one OS thread that lives until the test
-// ends, so that their parent-death signal (SIGKILL) fires when the test
-// binary dies without running its cleanups, and not earlier: the signal
-// follows the thread that forked, and Go may retire other threads at any
-// time. (The pattern of e2e/cluster.)
-type spawner struct {
-	reqs chan func()
-}
-
-func newSpawner(t testing.TB) *spawner {
-	s := &spawner{reqs: make(chan func())}
-	go func() {
-		runtime.LockOSThread()
-		// Returning while locked ends the thread: by then every process
-		// was stopped, and one that was not gets its SIGKILL.
-		for f := range s.reqs {
-			f()
-		}
-	}()
-	t.Cleanup(func() { close(s.reqs) }) // registered first, so it runs last
-	return s
-}
-
-// process is one running binary whose output goes to a log file.
-type process struct {
-	name string
-	log  string
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error // valid after done
-	once sync.Once
-}
-
-func (s *spawner) start(name, logPath, bin string, args ...string) (*process, error) {
-	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close() // the child has its own copy
-	fmt.Fprintf(f, "--- %s %s %s\n", time.Now().Format(time.RFC3339Nano), bin, strings.Join(args, " "))
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = f, f
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	errc := make(chan error)
-	s.reqs <- func() { errc <- cmd.Start() }
-	if err := <-errc; err != nil {
-		return nil, fmt.Errorf("start %s: %w", bin, err)
-	}
-	p := &process{name: name, log: logPath, cmd: cmd, done: make(chan struct{})}
-	go func() { p.err = cmd.Wait(); close(p.done) }()
-	return p, nil
-}
-
-// stop ends the process by its PID: SIGTERM, then SIGKILL after
-// stopTimeout.
-func (p *process) stop(t testing.TB) {
-	p.once.Do(func() {
-		select {
-		case <-p.done:
-		default:
-			_ = p.cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-p.done:
-			case <-time.After(stopTimeout):
-				t.Logf("%s (pid %d) ignored SIGTERM for %v; killing it", p.name, p.cmd.Process.Pid, stopTimeout)
-				_ = p.cmd.Process.Kill()
-				<-p.done
-			}
-		}
-		node.KeepLog(t, p.log)
-	})
-}
-
-// tail is the end of a log file.
-func tail(path string) string {
-	f, err := os.Open(path)
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
-	var lines []string
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		lines = append(lines, sc.Text())
-		if len(lines) > 60 {
-			lines = lines[1:]
-		}
-	}
-	return strings.Join(lines, "\n")
 }
 
 func lastLine(b []byte) string {
