@@ -4,7 +4,10 @@
 # netlink route subscription in the node netns), NODES peers, one at a
 # time and in a burst; then pod-to-pod iperf3 throughput across two nodes
 # (namespaces on one bridge, pods made by the plugin) over the agent's
-# routes against the same routes added by hand, runs alternating.
+# routes against the same routes added by hand, runs alternating; then
+# the same over VXLAN (mode auto, two nodes behind a router: the agent's
+# qoscni.vx device, routes, neighbour and FDB entries against the same
+# made by hand with ip/bridge, pod MTU 1450).
 # The code is nodenet.TestBenchNodeRoutes (it reuses the kernel tests'
 # cluster). Prints markdown tables for docs/benchmarks.md.
 #

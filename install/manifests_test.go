@@ -186,9 +186,9 @@ func checkManifests(t *testing.T, r *rendered, mode install.Mode) {
 		t.Errorf("DaemonSet in namespace %q, Namespace is %q", ds.Namespace, ns)
 	}
 
-	// RBAC: exactly pods get/list/watch, nodes get/list/watch (pod routes),
-	// events create; nothing written but Events.
-	wantRules := map[string][]string{"pods": {"get", "list", "watch"}, "nodes": {"get", "list", "watch"}, "events": {"create"}}
+	// RBAC: exactly pods get/list/watch, nodes get/list/watch (pod routes)
+	// and patch (the agent's VTEP annotation), events create.
+	wantRules := map[string][]string{"pods": {"get", "list", "watch"}, "nodes": {"get", "list", "watch", "patch"}, "events": {"create"}}
 	gotRules := map[string][]string{}
 	for _, rule := range r.roles[0].Rules {
 		if !slices.Equal(rule.APIGroups, []string{""}) || len(rule.ResourceNames) > 0 || len(rule.NonResourceURLs) > 0 {

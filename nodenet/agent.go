@@ -30,11 +30,13 @@ type AgentConfig struct {
 }
 
 // StartAgent runs the Watcher for the agent in the node namespace: routes
-// of the mode, and the cluster's pod CIDRs out of ipMasq. stop waits for
+// of the mode (hostgw, vxlan or auto), and the cluster's pod CIDRs out of
+// ipMasq. In modes vxlan and auto the agent patches its own Node's
+// VTEPMACAnnotation, so its ServiceAccount needs "patch" on nodes. stop waits for
 // it after ctx ended and releases the netlink handle; routes stay in the
 // kernel (pods keep talking while the agent restarts).
 func StartAgent(ctx context.Context, cfg AgentConfig) (stop func(), err error) {
-	if cfg.Mode != ModeHostGW {
+	if cfg.Mode != ModeHostGW && cfg.Mode != ModeVXLAN && cfg.Mode != ModeAuto {
 		return nil, fmt.Errorf("pod routes: mode %q is not supported", cfg.Mode)
 	}
 	if cfg.Logger == nil {
@@ -55,7 +57,7 @@ func StartAgent(ctx context.Context, cfg AgentConfig) (stop func(), err error) {
 		return nil, fmt.Errorf("pod routes: %w", err)
 	}
 	w, err := NewWatcher(WatcherConfig{
-		Client: cfg.Client, NodeName: cfg.NodeName, Routes: NewRoutes(h, cfg.NodeName), Masq: masq,
+		Client: cfg.Client, NodeName: cfg.NodeName, Routes: NewRoutesMode(h, cfg.NodeName, cfg.Mode), Masq: masq,
 		Resync: cfg.Resync, Registerer: cfg.Registerer, Logger: cfg.Logger,
 	})
 	if err != nil {

@@ -53,6 +53,7 @@ func TestBenchNodeRoutes(t *testing.T) {
 	}
 	t.Run("latency", benchRouteLatency)
 	t.Run("throughput", benchThroughput)
+	t.Run("vxlan", benchVXLANThroughput)
 }
 
 func benchRouteLatency(t *testing.T) {
@@ -252,6 +253,70 @@ func benchThroughput(t *testing.T) {
 	fmt.Printf("| host-gw by the agent (proto 81) | %s | %.2f |\n", gbit(agent), med(agent)/1e9)
 	fmt.Printf("| same routes by hand (ip route add) | %s | %.2f |\n", gbit(hand), med(hand)/1e9)
 	fmt.Printf("\nratio agent/hand (medians): %.3f\n", med(agent)/med(hand))
+}
+
+// benchVXLANThroughput: pod-to-pod iperf3 between node-1 and node-3 of the
+// routed cluster (not on-link: VXLAN in mode auto) over the agent's
+// device, routes, neighbour and FDB entries, against the same made by hand
+// with ip/bridge, runs alternating.
+func benchVXLANThroughput(t *testing.T) {
+	runs := envInt("RUNS", 3)
+	secs := envInt("SECS", 5)
+	c := newRoutedCluster(t, ModeAuto)
+	n1, n3 := c.nodes[0], c.nodes[2]
+	pair := [][2]*clusterNode{{n1, n3}, {n3, n1}}
+	testnet.StartIperf3(t, n3.pod)
+	settleIPv6(t, c)
+	byHand := false
+	agent := func() {
+		for _, p := range pair {
+			if byHand {
+				p[0].Exec(t, "ip", "link", "del", "vxh")
+			}
+			c.start(t, p[0], time.Hour)
+		}
+		for _, p := range pair {
+			eventually(t, 5*time.Second, "agent VXLAN on "+p[0].name, func() (bool, string) {
+				rt := routeTable(t, p[0].h)[p[1].cidr4]
+				return rt == firstAddr(p[1].cidr4)+" 81", rt
+			})
+		}
+	}
+	hand := func() {
+		for _, p := range pair {
+			p[0].stop()
+			p[0].Exec(t, "ip", "link", "del", VXLANDevice) // its routes go with it
+			p[0].Exec(t, "ip", "link", "add", "vxh", "address", VTEPMAC(p[0].ip4).String(), "mtu", "1450", "type", "vxlan",
+				"id", fmt.Sprint(VXLANVNI), "dstport", fmt.Sprint(VXLANPort), "local", p[0].ip4.String(), "dev", "eth0", "nolearning")
+			p[0].Exec(t, "ip", "link", "set", "vxh", "up")
+			gw, mac := firstAddr(p[1].cidr4), VTEPMAC(p[1].ip4).String()
+			p[0].Exec(t, "ip", "route", "add", p[1].cidr4, "via", gw, "dev", "vxh", "onlink")
+			p[0].Exec(t, "ip", "neigh", "add", gw, "lladdr", mac, "dev", "vxh", "nud", "permanent")
+			p[0].Exec(t, "bridge", "fdb", "append", mac, "dev", "vxh", "dst", p[1].ip4.String(), "self", "permanent")
+		}
+		byHand = true
+	}
+	var a, h []float64
+	for r := 0; r < runs; r++ {
+		agent()
+		a = append(a, testnet.Iperf3Rate(t, n1.pod, n3.pod4.String(), secs, false))
+		hand()
+		h = append(h, testnet.Iperf3Rate(t, n1.pod, n3.pod4.String(), secs, false))
+	}
+	med := func(v []float64) float64 { s := slices.Clone(v); slices.Sort(s); return s[len(s)/2] }
+	gbit := func(v []float64) string {
+		var p []string
+		for _, x := range v {
+			p = append(p, fmt.Sprintf("%.2f", x/1e9))
+		}
+		return strings.Join(p, ", ")
+	}
+	fmt.Printf("\n## Pod to pod over VXLAN (nodes behind a router), iperf3 TCP %d s x %d runs (alternating), pod MTU 1450, Gbit/s\n\n", secs, runs)
+	fmt.Println("| VXLAN | runs | median |")
+	fmt.Println("|---|---|---:|")
+	fmt.Printf("| %s by the agent (route, neigh, fdb) | %s | %.2f |\n", VXLANDevice, gbit(a), med(a)/1e9)
+	fmt.Printf("| same by hand (ip link/route/neigh, bridge fdb) | %s | %.2f |\n", gbit(h), med(h)/1e9)
+	fmt.Printf("\nratio agent/hand VXLAN (medians): %.3f\n", med(a)/med(h))
 }
 
 func kernelRelease() string {

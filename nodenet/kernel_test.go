@@ -186,6 +186,7 @@ func TestRoutesReconcileKernel(t *testing.T) {
 type cluster struct {
 	client *fake.Clientset
 	nodes  []*clusterNode
+	mode   Mode // of the agents ("" = hostgw)
 }
 
 type clusterNode struct {
@@ -198,6 +199,7 @@ type clusterNode struct {
 	fd         int
 	pod        *testnet.NS
 	pod4, pod6 net.IP
+	mtu        int // of the pod interfaces (0 = the plugin's default)
 	reg        *prometheus.Registry
 	stop       func()
 }
@@ -223,6 +225,9 @@ func conflist(n *clusterNode) []byte {
 			"dataDir": n.IPAMDir,
 		},
 	}
+	if n.mtu != 0 {
+		c["mtu"] = n.mtu
+	}
 	b, _ := json.Marshal(c)
 	return b
 }
@@ -243,38 +248,44 @@ func newCluster(t testing.TB, count int) *cluster {
 			ip4: net.IPv4(192, 168, 50, byte(i)).To4(), ip6: net.ParseIP(fmt.Sprintf("fd50::%d", i)),
 			cidr4: fmt.Sprintf("10.50.%d.0/24", i), cidr6: fmt.Sprintf("fd51:0:0:%d::/64", i),
 		}
-		port := fmt.Sprintf("n%d", i)
-		seg.Exec(t, "ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", n.Name)
-		seg.Exec(t, "ip", "link", "set", port, "master", "br0", "up")
-		n.Exec(t, "ip", "addr", "add", n.ip4.String()+"/24", "dev", "eth0")
-		n.Exec(t, "ip", "addr", "add", n.ip6.String()+"/64", "dev", "eth0", "nodad")
-		n.Exec(t, "ip", "link", "set", "eth0", "up")
-		n.h, n.fd = handleIn(t, n.NS)
-
-		n.pod = n.NewPod(t)
-		cid := testnet.Unique("c")
-		r := n.Invoke(t, testnet.Call{Command: "ADD", ContainerID: cid, Netns: n.pod.Path, IfName: "eth0",
-			Args: "K8S_POD_NAMESPACE=default;K8S_POD_NAME=p" + port + ";K8S_POD_UID=uid-" + cid, Config: conflist(n)}).MustSucceed(t, "ADD on "+n.name)
-		res := &current.Result{}
-		if err := json.Unmarshal(r.Stdout, res); err != nil {
-			t.Fatalf("decode ADD result: %v\n%s", err, r.Stdout)
-		}
-		for _, ip := range res.IPs {
-			if ip.Address.IP.To4() != nil {
-				n.pod4 = ip.Address.IP.To4()
-			} else {
-				n.pod6 = ip.Address.IP
-			}
-		}
-		if n.pod4 == nil || n.pod6 == nil {
-			t.Fatalf("pod on %s: want an IPv4 and an IPv6 address, got %s", n.name, r.Stdout)
-		}
-		if _, err := c.client.CoreV1().Nodes().Create(context.Background(), n.object(), metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		c.nodes = append(c.nodes, n)
+		c.addNode(t, seg, n, fmt.Sprintf("n%d", i))
 	}
 	return c
+}
+
+// addNode plugs n into the bridge br0 of seg through port, makes its pod
+// and its Node object.
+func (c *cluster) addNode(t testing.TB, seg *testnet.NS, n *clusterNode, port string) {
+	t.Helper()
+	seg.Exec(t, "ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", n.Name)
+	seg.Exec(t, "ip", "link", "set", port, "master", "br0", "up")
+	n.Exec(t, "ip", "addr", "add", n.ip4.String()+"/24", "dev", "eth0")
+	n.Exec(t, "ip", "addr", "add", n.ip6.String()+"/64", "dev", "eth0", "nodad")
+	n.Exec(t, "ip", "link", "set", "eth0", "up")
+	n.h, n.fd = handleIn(t, n.NS)
+
+	n.pod = n.NewPod(t)
+	cid := testnet.Unique("c")
+	r := n.Invoke(t, testnet.Call{Command: "ADD", ContainerID: cid, Netns: n.pod.Path, IfName: "eth0",
+		Args: "K8S_POD_NAMESPACE=default;K8S_POD_NAME=p" + port + ";K8S_POD_UID=uid-" + cid, Config: conflist(n)}).MustSucceed(t, "ADD on "+n.name)
+	res := &current.Result{}
+	if err := json.Unmarshal(r.Stdout, res); err != nil {
+		t.Fatalf("decode ADD result: %v\n%s", err, r.Stdout)
+	}
+	for _, ip := range res.IPs {
+		if ip.Address.IP.To4() != nil {
+			n.pod4 = ip.Address.IP.To4()
+		} else {
+			n.pod6 = ip.Address.IP
+		}
+	}
+	if n.pod4 == nil || n.pod6 == nil {
+		t.Fatalf("pod on %s: want an IPv4 and an IPv6 address, got %s", n.name, r.Stdout)
+	}
+	if _, err := c.client.CoreV1().Nodes().Create(context.Background(), n.object(), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c.nodes = append(c.nodes, n)
 }
 
 // start runs node n's agent part (StartAgent, as the agent's main does).
@@ -283,7 +294,11 @@ func (c *cluster) start(t testing.TB, n *clusterNode, resync time.Duration) {
 	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})).With("node", n.name)
 	n.reg = prometheus.NewRegistry()
 	ctx, cancel := context.WithCancel(context.Background())
-	stop, err := StartAgent(ctx, AgentConfig{Mode: ModeHostGW, Client: c.client, NodeName: n.name, NetnsFd: n.fd,
+	mode := c.mode
+	if mode == "" {
+		mode = ModeHostGW
+	}
+	stop, err := StartAgent(ctx, AgentConfig{Mode: mode, Client: c.client, NodeName: n.name, NetnsFd: n.fd,
 		Resync: resync, Registerer: n.reg, Logger: log})
 	if err != nil {
 		cancel()

@@ -33,7 +33,7 @@ func NewMetrics() *Metrics {
 		}, []string{"op"}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "qoscni_nodenet_reconcile_errors_total",
-			Help: "Failed steps of the node network reconciler, by step (routes, masq).",
+			Help: "Failed steps of the node network reconciler, by step (routes, masq, annotate: publishing the VTEP MAC).",
 		}, []string{"step"}),
 		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "qoscni_nodenet_reconcile_duration_seconds",
@@ -44,7 +44,7 @@ func NewMetrics() *Metrics {
 	for _, op := range []string{"add", "replace", "delete"} {
 		m.changes.WithLabelValues(op)
 	}
-	for _, s := range []string{"routes", "masq"} {
+	for _, s := range []string{"routes", "masq", "annotate"} {
 		m.errors.WithLabelValues(s)
 	}
 	return m

@@ -10,12 +10,15 @@
 // every other route is foreign and never touched.
 //
 // Backends: host-gw (a route via the peer's InternalIP, which must be
-// on-link) is the only one yet. A peer it cannot serve is reported as
-// Skipped with the reason; the VXLAN backend will take exactly those
-// peers (ReasonNotOnLink) in mode auto, and all peers in mode vxlan.
+// on-link) and VXLAN (vxlan.go: a qoscni-owned kernel VXLAN device, with
+// routes, neighbour and FDB entries programmed from the Node objects).
+// Mode auto takes VXLAN for exactly the pod CIDRs host-gw cannot serve
+// because the peer is behind a router (ReasonNotOnLink); mode vxlan takes
+// it for all peers.
 package nodenet
 
 import (
+	"bytes"
 	"fmt"
 	"net"
 	"slices"
@@ -29,6 +32,9 @@ type Peer struct {
 	Name        string
 	InternalIPs []net.IP
 	PodCIDRs    []*net.IPNet
+	// VTEPMAC is the MAC of the peer's VXLAN device (annotation
+	// VTEPMACAnnotation); nil when the peer publishes none.
+	VTEPMAC net.HardwareAddr
 }
 
 // PeerFromNode reads the InternalIP addresses (status.addresses) and the
@@ -43,6 +49,11 @@ func PeerFromNode(n *corev1.Node) Peer {
 		}
 		if ip := net.ParseIP(strings.TrimSpace(a.Address)); ip != nil && !slices.ContainsFunc(p.InternalIPs, ip.Equal) {
 			p.InternalIPs = append(p.InternalIPs, normIP(ip))
+		}
+	}
+	if s, ok := n.Annotations[VTEPMACAnnotation]; ok {
+		if mac, err := net.ParseMAC(strings.TrimSpace(s)); err == nil && len(mac) == 6 {
+			p.VTEPMAC = mac
 		}
 	}
 	cidrs := n.Spec.PodCIDRs
@@ -84,11 +95,16 @@ func familyName(v4 bool) string {
 func (p Peer) Equal(o Peer) bool {
 	return p.Name == o.Name &&
 		slices.EqualFunc(p.InternalIPs, o.InternalIPs, net.IP.Equal) &&
-		slices.EqualFunc(p.PodCIDRs, o.PodCIDRs, func(a, b *net.IPNet) bool { return a.String() == b.String() })
+		slices.EqualFunc(p.PodCIDRs, o.PodCIDRs, func(a, b *net.IPNet) bool { return a.String() == b.String() }) &&
+		bytes.Equal(p.VTEPMAC, o.VTEPMAC)
 }
 
 func (p Peer) String() string {
-	return fmt.Sprintf("%s ips=%v podCIDRs=%v", p.Name, p.InternalIPs, p.PodCIDRs)
+	s := fmt.Sprintf("%s ips=%v podCIDRs=%v", p.Name, p.InternalIPs, p.PodCIDRs)
+	if p.VTEPMAC != nil {
+		s += " vtep=" + p.VTEPMAC.String()
+	}
+	return s
 }
 
 // ClusterCIDRs are the pod CIDRs of all peers (this node included): the

@@ -143,7 +143,87 @@ func TestParseMode(t *testing.T) {
 			t.Errorf("ParseMode(%q) = %q, %v", in, got, err)
 		}
 	}
-	if _, err := ParseMode("vxlan"); err == nil {
-		t.Error("vxlan is not built yet and must be refused")
+	for _, m := range []Mode{ModeVXLAN, ModeAuto} {
+		if got, err := ParseMode(string(m)); err != nil || got != m {
+			t.Errorf("ParseMode(%q) = %q, %v", m, got, err)
+		}
+	}
+	if _, err := ParseMode("geneve"); err == nil {
+		t.Error("unknown mode accepted")
+	}
+}
+
+func TestDesiredMode(t *testing.T) {
+	lan := func(ip net.IP) (bool, string, string) {
+		switch {
+		case mustCIDR("192.168.9.0/24").Contains(ip), mustCIDR("fd09::/64").Contains(ip):
+			return false, ReasonNotOnLink, "via router"
+		case ip.Equal(net.ParseIP("192.168.0.66")):
+			return false, ReasonNoRoute, "none"
+		}
+		return true, "", ""
+	}
+	mac := func(p Peer, s string) Peer { p.VTEPMAC, _ = net.ParseMAC(s); return p }
+	self := peer("a", []string{"192.168.0.1", "fd00::1"}, "10.1.0.0/24", "fd01::/64")
+	b := mac(peer("b", []string{"192.168.0.2", "fd00::2"}, "10.2.0.0/24", "fd02::/64"), "0a:51:00:00:00:02")
+	c := mac(peer("c", []string{"192.168.9.3", "fd09::3"}, "10.3.0.0/24", "fd03::/64"), "0a:51:00:00:00:03")
+	d := peer("d", []string{"192.168.9.4"}, "10.4.0.0/24")                            // no MAC yet
+	e := mac(peer("e", []string{"192.168.0.66"}, "10.6.0.0/24"), "0a:51:00:00:00:06") // unreachable
+	vx := func(rs []Route) string {
+		var s []string
+		for _, r := range rs {
+			if r.VXLAN {
+				s = append(s, r.Dst.String()+">"+r.Via.String()+"@"+r.MAC.String()+"/"+r.Underlay.String())
+			} else {
+				s = append(s, r.Dst.String()+">"+r.Via.String())
+			}
+		}
+		return strings.Join(s, " ")
+	}
+	pl := DesiredMode("a", []Peer{self, b, c, d}, ModeAuto, lan)
+	if got, want := vx(pl.Routes), "10.2.0.0/24>192.168.0.2 10.3.0.0/24>10.3.0.0@0a:51:00:00:00:03/192.168.9.3 fd02::/64>fd00::2 fd03::/64>fd03::@0a:51:00:00:00:03/192.168.9.3"; got != want {
+		t.Errorf("auto:\n got %s\nwant %s", got, want)
+	}
+	if !pl.NeedVTEP || !pl.Local.Equal(net.ParseIP("192.168.0.1")) || show(nil, pl.Skipped) != "| d:10.4.0.0/24:NoVTEPMAC" {
+		t.Errorf("auto: need %v local %v skipped %s", pl.NeedVTEP, pl.Local, show(nil, pl.Skipped))
+	}
+	// Auto picks per peer: a peer behind a router without an IPv6
+	// InternalIP has its IPv6 CIDR carried over the IPv4 underlay too.
+	f := mac(peer("f", []string{"192.168.9.6"}, "10.6.0.0/24", "fd06::/64"), "0a:51:00:00:00:06")
+	if got, want := vx(DesiredMode("a", []Peer{self, f}, ModeAuto, lan).Routes), "10.6.0.0/24>10.6.0.0@0a:51:00:00:00:06/192.168.9.6 fd06::/64>fd06::@0a:51:00:00:00:06/192.168.9.6"; got != want {
+		t.Errorf("auto per peer:\n got %s\nwant %s", got, want)
+	}
+	// All on-link in auto: no device needed.
+	if pl := DesiredMode("a", []Peer{self, b}, ModeAuto, lan); pl.NeedVTEP || len(pl.Routes) != 2 {
+		t.Errorf("auto on-link: %+v", pl)
+	}
+	// vxlan forces every peer; an unreachable underlay is skipped.
+	pl = DesiredMode("a", []Peer{self, b, c, e}, ModeVXLAN, lan)
+	if got, want := vx(pl.Routes), "10.2.0.0/24>10.2.0.0@0a:51:00:00:00:02/192.168.0.2 10.3.0.0/24>10.3.0.0@0a:51:00:00:00:03/192.168.9.3 fd02::/64>fd02::@0a:51:00:00:00:02/192.168.0.2 fd03::/64>fd03::@0a:51:00:00:00:03/192.168.9.3"; got != want {
+		t.Errorf("vxlan:\n got %s\nwant %s", got, want)
+	}
+	if show(nil, pl.Skipped) != "| e:10.6.0.0/24:NoIPv4Underlay" {
+		t.Errorf("vxlan skipped %s", show(nil, pl.Skipped))
+	}
+	// No IPv4 InternalIP of its own: nothing over VXLAN.
+	pl = DesiredMode("a", []Peer{peer("a", []string{"fd00::1"}), c}, ModeVXLAN, lan)
+	if len(pl.Routes) != 0 || show(nil, pl.Skipped) != "| c:10.3.0.0/24:NoIPv4Underlay c:fd03::/64:NoIPv4Underlay" {
+		t.Errorf("no local: %s", show(pl.Routes, pl.Skipped))
+	}
+	// hostgw never uses VXLAN.
+	if pl := DesiredMode("a", []Peer{self, c}, ModeHostGW, lan); pl.NeedVTEP || len(pl.Routes) != 0 {
+		t.Errorf("hostgw: %+v", pl)
+	}
+	if got := VTEPMAC(net.ParseIP("192.168.50.1")).String(); got != "0a:51:c0:a8:32:01" {
+		t.Errorf("VTEPMAC = %s", got)
+	}
+	n := node("c", []string{"10.3.0.0/24"}, internal("192.168.9.3"))
+	n.Annotations = map[string]string{VTEPMACAnnotation: "0a:51:00:00:00:03"}
+	if p := PeerFromNode(n); p.VTEPMAC.String() != "0a:51:00:00:00:03" || p.Equal(PeerFromNode(node("c", []string{"10.3.0.0/24"}, internal("192.168.9.3")))) {
+		t.Errorf("annotation not read: %v", p)
+	}
+	n.Annotations[VTEPMACAnnotation] = "garbage"
+	if p := PeerFromNode(n); p.VTEPMAC != nil {
+		t.Errorf("bad MAC accepted: %v", p.VTEPMAC)
 	}
 }

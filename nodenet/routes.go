@@ -30,6 +30,12 @@ const (
 	// ModeHostGW routes each peer's pod CIDRs via its InternalIP; peers
 	// not on this node's L2 segment are skipped.
 	ModeHostGW Mode = "hostgw"
+	// ModeVXLAN routes every peer's pod CIDRs through the qoscni VXLAN
+	// device (VXLANDevice), on-link or not.
+	ModeVXLAN Mode = "vxlan"
+	// ModeAuto picks per pod CIDR: host-gw when the peer's InternalIP is
+	// on-link, VXLAN when it is behind a router (ReasonNotOnLink).
+	ModeAuto Mode = "auto"
 )
 
 // ParseMode checks a --pod-routes value ("" = off).
@@ -37,29 +43,43 @@ func ParseMode(s string) (Mode, error) {
 	switch Mode(s) {
 	case "", ModeOff:
 		return ModeOff, nil
-	case ModeHostGW:
-		return ModeHostGW, nil
+	case ModeHostGW, ModeVXLAN, ModeAuto:
+		return Mode(s), nil
 	}
-	return "", fmt.Errorf("pod routes mode %q: want off or hostgw", s)
+	return "", fmt.Errorf("pod routes mode %q: want off, hostgw, vxlan or auto", s)
 }
 
-// Route is one desired route: the pods of Peer, via its address.
+// Route is one desired route: the pods of Peer, via its address (host-gw),
+// or, when VXLAN is set, via the peer's gateway address (the first address
+// of Dst) on-link on the VXLAN device, whose neighbour entry is the peer's
+// VTEP MAC and whose FDB sends that MAC to Underlay.
 type Route struct {
 	Peer string
 	Dst  *net.IPNet
 	Via  net.IP
+	// VXLAN routes only.
+	VXLAN    bool
+	Underlay net.IP           // the peer's IPv4 InternalIP: the outer destination
+	MAC      net.HardwareAddr // the peer's VTEP MAC
 }
 
-func (r Route) String() string { return fmt.Sprintf("%s via %s (node %s)", r.Dst, r.Via, r.Peer) }
+func (r Route) String() string {
+	if r.VXLAN {
+		return fmt.Sprintf("%s via %s dev %s (node %s, vtep %s at %s)", r.Dst, r.Via, VXLANDevice, r.Peer, r.MAC, r.Underlay)
+	}
+	return fmt.Sprintf("%s via %s (node %s)", r.Dst, r.Via, r.Peer)
+}
 
 // Why a peer's pod CIDR got no route.
 const (
-	ReasonNoAddress   = "NoInternalIP"  // no InternalIP of the CIDR's family
-	ReasonNotOnLink   = "NotOnLink"     // the InternalIP is behind a router: host-gw impossible
-	ReasonConflict    = "CIDRConflict"  // the CIDR overlaps this node's or another peer's
-	ReasonForeignHeld = "ForeignRoute"  // a route not made by qoscni holds the destination
-	ReasonSelfAddress = "OwnInternalIP" // the peer's InternalIP is an address of this node
-	ReasonNoRoute     = "NoRouteToPeer" // the kernel has no route to the InternalIP at all
+	ReasonNoAddress   = "NoInternalIP"   // no InternalIP of the CIDR's family
+	ReasonNotOnLink   = "NotOnLink"      // the InternalIP is behind a router: host-gw impossible
+	ReasonConflict    = "CIDRConflict"   // the CIDR overlaps this node's or another peer's
+	ReasonForeignHeld = "ForeignRoute"   // a route not made by qoscni holds the destination
+	ReasonSelfAddress = "OwnInternalIP"  // the peer's InternalIP is an address of this node
+	ReasonNoRoute     = "NoRouteToPeer"  // the kernel has no route to the InternalIP at all
+	ReasonNoVTEP      = "NoVTEPMAC"      // VXLAN wanted, the peer publishes no VTEP MAC (yet)
+	ReasonNoUnderlay  = "NoIPv4Underlay" // VXLAN wanted, this node or the peer has no usable IPv4 InternalIP
 )
 
 // Skipped is a pod CIDR left without a route, with the reason.
@@ -85,6 +105,27 @@ type OnLink func(ip net.IP) (ok bool, reason, detail string)
 // own is never routed away. Routes come sorted by destination, skipped
 // CIDRs by peer.
 func Desired(self string, peers []Peer, onLink OnLink) ([]Route, []Skipped) {
+	pl := DesiredMode(self, peers, ModeHostGW, onLink)
+	return pl.Routes, pl.Skipped
+}
+
+// Plan is the desired state of one mode.
+type Plan struct {
+	Routes  []Route
+	Skipped []Skipped
+	// NeedVTEP: some pod CIDR wants VXLAN (routed or waiting for the
+	// peer's VTEP MAC), so this node's VXLAN device must exist and its
+	// MAC be published. Local is its underlay address.
+	NeedVTEP bool
+	Local    net.IP
+}
+
+// DesiredMode is Desired for any routing mode. VXLAN routes need this
+// node's IPv4 InternalIP (the VTEP's local address: IPv6 pod CIDRs ride
+// the IPv4 underlay too), the peer's IPv4 InternalIP that the kernel can
+// reach (directly or via a router) and the peer's VTEP MAC.
+func DesiredMode(self string, peers []Peer, mode Mode, onLink OnLink) Plan {
+	var pl Plan
 	sorted := slices.Clone(peers)
 	sort.Slice(sorted, func(i, j int) bool { return sorted[i].Name < sorted[j].Name })
 	var own []*net.IPNet
@@ -95,6 +136,17 @@ func Desired(self string, peers []Peer, onLink OnLink) ([]Route, []Skipped) {
 	}
 	var skipped []Skipped
 	var cands []candidate
+	for _, p := range sorted {
+		if p.Name != self {
+			continue
+		}
+		for _, ip := range p.InternalIPs {
+			if isV4(ip) {
+				pl.Local = ip
+				break
+			}
+		}
+	}
 	for i := range sorted {
 		p := &sorted[i]
 		if p.Name == self {
@@ -114,7 +166,53 @@ func Desired(self string, peers []Peer, onLink OnLink) ([]Route, []Skipped) {
 	skipped = append(skipped, resolveOverlaps(cands)...)
 
 	var routes []Route
+	vxlan := func(c candidate) {
+		pl.NeedVTEP = true
+		if pl.Local == nil {
+			skipped = append(skipped, Skipped{c.peer.Name, c.dst, ReasonNoUnderlay, "this node has no IPv4 InternalIP for the VXLAN underlay"})
+			return
+		}
+		var under net.IP
+		for _, ip := range c.peer.InternalIPs {
+			if !isV4(ip) {
+				continue
+			}
+			if ok, why, _ := onLink(ip); ok || why == ReasonNotOnLink {
+				under = ip
+				break
+			}
+		}
+		switch {
+		case under == nil:
+			skipped = append(skipped, Skipped{c.peer.Name, c.dst, ReasonNoUnderlay, "the node has no reachable IPv4 InternalIP for the VXLAN underlay"})
+		case c.peer.VTEPMAC == nil:
+			skipped = append(skipped, Skipped{c.peer.Name, c.dst, ReasonNoVTEP, "the node has no " + VTEPMACAnnotation + " annotation (yet): its agent is not in mode vxlan/auto or has not started"})
+		default:
+			routes = append(routes, Route{Peer: c.peer.Name, Dst: c.dst, Via: net.IP(slices.Clone(c.lo)), VXLAN: true, Underlay: under, MAC: c.peer.VTEPMAC})
+		}
+	}
+	// behindRouter: the peer's IPv4 underlay is reachable only through a
+	// router. Mode auto then takes VXLAN for all its pod CIDRs (per peer:
+	// also an IPv6 CIDR of a peer without an IPv6 InternalIP).
+	behindRouter := func(p *Peer) bool {
+		routed := false
+		for _, ip := range p.InternalIPs {
+			if !isV4(ip) {
+				continue
+			}
+			ok, why, _ := onLink(ip)
+			if ok {
+				return false
+			}
+			routed = routed || why == ReasonNotOnLink
+		}
+		return routed
+	}
 	addrs := func(c candidate) {
+		if mode == ModeVXLAN || (mode == ModeAuto && behindRouter(c.peer)) {
+			vxlan(c)
+			return
+		}
 		v4 := isV4(c.dst.IP)
 		var reason, detail string
 		for _, ip := range c.peer.InternalIPs {
@@ -129,6 +227,10 @@ func Desired(self string, peers []Peer, onLink OnLink) ([]Route, []Skipped) {
 			if reason == "" {
 				reason, detail = why, more
 			}
+		}
+		if reason == ReasonNotOnLink && mode == ModeAuto {
+			vxlan(c)
+			return
 		}
 		if reason == "" {
 			reason, detail = ReasonNoAddress, "the node has no "+familyName(v4)+" InternalIP"
@@ -147,7 +249,8 @@ func Desired(self string, peers []Peer, onLink OnLink) ([]Route, []Skipped) {
 		}
 		return compareNet(a.Dst, b.Dst)
 	})
-	return routes, skipped
+	pl.Routes, pl.Skipped = routes, skipped
+	return pl
 }
 
 // compareNet orders IPv4 before IPv6, then by address and prefix length
@@ -248,10 +351,16 @@ func overlap(a, b *net.IPNet) bool { return a.Contains(b.IP) || b.Contains(a.IP)
 type Routes struct {
 	h    *netlink.Handle
 	self string
+	mode Mode
 }
 
-// NewRoutes reconciles through h for the node named self.
-func NewRoutes(h *netlink.Handle, self string) *Routes { return &Routes{h: h, self: self} }
+// NewRoutes reconciles host-gw routes through h for the node named self.
+func NewRoutes(h *netlink.Handle, self string) *Routes { return NewRoutesMode(h, self, ModeHostGW) }
+
+// NewRoutesMode reconciles the routes of mode (hostgw, vxlan or auto).
+func NewRoutesMode(h *netlink.Handle, self string, mode Mode) *Routes {
+	return &Routes{h: h, self: self, mode: mode}
+}
 
 // Result says what one pass found and did.
 type Result struct {
@@ -262,6 +371,13 @@ type Result struct {
 	Deleted  int
 	// Installed is the number of qoscni routes in the kernel after the pass.
 	Installed int
+	// VXLAN: the device's MAC when it exists after the pass (to publish),
+	// its MTU, whether this pass created it, and the neighbour and FDB
+	// entries changed (added, replaced or deleted).
+	VTEPMAC     net.HardwareAddr
+	VTEPMTU     int
+	VTEPCreated bool
+	NeighFDB    int
 }
 
 // Reconcile makes the qoscni routes of the main table exactly the desired
@@ -272,10 +388,29 @@ type Result struct {
 // the pass; they are returned joined.
 func (r *Routes) Reconcile(peers []Peer) (Result, error) {
 	var res Result
-	res.Desired, res.Skipped = Desired(r.self, peers, r.onLinkCached())
+	pl := DesiredMode(r.self, peers, r.mode, r.onLinkCached())
+	res.Desired, res.Skipped = pl.Routes, pl.Skipped
+	var errs []error
+	vxIndex := 0
+	if r.mode == ModeVXLAN || r.mode == ModeAuto {
+		var err error
+		vxIndex, err = r.vtep(pl, &res)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if vxIndex == 0 {
+			// No device: VXLAN routes cannot be made; the host-gw ones can.
+			res.Desired = slices.DeleteFunc(res.Desired, func(rt Route) bool {
+				if rt.VXLAN {
+					res.Skipped = append(res.Skipped, Skipped{rt.Peer, rt.Dst, ReasonNoUnderlay, "this node's VXLAN device is not usable"})
+				}
+				return rt.VXLAN
+			})
+		}
+	}
 	have, err := r.List()
 	if err != nil {
-		return res, err
+		return res, errors.Join(append(errs, err)...)
 	}
 	byDst := map[string][]netlink.Route{}
 	for _, rt := range have {
@@ -283,14 +418,13 @@ func (r *Routes) Reconcile(peers []Peer) (Result, error) {
 			byDst[rt.Dst.String()] = append(byDst[rt.Dst.String()], rt)
 		}
 	}
-	var errs []error
 	installed := 0
 	for _, want := range res.Desired {
 		key := want.Dst.String()
 		cur := byDst[key]
 		delete(byDst, key)
-		spec := r.spec(want)
-		keep := slices.IndexFunc(cur, func(rt netlink.Route) bool { return matches(rt, want) })
+		spec := r.spec(want, vxIndex)
+		keep := slices.IndexFunc(cur, func(rt netlink.Route) bool { return matches(rt, want, vxIndex) })
 		switch {
 		case keep >= 0:
 			installed++
@@ -349,6 +483,13 @@ func (r *Routes) Reconcile(peers []Peer) (Result, error) {
 		}
 	}
 	res.Installed = installed
+	if vxIndex != 0 {
+		n, err := r.reconcileNeighFDB(vxIndex, res.Desired)
+		res.NeighFDB = n
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
 	return res, errors.Join(errs...)
 }
 
@@ -360,15 +501,22 @@ func (r *Routes) del(rt netlink.Route) error {
 	return nil
 }
 
-func (r *Routes) spec(w Route) *netlink.Route {
+func (r *Routes) spec(w Route, vxIndex int) *netlink.Route {
 	fam := unix.AF_INET6
 	if isV4(w.Dst.IP) {
 		fam = unix.AF_INET
 	}
-	return &netlink.Route{
+	rt := &netlink.Route{
 		Dst: w.Dst, Gw: w.Via, Protocol: RouteProtocol, Table: unix.RT_TABLE_MAIN,
 		Type: unix.RTN_UNICAST, Family: fam,
 	}
+	if w.VXLAN {
+		// onlink: the gateway is no address of any prefix on the device;
+		// its permanent neighbour entry makes it the peer's VTEP MAC.
+		rt.LinkIndex = vxIndex
+		rt.Flags = int(netlink.FLAG_ONLINK)
+	}
+	return rt
 }
 
 // effectivePriority is the metric the kernel gives a route added with
@@ -380,7 +528,10 @@ func effectivePriority(rt *netlink.Route) int {
 	return rt.Priority
 }
 
-func matches(rt netlink.Route, w Route) bool {
+func matches(rt netlink.Route, w Route, vxIndex int) bool {
+	if w.VXLAN && (rt.LinkIndex != vxIndex || rt.Flags&int(netlink.FLAG_ONLINK) == 0) {
+		return false
+	}
 	return rt.Gw.Equal(w.Via) && len(rt.MultiPath) == 0 && rt.Encap == nil &&
 		rt.Type == unix.RTN_UNICAST && rt.Table == unix.RT_TABLE_MAIN
 }

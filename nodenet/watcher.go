@@ -14,6 +14,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	listersv1 "k8s.io/client-go/listers/core/v1"
@@ -141,6 +142,9 @@ func slimNode(obj any) (any, error) {
 		ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion},
 		Spec:       corev1.NodeSpec{PodCIDR: n.Spec.PodCIDR, PodCIDRs: n.Spec.PodCIDRs},
 	}
+	if v, ok := n.Annotations[VTEPMACAnnotation]; ok {
+		s.Annotations = map[string]string{VTEPMACAnnotation: v}
+	}
 	for _, a := range n.Status.Addresses {
 		if a.Type == corev1.NodeInternalIP {
 			s.Status.Addresses = append(s.Status.Addresses, a)
@@ -247,6 +251,18 @@ func (w *Watcher) pass() error {
 				"installed", res.Installed, "nodes", len(peers))
 		}
 		w.logSkipped(res.Skipped)
+		if res.VTEPCreated {
+			w.log.Warn("VXLAN device created: pod interfaces must not be larger than it; set \"mtu\" in the qoscni conflist to at most its MTU",
+				"device", VXLANDevice, "mtu", res.VTEPMTU, "mac", res.VTEPMAC.String())
+		}
+		if res.VTEPMAC != nil {
+			// Not an error of the pass: a fast retry would hammer the API
+			// server (say, RBAC without patch); the resync tries again.
+			if aerr := w.publishVTEP(res.VTEPMAC); aerr != nil {
+				w.count("annotate")
+				w.log.Error("publish VTEP MAC", "err", aerr)
+			}
+		}
 	}
 	if w.cfg.Masq != nil {
 		if merr := w.cfg.Masq.SetClusterCIDRs(ClusterCIDRs(peers)); merr != nil {
@@ -272,6 +288,25 @@ func (w *Watcher) pass() error {
 		w.cfg.OnPass(res, err)
 	}
 	return err
+}
+
+// publishVTEP sets this node's VTEPMACAnnotation when the cache shows
+// another value (a merge patch of the one key: needs "patch" on nodes).
+func (w *Watcher) publishVTEP(mac net.HardwareAddr) error {
+	self, err := w.lister.Get(w.cfg.NodeName)
+	if err != nil {
+		return fmt.Errorf("own Node %s: %w", w.cfg.NodeName, err)
+	}
+	if self.Annotations[VTEPMACAnnotation] == mac.String() {
+		return nil
+	}
+	patch := fmt.Sprintf(`{"metadata":{"annotations":{%q:%q}}}`, VTEPMACAnnotation, mac.String())
+	_, err = w.cfg.Client.CoreV1().Nodes().Patch(context.Background(), w.cfg.NodeName, types.MergePatchType, []byte(patch), metav1.PatchOptions{})
+	if err != nil {
+		return fmt.Errorf("annotate Node %s with %s=%s: %w", w.cfg.NodeName, VTEPMACAnnotation, mac, err)
+	}
+	w.log.Info("published VTEP MAC", "annotation", VTEPMACAnnotation, "mac", mac.String())
+	return nil
 }
 
 func (w *Watcher) count(step string) {

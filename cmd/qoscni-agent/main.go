@@ -54,7 +54,7 @@ func main() {
 	kubeconfig := fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig file (env KUBECONFIG; default: the in-cluster service account, else no API access)")
 	nodeName := fs.String("node-name", os.Getenv("NODE_NAME"), "this node's name, whose pods are watched (env NODE_NAME, from spec.nodeName)")
 	reconcileInterval := fs.Duration("reconcile-interval", reconcile.DefaultInterval, "period of drift repair and garbage collection")
-	podRoutes := fs.String("pod-routes", os.Getenv(nodenet.ModeEnv), "routes to the pods of other nodes (standalone mode): off or hostgw (env "+nodenet.ModeEnv+"; default off)")
+	podRoutes := fs.String("pod-routes", os.Getenv(nodenet.ModeEnv), "routes to the pods of other nodes (standalone mode): off, hostgw, vxlan or auto (host-gw to on-link nodes, VXLAN to the others) (env "+nodenet.ModeEnv+"; default off)")
 	_ = fs.Parse(args)
 	routesMode, err := nodenet.ParseMode(*podRoutes)
 	if err != nil {
