@@ -9,6 +9,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/podnet"
 )
 
 // The VXLAN backend. Every node in mode vxlan or auto that needs it has
@@ -37,12 +39,12 @@ import (
 // but leaves the idle device; delete it by hand if wanted.
 //
 // Pods' MTU: the plugin sizes pod interfaces from the default-route link.
-// With VXLAN in use the standalone conflist must set "mtu" to the
-// underlay MTU - 50 (e.g. 1450) so that pod-to-pod TCP does not depend on
-// path MTU discovery across the tunnel; the agent logs a warning with the
-// value when it creates the device.
+// With VXLAN in use, pods created after the device get its MTU (the
+// plugin takes the smaller of the default route's link and the device,
+// podnet.DefaultMTU) unless the conflist sets "mtu"; pods created before
+// keep theirs, which the agent's warning at device creation points out.
 const (
-	VXLANDevice = "qoscni.vx"
+	VXLANDevice = podnet.OverlayDevice
 	// VXLANVNI: 4242, fixed; only qoscni's device uses it on the node.
 	VXLANVNI = 4242
 	// VXLANPort is the IANA VXLAN port (flannel uses the kernel's old

@@ -122,12 +122,16 @@ func hasRoute(list []netlink.Route, want Route) bool {
 	return false
 }
 
+// OverlayDevice is the VXLAN device through which the agent routes to the
+// pods of nodes that are not on-link (package nodenet).
+const OverlayDevice = "qoscni.vx"
+
 // DefaultMTU is the MTU of the link that carries the node's default route,
-// so pods never get a bigger MTU than the path out of the node; 1500 when
-// the node has no default route.
+// so pods never get a bigger MTU than the path out of the node (1500 when
+// the node has no default route), or the VXLAN device's when it is smaller.
 func DefaultMTU(h *netlink.Handle) int {
-	routes, err := h.RouteList(nil, netlink.FAMILY_V4)
-	if err == nil {
+	mtu := 1500
+	if routes, err := h.RouteList(nil, netlink.FAMILY_V4); err == nil {
 		for _, r := range routes {
 			if r.Dst != nil {
 				if ones, _ := r.Dst.Mask.Size(); ones != 0 {
@@ -135,9 +139,16 @@ func DefaultMTU(h *netlink.Handle) int {
 				}
 			}
 			if l, err := h.LinkByIndex(r.LinkIndex); err == nil && l.Attrs().MTU >= 1280 {
-				return l.Attrs().MTU
+				mtu = l.Attrs().MTU
+				break
 			}
 		}
 	}
-	return 1500
+	// Pod traffic to other nodes may leave through the agent's VXLAN
+	// device (--pod-routes vxlan or auto): its MTU is the underlay's less
+	// the encapsulation.
+	if l, err := h.LinkByName(OverlayDevice); err == nil && l.Attrs().MTU >= 1280 && l.Attrs().MTU < mtu {
+		mtu = l.Attrs().MTU
+	}
+	return mtu
 }
