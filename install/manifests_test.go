@@ -22,6 +22,7 @@ import (
 	"github.com/qoscni/qoscni/install"
 	"github.com/qoscni/qoscni/ipam"
 	"github.com/qoscni/qoscni/netconf"
+	"github.com/qoscni/qoscni/nodenet"
 )
 
 // serviceMonitor is the part of the Prometheus Operator's
@@ -245,6 +246,19 @@ func checkManifests(t *testing.T, r *rendered, mode install.Mode) {
 	}
 
 	checkDaemonSet(t, ds, cm.Name)
+	// Pod routes to other nodes: the standalone CNI's job, never the
+	// chained one's (the primary routes).
+	routes := ""
+	for _, c := range ds.Spec.Template.Spec.Containers {
+		for _, e := range c.Env {
+			if c.Name == "agent" && e.Name == nodenet.ModeEnv {
+				routes = e.Value
+			}
+		}
+	}
+	if want := map[install.Mode]string{install.Standalone: "auto", install.Chained: ""}[mode]; routes != want {
+		t.Errorf("agent %s=%q in %s mode, want %q", nodenet.ModeEnv, routes, mode, want)
+	}
 
 	// Service and ServiceMonitor reach the agent's metrics.
 	svc := r.services[0]

@@ -8,7 +8,9 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -231,6 +233,21 @@ func makeCgroupRoot(t testing.TB, root string) func() {
 // the last processes exit.
 func removeCgroupTree(t testing.TB, dir string) {
 	deadline := time.Now().Add(10 * time.Second)
+	// Pods still running (a test that failed before deleting them) are in
+	// there; containerd's own cleanup comes later and cannot come first
+	// (the kubelet would restart them).
+	_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() || d.Name() != "cgroup.procs" {
+			return nil
+		}
+		b, _ := os.ReadFile(p)
+		for _, f := range strings.Fields(string(b)) {
+			if pid, err := strconv.Atoi(f); err == nil && pid > 1 {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+		return nil
+	})
 	for {
 		var dirs []string
 		_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {

@@ -234,6 +234,20 @@ func (e *env) install(t *testing.T) {
 	if fi, err := os.Stat(filepath.Join(install.CNIBinDir, install.PluginBinary)); err != nil || fi.Mode()&0o111 == 0 {
 		t.Errorf("plugin binary not installed: %v", err)
 	}
+	// Standalone: the agent runs with pod routes (deploy/overlays/standalone)
+	// and keeps the cluster's pod CIDRs out of masquerade.
+	waitFor(t, 30*time.Second, "cluster pod CIDRs excluded from masquerade", func() error {
+		out, err := exec.Command("nft", "list", "set", "inet", "qoscni", "masq-skip-cluster4").CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		for _, c := range nd.Spec.PodCIDRs {
+			if ip, _, err := net.ParseCIDR(c); err == nil && ip.To4() != nil && !strings.Contains(string(out), c) {
+				return fmt.Errorf("%s not in %s", c, out)
+			}
+		}
+		return nil
+	})
 }
 
 // deployment returns a one-replica Deployment of the workload image.
