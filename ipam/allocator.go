@@ -168,7 +168,14 @@ func (a *Allocator) Allocate(containerID, ifName string) ([]*current.IPConfig, e
 	if err != nil {
 		return nil, err
 	}
-	defer l.Close()
+	locked := true
+	unlock := func() {
+		if locked {
+			locked = false
+			l.Close()
+		}
+	}
+	defer unlock()
 
 	held, indexed, err := a.held(o, false)
 	if err != nil {
@@ -204,10 +211,6 @@ func (a *Allocator) Allocate(containerID, ifName string) ([]*current.IPConfig, e
 			chosen[i] = ip
 			fresh = append(fresh, i)
 		}
-		if err := syncDir(a.dir); err != nil {
-			a.rollback(chosen, fresh)
-			return nil, fmt.Errorf("ipam: reserve for %s/%s: %w", containerID, ifName, err)
-		}
 		for _, i := range fresh {
 			// A hint that fails to update only moves where the next search starts.
 			_ = a.writeHint(i, chosen[i])
@@ -221,6 +224,17 @@ func (a *Allocator) Allocate(containerID, ifName string) ([]*current.IPConfig, e
 	if err := a.writeIndex(o, chosen); err != nil {
 		a.rollback(chosen, fresh)
 		return nil, err
+	}
+	unlock()
+	// The new names made durable after the lock: the fsync of a directory
+	// can take seconds on a busy disk, and every other pod start of the
+	// node would wait that long; other processes see the reservations
+	// already (one page cache), so the lock need not cover it.
+	if len(fresh) > 0 {
+		if err := syncDir(a.dir); err != nil {
+			_ = a.Release(containerID, ifName)
+			return nil, fmt.Errorf("ipam: reserve for %s/%s: %w", containerID, ifName, err)
+		}
 	}
 	return a.ipConfigs(chosen), nil
 }
