@@ -232,14 +232,33 @@ func benchThroughput(t *testing.T) {
 		}
 		byHand = true
 	}
-	var agent, hand []float64
+	agent, hand := alternate(runs, agentRoutes, handRoutes, func() float64 {
+		return testnet.Iperf3Rate(t, n1.pod, n2.pod4.String(), secs, false)
+	})
+	printVersus(fmt.Sprintf("Pod to pod across nodes, iperf3 TCP %d s x %d runs (alternating), Gbit/s", secs, runs), "routes",
+		"host-gw by the agent (proto 81)", "same routes by hand (ip route add)", "ratio agent/hand (medians)", agent, hand)
+}
+
+// alternate measures runs times with the agent's setup, then the
+// hand-made one, in turn, so that both see the same machine.
+func alternate(runs int, agent, hand func(), measure func() float64) (a, h []float64) {
 	for r := 0; r < runs; r++ {
-		agentRoutes()
-		agent = append(agent, testnet.Iperf3Rate(t, n1.pod, n2.pod4.String(), secs, false))
-		handRoutes()
-		hand = append(hand, testnet.Iperf3Rate(t, n1.pod, n2.pod4.String(), secs, false))
+		agent()
+		a = append(a, measure())
+		hand()
+		h = append(h, measure())
 	}
-	med := func(v []float64) float64 { s := slices.Clone(v); slices.Sort(s); return s[len(s)/2] }
+	return a, h
+}
+
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+// printVersus prints the markdown table of two series in bit/s, as Gbit/s.
+func printVersus(title, col, agentLabel, handLabel, ratioLabel string, a, h []float64) {
 	gbit := func(v []float64) string {
 		var p []string
 		for _, x := range v {
@@ -247,12 +266,12 @@ func benchThroughput(t *testing.T) {
 		}
 		return strings.Join(p, ", ")
 	}
-	fmt.Printf("\n## Pod to pod across nodes, iperf3 TCP %d s x %d runs (alternating), Gbit/s\n\n", secs, runs)
-	fmt.Println("| routes | runs | median |")
+	fmt.Printf("\n## %s\n\n", title)
+	fmt.Printf("| %s | runs | median |\n", col)
 	fmt.Println("|---|---|---:|")
-	fmt.Printf("| host-gw by the agent (proto 81) | %s | %.2f |\n", gbit(agent), med(agent)/1e9)
-	fmt.Printf("| same routes by hand (ip route add) | %s | %.2f |\n", gbit(hand), med(hand)/1e9)
-	fmt.Printf("\nratio agent/hand (medians): %.3f\n", med(agent)/med(hand))
+	fmt.Printf("| %s | %s | %.2f |\n", agentLabel, gbit(a), median(a)/1e9)
+	fmt.Printf("| %s | %s | %.2f |\n", handLabel, gbit(h), median(h)/1e9)
+	fmt.Printf("\n%s: %.3f\n", ratioLabel, median(a)/median(h))
 }
 
 // benchVXLANThroughput: pod-to-pod iperf3 between node-1 and node-3 of the
@@ -296,27 +315,11 @@ func benchVXLANThroughput(t *testing.T) {
 		}
 		byHand = true
 	}
-	var a, h []float64
-	for r := 0; r < runs; r++ {
-		agent()
-		a = append(a, testnet.Iperf3Rate(t, n1.pod, n3.pod4.String(), secs, false))
-		hand()
-		h = append(h, testnet.Iperf3Rate(t, n1.pod, n3.pod4.String(), secs, false))
-	}
-	med := func(v []float64) float64 { s := slices.Clone(v); slices.Sort(s); return s[len(s)/2] }
-	gbit := func(v []float64) string {
-		var p []string
-		for _, x := range v {
-			p = append(p, fmt.Sprintf("%.2f", x/1e9))
-		}
-		return strings.Join(p, ", ")
-	}
-	fmt.Printf("\n## Pod to pod over VXLAN (nodes behind a router), iperf3 TCP %d s x %d runs (alternating), pod MTU 1450, Gbit/s\n\n", secs, runs)
-	fmt.Println("| VXLAN | runs | median |")
-	fmt.Println("|---|---|---:|")
-	fmt.Printf("| %s by the agent (route, neigh, fdb) | %s | %.2f |\n", VXLANDevice, gbit(a), med(a)/1e9)
-	fmt.Printf("| same by hand (ip link/route/neigh, bridge fdb) | %s | %.2f |\n", gbit(h), med(h)/1e9)
-	fmt.Printf("\nratio agent/hand VXLAN (medians): %.3f\n", med(a)/med(h))
+	a, h := alternate(runs, agent, hand, func() float64 {
+		return testnet.Iperf3Rate(t, n1.pod, n3.pod4.String(), secs, false)
+	})
+	printVersus(fmt.Sprintf("Pod to pod over VXLAN (nodes behind a router), iperf3 TCP %d s x %d runs (alternating), pod MTU 1450, Gbit/s", secs, runs), "VXLAN",
+		VXLANDevice+" by the agent (route, neigh, fdb)", "same by hand (ip link/route/neigh, bridge fdb)", "ratio agent/hand VXLAN (medians)", a, h)
 }
 
 func kernelRelease() string {
