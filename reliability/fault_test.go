@@ -328,21 +328,7 @@ func pluginTrial(t *testing.T, node *testnet.Node, p profile, pt point, action s
 	if second.total() > 0 {
 		t.Errorf("after the next ADD and DEL, left: %s", second)
 	}
-	leaked := first.total() > 0 || second.total() > 0
-	if leaked {
-		scrub(t, node)
-	}
-	note := fmt.Sprintf("%s/%s:", p.name, pt)
-	if first.total() > 0 {
-		note += " leaked " + first.String() + "."
-	}
-	if second.total() > 0 {
-		note += " after next ADD+DEL: " + second.String() + "."
-	}
-	if len(failed) > 0 {
-		note += " failures: " + strings.Join(failed, "; ")
-	}
-	c.record(note, leaked, failed)
+	c.finish(t, node, fmt.Sprintf("%s/%s:", p.name, pt), "next ADD+DEL", first, second, failed)
 }
 
 // gcKilledTrial kills CNI GC itself while it tears down the n-th of two
@@ -388,16 +374,23 @@ func gcKilledTrial(t *testing.T, node *testnet.Node, pt point, c *tally) {
 	if second.total() > 0 {
 		t.Errorf("after the next ADDs and DELs, left: %s", second)
 	}
+	c.finish(t, node, pt.String()+":", "next ADDs+DELs", first, second, failed)
+}
+
+// finish records one trial: what leaked after the recovery (first) and
+// after the next ADD and DEL (second), and what failed; a node that leaked
+// is scrubbed for the next trial.
+func (c *tally) finish(t *testing.T, node *testnet.Node, label, next string, first, second leaks, failed []string) {
 	leaked := first.total() > 0 || second.total() > 0
 	if leaked {
 		scrub(t, node)
 	}
-	note := pt.String() + ":"
+	note := label
 	if first.total() > 0 {
 		note += " leaked " + first.String() + "."
 	}
 	if second.total() > 0 {
-		note += " after next ADDs+DELs: " + second.String() + "."
+		note += " after " + next + ": " + second.String() + "."
 	}
 	if len(failed) > 0 {
 		note += " failures: " + strings.Join(failed, "; ")
@@ -574,21 +567,7 @@ func chainedTrial(t *testing.T, node *testnet.Node, pt point, twice bool, c *tal
 	if second.total() > 0 {
 		t.Errorf("after the next ADD and DEL, left: %s", second)
 	}
-	leaked := first.total() > 0 || second.total() > 0
-	if leaked {
-		scrub(t, node)
-	}
-	note := fmt.Sprintf("chained/%s:", pt)
-	if first.total() > 0 {
-		note += " leaked " + first.String() + "."
-	}
-	if second.total() > 0 {
-		note += " after next ADD+DEL: " + second.String() + "."
-	}
-	if len(failed) > 0 {
-		note += " failures: " + strings.Join(failed, "; ")
-	}
-	c.record(note, leaked, failed)
+	c.finish(t, node, fmt.Sprintf("chained/%s:", pt), "next ADD+DEL", first, second, failed)
 }
 
 // ourQdiscsOnMainVeth lists qoscni's qdiscs (shaper root 1:, its leaf,

@@ -48,6 +48,19 @@ const (
 	maxSocketPath = 100
 )
 
+// SandboxSpec is the part of `crictl inspectp -o json`'s info that names
+// the sandbox's namespaces (embed it in a struct for the info object).
+type SandboxSpec struct {
+	RuntimeSpec struct {
+		Linux struct {
+			Namespaces []struct {
+				Type string `json:"type"`
+				Path string `json:"path"`
+			} `json:"namespaces"`
+		} `json:"linux"`
+	} `json:"runtimeSpec"`
+}
+
 // Options configure the CRI plugin.
 type Options struct {
 	// CNIBinDir and CNIConfDir are the CRI plugin's cni bin_dir and
@@ -508,16 +521,7 @@ func (c *Containerd) podNetNSPaths() []string {
 			continue
 		}
 		var in struct {
-			Info struct {
-				RuntimeSpec struct {
-					Linux struct {
-						Namespaces []struct {
-							Type string `json:"type"`
-							Path string `json:"path"`
-						} `json:"namespaces"`
-					} `json:"linux"`
-				} `json:"runtimeSpec"`
-			} `json:"info"`
+			Info SandboxSpec `json:"info"`
 		}
 		if json.Unmarshal(raw, &in) != nil {
 			continue

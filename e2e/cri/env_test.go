@@ -250,15 +250,8 @@ func (e *env) inspectPod(t *testing.T, p *pod) {
 			} `json:"network"`
 		} `json:"status"`
 		Info struct {
-			Pid         int `json:"pid"`
-			RuntimeSpec struct {
-				Linux struct {
-					Namespaces []struct {
-						Type string `json:"type"`
-						Path string `json:"path"`
-					} `json:"namespaces"`
-				} `json:"linux"`
-			} `json:"runtimeSpec"`
+			Pid int `json:"pid"`
+			containerd.SandboxSpec
 		} `json:"info"`
 	}
 	out := e.ctrd.Crictl(t, "inspectp", "-o", "json", p.id)
