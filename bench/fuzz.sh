@@ -103,7 +103,7 @@ for line in "${ALL[@]}"; do
 	if [ "$result" != PASS ]; then
 		failed=1
 		warn "$pkg $name: $result${input:+, input in $input}"
-		grep -E -- '--- FAIL|fuzz_test.go:[0-9]+:|panic:|Failing input|To re-run|go test -run' "$out" | head -n 20 >&2 || true
+		grep -E -- '--- FAIL|fuzz_test.go:[0-9]+:|panic:|Failing input|To re-run|go test -run' "$out" | awk 'NR <= 20' >&2 || true
 	else
 		info "${execs:-?} execs in ${wall}s wall"
 	fi

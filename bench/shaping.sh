@@ -170,9 +170,10 @@ restart_server() {
 # run's queue (the reference's can hold seconds at low rates) never spills
 # into the next.
 wait_idle() {
-	local i
+	local i q
 	for ((i = 0; i < 900; i++)); do
-		ip netns exec "$NODE" tc -s qdisc show | grep -q 'backlog [1-9]' || { sleep 0.3; return 0; }
+		q=$(ip netns exec "$NODE" tc -s qdisc show) || q=""
+		[[ $q =~ backlog\ [1-9] ]] || { sleep 0.3; return 0; }
 		sleep 0.2
 	done
 	warn "queues still not empty after 180 s"

@@ -55,7 +55,7 @@ version() {
 	local dir mod v
 	dir=$here/build/$(field "$1" 2)
 	mod=$(field "$1" 3)
-	v=$(awk -v m="$mod" '($1 == m && $2 ~ /^v/) { print $2 } ($1 == "require" && $2 == m) { print $3 }' "$dir/go.mod" | head -n1)
+	v=$(awk -v m="$mod" '($1 == m && $2 ~ /^v/) { print $2; exit } ($1 == "require" && $2 == m) { print $3; exit }' "$dir/go.mod")
 	[ -n "$v" ] || die "$mod is not required in $dir/go.mod"
 	echo "$v"
 }

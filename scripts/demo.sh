@@ -133,8 +133,8 @@ step_add() {
 		>"$WORK/result-$p.json" || return 1
 	sed 's/^/      /' "$WORK/result-$p.json"
 	# Read the addresses back from the kernel, not from the result.
-	POD_V4[$p]=$(ip -n "$p" -4 -o addr show dev "$IFNAME" scope global | awk '{print $4}' | cut -d/ -f1 | head -1)
-	POD_V6[$p]=$(ip -n "$p" -6 -o addr show dev "$IFNAME" scope global | awk '{print $4}' | cut -d/ -f1 | head -1)
+	POD_V4[$p]=$(ip -n "$p" -4 -o addr show dev "$IFNAME" scope global | first_addr)
+	POD_V6[$p]=$(ip -n "$p" -6 -o addr show dev "$IFNAME" scope global | first_addr)
 	info "$p: $IFNAME v4=${POD_V4[$p]:-none} v6=${POD_V6[$p]:-none}"
 	[ -n "${POD_V4[$p]}" ] && [ -n "${POD_V6[$p]}" ]
 }
@@ -166,8 +166,8 @@ step_ping_pods() {
 step_ping_gateway() {
 	local p rc=0 gw4 gw6
 	for p in "${PODS[@]}"; do
-		gw4=$(ip -n "$p" -4 route show default | awk '/via/ {print $3; exit}')
-		gw6=$(ip -n "$p" -6 route show default | awk '/via/ {print $3; exit}')
+		gw4=$(ip -n "$p" -4 route show default | awk '/via/ && !done {print $3; done = 1}')
+		gw6=$(ip -n "$p" -6 route show default | awk '/via/ && !done {print $3; done = 1}')
 		info "$p default routes: v4 via ${gw4:-none}, v6 via ${gw6:-none}"
 		ping_from "$p" 4 "$gw4" || rc=1
 		ping_from "$p" 6 "$gw6" || rc=1
@@ -188,14 +188,19 @@ step_shaping_pipeline() {
 	local p=${PODS[0]} veth ifb
 	veth=$(hostveth "$p")
 	[ -n "$veth" ] || { warn "no host veth for $p"; return 1; }
-	ifb=$(ip -n "$NODE" -o link show type ifb | awk -F': ' '{print $2}' | head -1)
+	ifb=$(ip -n "$NODE" -o link show type ifb | awk -F': ' 'NR == 1 {print $2}')
 	info "$p: host veth $veth (traffic into the pod), IFB ${ifb:-none} (traffic out of the pod)"
-	ip netns exec "$NODE" tc qdisc show dev "$veth" | sed 's/^/      /'
+	local vq iq
+	# Captured, not piped into grep -q: tc writes once per qdisc, and a
+	# grep that exits at the first match kills it with SIGPIPE, which
+	# pipefail turns into a failure (see DESIGN.md, testing rules).
+	vq=$(ip netns exec "$NODE" tc qdisc show dev "$veth") || return 1
+	sed 's/^/      /' <<<"$vq"
 	ip netns exec "$NODE" tc filter show dev "$veth" ingress | grep -E "u32|mirred|Redirect" | sed 's/^/      /'
 	[ -n "$ifb" ] || return 1
-	ip netns exec "$NODE" tc qdisc show dev "$ifb" | sed 's/^/      /'
-	ip netns exec "$NODE" tc qdisc show dev "$veth" | grep -q "rate 10Mbit" &&
-		ip netns exec "$NODE" tc qdisc show dev "$ifb" | grep -q "rate 5Mbit"
+	iq=$(ip netns exec "$NODE" tc qdisc show dev "$ifb") || return 1
+	sed 's/^/      /' <<<"$iq"
+	[[ $vq == *"rate 10Mbit"* ]] && [[ $iq == *"rate 5Mbit"* ]]
 }
 
 # rate_ok MEASURED LIMIT: goodput within 0.8-1.05 of the limit (TCP over
@@ -221,18 +226,18 @@ step_shaping_rates() {
 }
 
 step_hostport() {
-	local p=${PODS[1]} pid rc=0 out dir gw
+	local p=${PODS[1]} pid rc=0 out dir gw listening
 	dir=$(mktemp -d "$WORK/www.XXXX")
 	echo "hello from $p" >"$dir/index.html"
 	(cd "$dir" && exec ip netns exec "$p" python3 -m http.server 80 --bind :: >/dev/null 2>&1) &
 	pid=$!
 	local tries=0
-	until ip netns exec "$p" ss -ltn 'sport = :80' | grep -q ':80'; do
+	until listening=$(ip netns exec "$p" ss -ltn 'sport = :80') && [[ $listening == *:80* ]]; do
 		tries=$((tries + 1))
 		[ $tries -lt 100 ] || { warn "web server in $p did not start"; break; }
 		sleep 0.1
 	done
-	gw=$(ip -n "$NODE" -4 -o addr show dev "$BRIDGE" | awk '{print $4}' | cut -d/ -f1 | head -1)
+	gw=$(ip -n "$NODE" -4 -o addr show dev "$BRIDGE" | first_addr)
 	for url in "http://$gw:8080/" "http://127.0.0.1:8080/"; do
 		if out=$(ip netns exec "$NODE" curl -s --max-time 3 "$url") && [ "$out" = "hello from $p" ]; then
 			info "node -> $url: $out"
@@ -263,7 +268,7 @@ step_metrics() {
 	echo "$body" | grep -E '^qoscni_(shaping_(rate_limit_bytes_per_second|sent_bytes_total|dropped_packets_total|backlog_bytes)|cni_operations_total|ipam_addresses_used)' | sed 's/^/      /'
 	info "status CLI:"
 	ip netns exec "$NODE" "$QOSCNI_ROOT/bin/qoscni-agent" status --state-dir "$STATE_DIR" | sed 's/^/      /'
-	echo "$body" | grep -q 'qoscni_shaping_rate_limit_bytes_per_second{direction="ingress",interface="eth0",namespace="default",pod="demo-1"} 1.25e+06'
+	[[ $body == *'qoscni_shaping_rate_limit_bytes_per_second{direction="ingress",interface="eth0",namespace="default",pod="demo-1"} 1.25e+06'* ]]
 }
 
 step_check() {

@@ -11,7 +11,8 @@ PACKAGES=(iproute2 nftables iperf3 containernetworking-plugins conntrack iputils
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
-	if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+	status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) || status=""
+	if [ "$status" != "install ok installed" ]; then
 		missing+=("$pkg")
 	fi
 done

@@ -57,6 +57,12 @@ leftover_files() {
 	find "$1" -type f ! -name lock ! -name '*.lock' -print
 }
 
+# first_addr: the address (without prefix length) of the first line of
+# `ip -o addr show` on stdin. It reads its whole input: a reader that stops
+# early (head, grep -q, awk exit) kills a producer that writes again with
+# SIGPIPE, and pipefail turns that into a failure at random.
+first_addr() { awk 'NR == 1 { split($4, a, "/"); print a[1] }'; }
+
 # json_field PATH: read a dotted path from JSON on stdin (python3 is on
 # every Debian machine this runs on).
 json_field() {
