@@ -253,6 +253,11 @@ func requireTool(t *testing.T, name string) string {
 func TestAgentKernelShapedPod(t *testing.T) {
 	node := testnet.NewNode(t)
 	pod := newShapedPod(t, node, 1, 10_000_000, 20_000_000)
+	// The pod asked for a 500 MB bucket into it; the ceiling gave 16 MiB.
+	pod.rec.Shaping.Ingress.Clamped = []state.Clamp{{Setting: "burst", Requested: 500_000_000, Applied: 16 << 20}}
+	if err := state.New(node.StateDir).Save(pod.rec); err != nil {
+		t.Fatal(err)
+	}
 	srv := startAgent(t, node, writeConflist(t, node.Dir, node.IPAMDir))
 	id := map[string]string{"namespace": "team-a", "pod": pod.rec.Pod.Name, "interface": "eth0"}
 	in := map[string]string{"namespace": "team-a", "pod": pod.rec.Pod.Name, "interface": "eth0", "direction": "ingress"}
@@ -285,6 +290,12 @@ func TestAgentKernelShapedPod(t *testing.T) {
 	}
 	if v := s1.must(t, "qoscni_shaping_queue_delay_budget_seconds", in); v != 0.1 {
 		t.Errorf("delay budget = %v", v)
+	}
+	if v := s1.must(t, "qoscni_shaping_clamped_requested", map[string]string{"pod": pod.rec.Pod.Name, "direction": "ingress", "setting": "burst"}); v != 500_000_000 {
+		t.Errorf("clamped burst = %v, want the 500 MB the pod asked for", v)
+	}
+	if _, ok := s1.value("qoscni_shaping_clamped_requested", out); ok {
+		t.Error("a clamp series for egress, which nothing clamped")
 	}
 	// Bytes counted at layer 2: payload plus headers (~5% at MTU 1500),
 	// plus the other flow's ACKs; never less than the payload.

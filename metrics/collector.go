@@ -4,6 +4,7 @@ import (
 	"log/slog"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -43,6 +44,10 @@ var (
 	descRequeues  = prometheus.NewDesc("qoscni_shaping_requeues_total", "Packets requeued by the shaper because the device was busy.", dirLabels, nil)
 	descBacklogB  = prometheus.NewDesc("qoscni_shaping_backlog_bytes", "Bytes queued in the shaper now.", dirLabels, nil)
 	descBacklogP  = prometheus.NewDesc("qoscni_shaping_backlog_packets", "Packets queued in the shaper now.", dirLabels, nil)
+
+	descClamped = prometheus.NewDesc("qoscni_shaping_clamped_requested",
+		"A setting the pod asked above the config's ceiling, with the value it asked for (seconds for queue_delay, bytes for burst and queue_limit); the kernel got the ceiling. No series: nothing clamped.",
+		append(slices.Clone(dirLabels), "setting"), nil)
 
 	descInfo = prometheus.NewDesc("qoscni_attachment_info", "One series per exported attachment, carrying its identifiers (not on the hot series).",
 		[]string{"namespace", "pod", "interface", "network", "container_id", "host_veth", "ifb", "mode"}, nil)
@@ -175,7 +180,7 @@ func NewCollector(cfg Config) *Collector {
 
 // Describe sends the static descriptors.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descLimit, descBurst, descQLimit, descDelay, descUp, descBytes, descPackets,
+	for _, d := range []*prometheus.Desc{descLimit, descBurst, descQLimit, descDelay, descClamped, descUp, descBytes, descPackets,
 		descDrops, descOverlimit, descRequeues, descBacklogB, descBacklogP, descInfo, descPorts, descHidden, descBad,
 		descIPAMCap, descIPAMUsed, descBuild, descCollect} {
 		ch <- d
@@ -256,6 +261,13 @@ func (c *Collector) collectAttachments(ch chan<- prometheus.Metric) {
 			gauge(descBurst, float64(d.Config.BurstBits)/8, l...)
 			gauge(descQLimit, float64(d.Config.LimitBytes), l...)
 			gauge(descDelay, float64(d.Config.MaxQueueDelayNs)/1e9, l...)
+			for _, cl := range d.Config.Clamped {
+				v := float64(cl.Requested)
+				if cl.Setting == state.ClampQueueDelay {
+					v /= 1e9
+				}
+				gauge(descClamped, v, append(slices.Clone(l), cl.Setting)...)
+			}
 			if d.Stats == nil {
 				gauge(descUp, 0, l...)
 				continue

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"strings"
 
@@ -16,6 +17,7 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/qoscni/qoscni/ipam"
+	"github.com/qoscni/qoscni/shaping"
 )
 
 // Defaults applied when the network config leaves a key out.
@@ -53,6 +55,10 @@ type NetConf struct {
 	EgressRate    uint64 `json:"egressRate,omitempty"`
 	EgressBurst   uint64 `json:"egressBurst,omitempty"`
 	MaxQueueDelay string `json:"maxQueueDelay,omitempty"`
+	// Ceilings bound every pod-supplied size (queue delay, burst, queue
+	// bytes); ShapingCeilings is the parsed form.
+	Ceilings        CeilingsConfig   `json:"ceilings"`
+	ShapingCeilings shaping.Ceilings `json:"-"`
 
 	RuntimeConfig RuntimeConfig `json:"runtimeConfig"`
 
@@ -61,6 +67,58 @@ type NetConf struct {
 	IPAMConfig *ipam.Config `json:"-"`
 	// Raw is the exact stdin, kept for IPAM delegation.
 	Raw []byte `json:"-"`
+}
+
+// CeilingsConfig is the "ceilings" object: the operator's bounds on what a
+// pod's annotations may make the kernel hold, per direction. Absent keys
+// take shaping's defaults.
+type CeilingsConfig struct {
+	// MaxQueueDelay is a Go duration.
+	MaxQueueDelay string `json:"maxQueueDelay,omitempty"`
+	// MaxBurst is in bits, like ingressBurst.
+	MaxBurst uint64 `json:"maxBurst,omitempty"`
+	// MaxQueueBytes is in bytes.
+	MaxQueueBytes uint64 `json:"maxQueueBytes,omitempty"`
+}
+
+// parse checks the ceilings and the config's own delay budget against them.
+func (c CeilingsConfig) parse(defaultDelay string) (shaping.Ceilings, error) {
+	var out shaping.Ceilings
+	if c.MaxQueueDelay != "" {
+		d, err := shaping.ParseDelay("ceilings.maxQueueDelay", c.MaxQueueDelay)
+		if err != nil {
+			return out, err
+		}
+		out.MaxQueueDelay = d
+	}
+	const maxBytes = math.MaxUint32
+	if c.MaxBurst != 0 {
+		if c.MaxBurst < shaping.MinCeilingBytes*8 || c.MaxBurst > maxBytes*8 {
+			return out, InvalidField("ceilings.maxBurst", c.MaxBurst, fmt.Sprintf("must be between %d and %d bits", shaping.MinCeilingBytes*8, uint64(maxBytes)*8))
+		}
+		out.MaxBurstBytes = c.MaxBurst / 8
+	}
+	if c.MaxQueueBytes != 0 {
+		if c.MaxQueueBytes < shaping.MinCeilingBytes || c.MaxQueueBytes > maxBytes {
+			return out, InvalidField("ceilings.maxQueueBytes", c.MaxQueueBytes, fmt.Sprintf("must be between %d and %d bytes", shaping.MinCeilingBytes, uint64(maxBytes)))
+		}
+		out.MaxQueueBytes = c.MaxQueueBytes
+	}
+	if defaultDelay != "" {
+		d, err := shaping.ParseDelay("maxQueueDelay", defaultDelay)
+		if err != nil {
+			return out, err
+		}
+		ceil := out.MaxQueueDelay
+		if ceil == 0 {
+			ceil = shaping.DefaultCeilingQueueDelay
+		}
+		if d > ceil {
+			return out, InvalidField("maxQueueDelay", fmt.Sprintf("%q", defaultDelay),
+				fmt.Sprintf("above ceilings.maxQueueDelay %v (raise the ceiling to allow it)", ceil))
+		}
+	}
+	return out, nil
 }
 
 // BuiltinIPAM reports whether addresses come from qoscni's own allocator.
@@ -179,6 +237,11 @@ func (c *NetConf) validate() error {
 	if !strings.HasPrefix(c.StateDir, "/") {
 		return InvalidField("stateDir", fmt.Sprintf("%q", c.StateDir), "must be an absolute path")
 	}
+	ceil, err := c.Ceilings.parse(c.MaxQueueDelay)
+	if err != nil {
+		return err
+	}
+	c.ShapingCeilings = ceil
 	return c.RuntimeConfig.validate()
 }
 

@@ -4,8 +4,11 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/qoscni/qoscni/shaping"
 )
 
 func mustParse(t *testing.T, s string) *NetConf {
@@ -76,6 +79,10 @@ func TestErrors(t *testing.T) {
 		{"protocol", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","runtimeConfig":{"portMappings":[{"hostPort":1,"containerPort":2,"protocol":"icmp"}]}}`, types.ErrInvalidNetworkConfig, "protocol"},
 		{"containerPort", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","runtimeConfig":{"portMappings":[{"hostPort":1,"containerPort":0}]}}`, types.ErrInvalidNetworkConfig, "containerPort 0"},
 		{"ipam subnet", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ipam":{"ranges":[[{"subnet":"nope"}]]}}`, types.ErrInvalidNetworkConfig, "nope"},
+		{"ceiling burst", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ceilings":{"maxBurst":8}}`, types.ErrInvalidNetworkConfig, "ceilings.maxBurst 8"},
+		{"ceiling queue", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ceilings":{"maxQueueBytes":1}}`, types.ErrInvalidNetworkConfig, "ceilings.maxQueueBytes 1"},
+		{"ceiling delay", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ceilings":{"maxQueueDelay":"1h"}}`, types.ErrInvalidNetworkConfig, "ceilings.maxQueueDelay"},
+		{"delay above ceiling", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","maxQueueDelay":"200ms"}`, types.ErrInvalidNetworkConfig, "above ceilings.maxQueueDelay 100ms"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -143,5 +150,17 @@ func TestValidateIfName(t *testing.T) {
 		if err := ValidateIfName("f", bad); err == nil {
 			t.Errorf("%q accepted", bad)
 		}
+	}
+}
+
+func TestCeilingsParsed(t *testing.T) {
+	c := mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni","maxQueueDelay":"200ms",
+		"ceilings":{"maxQueueDelay":"250ms","maxBurst":8388608,"maxQueueBytes":1048576}}`)
+	want := shaping.Ceilings{MaxQueueDelay: 250 * time.Millisecond, MaxBurstBytes: 1 << 20, MaxQueueBytes: 1 << 20}
+	if c.ShapingCeilings != want {
+		t.Errorf("ceilings %+v, want %+v", c.ShapingCeilings, want)
+	}
+	if c := mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni"}`); c.ShapingCeilings != (shaping.Ceilings{}) {
+		t.Errorf("no ceilings in the config: %+v, want the zero value (shaping's defaults)", c.ShapingCeilings)
 	}
 }

@@ -85,6 +85,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	if err != nil {
 		return nil, err
 	}
+	logClamps(p.Log, args.ContainerID, args.IfName, shape)
 	if err := validatePorts(conf); err != nil {
 		return nil, err
 	}

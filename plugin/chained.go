@@ -51,6 +51,7 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 	if err != nil {
 		return err
 	}
+	logClamps(p.Log, args.ContainerID, args.IfName, shape)
 	var podIPs []net.IP
 	for _, ipc := range prev.IPs {
 		podIPs = append(podIPs, ipc.Address.IP)

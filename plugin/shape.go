@@ -1,6 +1,8 @@
 package plugin
 
 import (
+	"log/slog"
+
 	"github.com/qoscni/qoscni/netconf"
 	"github.com/qoscni/qoscni/shaping"
 	"github.com/qoscni/qoscni/state"
@@ -17,6 +19,7 @@ func shapingPlan(conf *netconf.NetConf, mtu int) (shaping.Plan, error) {
 			EgressRate: conf.EgressRate, EgressBurst: conf.EgressBurst,
 		},
 		ConfigMaxQueueDelay: conf.MaxQueueDelay,
+		Ceilings:            conf.ShapingCeilings,
 	}
 	if bw := conf.RuntimeConfig.Bandwidth; bw != nil {
 		in.Runtime = &shaping.Rates{
@@ -34,9 +37,27 @@ func shapingDefaults(conf *netconf.NetConf) *state.ShapingDefaults {
 		IngressRate: conf.IngressRate, IngressBurst: conf.IngressBurst,
 		EgressRate: conf.EgressRate, EgressBurst: conf.EgressBurst,
 		MaxQueueDelay: conf.MaxQueueDelay,
+		Ceilings:      shaping.CeilingsToRecord(conf.ShapingCeilings),
 	}
 	if *d == (state.ShapingDefaults{}) {
 		return nil
 	}
 	return d
+}
+
+// logClamps reports the settings a ceiling cut down: the pod asked for
+// more than the operator allows, and got the ceiling.
+func logClamps(log *slog.Logger, containerID, ifName string, plan shaping.Plan) {
+	for _, d := range []struct {
+		name string
+		p    *shaping.Params
+	}{{"ingress", plan.Ingress}, {"egress", plan.Egress}} {
+		if d.p == nil {
+			continue
+		}
+		for _, c := range d.p.Clamps {
+			log.Warn("shaping clamped to the config's ceiling", "container", containerID, "ifname", ifName,
+				"direction", d.name, "setting", c.Setting, "requested", c.Requested, "applied", c.Applied, "what", c.String())
+		}
+	}
 }

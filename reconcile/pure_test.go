@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/qoscni/qoscni/shaping"
 	"github.com/qoscni/qoscni/state"
@@ -82,5 +83,29 @@ func TestResolveKeepsLegacyConfigShaping(t *testing.T) {
 	plan, ok, err := resolve(rec, Pod{Annotations: map[string]string{shaping.AnnotationEgressRate: "5M"}})
 	if !ok || err != nil || plan.Ingress == nil || plan.Ingress.Source != shaping.SourceConfig || plan.Egress == nil || plan.Egress.RateBits != 5e6 {
 		t.Errorf("plan %+v ok=%v err=%v", plan, ok, err)
+	}
+}
+
+// TestReshapeKeepsCeilings: a live annotation change is bounded by the
+// ceilings the attachment's config had at ADD (kept in the record), or by
+// the defaults when it had none.
+func TestReshapeKeepsCeilings(t *testing.T) {
+	pod := Pod{Annotations: map[string]string{shaping.AnnotationIngressRate: "1G", shaping.AnnotationMaxQueueDelay: "10s",
+		shaping.AnnotationIngressBurst: "4G"}}
+	rec := &state.Record{MTU: 1500}
+	plan, ok, err := resolve(rec, pod)
+	if err != nil || !ok {
+		t.Fatal(ok, err)
+	}
+	if plan.Ingress.MaxQueueDelay != shaping.DefaultCeilingQueueDelay || plan.Ingress.BurstBytes != shaping.DefaultCeilingBurstBytes {
+		t.Errorf("default ceilings not applied: %+v", plan.Ingress)
+	}
+	rec.ShapingDefaults = &state.ShapingDefaults{Ceilings: &state.Ceilings{MaxQueueDelayNs: int64(20 * time.Millisecond), MaxBurstBits: 1 << 23, MaxQueueBytes: 1 << 20}}
+	plan, _, err = resolve(rec, pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if in := plan.Ingress; in.MaxQueueDelay != 20*time.Millisecond || in.BurstBytes != 1<<20 || in.LimitBytes > 1<<20 || len(in.Clamps) != 3 {
+		t.Errorf("the record's ceilings not applied: %+v", in)
 	}
 }

@@ -38,6 +38,7 @@ func resolve(rec *state.Record, pod Pod) (shaping.Plan, bool, error) {
 	if d := rec.ShapingDefaults; d != nil {
 		in.Config = shaping.Rates{IngressRate: d.IngressRate, IngressBurst: d.IngressBurst, EgressRate: d.EgressRate, EgressBurst: d.EgressBurst}
 		in.ConfigMaxQueueDelay = d.MaxQueueDelay
+		in.Ceilings = shaping.CeilingsFromRecord(d.Ceilings)
 	} else if fromConfig(rec.Shaping) {
 		// A record from before ShapingDefaults existed: its config-sourced
 		// shaping cannot be re-derived, so leave it as it is.

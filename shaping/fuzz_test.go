@@ -151,20 +151,24 @@ func checkDirection(t *testing.T, dir string, p *shaping.Params, in shaping.Inpu
 		}
 		checkExplicitBurst(t, dir, p, cfgBurst, frame)
 	}
-	if p.MaxQueueDelay < shaping.MinMaxQueueDelay || p.MaxQueueDelay > shaping.MaxMaxQueueDelay {
+	// Nothing a pod writes passes the (default) ceilings.
+	c := shaping.DefaultCeilings
+	if p.MaxQueueDelay < shaping.MinMaxQueueDelay || p.MaxQueueDelay > c.MaxQueueDelay {
 		t.Fatalf("%s: delay %v out of range", dir, p.MaxQueueDelay)
 	}
-	// A full-size frame must pass the bucket, and the kernel takes 32 bits.
-	if p.BurstBytes < frame || p.BurstBytes > math.MaxUint32 {
+	// A full-size frame must pass the bucket (where the kernel can hold
+	// one at that rate), and the kernel takes 32 bits.
+	if p.BurstBytes < min(frame, shaping.MaxBurstBytesAt(p.RateBytes())) || p.BurstBytes > max(c.MaxBurstBytes, frame) ||
+		p.BurstBytes > shaping.MaxBurstBytesAt(p.RateBytes()) {
 		t.Fatalf("%s: burst %d B, frame %d B", dir, p.BurstBytes, frame)
 	}
-	if p.LimitBytes < min(8*frame, math.MaxUint32) || p.LimitBytes > math.MaxUint32 {
-		t.Fatalf("%s: limit %d B, below 8 frames of %d B or above 32 bits", dir, p.LimitBytes, frame)
+	if p.LimitBytes < min(8*frame, c.MaxQueueBytes, math.MaxUint32) || p.LimitBytes > max(c.MaxQueueBytes, 2*frame) {
+		t.Fatalf("%s: limit %d B, below 8 frames of %d B or above the ceiling", dir, p.LimitBytes, frame)
 	}
-	// Without a peak rate TBF sends a whole bucket at once: the queue must hold it.
+	// Without a peak rate TBF sends GSO packets whole: the queue holds one.
 	peak := shaping.UsesPeak(p.RateBytes(), p.LimitBytes)
-	if !peak && p.LimitBytes < p.BurstBytes {
-		t.Fatalf("%s: no peak rate and limit %d < burst %d", dir, p.LimitBytes, p.BurstBytes)
+	if !peak && p.LimitBytes < 128<<10 {
+		t.Fatalf("%s: no peak rate and limit %d < 128 KiB", dir, p.LimitBytes)
 	}
 	if peak && shaping.PeakBytes(p.RateBytes()) > math.MaxUint32 {
 		t.Fatalf("%s: peak rate %d does not fit go-tc's 32 bits", dir, shaping.PeakBytes(p.RateBytes()))
@@ -172,10 +176,14 @@ func checkDirection(t *testing.T, dir string, p *shaping.Params, in shaping.Inpu
 }
 
 // checkExplicitBurst: a burst given in bits becomes bytes, rounded up, at
-// least one frame, at most 32 bits.
+// least one frame, at most the ceiling and what the kernel can hold.
 func checkExplicitBurst(t *testing.T, dir string, p *shaping.Params, bits, frame uint64) {
 	t.Helper()
-	want := min(max(bits/8+min(bits%8, 1), frame), math.MaxUint32)
+	want := max(bits/8+min(bits%8, 1), frame)
+	if want > shaping.DefaultCeilings.MaxBurstBytes {
+		want = max(shaping.DefaultCeilings.MaxBurstBytes, frame)
+	}
+	want = min(want, shaping.MaxBurstBytesAt(p.RateBytes()))
 	if p.BurstBytes != want {
 		t.Fatalf("%s: burst %d B from %d bits, want %d", dir, p.BurstBytes, bits, want)
 	}

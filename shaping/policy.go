@@ -7,11 +7,14 @@ package shaping
 import (
 	"fmt"
 	"math"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
 	"k8s.io/apimachinery/pkg/api/resource"
+
+	"github.com/qoscni/qoscni/state"
 )
 
 // Annotation keys read from the pod (through the runtime's
@@ -39,8 +42,11 @@ const (
 	MaxRateBits uint64 = 1_000_000_000_000_000
 	// DefaultMaxQueueDelay is the queueing-delay budget when none is given.
 	DefaultMaxQueueDelay = 10 * time.Millisecond
-	MinMaxQueueDelay     = 100 * time.Microsecond
-	MaxMaxQueueDelay     = 10 * time.Second
+	// MinMaxQueueDelay is the smallest budget accepted from anyone;
+	// MaxMaxQueueDelay the largest an operator may allow (a pod gets at
+	// most its ceiling, see Ceilings).
+	MinMaxQueueDelay = 100 * time.Microsecond
+	MaxMaxQueueDelay = 10 * time.Second
 	// ethHeader is added to the MTU: qdiscs count whole frames.
 	ethHeader = 14
 	// minQueueFrames is the queue's floor. Below about 10 Mbit/s the
@@ -62,6 +68,74 @@ type Inputs struct {
 	Config      Rates  // plugin config defaults
 	// ConfigMaxQueueDelay is the plugin config's maxQueueDelay ("" = default).
 	ConfigMaxQueueDelay string
+	// Ceilings bound what any input can make the kernel hold; the zero
+	// value means DefaultCeilings.
+	Ceilings Ceilings
+}
+
+// Ceilings are the operator's bounds on the kernel resources a pod's
+// shaping may take. Pod authors are not trusted with node memory: a value
+// above a ceiling is clamped, and the clamp is recorded (Params.Clamps) so
+// that the plugin logs it and the agent exports it, never honoured.
+type Ceilings struct {
+	// MaxQueueDelay bounds the queueing-delay budget a pod may ask for.
+	MaxQueueDelay time.Duration
+	// MaxBurstBytes bounds the token bucket.
+	MaxBurstBytes uint64
+	// MaxQueueBytes bounds each direction's queue.
+	MaxQueueBytes uint64
+}
+
+// Defaults and bounds of the ceilings. The defaults keep the shipped queue
+// policy (a 10 ms budget) up to about 13 Gbit/s, and keep any pod from
+// sizing a queue or a bucket beyond 16 MiB per direction.
+const (
+	DefaultCeilingQueueDelay = 100 * time.Millisecond
+	DefaultCeilingBurstBytes = 16 << 20
+	DefaultCeilingQueueBytes = 16 << 20
+	// MinCeilingBytes is the smallest queue or bucket ceiling an operator
+	// may set: below it a queue without a peak rate could not take one
+	// 64 kB GSO packet (gsoQueue), and a bucket would cut every one.
+	MinCeilingBytes = gsoQueue
+)
+
+// DefaultCeilings are the ceilings of a config that sets none.
+var DefaultCeilings = Ceilings{MaxQueueDelay: DefaultCeilingQueueDelay, MaxBurstBytes: DefaultCeilingBurstBytes, MaxQueueBytes: DefaultCeilingQueueBytes}
+
+// orDefaults fills unset fields.
+func (c Ceilings) orDefaults() Ceilings {
+	if c.MaxQueueDelay == 0 {
+		c.MaxQueueDelay = DefaultCeilings.MaxQueueDelay
+	}
+	if c.MaxBurstBytes == 0 {
+		c.MaxBurstBytes = DefaultCeilings.MaxBurstBytes
+	}
+	if c.MaxQueueBytes == 0 {
+		c.MaxQueueBytes = DefaultCeilings.MaxQueueBytes
+	}
+	return c
+}
+
+// Settings a ceiling can clamp (Clamp.Setting, and the metric label).
+const (
+	SettingQueueDelay = state.ClampQueueDelay // nanoseconds
+	SettingBurst      = "burst"               // bytes
+	SettingQueueLimit = "queue_limit"         // bytes
+)
+
+// Clamp says that a setting was asked above its ceiling and what was used.
+// Units: nanoseconds for SettingQueueDelay, bytes for the others.
+type Clamp struct {
+	Setting   string
+	Requested uint64
+	Applied   uint64
+}
+
+func (c Clamp) String() string {
+	if c.Setting == SettingQueueDelay {
+		return fmt.Sprintf("%s %v clamped to %v", c.Setting, time.Duration(c.Requested), time.Duration(c.Applied))
+	}
+	return fmt.Sprintf("%s %d B clamped to %d B", c.Setting, c.Requested, c.Applied)
 }
 
 // Rates are CNI-convention rates and bursts: bit/s and bits, 0 = unset.
@@ -76,6 +150,8 @@ type Params struct {
 	LimitBytes    uint64
 	MaxQueueDelay time.Duration
 	Source        string
+	// Clamps lists the settings a ceiling cut down (nil: none).
+	Clamps []Clamp
 }
 
 // RateBytes is the rate in bytes per second, as the kernel takes it.
@@ -95,9 +171,12 @@ func invalid(field string, value any, why string) *types.Error {
 }
 
 // Resolve applies precedence (annotations, then runtimeConfig, then plugin
-// config) per direction and derives burst and queue limit. mtu is the
-// device MTU. Every bad value is a CNI error 7 naming its source.
+// config) per direction and derives burst and queue limit within the
+// ceilings. mtu is the device MTU. Every bad value is a CNI error 7 naming
+// its source; a value above a ceiling is clamped and listed in the
+// direction's Clamps.
 func Resolve(in Inputs, mtu int) (Plan, error) {
+	c := in.Ceilings.orDefaults()
 	delay := DefaultMaxQueueDelay
 	if in.ConfigMaxQueueDelay != "" {
 		d, err := parseDelay("maxQueueDelay", in.ConfigMaxQueueDelay)
@@ -106,6 +185,7 @@ func Resolve(in Inputs, mtu int) (Plan, error) {
 		}
 		delay = d
 	}
+	var clamps []Clamp
 	if v, ok := in.Annotations[AnnotationMaxQueueDelay]; ok {
 		d, err := parseDelay("annotation "+AnnotationMaxQueueDelay, v)
 		if err != nil {
@@ -113,16 +193,25 @@ func Resolve(in Inputs, mtu int) (Plan, error) {
 		}
 		delay = d
 	}
+	if delay > c.MaxQueueDelay {
+		clamps = append(clamps, Clamp{Setting: SettingQueueDelay, Requested: uint64(delay), Applied: uint64(c.MaxQueueDelay)})
+		delay = c.MaxQueueDelay
+	}
 	if err := validateConfig(in.Config); err != nil {
 		return Plan{}, err
 	}
-	ing, err := resolveDirection(in, dirIngress, delay, mtu)
+	ing, err := resolveDirection(in, dirIngress, delay, mtu, c)
 	if err != nil {
 		return Plan{}, err
 	}
-	eg, err := resolveDirection(in, dirEgress, delay, mtu)
+	eg, err := resolveDirection(in, dirEgress, delay, mtu, c)
 	if err != nil {
 		return Plan{}, err
+	}
+	for _, p := range []*Params{ing, eg} {
+		if p != nil && len(clamps) > 0 {
+			p.Clamps = append(slices.Clone(clamps), p.Clamps...)
+		}
 	}
 	return Plan{Ingress: ing, Egress: eg}, nil
 }
@@ -141,7 +230,7 @@ var (
 		func(r *Rates) uint64 { return r.EgressRate }, func(r *Rates) uint64 { return r.EgressBurst }}
 )
 
-func resolveDirection(in Inputs, d direction, delay time.Duration, mtu int) (*Params, error) {
+func resolveDirection(in Inputs, d direction, delay time.Duration, mtu int, c Ceilings) (*Params, error) {
 	// An explicit burst annotation is validated even when another source
 	// sets the rate, so a typo never passes silently.
 	var annoBurst uint64
@@ -157,7 +246,7 @@ func resolveDirection(in Inputs, d direction, delay time.Duration, mtu int) (*Pa
 		if err != nil {
 			return nil, err
 		}
-		return derive(rate, annoBurst, true, delay, mtu, SourceAnnotation), nil
+		return deriveWithin(c, rate, annoBurst, delay, mtu, SourceAnnotation), nil
 	}
 	if in.Runtime != nil {
 		if rate := d.runtimeRate(in.Runtime); rate != 0 {
@@ -168,11 +257,11 @@ func resolveDirection(in Inputs, d direction, delay time.Duration, mtu int) (*Pa
 			if burst > rate/runtimeBurstShare {
 				burst = 0
 			}
-			return derive(rate, burst, true, delay, mtu, SourceRuntimeConfig), nil
+			return deriveWithin(c, rate, burst, delay, mtu, SourceRuntimeConfig), nil
 		}
 	}
 	if rate := d.runtimeRate(&in.Config); rate != 0 {
-		return derive(rate, d.runBurs(&in.Config), true, delay, mtu, SourceConfig), nil
+		return deriveWithin(c, rate, d.runBurs(&in.Config), delay, mtu, SourceConfig), nil
 	}
 	return nil, nil
 }
@@ -230,50 +319,95 @@ func parseQuantity(field, v string, isRate bool) (uint64, error) {
 	return uint64(n), nil
 }
 
+// parseDelay reads a queueing-delay budget. Only a budget below the
+// minimum is an error: one above the ceiling is clamped by the caller.
 func parseDelay(field, v string) (time.Duration, error) {
 	d, err := time.ParseDuration(strings.TrimSpace(v))
 	if err != nil {
 		return 0, invalid(field, fmt.Sprintf("%q", v), "not a Go duration (e.g. 10ms)")
 	}
-	if d < MinMaxQueueDelay || d > MaxMaxQueueDelay {
-		return 0, invalid(field, fmt.Sprintf("%q", v), fmt.Sprintf("must be between %v and %v", MinMaxQueueDelay, MaxMaxQueueDelay))
+	if d < MinMaxQueueDelay {
+		return 0, invalid(field, fmt.Sprintf("%q", v), fmt.Sprintf("must be at least %v", MinMaxQueueDelay))
 	}
 	return d, nil
 }
 
-// derive computes burst and queue limit.
+// ParseDelay reads an operator's budget or ceiling: at least
+// MinMaxQueueDelay, at most MaxMaxQueueDelay.
+func ParseDelay(field, v string) (time.Duration, error) {
+	d, err := parseDelay(field, v)
+	if err == nil && d > MaxMaxQueueDelay {
+		return 0, invalid(field, fmt.Sprintf("%q", v), fmt.Sprintf("must be at most %v", MaxMaxQueueDelay))
+	}
+	return d, err
+}
+
+// derive is deriveWithin the default ceilings, for an explicit burst (0 =
+// none given).
+func derive(rateBits, burstBits uint64, _ bool, delay time.Duration, mtu int, source string) *Params {
+	return deriveWithin(DefaultCeilings, rateBits, burstBits, delay, mtu, source)
+}
+
+// deriveWithin computes burst and queue limit.
 //
 // The queue holds at most the delay budget's worth of data at the rate,
-// never less than minQueueFrames frames. The token bucket (burst) is
-// separate from it: by default burstWindow of the rate, at least two
-// frames. A bucket that deep lets a sender that paused (TCP recovering
-// from a drop, an ACK clock bunched up by the IFB) catch up instead of
-// losing that time for good, and adds nothing to queueing delay: packets
-// only wait in the queue. With a peak rate (see UsesPeak) TBF cuts every
-// packet to two frames first, so the deep bucket never lets a 64 kB GSO
-// packet meet the short queue whole. Queues long enough for GSO packets
-// (high rates) go without a peak rate; there the bucket is the budget's
-// worth and the queue holds a whole bucket, as TBF then sends packets up to
-// the burst whole.
-func derive(rateBits, burstBits uint64, explicit bool, delay time.Duration, mtu int, source string) *Params {
+// never less than minQueueFrames frames, and never more than the ceiling.
+// The token bucket (burst) is separate from it: by default burstWindow of
+// the rate, at least two frames. A bucket that deep lets a sender that
+// paused (TCP recovering from a drop, an ACK clock bunched up by the IFB)
+// catch up instead of losing that time for good, and adds nothing to
+// queueing delay: packets only wait in the queue. With a peak rate (see
+// UsesPeak) TBF cuts every packet to two frames first, so the deep bucket
+// never lets a 64 kB GSO packet meet the short queue whole. Without a peak
+// rate (high rates) TBF sends a packet up to the bucket whole, so the
+// queue holds at least one GSO packet (gsoQueue); it is never raised to
+// the bucket itself, which a pod may ask to be large.
+func deriveWithin(c Ceilings, rateBits, burstBits uint64, delay time.Duration, mtu int, source string) *Params {
+	c = c.orDefaults()
+	var clamps []Clamp
 	frame := uint64(mtu + ethHeader)
 	budget := bytesIn(rateBits, delay)
-	limit := min(max(budget, minQueueFrames*frame), math.MaxUint32)
-	peak := UsesPeak(rateBits/8, limit)
+	limit := max(budget, minQueueFrames*frame)
+	peak := UsesPeak(rateBits/8, min(limit, math.MaxUint32))
+	if !peak {
+		limit = max(limit, gsoQueue)
+	}
+	if limit > c.MaxQueueBytes {
+		clamps = append(clamps, Clamp{Setting: SettingQueueLimit, Requested: limit, Applied: c.MaxQueueBytes})
+		limit = c.MaxQueueBytes
+	}
+	// Two frames whatever the ceiling: a queue that cannot take a frame
+	// drops every packet.
+	limit = min(max(limit, 2*frame), math.MaxUint32)
 	var burst uint64
 	switch {
-	case burstBits != 0 && explicit:
+	case burstBits != 0:
 		burst = max(ceilDiv(burstBits, 8), frame)
 	case peak:
 		burst = max(bytesIn(rateBits, burstWindow), 2*frame)
 	default:
 		burst = max(budget, 2*frame)
 	}
-	burst = min(burst, math.MaxUint32)
-	if !peak {
-		limit = min(max(limit, burst), math.MaxUint32)
+	if burst > c.MaxBurstBytes {
+		clamps = append(clamps, Clamp{Setting: SettingBurst, Requested: burst, Applied: c.MaxBurstBytes})
+		burst = max(c.MaxBurstBytes, frame)
 	}
-	return &Params{RateBits: rateBits, BurstBytes: burst, LimitBytes: limit, MaxQueueDelay: delay, Source: source}
+	// The kernel keeps the bucket as time at the rate and dumps it in
+	// 32-bit ticks: a deeper bucket would read back wrapped.
+	burst = min(burst, MaxBurstBytesAt(rateBits/8))
+	return &Params{RateBits: rateBits, BurstBytes: burst, LimitBytes: limit, MaxQueueDelay: delay, Source: source, Clamps: clamps}
+}
+
+// gsoQueue is the smallest queue without a peak rate: two 64 kB GSO
+// packets with their per-segment headers.
+const gsoQueue = 128 << 10
+
+// MaxBurstBytesAt is the deepest bucket the kernel can report back at a
+// byte rate: 2^32 ticks of 64 ns (about 275 s of the rate), and 32 bits.
+func MaxBurstBytesAt(rateBytes uint64) uint64 {
+	const maxTickNs = float64(uint64(math.MaxUint32) << pschedShift)
+	b := math.Floor(float64(rateBytes) * maxTickNs / 1e9)
+	return uint64(min(b, math.MaxUint32))
 }
 
 // burstWindow is the default depth of the token bucket in time at the

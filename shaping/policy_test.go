@@ -85,19 +85,20 @@ func TestExplicitBurstAndDelay(t *testing.T) {
 	if p.Ingress.LimitBytes != 62_500 || !UsesPeak(p.Ingress.RateBytes(), p.Ingress.LimitBytes) {
 		t.Errorf("limit %d, want the 5 ms budget at 100M, in peak mode", p.Ingress.LimitBytes)
 	}
-	// Without a peak rate the queue must hold a whole burst.
-	p, _ = Resolve(Inputs{Annotations: map[string]string{AnnotationIngressRate: "10G", AnnotationIngressBurst: "800M"}}, 1500)
-	if p.Ingress.LimitBytes < p.Ingress.BurstBytes {
-		t.Errorf("10G: limit %d below burst %d", p.Ingress.LimitBytes, p.Ingress.BurstBytes)
+	// Without a peak rate the queue keeps to the budget: it is never
+	// raised to a bucket the pod asked for.
+	p, _ = Resolve(Inputs{Annotations: map[string]string{AnnotationIngressRate: "10G", AnnotationIngressBurst: "100M"}}, 1500)
+	if p.Ingress.LimitBytes != 12_500_000 || p.Ingress.BurstBytes != 12_500_000 {
+		t.Errorf("10G: limit %d, burst %d, want both 12.5 MB", p.Ingress.LimitBytes, p.Ingress.BurstBytes)
 	}
 	// Below one frame: clamped up so a full-size packet can pass.
 	p, _ = Resolve(Inputs{Annotations: map[string]string{AnnotationIngressRate: "10M", AnnotationIngressBurst: "100"}}, 1500)
 	if p.Ingress.BurstBytes != 1514 {
 		t.Errorf("tiny burst: %d", p.Ingress.BurstBytes)
 	}
-	// Above 32 bits: clamped, never wrapped.
+	// Huge: clamped to the ceilings, never wrapped.
 	p, _ = Resolve(Inputs{Annotations: map[string]string{AnnotationIngressRate: "1P", AnnotationIngressBurst: "1P"}}, 1500)
-	if p.Ingress.BurstBytes != math.MaxUint32 || p.Ingress.LimitBytes != math.MaxUint32 {
+	if p.Ingress.BurstBytes != DefaultCeilingBurstBytes || p.Ingress.LimitBytes != DefaultCeilingQueueBytes || len(p.Ingress.Clamps) != 2 {
 		t.Errorf("huge burst: %+v", p.Ingress)
 	}
 	p, _ = Resolve(Inputs{Config: Rates{EgressRate: 1_000_000, EgressBurst: 1_000_000}, ConfigMaxQueueDelay: "50ms"}, 9000)
@@ -131,7 +132,7 @@ func TestBadInput(t *testing.T) {
 		{"negative rate", Inputs{Annotations: map[string]string{AnnotationEgressRate: "-10M"}}, "-10M"},
 		{"negative burst", Inputs{Annotations: map[string]string{AnnotationIngressRate: "10M", AnnotationIngressBurst: "-1k"}}, AnnotationIngressBurst},
 		{"bad delay", Inputs{Annotations: map[string]string{AnnotationIngressRate: "10M", AnnotationMaxQueueDelay: "soon"}}, AnnotationMaxQueueDelay},
-		{"delay out of range", Inputs{Annotations: map[string]string{AnnotationMaxQueueDelay: "1h"}}, AnnotationMaxQueueDelay},
+		{"delay below the minimum", Inputs{Annotations: map[string]string{AnnotationMaxQueueDelay: "10us"}}, AnnotationMaxQueueDelay},
 		{"config delay", Inputs{ConfigMaxQueueDelay: "x"}, "maxQueueDelay"},
 		{"config rate without burst", Inputs{Config: Rates{IngressRate: 1_000_000}}, "ingressBurst"},
 		{"config rate too small", Inputs{Config: Rates{EgressRate: 10, EgressBurst: 10}}, "egressRate 10"},
@@ -172,5 +173,89 @@ func TestShapeMatching(t *testing.T) {
 	}
 	if wantShape(nil, 1500) != nil || (*shape)(nil).matches(wantShape(derive(1000, 0, false, DefaultMaxQueueDelay, 1500, ""), 1500)) {
 		t.Error("nil handling")
+	}
+}
+
+// TestCeilings: pod authors do not size kernel queues. The two
+// reproductions of issue 14 (a 10 s budget at 1G made a 1.25 GB bucket and
+// queue; a 4G burst at 200M a 500 MB bucket), then the operator's own
+// ceilings.
+func TestCeilings(t *testing.T) {
+	anno := func(kv ...string) Inputs {
+		m := map[string]string{}
+		for i := 0; i < len(kv); i += 2 {
+			m[kv[i]] = kv[i+1]
+		}
+		return Inputs{Annotations: m}
+	}
+	clamped := func(p *Params, setting string) (Clamp, bool) {
+		for _, c := range p.Clamps {
+			if c.Setting == setting {
+				return c, true
+			}
+		}
+		return Clamp{}, false
+	}
+
+	p, err := Resolve(anno(AnnotationIngressRate, "1G", AnnotationMaxQueueDelay, "10s"), 1500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := p.Ingress
+	if in.MaxQueueDelay != DefaultCeilingQueueDelay || in.LimitBytes != 12_500_000 || in.BurstBytes > DefaultCeilingBurstBytes {
+		t.Errorf("1G, 10s: %+v, want the 100 ms ceiling: 12.5 MB queue", in)
+	}
+	if c, ok := clamped(in, SettingQueueDelay); !ok || c.Requested != uint64(10*time.Second) || c.Applied != uint64(DefaultCeilingQueueDelay) {
+		t.Errorf("1G, 10s: delay clamp not recorded: %+v", in.Clamps)
+	}
+
+	p, err = Resolve(anno(AnnotationIngressRate, "200M", AnnotationIngressBurst, "4G"), 1500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Ingress.BurstBytes != DefaultCeilingBurstBytes {
+		t.Errorf("200M, 4G burst: burst %d B, want the 16 MiB ceiling", p.Ingress.BurstBytes)
+	}
+	if c, ok := clamped(p.Ingress, SettingBurst); !ok || c.Requested != 500_000_000 {
+		t.Errorf("burst clamp not recorded: %+v", p.Ingress.Clamps)
+	}
+	// The queue is the budget's, whatever the bucket.
+	q, _ := Resolve(anno(AnnotationIngressRate, "200M"), 1500)
+	if p.Ingress.LimitBytes != q.Ingress.LimitBytes {
+		t.Errorf("200M: queue %d B with a 4G burst, %d B without", p.Ingress.LimitBytes, q.Ingress.LimitBytes)
+	}
+
+	// The operator's ceilings, for every direction and source.
+	c := Ceilings{MaxQueueDelay: 20 * time.Millisecond, MaxBurstBytes: 256 << 10, MaxQueueBytes: 512 << 10}
+	in2 := anno(AnnotationEgressRate, "10G", AnnotationEgressBurst, "10M", AnnotationMaxQueueDelay, "50ms")
+	in2.Ceilings = c
+	in2.Config = Rates{IngressRate: 1_000_000_000, IngressBurst: 8 << 30}
+	p, err = Resolve(in2, 1500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []*Params{p.Ingress, p.Egress} {
+		if d.MaxQueueDelay != c.MaxQueueDelay || d.LimitBytes > c.MaxQueueBytes || d.BurstBytes > c.MaxBurstBytes {
+			t.Errorf("%+v above %+v", d, c)
+		}
+	}
+	// A value within the ceilings is untouched and unreported.
+	p, _ = Resolve(anno(AnnotationIngressRate, "100M", AnnotationIngressBurst, "8M", AnnotationMaxQueueDelay, "5ms"), 1500)
+	if len(p.Ingress.Clamps) != 0 {
+		t.Errorf("clamps without a reason: %+v", p.Ingress.Clamps)
+	}
+}
+
+// TestBurstWithinTicks: the kernel dumps the bucket in 32-bit ticks of 64
+// ns, so a bucket longer than about 275 s of the rate would read back
+// wrapped and never match; it is bounded there.
+func TestBurstWithinTicks(t *testing.T) {
+	p, err := Resolve(Inputs{Config: Rates{IngressRate: 1_000_000, IngressBurst: 4294967295}, Ceilings: Ceilings{MaxBurstBytes: math.MaxUint32}}, 1500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ticks := float64(p.Ingress.BurstBytes) * 1e9 / float64(p.Ingress.RateBytes()) / 64
+	if ticks > math.MaxUint32 {
+		t.Errorf("burst %d B at %d B/s is %.0f ticks, above 32 bits", p.Ingress.BurstBytes, p.Ingress.RateBytes(), ticks)
 	}
 }

@@ -30,7 +30,33 @@ func toDirection(p *Params, dev string) *state.Direction {
 		LimitBytes:      p.LimitBytes,
 		MaxQueueDelayNs: int64(p.MaxQueueDelay),
 		Source:          p.Source,
+		Clamped:         toClamps(p.Clamps),
 	}
+}
+
+func toClamps(cs []Clamp) []state.Clamp {
+	var out []state.Clamp
+	for _, c := range cs {
+		out = append(out, state.Clamp{Setting: c.Setting, Requested: c.Requested, Applied: c.Applied})
+	}
+	return out
+}
+
+// CeilingsToRecord is the ceilings as the record keeps them; nil for the
+// defaults, so records of configs that set none stay as they were.
+func CeilingsToRecord(c Ceilings) *state.Ceilings {
+	if c == (Ceilings{}) {
+		return nil
+	}
+	return &state.Ceilings{MaxQueueDelayNs: int64(c.MaxQueueDelay), MaxBurstBits: c.MaxBurstBytes * 8, MaxQueueBytes: c.MaxQueueBytes}
+}
+
+// CeilingsFromRecord is the inverse of CeilingsToRecord.
+func CeilingsFromRecord(c *state.Ceilings) Ceilings {
+	if c == nil {
+		return Ceilings{}
+	}
+	return Ceilings{MaxQueueDelay: time.Duration(c.MaxQueueDelayNs), MaxBurstBytes: c.MaxBurstBits / 8, MaxQueueBytes: c.MaxQueueBytes}
 }
 
 func fromDirection(d *state.Direction) *Params {
@@ -43,6 +69,7 @@ func fromDirection(d *state.Direction) *Params {
 		LimitBytes:    d.LimitBytes,
 		MaxQueueDelay: time.Duration(d.MaxQueueDelayNs),
 		Source:        d.Source,
+		Clamps:        fromClamps(d.Clamped),
 	}
 }
 
@@ -58,4 +85,12 @@ func FromRecord(rec *state.Record, ifb string) Desired {
 		}
 	}
 	return d
+}
+
+func fromClamps(cs []state.Clamp) []Clamp {
+	var out []Clamp
+	for _, c := range cs {
+		out = append(out, Clamp{Setting: c.Setting, Requested: c.Requested, Applied: c.Applied})
+	}
+	return out
 }

@@ -89,6 +89,28 @@ type ShapingDefaults struct {
 	EgressRate    uint64 `json:"egressRate,omitempty"`
 	EgressBurst   uint64 `json:"egressBurst,omitempty"`
 	MaxQueueDelay string `json:"maxQueueDelay,omitempty"`
+	// Ceilings are the config's bounds on pod-supplied sizes (nil: the
+	// defaults of the plugin that reads the record).
+	Ceilings *Ceilings `json:"ceilings,omitempty"`
+}
+
+// Ceilings mirror the plugin config's "ceilings" object, parsed.
+type Ceilings struct {
+	MaxQueueDelayNs int64  `json:"maxQueueDelayNs,omitempty"`
+	MaxBurstBits    uint64 `json:"maxBurstBits,omitempty"`
+	MaxQueueBytes   uint64 `json:"maxQueueBytes,omitempty"`
+}
+
+// ClampQueueDelay is the Clamp.Setting of the queueing-delay budget, the
+// one setting counted in nanoseconds.
+const ClampQueueDelay = "queue_delay"
+
+// Clamp records a setting a ceiling cut down: what was asked, what the
+// kernel got (nanoseconds for queue_delay, bytes for burst and queue_limit).
+type Clamp struct {
+	Setting   string `json:"setting"`
+	Requested uint64 `json:"requested"`
+	Applied   uint64 `json:"applied"`
 }
 
 // Direction is one direction's effective shaping parameters.
@@ -105,6 +127,8 @@ type Direction struct {
 	MaxQueueDelayNs int64 `json:"maxQueueDelayNs"`
 	// Source says which input won: "annotation", "runtimeConfig" or "config".
 	Source string `json:"source"`
+	// Clamped lists the settings a ceiling cut down.
+	Clamped []Clamp `json:"clamped,omitempty"`
 }
 
 // Port is one hostPort mapping held by an attachment.

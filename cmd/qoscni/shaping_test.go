@@ -298,3 +298,59 @@ func mustJSON(t *testing.T, r any) []byte {
 func mustJSONValue(t *testing.T, v any) []byte { return mustJSON(t, v) }
 
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
+
+// TestPodCannotSizeKernelQueues: the reproductions of issue 14. A pod
+// annotated 1G with a 10 s delay budget got a 1.25 GB bucket and queue on
+// its host veth, and a 4G burst at 200M a 500 MB bucket; now the config's
+// ceilings (or their defaults) bound both, and the record says what was
+// clamped.
+func TestPodCannotSizeKernelQueues(t *testing.T) {
+	t.Parallel()
+	n := testnet.NewNode(t)
+	for i, tc := range []struct {
+		anno      map[string]string
+		ceilings  map[string]any
+		burst     string // in tc's words
+		limitMax  int    // bytes
+		clampWhat string
+	}{
+		{map[string]string{"kubernetes.io/ingress-bandwidth": "1G", "qoscni.io/max-queue-delay": "10s"}, nil,
+			"burst 12500000b", 12_500_000, "queue_delay"},
+		{map[string]string{"kubernetes.io/ingress-bandwidth": "200M", "qoscni.io/ingress-burst": "4G"}, nil,
+			"burst 16Mb", 16 << 20, "burst"},
+		{map[string]string{"kubernetes.io/ingress-bandwidth": "200M", "qoscni.io/ingress-burst": "4G", "qoscni.io/max-queue-delay": "1s"},
+			map[string]any{"maxQueueDelay": "20ms", "maxBurst": 2 << 20 * 8, "maxQueueBytes": 256 << 10},
+			"burst 2Mb", 256 << 10, "burst"},
+	} {
+		pod := n.NewPod(t)
+		cid := fmt.Sprintf("ceil%d", i)
+		conf := shapedConf(n, tc.anno, nil)
+		if tc.ceilings != nil {
+			var m map[string]any
+			if err := json.Unmarshal(conf, &m); err != nil {
+				t.Fatal(err)
+			}
+			m["ceilings"] = tc.ceilings
+			conf, _ = json.Marshal(m)
+		}
+		add(t, n, conf, cid, pod)
+		rec := readRecord(t, n, cid)
+		in := rec.Shaping.Ingress
+		q := n.Exec(t, "tc", "qdisc", "show", "dev", rec.HostVeth)
+		if !strings.Contains(q, tc.burst) {
+			t.Errorf("%v: want %s on the veth, have %s", tc.anno, tc.burst, q)
+		}
+		if in.LimitBytes > uint64(tc.limitMax) {
+			t.Errorf("%v: queue limit %d B above %d B", tc.anno, in.LimitBytes, tc.limitMax)
+		}
+		found := false
+		for _, c := range in.Clamped {
+			found = found || c.Setting == tc.clampWhat
+		}
+		if !found {
+			t.Errorf("%v: record does not say %s was clamped: %+v", tc.anno, tc.clampWhat, in.Clamped)
+		}
+		del(t, n, netConf(n, "1.1.0", nil), cid, pod.Path)
+	}
+	assertClean(t, n)
+}
