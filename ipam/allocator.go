@@ -48,6 +48,8 @@ type Allocator struct {
 	dir      string
 	sets     []rangeSet
 	gateways []netip.Addr
+	// storeOnly: opened without a config (OpenStore); it cannot allocate.
+	storeOnly bool
 }
 
 // New opens, creating it with mode 0700 if needed, the store dataDir/<network>/ for cfg.
@@ -79,6 +81,26 @@ func New(cfg *Config, network string) (*Allocator, error) {
 		return nil, fmt.Errorf("ipam: create store %s: %w", a.dir, err)
 	}
 	return a, nil
+}
+
+// OpenStore opens an existing store for the calls that need no range sets
+// (Get, Owner, Release): DEL of a config whose ipam section no longer
+// validates still finds and frees the attachment's addresses by owner.
+// A store that does not exist holds nothing: (nil, nil).
+func OpenStore(dataDir, network string) (*Allocator, error) {
+	if dataDir == "" {
+		dataDir = DefaultDataDir
+	}
+	if network == "" || network == "." || network == ".." || strings.ContainsAny(network, "/\x00") {
+		return nil, fmt.Errorf("ipam: network name %q cannot name a store directory", network)
+	}
+	dir := filepath.Join(dataDir, network)
+	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	} else if err != nil {
+		return nil, fmt.Errorf("ipam: open store %s: %w", dir, err)
+	}
+	return &Allocator{LockTimeout: DefaultLockTimeout, dir: dir, storeOnly: true}, nil
 }
 
 // Dir returns the store directory.
@@ -152,6 +174,9 @@ func (a *Allocator) Allocate(containerID, ifName string) ([]*current.IPConfig, e
 	o := Attachment{ContainerID: containerID, IfName: ifName}
 	if err := checkAttachment(o); err != nil {
 		return nil, err
+	}
+	if a.storeOnly {
+		return nil, errors.New("ipam: a store opened without its config cannot allocate")
 	}
 	// The owner file and its fsync, before the lock: under a busy disk an
 	// fsync can take seconds, and every other ADD of the node waits for

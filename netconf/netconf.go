@@ -67,6 +67,21 @@ type NetConf struct {
 	IPAMConfig *ipam.Config `json:"-"`
 	// Raw is the exact stdin, kept for IPAM delegation.
 	Raw []byte `json:"-"`
+
+	// UnknownKeys are keys of qoscni's object (and of its built-in ipam
+	// object, "ipam."-prefixed) that qoscni does not read: not an error,
+	// conflists carry keys for other tools, but worth one warning (a key
+	// kept from a Calico config, such as "policy", does nothing here).
+	UnknownKeys []string `json:"-"`
+
+	// Problem is set by ParseForDel when the strict parse refused the
+	// config: DEL goes on from what identifies the attachment.
+	Problem error `json:"-"`
+	// IPAMStoreOnly (ParseForDel): the built-in ipam section did not
+	// validate; its store in IPAMStoreDir ("" = the default) is opened by
+	// directory to free the attachment's addresses.
+	IPAMStoreOnly bool   `json:"-"`
+	IPAMStoreDir  string `json:"-"`
 }
 
 // CeilingsConfig is the "ceilings" object: the operator's bounds on what a
@@ -163,6 +178,7 @@ func Parse(stdin []byte) (*NetConf, error) {
 		}
 		conf.IPAMConfig = ic
 	}
+	conf.UnknownKeys = unknownKeys(stdin, conf.IPAMConfig != nil)
 	if conf.RawPrevResult != nil {
 		if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
 			return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")

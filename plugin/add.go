@@ -19,7 +19,7 @@ import (
 
 // Add wires the pod (standalone) and records the attachment.
 func (p *Plugin) Add(args *skel.CmdArgs) error {
-	conf, pod, err := parse(args)
+	conf, pod, err := p.parse(args)
 	if err != nil {
 		return err
 	}
@@ -40,7 +40,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	key := state.Key{Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName}
 	if rec, lerr := store.Load(key); lerr == nil && rec != nil {
 		if !rec.Provisional {
-			return nil, types.NewError(types.ErrInvalidEnvironmentVariables,
+			return nil, types.NewError(ErrAttachmentExists,
 				fmt.Sprintf("attachment %s/%s already exists in network %s (DEL it first)", args.ContainerID, args.IfName, conf.Name), "")
 		}
 		// An earlier ADD of this attachment was killed half way and no DEL

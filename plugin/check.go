@@ -22,7 +22,7 @@ import (
 // Check compares what ADD made with the kernel, the IPAM store and the
 // state record, and reports every difference.
 func (p *Plugin) Check(args *skel.CmdArgs) error {
-	conf, _, err := parse(args)
+	conf, _, err := p.parse(args)
 	if err != nil {
 		return err
 	}

@@ -17,9 +17,20 @@ import (
 // netns, veth, record or reservation is success, and it works from the
 // config alone (containerd's second DEL has no netns and no prevResult).
 func (p *Plugin) Del(args *skel.CmdArgs) error {
-	conf, _, err := parse(args)
+	// Not parse(): DEL needs no pod identity from CNI_ARGS, and a config
+	// ADD refused must not make DEL fail forever.
+	conf, err := netconf.ParseForDel(args.StdinData)
 	if err != nil {
 		return err
+	}
+	if conf.Problem != nil {
+		p.Log.Warn("DEL of a config ADD would refuse: removing the attachment by its identity", "container", args.ContainerID,
+			"ifname", args.IfName, "network", conf.Name, "problem", conf.Problem)
+	}
+	if conf.BuiltinIPAM() {
+		// Freeing by owner needs no ranges, and opening the store by
+		// directory creates nothing on a node the network never used.
+		conf.IPAMStoreOnly, conf.IPAMStoreDir = true, conf.IPAMConfig.DataDir
 	}
 	store := state.New(conf.StateDir)
 	key := state.Key{Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName}

@@ -18,7 +18,7 @@ import (
 // list in cni.dev/valid-attachments: devices, nftables elements, state
 // records and addresses.
 func (p *Plugin) GC(args *skel.CmdArgs) error {
-	conf, _, err := parse(args)
+	conf, _, err := p.parse(args)
 	if err != nil {
 		return err
 	}
@@ -130,7 +130,7 @@ func (p *Plugin) gcBadFile(conf *netconf.NetConf, src *addrSource, store *state.
 // Status reports whether ADD can succeed now: error 50 when a range set has
 // no free address (or the delegated IPAM says so).
 func (p *Plugin) Status(args *skel.CmdArgs) error {
-	conf, _, err := parse(args)
+	conf, _, err := p.parse(args)
 	if err != nil {
 		return err
 	}

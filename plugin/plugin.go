@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
@@ -27,6 +28,11 @@ import (
 type Plugin struct {
 	Log *slog.Logger
 }
+
+// ErrAttachmentExists is qoscni's own CNI error code (the spec leaves 100
+// and above to plugins) for an ADD of an attachment that is already set up:
+// none of the spec's codes says it, and the runtime's answer is a DEL first.
+const ErrAttachmentExists = 100
 
 // LogLevelEnv selects the plugin's log level (debug, info, warn, error).
 // At debug every command logs how long each of its steps took.
@@ -86,6 +92,14 @@ type addrSource struct {
 
 func newAddrSource(conf *netconf.NetConf) (*addrSource, error) {
 	s := &addrSource{conf: conf}
+	if conf.IPAMStoreOnly {
+		a, err := ipam.OpenStore(conf.IPAMStoreDir, conf.Name)
+		if err != nil {
+			return nil, err
+		}
+		s.alloc = a
+		return s, nil
+	}
 	if conf.BuiltinIPAM() {
 		a, err := ipam.New(conf.IPAMConfig, conf.Name)
 		if err != nil {
@@ -103,6 +117,12 @@ func (s *addrSource) allocate(containerID, ifName string) ([]*current.IPConfig, 
 	}
 	if s.alloc != nil {
 		ips, err := s.alloc.Allocate(containerID, ifName)
+		if errors.Is(err, ipam.ErrNoFreeAddress) {
+			// The code STATUS answers while a range is full: the plugin
+			// cannot serve ADD until addresses are freed.
+			return nil, nil, nil, types.NewError(types.ErrPluginNotAvailable,
+				fmt.Sprintf("allocate addresses for %s/%s: %v", containerID, ifName, err), "")
+		}
 		if err != nil {
 			return nil, nil, nil, fmt.Errorf("allocate addresses for %s/%s: %w", containerID, ifName, err)
 		}
@@ -129,7 +149,7 @@ func (s *addrSource) held(containerID, ifName string) ([]net.IP, error) {
 }
 
 func (s *addrSource) release(containerID, ifName string) error {
-	if s.alloc == nil && s.conf.IPAM.Type == "" {
+	if s.alloc == nil && (s.conf.IPAM.Type == "" || s.conf.IPAMStoreOnly) {
 		return nil
 	}
 	if s.alloc != nil {
@@ -159,10 +179,14 @@ func (u undo) run(log *slog.Logger) {
 	}
 }
 
-func parse(args *skel.CmdArgs) (*netconf.NetConf, netconf.PodArgs, error) {
+func (p *Plugin) parse(args *skel.CmdArgs) (*netconf.NetConf, netconf.PodArgs, error) {
 	conf, err := netconf.Parse(args.StdinData)
 	if err != nil {
 		return nil, netconf.PodArgs{}, err
+	}
+	if len(conf.UnknownKeys) > 0 {
+		p.Log.Warn("ignoring keys of the qoscni config that qoscni does not read (fine if another tool reads them)",
+			"network", conf.Name, "keys", strings.Join(conf.UnknownKeys, ", "))
 	}
 	pod, err := netconf.ParseArgs(args.Args)
 	if err != nil {
