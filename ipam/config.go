@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"path/filepath"
+	"strings"
 
 	"github.com/containernetworking/cni/pkg/types"
 )
@@ -36,6 +37,11 @@ type Config struct {
 	Ranges  []RangeSet     `json:"ranges"`
 	Routes  []*types.Route `json:"routes,omitempty"`
 	DataDir string         `json:"dataDir,omitempty"`
+	// AssignIPv4 and AssignIPv6 are Calico's keys, which users migrating
+	// from a Calico config carry: false ("false") leaves out the range
+	// sets of that family. JSON booleans or the strings "true"/"false".
+	AssignIPv4 json.RawMessage `json:"assign_ipv4,omitempty"`
+	AssignIPv6 json.RawMessage `json:"assign_ipv6,omitempty"`
 
 	// legacy records that Ranges[0][0] came from the top-level keys, so that errors name
 	// the keys the user actually wrote.
@@ -45,15 +51,21 @@ type Config struct {
 }
 
 type configJSON struct {
-	Type       string         `json:"type,omitempty"`
-	Ranges     []RangeSet     `json:"ranges"`
-	Routes     []*types.Route `json:"routes,omitempty"`
-	DataDir    string         `json:"dataDir,omitempty"`
-	Subnet     *types.IPNet   `json:"subnet,omitempty"`
-	RangeStart net.IP         `json:"rangeStart,omitempty"`
-	RangeEnd   net.IP         `json:"rangeEnd,omitempty"`
-	Gateway    net.IP         `json:"gateway,omitempty"`
+	Type       string          `json:"type,omitempty"`
+	Ranges     []RangeSet      `json:"ranges"`
+	Routes     []*types.Route  `json:"routes,omitempty"`
+	DataDir    string          `json:"dataDir,omitempty"`
+	Subnet     *types.IPNet    `json:"subnet,omitempty"`
+	RangeStart net.IP          `json:"rangeStart,omitempty"`
+	RangeEnd   net.IP          `json:"rangeEnd,omitempty"`
+	Gateway    net.IP          `json:"gateway,omitempty"`
+	AssignIPv4 json.RawMessage `json:"assign_ipv4,omitempty"`
+	AssignIPv6 json.RawMessage `json:"assign_ipv6,omitempty"`
 }
+
+// KnownKeys are the keys of the ipam object the built-in allocator reads;
+// the plugin warns about any other.
+var KnownKeys = []string{"type", "ranges", "routes", "dataDir", "subnet", "rangeStart", "rangeEnd", "gateway", "assign_ipv4", "assign_ipv6"}
 
 // UnmarshalJSON decodes the ipam object, folding host-local's legacy single-range keys
 // into a leading range set the way host-local does.
@@ -62,7 +74,7 @@ func (c *Config) UnmarshalJSON(data []byte) error {
 	if err := json.Unmarshal(data, &raw); err != nil {
 		return err
 	}
-	*c = Config{Type: raw.Type, Ranges: raw.Ranges, Routes: raw.Routes, DataDir: raw.DataDir}
+	*c = Config{Type: raw.Type, Ranges: raw.Ranges, Routes: raw.Routes, DataDir: raw.DataDir, AssignIPv4: raw.AssignIPv4, AssignIPv6: raw.AssignIPv6}
 	switch {
 	case raw.Subnet != nil:
 		legacy := Range{Subnet: *raw.Subnet, RangeStart: raw.RangeStart, RangeEnd: raw.RangeEnd, Gateway: raw.Gateway}
@@ -154,7 +166,54 @@ func (c *Config) Validate() error {
 			return invalid("ipam.routes[%d].dst: missing", k)
 		}
 	}
+	return c.applyAssign()
+}
+
+// applyAssign drops the range sets of a family whose assign_ipv4 or
+// assign_ipv6 is false. It runs after the checks, so errors above name the
+// range sets by the indexes the user wrote; dropping again finds nothing.
+func (c *Config) applyAssign() error {
+	v4, err := flexBool("ipam.assign_ipv4", c.AssignIPv4)
+	if err != nil {
+		return err
+	}
+	v6, err := flexBool("ipam.assign_ipv6", c.AssignIPv6)
+	if err != nil {
+		return err
+	}
+	kept := c.Ranges[:0:0]
+	for _, set := range c.Ranges {
+		is4 := set[0].Subnet.IP.To4() != nil
+		if (is4 && v4) || (!is4 && v6) {
+			kept = append(kept, set)
+		}
+	}
+	if len(kept) == 0 {
+		return invalid("ipam.assign_ipv4 and ipam.assign_ipv6 leave none of the %d range sets", len(c.Ranges))
+	}
+	c.Ranges = kept
 	return nil
+}
+
+// flexBool reads a Calico-style boolean: absent = true.
+func flexBool(field string, raw json.RawMessage) (bool, error) {
+	if len(raw) == 0 {
+		return true, nil
+	}
+	var b bool
+	if json.Unmarshal(raw, &b) == nil {
+		return b, nil
+	}
+	var s string
+	if json.Unmarshal(raw, &s) == nil {
+		switch strings.ToLower(strings.TrimSpace(s)) {
+		case "true":
+			return true, nil
+		case "false":
+			return false, nil
+		}
+	}
+	return false, invalid("%s: %s is not true or false", field, raw)
 }
 
 func family(a netip.Addr) string {

@@ -123,3 +123,45 @@ func TestValidateGood(t *testing.T) {
 		}
 	}
 }
+
+// TestAssignFamilies: Calico's assign_ipv4/assign_ipv6, which a config
+// migrated from Calico carries, are honoured: false leaves out the range
+// sets of that family, as strings or JSON booleans.
+func TestAssignFamilies(t *testing.T) {
+	const sets = `"ranges":[[{"subnet":"10.1.0.0/24"}],[{"subnet":"fd01::/64"}]]`
+	for _, tc := range []struct {
+		assign string
+		want   []string // subnets kept
+	}{
+		{``, []string{"10.1.0.0/24", "fd01::/64"}},
+		{`"assign_ipv4":"true","assign_ipv6":"false",`, []string{"10.1.0.0/24"}},
+		{`"assign_ipv4":false,`, []string{"fd01::/64"}},
+		{`"assign_ipv6":"TRUE",`, []string{"10.1.0.0/24", "fd01::/64"}},
+	} {
+		c := decode(t, `{`+tc.assign+sets+`}`)
+		if err := c.Validate(); err != nil {
+			t.Fatalf("%s: %v", tc.assign, err)
+		}
+		var got []string
+		for _, s := range c.Ranges {
+			got = append(got, (*net.IPNet)(&s[0].Subnet).String())
+		}
+		if strings.Join(got, ",") != strings.Join(tc.want, ",") {
+			t.Errorf("%s: kept %v, want %v", tc.assign, got, tc.want)
+		}
+		if err := c.Validate(); err != nil || len(c.Ranges) != len(tc.want) {
+			t.Errorf("%s: Validate is not idempotent: %v, %d sets", tc.assign, err, len(c.Ranges))
+		}
+	}
+	for _, tc := range []struct{ js, want string }{
+		{`{"assign_ipv4":"false","assign_ipv6":false,` + sets + `}`, "leave none"},
+		{`{"assign_ipv4":"no",` + sets + `}`, `ipam.assign_ipv4: "no"`},
+		{`{"assign_ipv6":1,` + sets + `}`, "ipam.assign_ipv6: 1"},
+	} {
+		err := decode(t, tc.js).Validate()
+		var e *types.Error
+		if !errors.As(err, &e) || e.Code != types.ErrInvalidNetworkConfig || !strings.Contains(e.Msg, tc.want) {
+			t.Errorf("%s: want code 7 naming %q, got %v", tc.js, tc.want, err)
+		}
+	}
+}

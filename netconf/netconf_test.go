@@ -164,3 +164,22 @@ func TestCeilingsParsed(t *testing.T) {
 		t.Errorf("no ceilings in the config: %+v, want the zero value (shaping's defaults)", c.ShapingCeilings)
 	}
 }
+
+// TestUnknownKeys: keys qoscni does not read are listed (for one warning),
+// whatever their letter case; its own keys, the CNI conventions' and those
+// of the built-in ipam object are not.
+func TestUnknownKeys(t *testing.T) {
+	c := mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni","Bridge":"br0","mtu":1500,"args":{},
+		"policy":{"type":"k8s"},"kubernetes":{"kubeconfig":"/x"},"datastore_type":"kubernetes","log_level":"info",
+		"ipam":{"type":"qoscni","ranges":[[{"subnet":"10.1.0.0/24"}]],"assign_ipv4":"true","ipv4_pools":["default"]},
+		"ceilings":{},"runtimeConfig":{},"capabilities":{"bandwidth":true}}`)
+	want := []string{"datastore_type", "ipam.ipv4_pools", "kubernetes", "log_level", "policy"}
+	if strings.Join(c.UnknownKeys, ",") != strings.Join(want, ",") {
+		t.Errorf("unknown keys %v, want %v", c.UnknownKeys, want)
+	}
+	// A delegated ipam object is the delegate's business.
+	c = mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ipam":{"type":"host-local","subnet":"10.0.0.0/24","x":1}}`)
+	if len(c.UnknownKeys) != 0 {
+		t.Errorf("unknown keys %v, want none", c.UnknownKeys)
+	}
+}

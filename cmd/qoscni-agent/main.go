@@ -1,7 +1,8 @@
 // Command qoscni-agent is the qoscni node daemon. "qoscni-agent [serve]"
 // serves /metrics, /healthz and /readyz and reconciles the node's
 // attachments (live reshaping from pod annotations, drift repair, GC);
-// "qoscni-agent status" prints the node's shaped pods.
+// "qoscni-agent status" prints the node's shaped pods; install and
+// uninstall put qoscni on a node and take it off.
 package main
 
 import (
@@ -9,9 +10,11 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -28,17 +31,42 @@ import (
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
-func main() {
-	// install/uninstall run as the DaemonSet's init container or by hand.
-	if len(os.Args) > 1 && (os.Args[1] == "install" || os.Args[1] == "uninstall") {
-		os.Exit(install.Main(os.Args[1:], os.Stdout, os.Stderr))
-	}
-	args := os.Args[1:]
+const usage = `usage: qoscni-agent [command] [flags]
+
+commands:
+  serve       run the node daemon: metrics, live reshaping, drift repair, GC (the default)
+  status      print the node's shaped pods and their live rates
+  install     put the plugin and its network config on the node (the DaemonSet's init container)
+  uninstall   take qoscni off the node
+  help        print this text
+
+"qoscni-agent COMMAND -h" lists the flags of a command.
+`
+
+func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
+
+// run is the whole command line: the exit status is 0 done, 1 failed, 2
+// bad usage. A word that names no command is refused: it used to start the
+// daemon, so "qoscni-agent help" ran a second agent.
+func run(args []string, stdout, stderr io.Writer) int {
 	cmd := "serve"
-	if len(args) > 0 && (args[0] == "serve" || args[0] == "status") {
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
 		cmd, args = args[0], args[1:]
 	}
-	fs := flag.NewFlagSet("qoscni-agent "+cmd, flag.ExitOnError)
+	switch cmd {
+	case "install", "uninstall":
+		// They run as the DaemonSet's init container or by hand.
+		return install.Main(append([]string{cmd}, args...), stdout, stderr)
+	case "help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	case "serve", "status":
+	default:
+		fmt.Fprintf(stderr, "qoscni-agent: unknown command %q\n\n%s", cmd, usage)
+		return 2
+	}
+	fs := flag.NewFlagSet("qoscni-agent "+cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
 	listen := agent.DefaultListen
 	if v := os.Getenv(agent.ListenEnv); v != "" {
 		listen = v
@@ -55,35 +83,48 @@ func main() {
 	nodeName := fs.String("node-name", os.Getenv("NODE_NAME"), "this node's name, whose pods are watched (env NODE_NAME, from spec.nodeName)")
 	reconcileInterval := fs.Duration("reconcile-interval", reconcile.DefaultInterval, "period of drift repair and garbage collection")
 	podRoutes := fs.String("pod-routes", os.Getenv(nodenet.ModeEnv), "routes to the pods of other nodes (standalone mode): off, hostgw, vxlan or auto (host-gw to on-link nodes, VXLAN to the others) (env "+nodenet.ModeEnv+"; default off)")
-	_ = fs.Parse(args)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "qoscni-agent %s: unexpected argument %q (flags only; \"qoscni-agent help\" lists the commands)\n", cmd, fs.Arg(0))
+		return 2
+	}
 	routesMode, err := nodenet.ParseMode(*podRoutes)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "qoscni-agent: -pod-routes:", err)
-		os.Exit(2)
+		fmt.Fprintln(stderr, "qoscni-agent: -pod-routes:", err)
+		return 2
+	}
+	if *output != "table" && *output != "json" {
+		fmt.Fprintf(stderr, "qoscni-agent: -o %q: want table or json\n", *output)
+		return 2
 	}
 
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		fmt.Fprintln(os.Stderr, "qoscni-agent: -log-level:", err)
-		os.Exit(2)
+		fmt.Fprintln(stderr, "qoscni-agent: -log-level:", err)
+		return 2
 	}
-	logger := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	logger := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
 
 	if cmd == "status" {
 		rows, err := agent.Status(*stateDir, *netnsPath, *interval)
 		if err == nil {
-			err = agent.WriteStatus(os.Stdout, rows, *output == "json")
+			err = agent.WriteStatus(stdout, rows, *output == "json")
 		}
 		if err != nil {
-			fmt.Fprintln(os.Stderr, "qoscni-agent status:", err)
-			os.Exit(1)
+			fmt.Fprintln(stderr, "qoscni-agent status:", err)
+			return 1
 		}
-		return
+		return 0
 	}
 
 	if *reconcileInterval <= 0 {
-		fmt.Fprintln(os.Stderr, "qoscni-agent: -reconcile-interval must be positive")
-		os.Exit(2)
+		fmt.Fprintln(stderr, "qoscni-agent: -reconcile-interval must be positive")
+		return 2
 	}
 	client, err := kube.NewClient(*kubeconfig)
 	switch {
@@ -91,10 +132,10 @@ func main() {
 		client = nil // the agent says so once when it starts serving
 	case err != nil:
 		logger.Error("start", "err", err)
-		os.Exit(1)
+		return 1
 	case *nodeName == "":
 		logger.Error("start: the Kubernetes API is reachable but the node name is unknown: set NODE_NAME (fieldRef spec.nodeName) or --node-name")
-		os.Exit(1)
+		return 1
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
@@ -111,7 +152,7 @@ func main() {
 		f, err := os.Open(*netnsPath)
 		if err != nil {
 			logger.Error("start: open --netns", "err", err)
-			os.Exit(1)
+			return 1
 		}
 		defer f.Close()
 		nsFd = int(f.Fd())
@@ -126,7 +167,7 @@ func main() {
 				NodeName: *nodeName, NetnsFd: nsFd, Logger: logger, Registerer: cfg.Registry})
 			if err != nil {
 				logger.Error("start", "err", err)
-				os.Exit(1)
+				return 1
 			}
 			defer stopRoutes()
 		}
@@ -134,10 +175,11 @@ func main() {
 	srv, err := agent.New(cfg)
 	if err != nil {
 		logger.Error("start", "err", err)
-		os.Exit(1)
+		return 1
 	}
 	if err := srv.Serve(ctx); err != nil {
 		logger.Error("agent stopped", "err", err)
-		os.Exit(1)
+		return 1
 	}
+	return 0
 }
