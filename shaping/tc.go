@@ -7,6 +7,9 @@ import (
 	"math/bits"
 	"net"
 	"strconv"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/types"
 
 	tc "github.com/florianl/go-tc"
 	"github.com/florianl/go-tc/core"
@@ -31,7 +34,6 @@ var (
 )
 
 const (
-	redirectPrio = 1
 	ethPAll      = 0x0003
 	linkEthernet = 1 // TC_LINKLAYER_ETHERNET: rate tables not needed
 	// psched ticks are 64 ns (PSCHED_SHIFT 6).
@@ -233,13 +235,12 @@ func (sh *shape) leafMatches(l leafQdisc) bool {
 
 // kstate is what the kernel has for one attachment.
 type kstate struct {
-	veth, ifb     netlink.Link
-	ingress       *shape    // root of the veth
-	egress        *shape    // root of the IFB
-	foreignRoot   *qdiscRef // a root qdisc on the veth that is neither ours nor the kernel's default
-	clsact        bool
-	redirectTo    int // ifindex the veth's ingress hook redirects to, 0 = none
-	redirectCount int
+	veth, ifb   netlink.Link
+	ingress     *shape    // root of the veth
+	egress      *shape    // root of the IFB
+	foreignRoot *qdiscRef // a root qdisc on the veth that is neither ours nor the kernel's default
+	clsact      bool
+	redirect    redirectState
 }
 
 func (s *Shaper) linkOrNil(name string) (netlink.Link, error) {
@@ -285,7 +286,7 @@ func (s *Shaper) read(d Desired) (*kstate, error) {
 		}
 		st.clsact = hasClsact(qdiscs, uint32(idx))
 		if st.clsact {
-			if st.redirectTo, st.redirectCount, err = s.readRedirect(uint32(idx)); err != nil {
+			if st.redirect, err = s.readRedirect(idx, linkIndex(st.ifb)); err != nil {
 				return nil, err
 			}
 		}
@@ -296,6 +297,13 @@ func (s *Shaper) read(d Desired) (*kstate, error) {
 		}
 	}
 	return st, nil
+}
+
+func linkIndex(l netlink.Link) int {
+	if l == nil {
+		return 0
+	}
+	return l.Attrs().Index
 }
 
 func hasClsact(qdiscs []tc.Object, ifindex uint32) bool {
@@ -333,27 +341,6 @@ func (s *Shaper) readShape(qdiscs []tc.Object, ifindex uint32) (*shape, *qdiscRe
 	}
 	sh, foreign := decodeShape(qdiscs, classes, ifindex)
 	return sh, foreign, nil
-}
-
-// readRedirect returns where the veth's ingress hook mirrors to.
-func (s *Shaper) readRedirect(ifindex uint32) (int, int, error) {
-	filters, err := s.tc.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: ifindex, Parent: ingressHook})
-	if err != nil {
-		return 0, 0, fmt.Errorf("dump filters of ifindex %d: %w", ifindex, err)
-	}
-	target, n := 0, 0
-	for _, f := range filters {
-		if f.U32 == nil || f.U32.Actions == nil {
-			continue
-		}
-		for _, a := range *f.U32.Actions {
-			if a.Kind == "mirred" && a.Mirred != nil && a.Mirred.Parms != nil && a.Mirred.Parms.Eaction == egressRedir {
-				target = int(a.Mirred.Parms.IfIndex)
-				n++
-			}
-		}
-	}
-	return target, n, nil
 }
 
 // Diff reports every difference between d and the kernel, read-only (CHECK).
@@ -411,11 +398,29 @@ func (a actions) describe() []string {
 func (a actions) run(s *Shaper, d Desired, st *kstate) error {
 	for i, x := range a {
 		if err := x.do(s, d, st); err != nil {
+			var cerr *types.Error
+			if errors.As(err, &cerr) {
+				return err // a refusal already says what and where
+			}
 			return fmt.Errorf("%s: %w", x.what, err)
 		}
 		fault.At("shape", strconv.Itoa(i+1))
 	}
 	return nil
+}
+
+// refusals names what sits where qoscni would write and is not qoscni's.
+func refusals(d Desired, st *kstate) []string {
+	var out []string
+	if d.Plan.Ingress != nil && st.foreignRoot != nil {
+		out = append(out, fmt.Sprintf("host veth %s has a root qdisc %s that qoscni did not create; qoscni shapes traffic into the pod there and does not replace it (remove it, or shape this pod without an ingress rate)",
+			d.HostVeth, st.foreignRoot))
+	}
+	if d.Plan.Egress != nil && st.redirect.conflict != "" {
+		out = append(out, fmt.Sprintf("priority %d of the ingress hook of host veth %s holds %s that qoscni did not create; qoscni puts its egress redirect at that priority and does not replace it",
+			redirectPrio, d.HostVeth, st.redirect.conflict))
+	}
+	return out
 }
 
 // plan is the one comparison routine: CHECK reports its actions, ADD, the
@@ -425,6 +430,13 @@ func plan(d Desired, st *kstate) actions {
 	if st.veth == nil {
 		return actions{{what: fmt.Sprintf("host veth %s is missing", d.HostVeth), do: func(*Shaper, Desired, *kstate) error {
 			return fmt.Errorf("interface %s does not exist", d.HostVeth)
+		}}}
+	}
+	// Before any change, so that a refused ADD leaves nothing behind.
+	if r := refusals(d, st); len(r) > 0 {
+		msg := strings.Join(r, "; ")
+		return actions{{what: msg, do: func(*Shaper, Desired, *kstate) error {
+			return types.NewError(types.ErrInvalidNetworkConfig, msg, "")
 		}}}
 	}
 	in := wantShape(d.Plan.Ingress, d.MTU)
@@ -441,9 +453,9 @@ func plan(d Desired, st *kstate) actions {
 
 	eg := wantShape(d.Plan.Egress, d.MTU)
 	if eg == nil {
-		if st.redirectCount > 0 || st.clsact {
+		if st.redirect.any() {
 			acts = append(acts, action{fmt.Sprintf("remove the egress redirect from %s", d.HostVeth), func(s *Shaper, d Desired, st *kstate) error {
-				return s.deleteClsact(st.veth.Attrs().Index)
+				return s.removeRedirect(st.veth.Attrs().Index, st.redirect)
 			}})
 		}
 		if st.ifb != nil {
@@ -481,9 +493,20 @@ func plan(d Desired, st *kstate) actions {
 			return s.addClsact(st.veth.Attrs().Index)
 		}})
 	}
-	if st.ifb == nil || st.redirectCount != 1 || st.redirectTo != st.ifb.Attrs().Index {
+	switch rs := st.redirect; {
+	case rs.handle == 0:
 		acts = append(acts, action{fmt.Sprintf("redirect traffic from the pod on %s to %s", d.HostVeth, d.IFB), func(s *Shaper, d Desired, st *kstate) error {
-			return s.setRedirect(st.veth.Attrs().Index, st.ifb.Attrs().Index, st.redirectCount > 0)
+			return s.addRedirect(st.veth.Attrs().Index, st.ifb.Attrs().Index)
+		}})
+	case st.ifb == nil || rs.target != uint32(st.ifb.Attrs().Index):
+		acts = append(acts, action{fmt.Sprintf("redirect traffic from the pod on %s to %s (redirects to ifindex %d)", d.HostVeth, d.IFB, rs.target), func(s *Shaper, d Desired, st *kstate) error {
+			return s.retargetRedirect(st.veth.Attrs().Index, st.ifb.Attrs().Index, st.redirect.handle)
+		}})
+	}
+	if len(st.redirect.legacy) > 0 {
+		// After ours is in place: the pod's traffic stays shaped throughout.
+		acts = append(acts, action{fmt.Sprintf("remove the unmarked redirect of an older qoscni from %s", d.HostVeth), func(s *Shaper, d Desired, st *kstate) error {
+			return s.removeLegacy(st.veth.Attrs().Index, st.redirect)
 		}})
 	}
 	return acts
@@ -711,6 +734,8 @@ func (s *Shaper) deleteRoot(ifindex int, kind string) error {
 	return nil
 }
 
+// addClsact adds the clsact qdisc unless one is there (then it may be the
+// main plugin's, and is shared).
 func (s *Shaper) addClsact(ifindex int) error {
 	q := &tc.Object{Msg: msg(ifindex, clsactHandle, tc.HandleIngress, 0), Attribute: tc.Attribute{Kind: "clsact"}}
 	if err := s.tc.Qdisc().Add(q); err != nil && !errors.Is(err, unix.EEXIST) {
@@ -719,78 +744,50 @@ func (s *Shaper) addClsact(ifindex int) error {
 	return nil
 }
 
-func (s *Shaper) deleteClsact(ifindex int) error {
-	err := s.tc.Qdisc().Delete(&tc.Object{Msg: msg(ifindex, clsactHandle, tc.HandleIngress, 0), Attribute: tc.Attribute{Kind: "clsact"}})
-	if err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENODEV) {
-		return fmt.Errorf("delete clsact of ifindex %d: %w", ifindex, err)
-	}
-	return nil
-}
-
-func filterInfo() uint32 {
-	return uint32(redirectPrio)<<16 | uint32(htons(ethPAll))
-}
-
-func htons(v uint16) uint16 { return v<<8 | v>>8 }
-
-// setRedirect installs the match-all u32 filter that hands every packet
-// from the pod to the IFB.
-func (s *Shaper) setRedirect(vethIndex, ifbIndex int, replace bool) error {
-	if replace {
-		err := s.tc.Filter().Delete(&tc.Object{Msg: msg(vethIndex, 0, ingressHook, filterInfo()), Attribute: tc.Attribute{Kind: "u32"}})
-		if err != nil && !errors.Is(err, unix.ENOENT) {
-			return fmt.Errorf("delete old redirect on ifindex %d: %w", vethIndex, err)
-		}
-	}
-	actions := []*tc.Action{{
-		Kind: "mirred",
-		Mirred: &tc.Mirred{Parms: &tc.MirredParam{
-			Action:  tcActStolen,
-			Eaction: egressRedir,
-			IfIndex: uint32(ifbIndex),
-		}},
-	}}
-	f := &tc.Object{Msg: msg(vethIndex, 0, ingressHook, filterInfo()), Attribute: tc.Attribute{Kind: "u32", U32: &tc.U32{
-		Sel: &tc.U32Sel{
-			Flags: u32Terminal,
-			NKeys: 1,
-			Keys:  []tc.U32Key{{Mask: 0, Val: 0, Off: 0}},
-		},
-		Actions: &actions,
-	}}}
-	if err := s.tc.Filter().Add(f); err != nil {
-		return fmt.Errorf("add redirect filter on ifindex %d: %w", vethIndex, err)
-	}
-	return nil
-}
-
-// Remove takes the attachment's shaping away: the IFB, and our qdiscs on
+// Remove takes the attachment's shaping away: our shaper and redirect off
 // the host veth when it still exists (chained mode: the veth belongs to
-// the main plugin and outlives us). Idempotent.
+// the main plugin and outlives us, with whatever else it carries), then
+// the IFB. Idempotent.
 func (s *Shaper) Remove(hostVeth, ifb string) error {
 	var errs []error
-	if err := s.deleteLink(ifb); err != nil {
-		errs = append(errs, err)
-	}
 	veth, err := s.linkOrNil(hostVeth)
 	if err != nil {
 		errs = append(errs, err)
 	}
+	ifbLink, err := s.linkOrNil(ifb)
+	if err != nil {
+		errs = append(errs, err)
+	}
 	if veth != nil {
-		qdiscs, err := s.tc.Qdisc().Get()
-		if err != nil {
-			return errors.Join(append(errs, fmt.Errorf("dump qdiscs: %w", err))...)
-		}
-		idx := veth.Attrs().Index
-		if sh, _, err := s.readShape(qdiscs, uint32(idx)); err != nil {
+		if err := s.removeFromVeth(veth.Attrs().Index, linkIndex(ifbLink)); err != nil {
 			errs = append(errs, err)
-		} else if sh != nil {
-			errs = append(errs, s.deleteRoot(idx, sh.kind))
 		}
-		for _, q := range qdiscs {
-			if q.Ifindex == uint32(idx) && q.Kind == "clsact" {
-				errs = append(errs, s.deleteClsact(idx))
-			}
+	}
+	// After the redirect: a redirect to a deleted device drops every packet.
+	if err := s.deleteLink(ifb); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Shaper) removeFromVeth(idx, ifbIndex int) error {
+	qdiscs, err := s.tc.Qdisc().Get()
+	if err != nil {
+		return fmt.Errorf("dump qdiscs: %w", err)
+	}
+	var errs []error
+	if sh, _, err := s.readShape(qdiscs, uint32(idx)); err != nil {
+		errs = append(errs, err)
+	} else if sh != nil {
+		errs = append(errs, s.deleteRoot(idx, sh.kind))
+	}
+	if hasClsact(qdiscs, uint32(idx)) {
+		rs, err := s.readRedirect(idx, ifbIndex)
+		switch {
+		case err != nil:
+			errs = append(errs, err)
+		case rs.any():
+			errs = append(errs, s.removeRedirect(idx, rs))
 		}
 	}
 	return errors.Join(errs...)
