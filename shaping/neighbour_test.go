@@ -193,7 +193,9 @@ func TestOwnPriorityTakenByNeighbour(t *testing.T) {
 	if err == nil || !errors.As(err, &cerr) || cerr.Code != types.ErrInvalidNetworkConfig {
 		t.Fatalf("Apply with our priority taken: %v, want CNI error %d", err, types.ErrInvalidNetworkConfig)
 	}
-	for _, w := range []string{"qvtest0", fmt.Sprint(redirectPrio), "u32"} {
+	t.Logf("refused: %s", cerr.Msg)
+	// The neighbour's key node, not its classifier's entry (handle 0).
+	for _, w := range []string{"qvtest0", fmt.Sprint(redirectPrio), "u32", "handle 0x800"} {
 		if !strings.Contains(cerr.Msg, w) {
 			t.Errorf("error %q does not name %q", cerr.Msg, w)
 		}

@@ -114,6 +114,7 @@ func isLegacyRedirect(f *tc.Object, legacyTarget func(uint32) bool) (uint32, boo
 // legacy ones (redirects to a device legacyTarget accepts) and others.
 func classifyRedirect(filters []tc.Object, legacyTarget func(uint32) bool) redirectState {
 	var rs redirectState
+	var conflict *tc.Object
 	legacyOthers := false
 	for i := range filters {
 		f := &filters[i]
@@ -126,8 +127,9 @@ func classifyRedirect(filters []tc.Object, legacyTarget func(uint32) bool) redir
 			if isU32Structure(f) && filterProto(f) == ethPAll {
 				continue
 			}
-			if rs.conflict == "" {
-				rs.conflict = fmt.Sprintf("a %s filter (protocol %#04x, handle %#x)", f.Kind, filterProto(f), f.Handle)
+			// Name a filter itself rather than its classifier's entry.
+			if conflict == nil || (conflict.Handle == 0 && f.Handle != 0) {
+				conflict = f
 			}
 		case legacyRedirectPrio:
 			if _, ok := isLegacyRedirect(f, legacyTarget); ok {
@@ -138,7 +140,18 @@ func classifyRedirect(filters []tc.Object, legacyTarget func(uint32) bool) redir
 		}
 	}
 	rs.legacyAlone = len(rs.legacy) > 0 && !legacyOthers
+	if conflict != nil {
+		rs.conflict = describeFilter(conflict)
+	}
 	return rs
+}
+
+func describeFilter(f *tc.Object) string {
+	d := fmt.Sprintf("a %s filter (protocol %#04x, handle %#x", f.Kind, filterProto(f), f.Handle)
+	if f.BPF != nil && f.BPF.Name != nil {
+		d += fmt.Sprintf(", program %q", *f.BPF.Name)
+	}
+	return d + ")"
 }
 
 // OwnRedirect finds qoscni's egress redirect among the filters of a
