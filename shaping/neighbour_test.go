@@ -296,3 +296,34 @@ func TestLegacyRedirectMigrated(t *testing.T) {
 		t.Errorf("clsact left with nothing on it:\n%s", q)
 	}
 }
+
+// An ADD killed between adding the clsact and the redirect leaves an empty
+// clsact, which DEL takes; the rollback of a refused ADD (no IFB made)
+// keeps an empty clsact that was there before.
+func TestRemoveEmptyClsact(t *testing.T) {
+	n, _, s := kernelSetup(t)
+	eg := derive(20_000_000, 0, false, 10*time.Millisecond, 1500, SourceAnnotation)
+	if _, err := s.Apply(desired(nil, eg)); err != nil {
+		t.Fatal(err)
+	}
+	n.Exec(t, "tc", "filter", "del", "dev", "qvtest0", "ingress")
+	if err := s.Remove("qvtest0", "qitest0"); err != nil {
+		t.Fatal(err)
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", "qvtest0"); strings.Contains(q, "clsact") {
+		t.Errorf("empty clsact of a half-done ADD left after DEL:\n%s", q)
+	}
+
+	n.Exec(t, "tc", "qdisc", "add", "dev", "qvtest0", "clsact")
+	n.Exec(t, "tc", "qdisc", "add", "dev", "qvtest0", "root", "handle", "5:", "htb")
+	in := derive(10_000_000, 0, false, 10*time.Millisecond, 1500, SourceAnnotation)
+	if _, err := s.Apply(desired(in, eg)); err == nil {
+		t.Fatal("Apply over a foreign root succeeded")
+	}
+	if err := s.Remove("qvtest0", "qitest0"); err != nil {
+		t.Fatal(err)
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", "qvtest0"); !strings.Contains(q, "clsact") || !strings.Contains(q, "htb 5:") {
+		t.Errorf("rollback of a refused ADD changed the veth:\n%s", q)
+	}
+}

@@ -788,6 +788,12 @@ func (s *Shaper) removeFromVeth(idx, ifbIndex int) error {
 			errs = append(errs, err)
 		case rs.any():
 			errs = append(errs, s.removeRedirect(idx, rs))
+		case ifbIndex != 0:
+			// An ADD that got as far as the IFB (made before the clsact)
+			// and died before the redirect leaves an empty clsact. Without
+			// an IFB nothing of ours was made, and an empty clsact is the
+			// main plugin's to keep (a refused ADD's rollback).
+			errs = append(errs, s.deleteClsactIfUnused(idx))
 		}
 	}
 	return errors.Join(errs...)
