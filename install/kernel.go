@@ -89,8 +89,8 @@ func cleanKernel(_ context.Context, stateDir, netnsPath string, rep *Report) err
 		rep.add("link "+r.HostVeth, Removed, fmt.Sprintf("shaping of pod %s/%s", r.Pod.Namespace, r.Pod.Name))
 	}
 
-	// 2. What the kernel has: every redirect to one of our IFBs (a record
-	// may be missing), then every IFB left.
+	// 2. What the kernel has: every redirect of ours (a record may be
+	// missing), then every IFB left.
 	links, err := nl.LinkList()
 	if err != nil {
 		return errors.Join(append(errs, fmt.Errorf("list links: %w", err))...)
@@ -119,9 +119,14 @@ func cleanKernel(_ context.Context, stateDir, netnsPath string, rep *Report) err
 			errs = append(errs, fmt.Errorf("dump filters of %s: %w", names[q.Ifindex], err))
 			continue
 		}
-		target := redirectTarget(filters, ifbs)
-		if target == "" && !hostVethPattern.MatchString(names[q.Ifindex]) {
-			continue // someone else's clsact
+		// Ours by qoscni's marker (or, from before it, a lone redirect to
+		// one of our IFBs at the old priority); a clsact carrying only
+		// others' filters, even redirects, is left alone, and Remove takes
+		// only our filter off a shared one.
+		idx, ours := shaping.OwnRedirect(filters, func(i uint32) bool { return ifbs[i] != "" })
+		target := ifbs[idx]
+		if !ours && !hostVethPattern.MatchString(names[q.Ifindex]) {
+			continue
 		}
 		if err := sh.Remove(names[q.Ifindex], target); err != nil {
 			errs = append(errs, err)
@@ -159,22 +164,6 @@ func cleanKernel(_ context.Context, stateDir, netnsPath string, rep *Report) err
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
-}
-
-func redirectTarget(filters []tc.Object, ifbs map[uint32]string) string {
-	for _, f := range filters {
-		if f.U32 == nil || f.U32.Actions == nil {
-			continue
-		}
-		for _, a := range *f.U32.Actions {
-			if a.Kind == "mirred" && a.Mirred != nil && a.Mirred.Parms != nil {
-				if n := ifbs[a.Mirred.Parms.IfIndex]; n != "" {
-					return n
-				}
-			}
-		}
-	}
-	return ""
 }
 
 func deleteTable(fd int, rep *Report) error {

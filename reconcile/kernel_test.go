@@ -580,3 +580,42 @@ func TestGCLeftoverLinks(t *testing.T) {
 		t.Errorf("gc metrics: veth %v ifb %v", e.metric("qoscni_agent_gc_total", "kind", "veth"), e.metric("qoscni_agent_gc_total", "kind", "ifb"))
 	}
 }
+
+// A root qdisc someone else put on the pod's veth: neither drift repair
+// nor a reshape replaces it; both fail, counted, and the record keeps
+// what the kernel last had from qoscni.
+func TestForeignRootNotReplacedByAgent(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	_, rec := e.addPod("foreign", map[string]string{shaping.AnnotationIngressRate: "10M"})
+	e.node.Exec(t, "tc", "qdisc", "replace", "dev", rec.HostVeth, "root", "handle", "5:", "htb")
+	requireForeign := func(step string) {
+		t.Helper()
+		if q := e.node.Exec(t, "tc", "qdisc", "show", "dev", rec.HostVeth, "root"); !strings.Contains(q, "htb 5: root") {
+			t.Fatalf("%s replaced the foreign root qdisc: %s", step, q)
+		}
+	}
+	if d := e.diff(rec); len(d) != 1 || !strings.Contains(d[0], "htb 5:") {
+		t.Errorf("CHECK does not name the foreign root: %q", d)
+	}
+	for i := 0; i < 2; i++ {
+		if res := e.pass(); res.Repaired != 0 || res.Errors != 1 {
+			t.Errorf("pass %d over a foreign root: %+v", i, res)
+		}
+		requireForeign("repair")
+	}
+	if v := e.metric("qoscni_agent_reconcile_errors_total", "op", "repair"); v != 2 {
+		t.Errorf("reconcile_errors{repair} = %v, want 2", v)
+	}
+	e.annotate("foreign", map[string]string{shaping.AnnotationIngressRate: "20M"})
+	if res := e.pass(); res.Reshaped != 0 || res.Errors != 1 {
+		t.Errorf("pass with a reshape over a foreign root: %+v", res)
+	}
+	requireForeign("reshape")
+	if v := e.metric("qoscni_agent_reshapes_total", "result", "failed"); v < 1 {
+		t.Errorf("reshapes{failed} = %v", v)
+	}
+	if r := e.record(rec.ContainerID); ingressRate(r) != 10_000_000 {
+		t.Errorf("record changed although the kernel was not: %+v", r.Shaping)
+	}
+}

@@ -160,10 +160,15 @@ func TestShapeMatching(t *testing.T) {
 		// the burst in bytes, off by at most one).
 		got := *w
 		got.burstTicks++
+		if w.kind == "htb" {
+			// HTB's queue bound is its leaf's (here the FIFO fallback).
+			got.leaf = leafQdisc{kind: "bfifo", handle: leafHandle, limitBytes: w.limitBytes}
+		}
 		if !w.matches(&got) {
 			t.Errorf("rate %d: one tick of rounding must match", rate)
 		}
 		got.limitBytes++
+		got.leaf.limitBytes++
 		if w.matches(&got) {
 			t.Errorf("rate %d: a different limit must not match", rate)
 		}

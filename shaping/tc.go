@@ -4,8 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/bits"
 	"net"
 	"strconv"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/types"
 
 	tc "github.com/florianl/go-tc"
 	"github.com/florianl/go-tc/core"
@@ -30,7 +34,6 @@ var (
 )
 
 const (
-	redirectPrio = 1
 	ethPAll      = 0x0003
 	linkEthernet = 1 // TC_LINKLAYER_ETHERNET: rate tables not needed
 	// psched ticks are 64 ns (PSCHED_SHIFT 6).
@@ -114,49 +117,73 @@ func (s *Shaper) Close() {
 	s.nl.Close()
 }
 
-// shape is a shaping qdisc as read back from the kernel.
+// shape is a shaping qdisc: as wanted (wantShape) or as read back from
+// the kernel (decodeShape).
 type shape struct {
 	kind       string
 	rateBytes  uint64
 	burstBytes uint64
 	// burstTicks is the burst as the kernel keeps it: time at the rate,
-	// in 64 ns ticks, saturated at 32 bits. Comparisons use it.
+	// in 64 ns ticks, at most 32 bits. Comparisons use it.
 	burstTicks uint32
+	// limitBytes is the queue bound: TBF's own limit, and the leaf's for
+	// HTB (shown only; the leaf is compared on its own terms).
 	limitBytes uint64
 	// peakBytes and peakTicks are TBF's peak rate and peak bucket (0 = none).
 	peakBytes uint64
 	peakTicks uint32
-	// leaf is the handle of the queue under the shaper (0 = the kernel's
-	// built-in one).
-	leaf uint32
+	// fq is what an fq_codel leaf gets (wanted shapes only).
+	fq fqCodelParams
+	// leaf is the queue under the shaper (read shapes only).
+	leaf leafQdisc
 }
 
 func (sh *shape) String() string {
 	if sh == nil {
 		return "none"
 	}
-	return fmt.Sprintf("%s rate %d bit/s burst %d B limit %d B", sh.kind, sh.rateBytes*8, sh.burstBytes, sh.limitBytes)
+	return fmt.Sprintf("%s rate %d bit/s burst %d B limit %d B%s", sh.kind, sh.rateBytes*8, sh.burstBytes, sh.limitBytes, sh.leaf)
 }
 
 func wantShape(p *Params, mtu int) *shape {
 	if p == nil {
 		return nil
 	}
+	if mtu == 0 {
+		mtu = 1500
+	}
 	kind := "tbf"
 	if p.RateBytes() > math.MaxUint32 {
 		// TBF's rate is 32-bit in go-tc; HTB carries 64-bit rates.
 		kind = "htb"
 	}
-	sh := &shape{kind: kind, rateBytes: p.RateBytes(), burstBytes: p.BurstBytes,
-		burstTicks: bytesToTicks(p.BurstBytes, p.RateBytes()), limitBytes: p.LimitBytes}
+	rate := p.RateBytes()
+	burst := min(p.BurstBytes, maxBurstBytes(rate))
+	sh := &shape{kind: kind, rateBytes: rate, burstBytes: burst,
+		burstTicks: bytesToTicks(burst, rate), limitBytes: p.LimitBytes,
+		fq: fqCodelFor(rate, p.LimitBytes, mtu)}
 	if kind == "tbf" && UsesPeak(sh.rateBytes, sh.limitBytes) {
-		if mtu == 0 {
-			mtu = 1500
-		}
 		sh.peakBytes = PeakBytes(sh.rateBytes)
 		sh.peakTicks = bytesToTicks(PeakBurst(mtu), sh.peakBytes)
 	}
 	return sh
+}
+
+// maxBurstBytes is the deepest bucket the kernel can report at a rate:
+// TBF takes the burst in bytes and keeps it as 64-bit nanoseconds, but
+// dumps it as 32-bit psched ticks, which wrap above 2^32 ticks (about
+// 275 s); HTB takes ticks in the first place. A deeper bucket read back
+// wrapped would make CHECK fail right after ADD and the agent repair it
+// for ever, so the shape is clamped here, where ADD, CHECK and repair all
+// build it. A bucket of 275 s of the rate already lets a pod send
+// unshaped for minutes; nothing is lost that anyone should want.
+func maxBurstBytes(rateBytes uint64) uint64 {
+	hi, lo := bits.Mul64(uint64(math.MaxUint32)<<pschedShift, rateBytes)
+	if hi >= 1_000_000_000 {
+		return math.MaxUint64 // no such rate (above 2^62 bytes/s)
+	}
+	q, _ := bits.Div64(hi, lo, 1_000_000_000)
+	return q
 }
 
 // maxPacket is the largest packet the shaper sends whole (bigger GSO
@@ -168,29 +195,52 @@ func (sh *shape) maxPacket() uint64 {
 	return sh.burstBytes
 }
 
-// matches compares with the precision the kernel keeps: the burst goes
-// through a conversion to time and back.
-func (sh *shape) matches(o *shape) bool {
-	if sh == nil || o == nil {
-		return sh == o
+// matches reports whether have, as read from the kernel, is this wanted
+// shape, with the precision the kernel keeps: the burst goes through a
+// conversion to time and back.
+func (sh *shape) matches(have *shape) bool {
+	if sh == nil || have == nil {
+		return sh == have
 	}
 	near := func(a, b uint32) bool {
 		d := math.Abs(float64(a) - float64(b))
 		return d <= 1 || d <= float64(max(a, b))*0.002
 	}
-	return sh.kind == o.kind && sh.rateBytes == o.rateBytes && near(sh.burstTicks, o.burstTicks) && sh.limitBytes == o.limitBytes &&
-		sh.peakBytes == o.peakBytes && near(sh.peakTicks, o.peakTicks)
+	if sh.kind != have.kind || sh.rateBytes != have.rateBytes || !near(sh.burstTicks, have.burstTicks) ||
+		sh.peakBytes != have.peakBytes || !near(sh.peakTicks, have.peakTicks) {
+		return false
+	}
+	if sh.kind == "tbf" && sh.limitBytes != have.limitBytes {
+		return false
+	}
+	return sh.leafMatches(have.leaf)
+}
+
+// leafMatches compares the queue under the shaper with what qoscni would
+// put there: whichever of its two leaves the kernel has, with the bound
+// this shape asks for.
+func (sh *shape) leafMatches(l leafQdisc) bool {
+	switch l.kind {
+	case "fq_codel":
+		return l.fq == sh.fq.kernelKeeps()
+	case "bfifo":
+		return l.limitBytes == sh.limitBytes
+	case "":
+		// TBF's own FIFO holds its limit; HTB's default leaf is a pfifo
+		// of the device's txqueuelen, not bounded by the budget.
+		return sh.kind == "tbf"
+	}
+	return false
 }
 
 // kstate is what the kernel has for one attachment.
 type kstate struct {
-	veth, ifb     netlink.Link
-	ingress       *shape // root of the veth
-	egress        *shape // root of the IFB
-	foreignRoot   string // a root qdisc on the veth that is not ours
-	clsact        bool
-	redirectTo    int // ifindex the veth's ingress hook redirects to, 0 = none
-	redirectCount int
+	veth, ifb   netlink.Link
+	ingress     *shape    // root of the veth
+	egress      *shape    // root of the IFB
+	foreignRoot *qdiscRef // a root qdisc on the veth that is neither ours nor the kernel's default
+	clsact      bool
+	redirect    redirectState
 }
 
 func (s *Shaper) linkOrNil(name string) (netlink.Link, error) {
@@ -229,18 +279,14 @@ func (s *Shaper) read(d Desired) (*kstate, error) {
 		}
 	}
 	if st.veth != nil {
-		idx := uint32(st.veth.Attrs().Index)
-		st.ingress, st.foreignRoot, err = s.readShape(qdiscs, idx)
+		idx := st.veth.Attrs().Index
+		st.ingress, st.foreignRoot, err = s.readShape(qdiscs, uint32(idx))
 		if err != nil {
 			return nil, err
 		}
-		for _, q := range qdiscs {
-			if q.Ifindex == idx && q.Kind == "clsact" {
-				st.clsact = true
-			}
-		}
+		st.clsact = hasClsact(qdiscs, uint32(idx))
 		if st.clsact {
-			if st.redirectTo, st.redirectCount, err = s.readRedirect(idx); err != nil {
+			if st.redirect, err = s.readRedirect(idx, linkIndex(st.ifb)); err != nil {
 				return nil, err
 			}
 		}
@@ -251,6 +297,22 @@ func (s *Shaper) read(d Desired) (*kstate, error) {
 		}
 	}
 	return st, nil
+}
+
+func linkIndex(l netlink.Link) int {
+	if l == nil {
+		return 0
+	}
+	return l.Attrs().Index
+}
+
+func hasClsact(qdiscs []tc.Object, ifindex uint32) bool {
+	for _, q := range qdiscs {
+		if q.Ifindex == ifindex && q.Kind == "clsact" {
+			return true
+		}
+	}
+	return false
 }
 
 func ticksToBytes(ticks uint32, rateBytes uint64) uint64 {
@@ -266,81 +328,19 @@ func bytesToTicks(b, rateBytes uint64) uint32 {
 	return uint32(min(math.Ceil(ticks), math.MaxUint32))
 }
 
-// readShape finds our shaping qdisc at the root of ifindex. A root qdisc
-// that is not ours is reported by kind so callers never delete it.
-func (s *Shaper) readShape(qdiscs []tc.Object, ifindex uint32) (*shape, string, error) {
-	for _, q := range qdiscs {
-		if q.Ifindex != ifindex || q.Parent != tc.HandleRoot {
-			continue
-		}
-		if q.Handle != rootHandle {
-			if q.Kind == "noqueue" || q.Kind == "pfifo_fast" || q.Kind == "mq" {
-				return nil, "", nil // kernel defaults
-			}
-			return nil, q.Kind, nil
-		}
-		switch {
-		case q.Kind == "tbf" && q.Tbf != nil && q.Tbf.Parms != nil:
-			rate := uint64(q.Tbf.Parms.Rate.Rate)
-			sh := &shape{kind: "tbf", rateBytes: rate, burstBytes: ticksToBytes(q.Tbf.Parms.Buffer, rate),
-				burstTicks: q.Tbf.Parms.Buffer, limitBytes: uint64(q.Tbf.Parms.Limit)}
-			if pr := uint64(q.Tbf.Parms.PeakRate.Rate); pr != 0 {
-				sh.peakBytes, sh.peakTicks = pr, q.Tbf.Parms.Mtu
-			}
-			for _, l := range qdiscs {
-				if l.Ifindex == ifindex && l.Parent == classHandle {
-					sh.leaf = l.Handle
-				}
-			}
-			return sh, "", nil
-		case q.Kind == "htb":
-			sh := &shape{kind: "htb"}
-			classes, err := s.tc.Class().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: ifindex})
-			if err != nil {
-				return nil, "", fmt.Errorf("dump classes of ifindex %d: %w", ifindex, err)
-			}
-			for _, c := range classes {
-				if c.Handle == classHandle && c.Htb != nil && c.Htb.Parms != nil {
-					sh.rateBytes = uint64(c.Htb.Parms.Rate.Rate)
-					if c.Htb.Rate64 != nil && *c.Htb.Rate64 != 0 {
-						sh.rateBytes = *c.Htb.Rate64
-					}
-					sh.burstBytes = ticksToBytes(c.Htb.Parms.Buffer, sh.rateBytes)
-					sh.burstTicks = c.Htb.Parms.Buffer
-				}
-			}
-			for _, l := range qdiscs {
-				if l.Ifindex == ifindex && l.Parent == classHandle && l.Bfifo != nil {
-					sh.limitBytes = uint64(l.Bfifo.Limit)
-				}
-			}
-			return sh, "", nil
-		default:
-			return nil, q.Kind, nil
+// readShape finds our shaping qdisc at the root of ifindex, dumping the
+// device's classes only when it is HTB. A root qdisc that is not ours is
+// returned as foreign so callers never write or delete it.
+func (s *Shaper) readShape(qdiscs []tc.Object, ifindex uint32) (*shape, *qdiscRef, error) {
+	var classes []tc.Object
+	if r := rootQdisc(qdiscs, ifindex); r != nil && isOurRoot(r) && r.Kind == "htb" {
+		var err error
+		if classes, err = s.tc.Class().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: ifindex}); err != nil {
+			return nil, nil, fmt.Errorf("dump classes of ifindex %d: %w", ifindex, err)
 		}
 	}
-	return nil, "", nil
-}
-
-// readRedirect returns where the veth's ingress hook mirrors to.
-func (s *Shaper) readRedirect(ifindex uint32) (int, int, error) {
-	filters, err := s.tc.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: ifindex, Parent: ingressHook})
-	if err != nil {
-		return 0, 0, fmt.Errorf("dump filters of ifindex %d: %w", ifindex, err)
-	}
-	target, n := 0, 0
-	for _, f := range filters {
-		if f.U32 == nil || f.U32.Actions == nil {
-			continue
-		}
-		for _, a := range *f.U32.Actions {
-			if a.Kind == "mirred" && a.Mirred != nil && a.Mirred.Parms != nil && a.Mirred.Parms.Eaction == egressRedir {
-				target = int(a.Mirred.Parms.IfIndex)
-				n++
-			}
-		}
-	}
-	return target, n, nil
+	sh, foreign := decodeShape(qdiscs, classes, ifindex)
+	return sh, foreign, nil
 }
 
 // Diff reports every difference between d and the kernel, read-only (CHECK).
@@ -398,11 +398,29 @@ func (a actions) describe() []string {
 func (a actions) run(s *Shaper, d Desired, st *kstate) error {
 	for i, x := range a {
 		if err := x.do(s, d, st); err != nil {
+			var cerr *types.Error
+			if errors.As(err, &cerr) {
+				return err // a refusal already says what and where
+			}
 			return fmt.Errorf("%s: %w", x.what, err)
 		}
 		fault.At("shape", strconv.Itoa(i+1))
 	}
 	return nil
+}
+
+// refusals names what sits where qoscni would write and is not qoscni's.
+func refusals(d Desired, st *kstate) []string {
+	var out []string
+	if d.Plan.Ingress != nil && st.foreignRoot != nil {
+		out = append(out, fmt.Sprintf("host veth %s has a root qdisc %s that qoscni did not create; qoscni shapes traffic into the pod there and does not replace it (remove it, or shape this pod without an ingress rate)",
+			d.HostVeth, st.foreignRoot))
+	}
+	if d.Plan.Egress != nil && st.redirect.conflict != "" {
+		out = append(out, fmt.Sprintf("priority %d of the ingress hook of host veth %s holds %s that qoscni did not create; qoscni puts its egress redirect at that priority and does not replace it",
+			redirectPrio, d.HostVeth, st.redirect.conflict))
+	}
+	return out
 }
 
 // plan is the one comparison routine: CHECK reports its actions, ADD, the
@@ -412,6 +430,13 @@ func plan(d Desired, st *kstate) actions {
 	if st.veth == nil {
 		return actions{{what: fmt.Sprintf("host veth %s is missing", d.HostVeth), do: func(*Shaper, Desired, *kstate) error {
 			return fmt.Errorf("interface %s does not exist", d.HostVeth)
+		}}}
+	}
+	// Before any change, so that a refused ADD leaves nothing behind.
+	if r := refusals(d, st); len(r) > 0 {
+		msg := strings.Join(r, "; ")
+		return actions{{what: msg, do: func(*Shaper, Desired, *kstate) error {
+			return types.NewError(types.ErrInvalidNetworkConfig, msg, "")
 		}}}
 	}
 	in := wantShape(d.Plan.Ingress, d.MTU)
@@ -428,9 +453,9 @@ func plan(d Desired, st *kstate) actions {
 
 	eg := wantShape(d.Plan.Egress, d.MTU)
 	if eg == nil {
-		if st.redirectCount > 0 || st.clsact {
+		if st.redirect.any() {
 			acts = append(acts, action{fmt.Sprintf("remove the egress redirect from %s", d.HostVeth), func(s *Shaper, d Desired, st *kstate) error {
-				return s.deleteClsact(st.veth.Attrs().Index)
+				return s.removeRedirect(st.veth.Attrs().Index, st.redirect)
 			}})
 		}
 		if st.ifb != nil {
@@ -468,9 +493,20 @@ func plan(d Desired, st *kstate) actions {
 			return s.addClsact(st.veth.Attrs().Index)
 		}})
 	}
-	if st.ifb == nil || st.redirectCount != 1 || st.redirectTo != st.ifb.Attrs().Index {
+	switch rs := st.redirect; {
+	case rs.handle == 0:
 		acts = append(acts, action{fmt.Sprintf("redirect traffic from the pod on %s to %s", d.HostVeth, d.IFB), func(s *Shaper, d Desired, st *kstate) error {
-			return s.setRedirect(st.veth.Attrs().Index, st.ifb.Attrs().Index, st.redirectCount > 0)
+			return s.addRedirect(st.veth.Attrs().Index, st.ifb.Attrs().Index)
+		}})
+	case st.ifb == nil || rs.target != uint32(st.ifb.Attrs().Index):
+		acts = append(acts, action{fmt.Sprintf("redirect traffic from the pod on %s to %s (redirects to ifindex %d)", d.HostVeth, d.IFB, rs.target), func(s *Shaper, d Desired, st *kstate) error {
+			return s.retargetRedirect(st.veth.Attrs().Index, st.ifb.Attrs().Index, st.redirect.handle)
+		}})
+	}
+	if len(st.redirect.legacy) > 0 {
+		// After ours is in place: the pod's traffic stays shaped throughout.
+		acts = append(acts, action{fmt.Sprintf("remove the unmarked redirect of an older qoscni from %s", d.HostVeth), func(s *Shaper, d Desired, st *kstate) error {
+			return s.removeLegacy(st.veth.Attrs().Index, st.redirect)
 		}})
 	}
 	return acts
@@ -519,13 +555,17 @@ func (s *Shaper) setShape(ifindex int, want, have *shape) error {
 		}
 		have = nil
 	}
-	if want.kind == "tbf" {
-		return s.setTBF(ifindex, want, have)
+	var leaf leafQdisc
+	if have != nil {
+		leaf = have.leaf
 	}
-	return s.setHTB(ifindex, want, have != nil)
+	if want.kind == "tbf" {
+		return s.setTBF(ifindex, want, have, leaf)
+	}
+	return s.setHTB(ifindex, want, have != nil, leaf)
 }
 
-func (s *Shaper) setTBF(ifindex int, want, have *shape) error {
+func (s *Shaper) setTBF(ifindex int, want, have *shape, leaf leafQdisc) error {
 	burst := uint32(min(want.burstBytes, math.MaxUint32))
 	tbf := &tc.Tbf{
 		Parms: &tc.TbfQopt{
@@ -545,26 +585,32 @@ func (s *Shaper) setTBF(ifindex int, want, have *shape) error {
 	if err := s.tc.Qdisc().Replace(q); err != nil {
 		return fmt.Errorf("replace tbf on ifindex %d: %w", ifindex, err)
 	}
-	if have != nil && have.kind == "tbf" && want.maxPacket() < have.maxPacket() {
+	if have != nil && want.maxPacket() < have.maxPacket() {
 		// TBF keeps its queue across a change. A queued packet longer than
 		// the new largest packet (burst or peak bucket) can never collect
-		// enough tokens and would block the
-		// pod's traffic for good, so a smaller burst starts on a fresh
-		// queue: grafting a new leaf drops the old one's packets (at most
-		// one delay budget's worth, which TCP retransmits).
-		return s.graftLeaf(ifindex, want, have.leaf)
+		// enough tokens and would block the pod's traffic for good, so a
+		// smaller burst starts on a fresh queue: grafting a new leaf drops
+		// the old one's packets (at most one delay budget's worth, which
+		// TCP retransmits).
+		return s.graftLeaf(ifindex, want, leaf.handle)
 	}
-	return s.setLeaf(ifindex, want, true)
+	return s.setLeaf(ifindex, want, leaf, true)
+}
+
+// otherLeafHandle is the handle a new leaf takes: one the current leaf
+// does not have, so the kernel grafts it in place of the old one.
+func otherLeafHandle(current uint32) uint32 {
+	if current == leafHandle {
+		return leafHandleAlt
+	}
+	return leafHandle
 }
 
 // graftLeaf puts a new queue under the shaper with a handle other than the
 // current one, so the kernel replaces (and empties) the old queue instead
 // of changing it in place.
 func (s *Shaper) graftLeaf(ifindex int, want *shape, current uint32) error {
-	handle := leafHandle
-	if current == leafHandle {
-		handle = leafHandleAlt
-	}
+	handle := otherLeafHandle(current)
 	if !s.noFqCodel {
 		if err := s.replaceFqCodel(ifindex, want, handle); err == nil {
 			return nil
@@ -575,7 +621,7 @@ func (s *Shaper) graftLeaf(ifindex int, want *shape, current uint32) error {
 	return s.replaceBfifo(ifindex, want, handle)
 }
 
-func (s *Shaper) setHTB(ifindex int, want *shape, haveRoot bool) error {
+func (s *Shaper) setHTB(ifindex int, want *shape, haveRoot bool, leaf leafQdisc) error {
 	// HTB has no qdisc-level change: an existing root stays, its class changes.
 	if !haveRoot {
 		if err := s.addHTBRoot(ifindex); err != nil {
@@ -599,12 +645,9 @@ func (s *Shaper) setHTB(ifindex int, want *shape, haveRoot bool) error {
 	if err := s.tc.Class().Replace(class); err != nil {
 		return fmt.Errorf("replace htb class on ifindex %d: %w", ifindex, err)
 	}
-	return s.setLeaf(ifindex, want, false)
+	return s.setLeaf(ifindex, want, leaf, false)
 }
 
-// setLeaf puts the queue under the shaper: fq_codel where the kernel has it
-// (flow isolation and a delay target), otherwise a byte FIFO bounded by the
-// delay budget. TBF already has that FIFO inside, so only HTB needs one.
 func (s *Shaper) addHTBRoot(ifindex int) error {
 	root := &tc.Object{Msg: msg(ifindex, rootHandle, tc.HandleRoot, 0), Attribute: tc.Attribute{Kind: "htb", Htb: &tc.Htb{
 		Init: &tc.HtbGlob{Version: 3, Rate2Quantum: 10, Defcls: 1},
@@ -615,27 +658,39 @@ func (s *Shaper) addHTBRoot(ifindex int) error {
 	return nil
 }
 
-func (s *Shaper) setLeaf(ifindex int, want *shape, tbfHasFifo bool) error {
+// setLeaf puts the queue under the shaper: fq_codel where the kernel has it
+// (flow isolation and a delay target), otherwise a byte FIFO bounded by the
+// delay budget; TBF already has that FIFO inside, so it needs no leaf of
+// ours without fq_codel. A leaf of the kind wanted is changed in place
+// under its own handle, which keeps its queue: a request for another
+// handle would graft a new leaf and drop every queued packet, and one for
+// another kind under the same handle is refused by the kernel.
+func (s *Shaper) setLeaf(ifindex int, want *shape, cur leafQdisc, tbfHasFifo bool) error {
 	if !s.noFqCodel {
-		err := s.replaceFqCodel(ifindex, want, leafHandle)
+		handle := otherLeafHandle(cur.handle)
+		if cur.kind == "fq_codel" {
+			handle = cur.handle
+		}
+		err := s.replaceFqCodel(ifindex, want, handle)
 		if err == nil || !errors.Is(err, errNoFqCodel) {
 			return err
 		}
 	}
-	if tbfHasFifo {
+	switch {
+	case cur.kind == "bfifo":
+		return s.replaceBfifo(ifindex, want, cur.handle)
+	case cur.kind == "" && tbfHasFifo:
 		return nil
 	}
-	return s.replaceBfifo(ifindex, want, leafHandle)
+	return s.replaceBfifo(ifindex, want, otherLeafHandle(cur.handle))
 }
 
 var errNoFqCodel = errors.New("kernel has no fq_codel")
 
 func (s *Shaper) replaceFqCodel(ifindex int, want *shape, handle uint32) error {
-	target := uint32(max(want.limitBytes*8*1_000_000/max(want.rateBytes*8, 1)/2, 1000)) // µs: half the budget
-	limit := uint32(10240)
-	memLimit := uint32(min(max(want.limitBytes*4, 1<<20), math.MaxUint32))
+	p := want.fq
 	leaf := &tc.Object{Msg: msg(ifindex, handle, classHandle, 0), Attribute: tc.Attribute{Kind: "fq_codel", FqCodel: &tc.FqCodel{
-		Target: &target, Limit: &limit, MemoryLimit: &memLimit,
+		Target: &p.targetUs, Limit: &p.limit, MemoryLimit: &p.memLimit,
 	}}}
 	err := s.tc.Qdisc().Replace(leaf)
 	if err == nil {
@@ -679,6 +734,8 @@ func (s *Shaper) deleteRoot(ifindex int, kind string) error {
 	return nil
 }
 
+// addClsact adds the clsact qdisc unless one is there (then it may be the
+// main plugin's, and is shared).
 func (s *Shaper) addClsact(ifindex int) error {
 	q := &tc.Object{Msg: msg(ifindex, clsactHandle, tc.HandleIngress, 0), Attribute: tc.Attribute{Kind: "clsact"}}
 	if err := s.tc.Qdisc().Add(q); err != nil && !errors.Is(err, unix.EEXIST) {
@@ -687,78 +744,56 @@ func (s *Shaper) addClsact(ifindex int) error {
 	return nil
 }
 
-func (s *Shaper) deleteClsact(ifindex int) error {
-	err := s.tc.Qdisc().Delete(&tc.Object{Msg: msg(ifindex, clsactHandle, tc.HandleIngress, 0), Attribute: tc.Attribute{Kind: "clsact"}})
-	if err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENODEV) {
-		return fmt.Errorf("delete clsact of ifindex %d: %w", ifindex, err)
-	}
-	return nil
-}
-
-func filterInfo() uint32 {
-	return uint32(redirectPrio)<<16 | uint32(htons(ethPAll))
-}
-
-func htons(v uint16) uint16 { return v<<8 | v>>8 }
-
-// setRedirect installs the match-all u32 filter that hands every packet
-// from the pod to the IFB.
-func (s *Shaper) setRedirect(vethIndex, ifbIndex int, replace bool) error {
-	if replace {
-		err := s.tc.Filter().Delete(&tc.Object{Msg: msg(vethIndex, 0, ingressHook, filterInfo()), Attribute: tc.Attribute{Kind: "u32"}})
-		if err != nil && !errors.Is(err, unix.ENOENT) {
-			return fmt.Errorf("delete old redirect on ifindex %d: %w", vethIndex, err)
-		}
-	}
-	actions := []*tc.Action{{
-		Kind: "mirred",
-		Mirred: &tc.Mirred{Parms: &tc.MirredParam{
-			Action:  tcActStolen,
-			Eaction: egressRedir,
-			IfIndex: uint32(ifbIndex),
-		}},
-	}}
-	f := &tc.Object{Msg: msg(vethIndex, 0, ingressHook, filterInfo()), Attribute: tc.Attribute{Kind: "u32", U32: &tc.U32{
-		Sel: &tc.U32Sel{
-			Flags: u32Terminal,
-			NKeys: 1,
-			Keys:  []tc.U32Key{{Mask: 0, Val: 0, Off: 0}},
-		},
-		Actions: &actions,
-	}}}
-	if err := s.tc.Filter().Add(f); err != nil {
-		return fmt.Errorf("add redirect filter on ifindex %d: %w", vethIndex, err)
-	}
-	return nil
-}
-
-// Remove takes the attachment's shaping away: the IFB, and our qdiscs on
+// Remove takes the attachment's shaping away: our shaper and redirect off
 // the host veth when it still exists (chained mode: the veth belongs to
-// the main plugin and outlives us). Idempotent.
+// the main plugin and outlives us, with whatever else it carries), then
+// the IFB. Idempotent.
 func (s *Shaper) Remove(hostVeth, ifb string) error {
 	var errs []error
-	if err := s.deleteLink(ifb); err != nil {
-		errs = append(errs, err)
-	}
 	veth, err := s.linkOrNil(hostVeth)
 	if err != nil {
 		errs = append(errs, err)
 	}
+	ifbLink, err := s.linkOrNil(ifb)
+	if err != nil {
+		errs = append(errs, err)
+	}
 	if veth != nil {
-		qdiscs, err := s.tc.Qdisc().Get()
-		if err != nil {
-			return errors.Join(append(errs, fmt.Errorf("dump qdiscs: %w", err))...)
-		}
-		idx := veth.Attrs().Index
-		if sh, _, err := s.readShape(qdiscs, uint32(idx)); err != nil {
+		if err := s.removeFromVeth(veth.Attrs().Index, linkIndex(ifbLink)); err != nil {
 			errs = append(errs, err)
-		} else if sh != nil {
-			errs = append(errs, s.deleteRoot(idx, sh.kind))
 		}
-		for _, q := range qdiscs {
-			if q.Ifindex == uint32(idx) && q.Kind == "clsact" {
-				errs = append(errs, s.deleteClsact(idx))
-			}
+	}
+	// After the redirect: a redirect to a deleted device drops every packet.
+	if err := s.deleteLink(ifb); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Shaper) removeFromVeth(idx, ifbIndex int) error {
+	qdiscs, err := s.tc.Qdisc().Get()
+	if err != nil {
+		return fmt.Errorf("dump qdiscs: %w", err)
+	}
+	var errs []error
+	if sh, _, err := s.readShape(qdiscs, uint32(idx)); err != nil {
+		errs = append(errs, err)
+	} else if sh != nil {
+		errs = append(errs, s.deleteRoot(idx, sh.kind))
+	}
+	if hasClsact(qdiscs, uint32(idx)) {
+		rs, err := s.readRedirect(idx, ifbIndex)
+		switch {
+		case err != nil:
+			errs = append(errs, err)
+		case rs.any():
+			errs = append(errs, s.removeRedirect(idx, rs))
+		case ifbIndex != 0:
+			// An ADD that got as far as the IFB (made before the clsact)
+			// and died before the redirect leaves an empty clsact. Without
+			// an IFB nothing of ours was made, and an empty clsact is the
+			// main plugin's to keep (a refused ADD's rollback).
+			errs = append(errs, s.deleteClsactIfUnused(idx))
 		}
 	}
 	return errors.Join(errs...)
