@@ -402,12 +402,11 @@ func deriveWithin(c Ceilings, rateBits, burstBits uint64, delay time.Duration, m
 // packets with their per-segment headers.
 const gsoQueue = 128 << 10
 
-// MaxBurstBytesAt is the deepest bucket the kernel can report back at a
-// byte rate: 2^32 ticks of 64 ns (about 275 s of the rate), and 32 bits.
+// MaxBurstBytesAt is the deepest bucket a direction may have at a byte
+// rate: what the kernel can report back (maxBurstBytes, about 275 s of the
+// rate) and 32 bits.
 func MaxBurstBytesAt(rateBytes uint64) uint64 {
-	const maxTickNs = float64(uint64(math.MaxUint32) << pschedShift)
-	b := math.Floor(float64(rateBytes) * maxTickNs / 1e9)
-	return uint64(min(b, math.MaxUint32))
+	return min(maxBurstBytes(rateBytes), math.MaxUint32)
 }
 
 // burstWindow is the default depth of the token bucket in time at the
