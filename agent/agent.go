@@ -65,6 +65,9 @@ type Config struct {
 	ReconcileInterval time.Duration
 	// Cleaners are extra per-attachment GC steps (portmap).
 	Cleaners []reconcile.AttachmentCleaner
+	// Repairers restore node-wide kernel state from the records on every
+	// pass (portmap's rules, elements and localnet guards; ipMasq).
+	Repairers []reconcile.KernelRepairer
 	// Registry, when set, is where /metrics is served from, so that other
 	// parts of the agent (pod routes) add their metrics; nil = a new one.
 	Registry *prometheus.Registry
@@ -144,6 +147,7 @@ func (s *Server) newReconciler(reg prometheus.Registerer) error {
 	rcfg := reconcile.Config{
 		StateDir: s.cfg.StateDir, CNIConfDir: s.cfg.CNIConfDir, NetnsFd: s.nodeNS,
 		Cleaners: s.cfg.Cleaners, Interval: s.cfg.ReconcileInterval, Metrics: m, Logger: s.cfg.Logger,
+		Repairers: s.cfg.Repairers,
 	}
 	var h reconcileHandler
 	if s.cfg.Kube != nil {

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/portmap"
 	"github.com/qoscni/qoscni/shaping"
 	"github.com/qoscni/qoscni/state"
 )
@@ -30,7 +31,8 @@ var hostVethPattern = regexp.MustCompile(`^qv[0-9a-f]{12}$`)
 const NftTable = podnet.TableName
 
 // cleanKernel removes qoscni's shaping, IFBs and nftables table from the
-// node's namespace. It keeps what gives a pod its connectivity (the veths,
+// node's namespace, and turns route_localnet off where qoscni turned it
+// on. It keeps what gives a pod its connectivity (the veths,
 // the bridge, addresses and routes). Order matters: a veth's redirect to
 // an IFB goes before the IFB, or the veth's egress would be redirected to
 // a device that no longer exists, which drops every packet of the pod.
@@ -68,6 +70,26 @@ func cleanKernel(_ context.Context, stateDir, netnsPath string, rep *Report) err
 	defer tcc.Close()
 
 	var errs []error
+	// 0. route_localnet, while its guards still stand: back to 0 where
+	// qoscni turned it on, then the localnet guards (tc) go. The martian
+	// chain goes with the table, last.
+	undo, err := portmap.UninstallLocalnet(fd, portmap.LocalnetDir(stateDir))
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, u := range undo {
+		sysctl := "sysctl net.ipv4.conf." + u.IfName + ".route_localnet"
+		switch {
+		case u.ResetRouteLocalnet:
+			rep.add(sysctl, Restored, "0: qoscni had set it for 127.0.0.1:hostPort")
+		case u.KeptRouteLocalnet:
+			rep.add(sysctl, Unchanged, "1: it was 1 before qoscni")
+		}
+		if u.RemovedGuard {
+			rep.add("link "+u.IfName, Removed, "localnet guard (tc ingress filter)")
+		}
+	}
+
 	// 1. What the records say: also finds a chained veth shaped only
 	// towards the pod (no IFB, no redirect to recognise it by).
 	recs, _, err := state.New(stateDir).List("")

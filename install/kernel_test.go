@@ -2,12 +2,16 @@ package install
 
 import (
 	"context"
+	"fmt"
+	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/qoscni/qoscni/internal/testnet"
+	"github.com/qoscni/qoscni/portmap"
 	"github.com/qoscni/qoscni/shaping"
 )
 
@@ -144,4 +148,85 @@ func qdiscsOf(t *testing.T, n *testnet.Node, dev string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestUninstallResetsRouteLocalnet: ADDs with IPv4 hostPorts turned
+// route_localnet on behind two bridges (on one it was 1 already, as
+// kube-proxy leaves it); uninstall turns it off only where qoscni turned
+// it on, takes the localnet guards away (with the clsact qdisc it added),
+// and leaves someone else's filter and clsact on the same hook alone.
+func TestUninstallResetsRouteLocalnet(t *testing.T) {
+	n := testnet.NewNode(t)
+	root := t.TempDir()
+	const (
+		ours   = "brq" // route_localnet 0 before qoscni
+		preset = "brk" // route_localnet 1 before qoscni
+	)
+	for _, br := range []string{ours, preset} {
+		n.Exec(t, "ip", "link", "add", br, "type", "bridge")
+		n.Exec(t, "ip", "link", "set", br, "up")
+	}
+	n.Exec(t, "sysctl", "-qw", "net.ipv4.conf."+preset+".route_localnet=1")
+	// Someone else's filter (and clsact) on the hook the guard joins.
+	n.Exec(t, "tc", "qdisc", "add", "dev", ours, "clsact")
+	n.Exec(t, "tc", "filter", "add", "dev", ours, "ingress", "pref", "7", "protocol", "ip",
+		"u32", "match", "ip", "dst", "192.0.2.1/32", "classid", "1:1")
+	f, err := os.Open(n.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	// What the plugin's ADD does, with the markers where it keeps them.
+	m, err := portmap.New(int(f.Fd()), portmap.WithLocalnetDir(portmap.LocalnetDir(filepath.Join(root, StateDir))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	for i, br := range []string{ours, preset} {
+		maps := []portmap.Mapping{{HostPort: uint16(8080 + i), ContainerPort: 80, Protocol: "tcp", PodIP: net.ParseIP("10.77.0.2").To4()}}
+		if err := m.Add(portmap.Owner{ContainerID: fmt.Sprintf("c%d", i), IfName: "eth0"}, br, maps); err != nil {
+			t.Fatal(err)
+		}
+		if got := routeLocalnet(t, n, br); got != "1" {
+			t.Fatalf("route_localnet on %s after ADD: %s", br, got)
+		}
+	}
+
+	rep, err := Uninstall(context.Background(), UninstallOptions{Root: root, Kernel: true, NetnsPath: n.Path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("report: %+v", rep.Changes)
+	if got := routeLocalnet(t, n, ours); got != "0" {
+		t.Errorf("route_localnet on %s after uninstall: %s, want 0 (qoscni set it)", ours, got)
+	}
+	if got := routeLocalnet(t, n, preset); got != "1" {
+		t.Errorf("route_localnet on %s after uninstall: %s, want 1 (it was 1 before qoscni)", preset, got)
+	}
+	for _, br := range []string{ours, preset} {
+		if fl := n.Exec(t, "tc", "filter", "show", "dev", br, "ingress"); strings.Contains(fl, "bpf") {
+			t.Errorf("localnet guard left on %s: %s", br, fl)
+		}
+	}
+	if fl := n.Exec(t, "tc", "filter", "show", "dev", ours, "ingress"); !strings.Contains(fl, "u32") {
+		t.Errorf("someone else's filter on %s removed: %q", ours, fl)
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", ours); !strings.Contains(q, "clsact") {
+		t.Errorf("someone else's clsact on %s removed: %s", ours, q)
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", preset); strings.Contains(q, "clsact") {
+		t.Errorf("the clsact qoscni added to %s (nothing else on it) is left: %s", preset, q)
+	}
+
+	// Again: nothing left to do.
+	rep, err = Uninstall(context.Background(), UninstallOptions{Root: root, Kernel: true, NetnsPath: n.Path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustUnchanged(t, rep)
+}
+
+func routeLocalnet(t *testing.T, n *testnet.Node, iface string) string {
+	t.Helper()
+	return strings.TrimSpace(n.Exec(t, "sysctl", "-n", "net.ipv4.conf."+iface+".route_localnet"))
 }

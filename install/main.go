@@ -116,7 +116,7 @@ func mainUninstall(ctx context.Context, args []string, stdout, stderr io.Writer)
 	fs.StringVar(&o.StateDir, "state-dir", StateDir, "plugin attachment records (to find shaped veths)")
 	fs.StringVar(&o.ConflistName, "conflist-name", ConflistName, "standalone network config file name")
 	fs.BoolVar(&o.KeepBinary, "keep-binary", false, "leave the plugin binary so the runtime can still run DEL for qoscni's pods")
-	fs.BoolVar(&skipKernel, "skip-kernel", false, "leave shaping, IFBs and the nftables table "+NftTable)
+	fs.BoolVar(&skipKernel, "skip-kernel", false, "leave shaping, IFBs, the localnet guards, route_localnet and the nftables table "+NftTable)
 	fs.StringVar(&o.NetnsPath, "netns", "", "network namespace of the node (default: this process's)")
 	fs.BoolVar(&wait, "wait", false, "after a successful uninstall, sleep until SIGTERM (for a DaemonSet)")
 	if err := fs.Parse(args); err != nil {

@@ -24,7 +24,9 @@ type UninstallOptions struct {
 	// DEL for pods qoscni wired (see docs/install.md).
 	KeepBinary bool
 	// Kernel also removes qoscni's kernel objects: shaping on host veths,
-	// every IFB it created and its nftables table.
+	// every IFB it created, the localnet guards and its nftables table;
+	// route_localnet goes back to 0 where qoscni set it (the markers
+	// beside StateDir say where).
 	Kernel bool
 	// NetnsPath is the node's network namespace ("" = the current one).
 	NetnsPath string

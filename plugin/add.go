@@ -200,7 +200,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 		return nil, err
 	}
 	if len(ports) > 0 {
-		undoPorts, err := addPorts(portOwner(key, pod), conf.Bridge, ports)
+		undoPorts, err := addPorts(portOwner(key, pod), conf.StateDir, conf.Bridge, ports)
 		if err != nil {
 			return nil, err
 		}

@@ -80,7 +80,7 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 	var undoPorts func() error
 	if len(ports) > 0 {
 		key := state.Key{Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName}
-		undoPorts, err = addPorts(portOwner(key, pod), routeLocalnetIface(host, prev, hostName), ports)
+		undoPorts, err = addPorts(portOwner(key, pod), conf.StateDir, routeLocalnetIface(host, prev, hostName), ports)
 		if err != nil {
 			if !shape.Empty() {
 				p.removeShaping(hostName, ifb)

@@ -56,10 +56,24 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 	if err := checkShaping(rec); err != nil {
 		errs = append(errs, err)
 	}
-	if err := checkPorts(rec); err != nil {
+	if err := checkPorts(rec, localnetIface(prev, rec)); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// localnetIface is the interface ADD gave route_localnet and its guard:
+// the bridge, or in chained mode what routeLocalnetIface picks.
+func localnetIface(prev *current.Result, rec *state.Record) string {
+	if rec.Mode != state.ModeChained {
+		return rec.Bridge
+	}
+	host, err := hostHandle()
+	if err != nil {
+		return ""
+	}
+	defer host.Close()
+	return routeLocalnetIface(host, prev, rec.HostVeth)
 }
 
 // checkShaping compares the record's shaping with the kernel, read-only.

@@ -1,6 +1,7 @@
 package plugin
 
 import (
+	"errors"
 	"fmt"
 	"net"
 
@@ -33,9 +34,10 @@ func portOwner(key state.Key, pod netconf.PodArgs) portmap.Owner {
 	return portmap.Owner{ContainerID: key.ContainerID, IfName: key.IfName, PodNamespace: pod.Namespace, PodName: pod.Name}
 }
 
-// addPorts maps the hostPorts and returns the undo step.
-func addPorts(owner portmap.Owner, hostIface string, maps []portmap.Mapping) (func() error, error) {
-	m, err := portmap.New(-1)
+// addPorts maps the hostPorts and returns the undo step. stateDir is the
+// network's: the localnet markers live beside it.
+func addPorts(owner portmap.Owner, stateDir, hostIface string, maps []portmap.Mapping) (func() error, error) {
+	m, err := portmap.New(-1, portmap.WithLocalnetDir(portmap.LocalnetDir(stateDir)))
 	if err != nil {
 		return nil, err
 	}
@@ -75,7 +77,9 @@ func delPorts(key state.Key, rec *state.Record) error {
 	return err
 }
 
-func checkPorts(rec *state.Record) error {
+// checkPorts compares the record's hostPorts with the kernel, and the
+// localnet guard and route_localnet of hostIface when they are needed.
+func checkPorts(rec *state.Record, hostIface string) error {
 	if len(rec.Ports) == 0 {
 		return nil
 	}
@@ -88,7 +92,16 @@ func checkPorts(rec *state.Record) error {
 		return err
 	}
 	defer m.Close()
+	var errs []error
 	if err := m.Check(portmap.OwnerOf(rec), maps); err != nil {
+		errs = append(errs, err)
+	}
+	if hostIface != "" && portmap.NeedsLocalnet(maps) {
+		if err := m.CheckLocalnet(hostIface); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("hostPorts of %s/%s: %w", rec.ContainerID, rec.IfName, err)
 	}
 	return nil

@@ -403,3 +403,77 @@ func mergeIntervals(ivs []interval) []interval {
 	}
 	return out
 }
+
+// Repair makes the masquerade chain, its sets and the elements addrs call
+// for present, in one batch: each address in masq-src{4,6}, its subnet
+// and multicast in masq-skip-dst{4,6} (as Add and ensureBase put them).
+// Nothing is removed. masq-skip-cluster{4,6} is the agent's node watcher's
+// to fill (SetClusterCIDRs, on its own resync). It reports whether the
+// base was rebuilt and how many elements it added.
+func (m *Masq) Repair(addrs []net.IPNet) (base bool, added int, err error) {
+	ready := m.baseReady()
+	if !ready {
+		if err := m.queueBase(); err != nil {
+			return false, 0, err
+		}
+	}
+	for _, f := range []struct {
+		src, skip *nftables.Set
+		v4        bool
+	}{{m.src4, m.skip4, true}, {m.src6, m.skip6, false}} {
+		var want []net.IPNet
+		for _, a := range addrs {
+			if (a.IP.To4() != nil) == f.v4 {
+				want = append(want, a)
+			}
+		}
+		// Without the base, a set may be missing: google/nftables v0.3.0
+		// drops the errno, so any listing error then counts as an empty
+		// set (re-adding an element that is there is no error).
+		haveSkip, err := m.intervals(f.skip)
+		if err != nil && ready {
+			return false, 0, err
+		}
+		haveSrc, err := m.conn.GetSetElements(f.src)
+		if err != nil && ready {
+			return false, 0, fmt.Errorf("list set %s: %w", f.src.Name, err)
+		}
+		skips := make([]interval, 0, len(want)+1)
+		for _, mc := range multicast {
+			if (mc.IP.To4() != nil) == f.v4 {
+				skips = append(skips, prefixInterval(mc))
+			}
+		}
+		for _, a := range want {
+			skips = append(skips, prefixInterval(net.IPNet{IP: a.IP.Mask(a.Mask), Mask: a.Mask}))
+		}
+		for _, iv := range skips {
+			if slices.ContainsFunc(haveSkip, iv.overlaps) {
+				continue
+			}
+			if err := m.conn.SetAddElements(f.skip, intervalElems(iv)); err != nil {
+				return false, 0, fmt.Errorf("add %x to %s: %w", iv.lo, f.skip.Name, err)
+			}
+			haveSkip = append(haveSkip, iv)
+			added++
+		}
+		for _, a := range want {
+			k := ipKey(a.IP)
+			if slices.ContainsFunc(haveSrc, func(e nftables.SetElement) bool { return bytes.Equal(e.Key, k) }) {
+				continue
+			}
+			if err := m.conn.SetAddElements(f.src, []nftables.SetElement{{Key: k}}); err != nil {
+				return false, 0, fmt.Errorf("add %s to %s: %w", a.IP, f.src.Name, err)
+			}
+			haveSrc = append(haveSrc, nftables.SetElement{Key: k})
+			added++
+		}
+	}
+	if ready && added == 0 {
+		return false, 0, nil
+	}
+	if err := m.conn.Flush(); err != nil {
+		return false, 0, fmt.Errorf("restore ipMasq in nftables table %s: %w", TableName, err)
+	}
+	return !ready, added, nil
+}

@@ -188,3 +188,53 @@ func TestMasqUpgradesOldRules(t *testing.T) {
 		t.Errorf("skip4 after upgrade = %q", got)
 	}
 }
+
+// After `nft flush ruleset`, Repair brings back the chain and what the
+// records' addresses call for, in one batch; the cluster CIDRs come back
+// with the node watcher's next SetClusterCIDRs. On an intact table it does
+// nothing, and a single lost element is found too.
+func TestMasqRepair(t *testing.T) {
+	m, node := masqIn(t)
+	pods := []net.IPNet{podAddr("10.62.0.2/24"), podAddr("10.62.0.3/24"), podAddr("fd62::2/64")}
+	if err := m.Add(pods); err != nil {
+		t.Fatal(err)
+	}
+	cluster := []net.IPNet{cidr("10.62.8.0/24")}
+	if err := m.SetClusterCIDRs(cluster); err != nil {
+		t.Fatal(err)
+	}
+	repair := func(wantBase bool, wantAdded int) {
+		t.Helper()
+		base, added, err := m.Repair(pods)
+		if err != nil || base != wantBase || added != wantAdded {
+			t.Fatalf("Repair: base %v added %d err %v; want base %v added %d", base, added, err, wantBase, wantAdded)
+		}
+	}
+	repair(false, 0)
+
+	node.Exec(t, "nft", "delete", "element", "inet", TableName, masqSrc4, "{", "10.62.0.2", "}")
+	repair(false, 1)
+	if ok, err := m.Has(net.ParseIP("10.62.0.2")); err != nil || !ok {
+		t.Fatalf("lost element not restored: %v %v", ok, err)
+	}
+
+	node.Exec(t, "nft", "flush", "ruleset")
+	// 3 addresses, 2 subnets, multicast of both families.
+	repair(true, 7)
+	for set, want := range map[string]string{
+		masqSrc4: "10.62.0.2 10.62.0.3", masqSrc6: "fd62::2",
+		masqSkip4: "10.62.0.0/24 224.0.0.0/4", masqSkip6: "fd62::/64 ff00::/8",
+		masqCluster4: "",
+	} {
+		if got := setText(t, node, set); got != want {
+			t.Errorf("%s after Repair = %q, want %q", set, got, want)
+		}
+	}
+	if err := m.SetClusterCIDRs(cluster); err != nil {
+		t.Fatal(err)
+	}
+	if got := setText(t, node, masqCluster4); got != "10.62.8.0/24" {
+		t.Errorf("cluster4 after the watcher's next pass = %q", got)
+	}
+	repair(false, 0)
+}

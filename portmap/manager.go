@@ -80,11 +80,22 @@ type Manager struct {
 	conn *nftables.Conn
 	raw  *rawConn
 	l    *layout
+	// localnetDir keeps the markers of where route_localnet is relied on
+	// ("" = none: nothing will restore the localnet guard or reset the
+	// sysctl at uninstall; for library use and tests only).
+	localnetDir string
 }
+
+// Option configures a Manager.
+type Option func(*Manager)
+
+// WithLocalnetDir sets the marker directory (LocalnetDir of the network's
+// state directory).
+func WithLocalnetDir(dir string) Option { return func(m *Manager) { m.localnetDir = dir } }
 
 // New opens nftables in the namespace nsFd (-1 = the current one, which is
 // where the plugin runs: the node netns).
-func New(nsFd int) (*Manager, error) {
+func New(nsFd int, options ...Option) (*Manager, error) {
 	opts := []nftables.ConnOption{nftables.AsLasting()}
 	if nsFd >= 0 {
 		opts = append(opts, nftables.WithNetNSFd(nsFd))
@@ -98,7 +109,11 @@ func New(nsFd int) (*Manager, error) {
 		c.CloseLasting()
 		return nil, err
 	}
-	return &Manager{nsFd: nsFd, conn: c, raw: raw, l: newLayout()}, nil
+	m := &Manager{nsFd: nsFd, conn: c, raw: raw, l: newLayout()}
+	for _, o := range options {
+		o(m)
+	}
+	return m, nil
 }
 
 // Close releases the netlink sockets.
@@ -254,8 +269,9 @@ func conflictError(o observed) error {
 // and the owner) and nothing is changed; the attachment re-adding its own
 // mappings is a no-op. hostIface is the host interface the pods sit behind
 // (the bridge in standalone mode, the host veth or bridge in chained mode):
-// it gets route_localnet=1 so 127.0.0.1:hostPort works; "" skips that. UDP
-// conntrack entries towards the mapped host ports are flushed afterwards.
+// it gets route_localnet=1 so 127.0.0.1:hostPort works, behind the
+// localnet guard (see ensureLocalnet); "" skips that. UDP conntrack
+// entries towards the mapped host ports are flushed afterwards.
 func (m *Manager) Add(owner Owner, hostIface string, maps []Mapping) error {
 	if len(maps) == 0 {
 		return nil
@@ -300,15 +316,17 @@ func (m *Manager) Add(owner Owner, hostIface string, maps []Mapping) error {
 		}
 		return fmt.Errorf("add hostPorts %s for %s: %w", mappingList(maps), owner, err)
 	}
-	if hostIface != "" && needsLocalnet(maps) {
-		if err := setRouteLocalnet(m.nsFd, hostIface); err != nil {
+	if hostIface != "" && NeedsLocalnet(maps) {
+		if err := m.ensureLocalnet(hostIface); err != nil {
 			return err
 		}
 	}
 	return m.flushConntrack(maps)
 }
 
-func needsLocalnet(maps []Mapping) bool {
+// NeedsLocalnet reports whether the mappings make the host interface
+// need route_localnet (and its guards): IPv4 only, IPv6 has no such knob.
+func NeedsLocalnet(maps []Mapping) bool {
 	for _, mp := range maps {
 		if !mp.IPv6() {
 			return true

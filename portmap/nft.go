@@ -15,11 +15,12 @@ import (
 // Chain and set names inside podnet.TableName (family inet). The masquerade
 // chain and masq-* sets of ipMasq live in the same table and are not ours.
 const (
-	chainDstnat    = "dstnat"        // nat prerouting: jump hostports
-	chainDstnatOut = "dstnat-output" // nat output: jump hostports
-	chainHostports = "hostports"     // regular chain: fib check + 4 map lookups
-	chainSrcnat    = "srcnat"        // nat postrouting: hairpin/localhost masquerade
-	chainMartian   = "martian"       // filter prerouting at raw: 127/8 from outside
+	chainDstnat    = "dstnat"         // nat prerouting: jump hostports
+	chainDstnatOut = "dstnat-output"  // nat output: jump hostports
+	chainHostports = "hostports"      // regular chain: fib check + 4 map lookups
+	chainSrcnat    = "srcnat"         // nat postrouting: hairpin/localhost masquerade
+	chainMartian   = "martian"        // filter prerouting at raw: 127/8 from outside
+	chainLocalnet  = "localnet-reply" // filter prerouting before dstnat: mark for the tc guard
 
 	setAny4     = "hostport4"        // inet_proto . inet_service : ipv4_addr . inet_service
 	setAny6     = "hostport6"        // inet_proto . inet_service : ipv6_addr . inet_service
@@ -35,6 +36,9 @@ const (
 	// PriorityMartian runs before conntrack (-200): spoofed 127/8 packets
 	// are dropped before they create a conntrack entry or meet any NAT.
 	PriorityMartian = nftables.ChainPriority(-300) // raw
+	// PriorityLocalnet runs after conntrack (-200) and before the reply of
+	// a localhost connection is de-NATed to 127.0.0.1 (-100).
+	PriorityLocalnet = nftables.ChainPriority(-150)
 	// PriorityDstnat is the standard nat prerouting/output priority.
 	PriorityDstnat = nftables.ChainPriority(-100) // dstnat
 	// PrioritySrcnat is the standard nat postrouting priority.
@@ -69,9 +73,9 @@ var (
 
 // layout is the fixed part of the ruleset: table, chains, sets, rules.
 type layout struct {
-	table                                            *nftables.Table
-	dstnat, dstnatOut, hostports, srcnat, martian    *nftables.Chain
-	any4, any6, hostIP4, hostIP6, hairpin4, hairpin6 *nftables.Set
+	table                                                   *nftables.Table
+	dstnat, dstnatOut, hostports, srcnat, martian, localnet *nftables.Chain
+	any4, any6, hostIP4, hostIP6, hairpin4, hairpin6        *nftables.Set
 }
 
 func newLayout() *layout {
@@ -93,6 +97,8 @@ func newLayout() *layout {
 			Hooknum: nftables.ChainHookPostrouting, Priority: ptr(PrioritySrcnat)},
 		martian: &nftables.Chain{Name: chainMartian, Table: t, Type: nftables.ChainTypeFilter,
 			Hooknum: nftables.ChainHookPrerouting, Priority: ptr(PriorityMartian)},
+		localnet: &nftables.Chain{Name: chainLocalnet, Table: t, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookPrerouting, Priority: ptr(PriorityLocalnet)},
 		any4:     mapSet(setAny4, typeAnyKey, typeTarget4),
 		any6:     mapSet(setAny6, typeAnyKey, typeTarget6),
 		hostIP4:  mapSet(setHostIP4, typeHostKey4, typeTarget4),
@@ -188,6 +194,12 @@ func nfproto(p byte) []expr.Any {
 // ipsDstNAT is IPS_DST_NAT of enum ip_conntrack_status (ct status dnat).
 const ipsDstNAT = 1 << 5
 
+// enum ip_conntrack_dir.
+const (
+	ipCtDirOriginal = 0
+	ipCtDirReply    = 1
+)
+
 // ctDNAT matches connections whose destination was translated.
 func ctDNAT() []expr.Any {
 	return []expr.Any{
@@ -213,8 +225,8 @@ type ruleSpec struct {
 }
 
 // rules is the complete fixed rule set. Whatever the number of mappings, a
-// packet meets at most 2 rules in martian, 1 jump + 5 rules in hostports
-// and 3 in srcnat.
+// packet meets at most 2 rules in martian, 1 in localnet-reply, 1 jump + 5
+// rules in hostports and 3 in srcnat.
 func (l *layout) rules() []ruleSpec {
 	dport := &expr.Payload{Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2}
 	l4 := func(reg uint32) expr.Any { return &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: reg} }
@@ -249,6 +261,20 @@ func (l *layout) rules() []ruleSpec {
 		{l.martian, "drop 127/8 destination from outside (route_localnet guard)",
 			cat(nfproto(unix.NFPROTO_IPV4), notLo, first(16, 127), []expr.Any{&expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop}})},
 
+		{l.localnet, "mark replies of translated localhost connections (localnet guard lets them pass)",
+			cat(nfproto(unix.NFPROTO_IPV4), notLo, ctDNAT(), []expr.Any{
+				&expr.Ct{Key: expr.CtKeyDIRECTION, Register: 1},
+				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{ipCtDirReply}},
+				// ct original saddr: the connection came from 127/8.
+				&expr.Ct{Key: expr.CtKeySRC, Direction: ipCtDirOriginal, Register: 1},
+				&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: []byte{0xff, 0, 0, 0}, Xor: make([]byte, 4)},
+				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{127, 0, 0, 0}},
+				&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+				&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+					Mask: binaryutil.NativeEndian.PutUint32(^uint32(localnetMark)), Xor: binaryutil.NativeEndian.PutUint32(localnetMark)},
+				&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+			})},
+
 		{l.hostports, "only traffic addressed to this node",
 			[]expr.Any{
 				&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
@@ -278,5 +304,5 @@ func (l *layout) rules() []ruleSpec {
 
 // chains in creation order: hostports before the chains that jump to it.
 func (l *layout) chains() []*nftables.Chain {
-	return []*nftables.Chain{l.martian, l.hostports, l.dstnat, l.dstnatOut, l.srcnat}
+	return []*nftables.Chain{l.martian, l.localnet, l.hostports, l.dstnat, l.dstnatOut, l.srcnat}
 }

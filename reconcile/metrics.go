@@ -20,7 +20,7 @@ func NewMetrics() *Metrics {
 		}, []string{"result"}),
 		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "qoscni_agent_repairs_total",
-			Help: "Attachments whose kernel state had drifted from the record and was restored, by kind.",
+			Help: "Kernel state that had drifted from the records and was restored, by kind: shaping counts attachments; nftables-base counts rebuilds of a feature's chains and rules in table inet qoscni; hostport and masquerade count set elements; localnet-guard counts tc guards of route_localnet.",
 		}, []string{"kind"}),
 		gc: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "qoscni_agent_gc_total",

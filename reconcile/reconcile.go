@@ -86,6 +86,10 @@ type Config struct {
 	Interval time.Duration // 0 = DefaultInterval
 	Metrics  *Metrics      // nil = unregistered counters
 	Logger   *slog.Logger
+
+	// Repairers restore node-wide kernel state the records imply
+	// (nftables, guards) on every pass, after GC and shaping repair.
+	Repairers []KernelRepairer
 }
 
 // Reconciler owns the node namespace's shaping: one goroutine (Run) does
@@ -327,6 +331,7 @@ func (r *Reconciler) Pass() PassResult {
 			res.Errors++
 		}
 	}
+	r.repairKernel(live, &res)
 	res.Duration = time.Since(start)
 	r.m.passDuration.Observe(res.Duration.Seconds())
 	r.log.Debug("reconcile pass", "records", res.Records, "reshaped", res.Reshaped, "repaired", res.Repaired,

@@ -24,6 +24,7 @@ import (
 	"github.com/qoscni/qoscni/install"
 	"github.com/qoscni/qoscni/kube"
 	"github.com/qoscni/qoscni/nodenet"
+	"github.com/qoscni/qoscni/podnet"
 	"github.com/qoscni/qoscni/portmap"
 	"github.com/qoscni/qoscni/reconcile"
 )
@@ -158,6 +159,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		nsFd = int(f.Fd())
 	}
 	cfg.Cleaners = []reconcile.AttachmentCleaner{portmap.NewCleaner(nsFd)}
+	// An `nft flush ruleset` takes hostPorts, ipMasq and the martian guard
+	// away; every pass brings them back from the records.
+	cfg.Repairers = []reconcile.KernelRepairer{
+		portmap.NewRepairer(nsFd, []string{portmap.LocalnetDir(*stateDir)}, logger),
+		podnet.NewMasqRepairer(nsFd, logger),
+	}
 	cfg.Registry = prometheus.NewRegistry()
 	if routesMode != nodenet.ModeOff {
 		if client == nil {
