@@ -9,6 +9,7 @@ import (
 
 	"github.com/qoscni/qoscni/netconf"
 	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/portmap"
 	"github.com/qoscni/qoscni/shaping"
 	"github.com/qoscni/qoscni/state"
 )
@@ -67,6 +68,12 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 		full = nil
 	}
 	if rec != nil && rec.Mode == state.ModeChained {
+		// Behind a main plugin without a bridge the localnet guard sits on
+		// this pod's own veth: it goes first (then the clsact qdisc is
+		// empty and goes with the shaping).
+		if err := portmap.ReleaseLocalnet(-1, portmap.LocalnetDir(conf.StateDir), rec.HostVeth); err != nil {
+			errs = append(errs, fmt.Errorf("release route_localnet of %s: %w", rec.HostVeth, err))
+		}
 		// The veth is the main plugin's: take only our qdiscs off it.
 		sh, err := shaping.Open(-1)
 		if err != nil {

@@ -123,3 +123,58 @@ func UninstallLocalnet(nsFd int, dirs ...string) ([]LocalnetUndo, error) {
 	}
 	return out, errors.Join(errs...)
 }
+
+// ReleaseLocalnet undoes the localnet set-up of one interface that belongs
+// to one attachment: the host veth of a chained pod behind a main plugin
+// without a bridge (ptp), whose DEL would otherwise leave qoscni's guard
+// (and the clsact qdisc it made) on the main plugin's veth. route_localnet
+// goes back to 0 first where qoscni turned it on, then the guard, then the
+// marker. An interface without our guard or marker is left alone; a bridge
+// keeps its guard for the other pods behind it, so callers pass only an
+// attachment's own veth.
+func ReleaseLocalnet(nsFd int, dir, iface string) error {
+	h, err := linkHandle(nsFd)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	idx, err := guardable(h, iface)
+	if err != nil {
+		return nil // gone, or no Ethernet link: nothing of ours on it
+	}
+	c, err := openTC(nsFd)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	path := ""
+	var mk marker
+	if dir != "" {
+		path = markerPath(dir, iface)
+		if m, err := loadMarker(path); err == nil {
+			if boot, err := bootID(); err == nil && m.BootID == boot && m.IfIndex == idx {
+				mk = m
+			}
+		}
+	}
+	if mk.SetRouteLocalnet {
+		on, err := readRouteLocalnet(nsFd, iface)
+		if err != nil {
+			return err
+		}
+		if on {
+			if err := writeRouteLocalnet(nsFd, iface, idx, false); err != nil {
+				return err
+			}
+		}
+	}
+	if _, err := removeGuard(c, iface, uint32(idx), mk.CreatedClsact); err != nil {
+		return err
+	}
+	if path != "" {
+		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove localnet marker: %w", err)
+		}
+	}
+	return nil
+}
