@@ -18,11 +18,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/qoscni/qoscni/agent"
+	"github.com/qoscni/qoscni/cniconf"
 	"github.com/qoscni/qoscni/install"
 	"github.com/qoscni/qoscni/kube"
 	"github.com/qoscni/qoscni/nodenet"
 	"github.com/qoscni/qoscni/portmap"
 	"github.com/qoscni/qoscni/reconcile"
+	"github.com/qoscni/qoscni/state"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -44,9 +46,10 @@ func main() {
 		listen = v
 	}
 	fs.StringVar(&listen, "listen", listen, "address for /metrics, /healthz, /readyz (env "+agent.ListenEnv+")")
-	stateDir := fs.String("state-dir", agent.DefaultStateDir, "plugin attachment records")
+	stateDir := fs.String("state-dir", agent.DefaultStateDir, "plugin attachment records (the records of other qoscni networks are found through --cni-conf-dir and --state-registry)")
+	stateRegistry := fs.String("state-registry", state.DefaultRegistryDir, "the plugin's registry of the state dirs it writes records to (\"\" = none)")
 	journalDir := fs.String("journal-dir", agent.DefaultJournalDir, "plugin call journal (the sibling 'journal' of the plugin's stateDir)")
-	cniConfDir := fs.String("cni-conf-dir", agent.DefaultCNIConfDir, "CNI config files, read for qoscni networks with built-in IPAM")
+	cniConfDir := fs.String("cni-conf-dir", agent.DefaultCNIConfDir, "CNI config files, read for the qoscni networks' stateDir and built-in IPAM")
 	netnsPath := fs.String("netns", "", "network namespace of the node's devices (default: the agent's own)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	output := fs.String("o", "table", "status output: table or json")
@@ -70,7 +73,7 @@ func main() {
 	logger := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
 	if cmd == "status" {
-		rows, err := agent.Status(*stateDir, *netnsPath, *interval)
+		rows, err := agent.Status(cniconf.StateSources{Own: *stateDir, ConfDir: *cniConfDir, Registry: *stateRegistry}, *netnsPath, *interval)
 		if err == nil {
 			err = agent.WriteStatus(os.Stdout, rows, *output == "json")
 		}
@@ -99,7 +102,7 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	cfg := agent.Config{Listen: listen, StateDir: *stateDir, JournalDir: *journalDir,
+	cfg := agent.Config{Listen: listen, StateDir: *stateDir, StateRegistry: *stateRegistry, JournalDir: *journalDir,
 		CNIConfDir: *cniConfDir, NetnsPath: *netnsPath, Version: version, Logger: logger,
 		NodeName: *nodeName, ReconcileInterval: *reconcileInterval}
 	if client != nil {
