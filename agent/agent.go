@@ -52,6 +52,11 @@ type Config struct {
 	NetnsPath  string // "" = the agent's own namespace
 	Version    string
 	Logger     *slog.Logger
+	// StateRegistry is the plugin's registry of state directories
+	// (state.DefaultRegistryDir on a node; "" = none). With StateDir and
+	// the stateDirs of CNIConfDir's qoscni networks it says where the
+	// records are, for the metrics and the reconciler alike.
+	StateRegistry string
 	// ShutdownTimeout bounds the wait for in-flight scrapes on SIGTERM.
 	ShutdownTimeout time.Duration
 
@@ -98,7 +103,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	col := metrics.NewCollector(metrics.Config{
-		StateDir: cfg.StateDir, JournalDir: cfg.JournalDir, CNIConfDir: cfg.CNIConfDir,
+		StateDir: cfg.StateDir, StateRegistry: cfg.StateRegistry, JournalDir: cfg.JournalDir, CNIConfDir: cfg.CNIConfDir,
 		Netns: ns, Version: cfg.Version, Logger: cfg.Logger,
 	})
 	reg := cfg.Registry
@@ -145,7 +150,7 @@ func (s *Server) newReconciler(reg prometheus.Registerer) error {
 		return err
 	}
 	rcfg := reconcile.Config{
-		StateDir: s.cfg.StateDir, CNIConfDir: s.cfg.CNIConfDir, NetnsFd: s.nodeNS,
+		StateDir: s.cfg.StateDir, CNIConfDir: s.cfg.CNIConfDir, StateRegistry: s.cfg.StateRegistry, NetnsFd: s.nodeNS,
 		Cleaners: s.cfg.Cleaners, Interval: s.cfg.ReconcileInterval, Metrics: m, Logger: s.cfg.Logger,
 		Repairers: s.cfg.Repairers,
 	}
@@ -218,7 +223,7 @@ func (s *Server) Serve(ctx context.Context) error {
 	log := s.cfg.Logger
 	errc := make(chan error, 1)
 	go func() { errc <- s.http.Serve(s.ln) }()
-	log.Info("agent listening", "addr", s.Addr(), "stateDir", s.cfg.StateDir, "journalDir", s.cfg.JournalDir,
+	log.Info("agent listening", "addr", s.Addr(), "stateDir", s.cfg.StateDir, "stateRegistry", s.cfg.StateRegistry, "journalDir", s.cfg.JournalDir,
 		"cniConfDir", s.cfg.CNIConfDir, "netns", s.cfg.NetnsPath)
 	defer s.ns.Close()
 	rctx, stopReconciler := context.WithCancel(ctx)

@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/common/model"
 	"github.com/vishvananda/netns"
 
+	"github.com/qoscni/qoscni/cniconf"
 	"github.com/qoscni/qoscni/internal/testnet"
 	"github.com/qoscni/qoscni/journal"
 	"github.com/qoscni/qoscni/state"
@@ -361,7 +362,7 @@ func TestAgentKernelShapedPod(t *testing.T) {
 	}
 
 	// The status table sees both directions, the limit and the hostPorts.
-	rows, err := Status(node.StateDir, node.Path, 200*time.Millisecond)
+	rows, err := Status(cniconf.StateSources{Own: node.StateDir}, node.Path, 200*time.Millisecond)
 	if err != nil || len(rows) != 2 || rows[0].Direction != "egress" || rows[1].LimitBits != 10_000_000 ||
 		len(rows[1].HostPorts) != 2 || !rows[1].QdiscFound {
 		t.Errorf("Status = %+v, %v", rows, err)

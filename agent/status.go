@@ -9,6 +9,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/qoscni/qoscni/cniconf"
 	"github.com/qoscni/qoscni/metrics"
 	"github.com/qoscni/qoscni/state"
 )
@@ -30,14 +31,15 @@ type StatusRow struct {
 
 // Status reads the node twice, interval apart, and returns one row per
 // shaped direction (attachments without shaping but with hostPorts get a
-// row with direction "-").
-func Status(stateDir, netnsPath string, interval time.Duration) ([]StatusRow, error) {
+// row with direction "-"), from the records of every state directory src
+// names, as the agent's metrics and reconciler read them.
+func Status(src cniconf.StateSources, netnsPath string, interval time.Duration) ([]StatusRow, error) {
 	ns, err := metrics.OpenNetns(netnsPath)
 	if err != nil {
 		return nil, err
 	}
 	defer ns.Close()
-	cache := state.NewCache(state.New(stateDir))
+	cache := metrics.NewNodeRecords(src)
 	first, err := metrics.Take(cache, ns)
 	if err != nil {
 		return nil, err

@@ -36,7 +36,7 @@ const NftTable = podnet.TableName
 // the bridge, addresses and routes). Order matters: a veth's redirect to
 // an IFB goes before the IFB, or the veth's egress would be redirected to
 // a device that no longer exists, which drops every packet of the pod.
-func cleanKernel(_ context.Context, stateDir, netnsPath string, rep *Report) error {
+func cleanKernel(_ context.Context, stateDirs []string, netnsPath string, rep *Report) error {
 	fd := -1
 	if netnsPath != "" {
 		f, err := os.Open(netnsPath)
@@ -73,7 +73,11 @@ func cleanKernel(_ context.Context, stateDir, netnsPath string, rep *Report) err
 	// 0. route_localnet, while its guards still stand: back to 0 where
 	// qoscni turned it on, then the localnet guards (tc) go. The martian
 	// chain goes with the table, last.
-	undo, err := portmap.UninstallLocalnet(fd, portmap.LocalnetDir(stateDir))
+	var localnet []string
+	for _, d := range stateDirs {
+		localnet = append(localnet, portmap.LocalnetDir(d))
+	}
+	undo, err := portmap.UninstallLocalnet(fd, localnet...)
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -92,9 +96,13 @@ func cleanKernel(_ context.Context, stateDir, netnsPath string, rep *Report) err
 
 	// 1. What the records say: also finds a chained veth shaped only
 	// towards the pod (no IFB, no redirect to recognise it by).
-	recs, _, err := state.New(stateDir).List("")
-	if err != nil {
-		errs = append(errs, err)
+	var recs []*state.Record
+	for _, d := range stateDirs {
+		rs, _, err := state.New(d).List("")
+		if err != nil {
+			errs = append(errs, err)
+		}
+		recs = append(recs, rs...)
 	}
 	for _, r := range recs {
 		ifb := ""

@@ -7,7 +7,11 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+
+	"github.com/qoscni/qoscni/cniconf"
+	"github.com/qoscni/qoscni/state"
 )
 
 // UninstallOptions of Uninstall.
@@ -41,11 +45,18 @@ func Uninstall(ctx context.Context, o UninstallOptions) (*Report, error) {
 	confDir := orDefault(o.CNIConfDir, CNIConfDir)
 	rep := &Report{}
 	var errs []error
+	// Every qoscni network's state directory, read before the config that
+	// names some of them goes: the records and localnet markers there say
+	// what qoscni did to the kernel.
+	var stateDirs []string
+	if o.Kernel {
+		stateDirs = uninstallStateDirs(h, confDir, orDefault(o.StateDir, StateDir))
+	}
 	if err := uninstallConfig(h, confDir, orDefault(o.ConflistName, ConflistName), rep); err != nil {
 		errs = append(errs, err)
 	}
 	if o.Kernel {
-		if err := cleanKernel(ctx, h.abs(orDefault(o.StateDir, StateDir)), o.NetnsPath, rep); err != nil {
+		if err := cleanKernel(ctx, stateDirs, o.NetnsPath, rep); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -181,4 +192,21 @@ func restoreBackup(h hostPaths, confDir, backupName string, rep *Report) error {
 	}
 	rep.add(backup, Removed, "stale: "+orig+" no longer has qoscni")
 	return nil
+}
+
+// uninstallStateDirs lists, as paths under the host root, the state
+// directories of every qoscni network the agent would read: the given
+// one, those the conflists name and those the plugin registered. A
+// directory the listing cannot read is skipped (the given one never is).
+func uninstallStateDirs(h hostPaths, confDir, own string) []string {
+	conf, _ := cniconf.StateDirs(h.abs(confDir))
+	reg, _ := state.RegisteredDirs(h.abs(state.DefaultRegistryDir))
+	out := []string{h.abs(own)}
+	for _, d := range append(conf, reg...) {
+		// Conflists and the registry name host paths.
+		if d = h.abs(d); !slices.Contains(out, d) {
+			out = append(out, d)
+		}
+	}
+	return out
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/qoscni/qoscni/cniconf"
 	"github.com/qoscni/qoscni/journal"
 	"github.com/qoscni/qoscni/state"
 )
@@ -19,10 +20,16 @@ import (
 type Config struct {
 	StateDir   string // plugin attachment records
 	JournalDir string // plugin call journal ("" = do not read)
-	CNIConfDir string // conflists naming qoscni networks with built-in IPAM ("" = none)
+	CNIConfDir string // conflists naming qoscni networks with built-in IPAM or a stateDir ("" = none)
 	Netns      *Netns // namespace of the node's devices
 	Version    string // qoscni_build_info version label
 	Logger     *slog.Logger
+
+	// StateRegistry lists more state directories ("" = none). The records
+	// are those of StateDir, of the stateDir of every qoscni network of
+	// CNIConfDir and of the registered directories
+	// (cniconf.StateSources, as the reconciler reads them).
+	StateRegistry string
 }
 
 // OpDurationBuckets cover a CNI call: a fast DEL takes about a millisecond, an
@@ -117,7 +124,7 @@ func (m *monotonic) update(s *QdiscStats) [nCounters]uint64 {
 // scrape time.
 type Collector struct {
 	cfg   Config
-	store *state.Cache
+	store *NodeRecords
 	log   *slog.Logger
 
 	mu       sync.Mutex // one collection at a time: counters and journal offsets
@@ -150,7 +157,7 @@ func NewCollector(cfg Config) *Collector {
 	}
 	c := &Collector{
 		cfg:    cfg,
-		store:  state.NewCache(state.New(cfg.StateDir)),
+		store:  NewNodeRecords(cniconf.StateSources{Own: cfg.StateDir, ConfDir: cfg.CNIConfDir, Registry: cfg.StateRegistry}),
 		log:    cfg.Logger,
 		series: map[seriesKey]*monotonic{},
 		ops: prometheus.NewCounterVec(prometheus.CounterOpts{

@@ -5,10 +5,12 @@ package metrics
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
 	"slices"
 	"time"
 
+	"github.com/qoscni/qoscni/cniconf"
 	"github.com/qoscni/qoscni/state"
 )
 
@@ -67,6 +69,36 @@ func podName(r *state.Record) string {
 // Records lists attachment records (a state.Cache re-reads only changed files).
 type Records interface {
 	List() ([]*state.Record, []state.BadFile, error)
+}
+
+// NodeRecords lists the records of every state directory of the node
+// (cniconf.StateSources, found anew on each call, so a new network is
+// seen at the next scrape), each through a cache kept between calls.
+type NodeRecords struct {
+	sources cniconf.StateSources
+	caches  *state.Caches
+}
+
+// NewNodeRecords reads the directories of src.
+func NewNodeRecords(src cniconf.StateSources) *NodeRecords {
+	return &NodeRecords{sources: src, caches: state.NewCaches()}
+}
+
+// List fails when any state directory cannot be read: a scrape that
+// silently left one out would end the series of its pods.
+func (n *NodeRecords) List() ([]*state.Record, []state.BadFile, error) {
+	// A config file that does not parse is the reconciler's to report,
+	// once; the directories found are read all the same.
+	dirs, _ := n.sources.Dirs()
+	entries, bad, errs := n.caches.Entries(dirs)
+	if len(errs) > 0 {
+		return nil, nil, errors.Join(errs...)
+	}
+	recs := make([]*state.Record, 0, len(entries))
+	for _, e := range entries {
+		recs = append(recs, e.Record)
+	}
+	return recs, bad, nil
 }
 
 // Take reads every record and the root qdiscs of the namespace: one

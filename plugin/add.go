@@ -105,6 +105,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	// that DEL, GC and the agent find what it made if it is killed before
 	// the full record replaces this one.
 	hostName := podnet.HostVethName(args.ContainerID, args.IfName)
+	p.registerStateDir(conf.StateDir)
 	if err := store.SaveProvisional(&state.Record{
 		Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns,
 		Pod:  state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},

@@ -106,6 +106,7 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 	for _, ipc := range prev.IPs {
 		rec.IPs = append(rec.IPs, ipc.Address.String())
 	}
+	p.registerStateDir(conf.StateDir)
 	if err := state.New(conf.StateDir).Save(rec); err != nil {
 		if undoPorts != nil {
 			if uerr := undoPorts(); uerr != nil {

@@ -21,12 +21,16 @@ import (
 	"github.com/qoscni/qoscni/ipam"
 	"github.com/qoscni/qoscni/netconf"
 	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/state"
 )
 
 // Plugin holds what the commands share. Log goes to stderr, which runtimes
 // capture into their own logs.
 type Plugin struct {
 	Log *slog.Logger
+	// StateRegistry is where ADD registers the network's stateDir for the
+	// node agent (state.Register); "" = nowhere.
+	StateRegistry string
 }
 
 // ErrAttachmentExists is qoscni's own CNI error code (the spec leaves 100
@@ -44,7 +48,21 @@ func New() *Plugin {
 	if v := os.Getenv(LogLevelEnv); v != "" {
 		_ = level.UnmarshalText([]byte(v))
 	}
-	return &Plugin{Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))}
+	return &Plugin{Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})), StateRegistry: state.RegistryDir()}
+}
+
+// registerStateDir makes the network's stateDir known to the node agent
+// before a record of it is written. A failure does not fail the ADD: the
+// agent never deletes the devices of a live pod whatever it knows, and a
+// conflist naming the directory still leads it there; what waits is the
+// agent's cleanup of the attachment after its pod is gone.
+func (p *Plugin) registerStateDir(dir string) {
+	if p.StateRegistry == "" {
+		return
+	}
+	if err := state.Register(p.StateRegistry, dir); err != nil {
+		p.Log.Warn("the node agent may not find this network's records", "err", err)
+	}
 }
 
 // steps records the duration of each step of one command for debug logs.

@@ -41,7 +41,7 @@ func (r *MasqRepairer) Name() string { return "masquerade" }
 func (r *MasqRepairer) Kinds() []string { return []string{RepairBase, RepairMasquerade} }
 
 // Repair restores the masquerade elements of live (complete records only).
-func (r *MasqRepairer) Repair(live []*state.Record) (map[string]int, error) {
+func (r *MasqRepairer) Repair(live []*state.Record, _ []string) (map[string]int, error) {
 	var addrs []net.IPNet
 	pods := 0
 	for _, rec := range live {

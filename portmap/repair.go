@@ -127,11 +127,19 @@ func (r *Repairer) Name() string { return "hostport" }
 func (r *Repairer) Kinds() []string { return []string{RepairBase, RepairHostPort, RepairGuard} }
 
 // Repair restores what live (complete records only) needs, and returns
-// how many objects of each kind it restored.
-func (r *Repairer) Repair(live []*state.Record) (map[string]int, error) {
+// how many objects of each kind it restored. The markers are read from
+// the localnet directory of every state directory of the pass, besides
+// the ones the Repairer was made with.
+func (r *Repairer) Repair(live []*state.Record, stateDirs []string) (map[string]int, error) {
 	out := map[string]int{}
 	var errs []error
-	g, err := repairGuards(r.nsFd, r.dirs)
+	dirs := slices.Clone(r.dirs)
+	for _, d := range stateDirs {
+		if l := LocalnetDir(d); !slices.Contains(dirs, l) {
+			dirs = append(dirs, l)
+		}
+	}
+	g, err := repairGuards(r.nsFd, dirs)
 	if err != nil {
 		errs = append(errs, fmt.Errorf("localnet guards: %w", err))
 	}

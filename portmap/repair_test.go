@@ -30,7 +30,7 @@ func TestRepairerFollowsRecords(t *testing.T) {
 	live := []*state.Record{p1.record(m1, false), p2.record(m2, true)}
 	repair := func(want map[string]int) {
 		t.Helper()
-		got, err := r.Repair(live)
+		got, err := r.Repair(live, nil)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"strings"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/qoscni/qoscni/cniconf"
@@ -23,11 +24,13 @@ import (
 var qoscniLink = regexp.MustCompile(`^q[vi][0-9a-f]{12}$`)
 
 // gc removes stale attachments and leftover devices, and returns the
-// records that are still live.
-func (r *Reconciler) gc(recs []*state.Record, bad []state.BadFile, res *PassResult) []*state.Record {
-	live := make([]*state.Record, 0, len(recs))
+// records that are still live. complete says that every state directory
+// could be read: without it, the record of a link or a hostPort may be in
+// the one that could not, and only stale attachments are collected.
+func (r *Reconciler) gc(recs []attachment, bad []state.BadFile, complete bool, res *PassResult) []attachment {
+	live := make([]attachment, 0, len(recs))
 	for _, rec := range recs {
-		if !r.stale(rec) {
+		if !r.stale(rec.Record) {
 			live = append(live, rec)
 			continue
 		}
@@ -43,9 +46,18 @@ func (r *Reconciler) gc(recs []*state.Record, bad []state.BadFile, res *PassResu
 		r.log.Info("removed attachment whose pod and netns are gone", "network", rec.Network, "container", rec.ContainerID,
 			"ifname", rec.IfName, "namespace", rec.Pod.Namespace, "pod", rec.Pod.Name, "netns", rec.Netns)
 	}
+	if !complete {
+		// What the cleaners collect is what no live record holds, too.
+		r.suspects = map[string]int{}
+		return live
+	}
 	res.GCed += r.gcLinks(live, bad, res)
+	liveRecs := make([]*state.Record, len(live))
+	for i, a := range live {
+		liveRecs[i] = a.Record
+	}
 	for _, c := range r.cfg.Cleaners {
-		n, err := c.GC(live)
+		n, err := c.GC(liveRecs)
 		if n > 0 {
 			res.GCed += n
 			r.m.gc.WithLabelValues(c.Name()).Add(float64(n))
@@ -103,8 +115,10 @@ func netnsGone(path string) bool {
 // addresses, then the record, so that an agent killed half way finds the
 // record again at its next pass and finishes (the plugin's DEL releases
 // last instead: the runtime's next DEL or GC finds the addresses by owner;
-// the agent has no such second chance).
-func (r *Reconciler) cleanup(rec *state.Record) error {
+// the agent has no such second chance). The record goes from the store it
+// was read from.
+func (r *Reconciler) cleanup(a attachment) error {
+	rec := a.Record
 	var errs []error
 	ifb := ifbOf(rec)
 	if rec.Mode == state.ModeChained {
@@ -151,7 +165,7 @@ func (r *Reconciler) cleanup(rec *state.Record) error {
 		}
 	}
 	fault.At("gc", "ipam")
-	if err := r.store.Delete(rec.Key()); err != nil {
+	if err := a.store.Delete(rec.Key()); err != nil {
 		return err
 	}
 	fault.At("gc", "state")
@@ -216,11 +230,15 @@ func recordIPs(rec *state.Record) []net.IP {
 	return out
 }
 
-// gcLinks deletes qoscni-named links that no record accounts for. An ADD
+// gcLinks deletes qoscni-named links that no record accounts for and
+// nothing uses. A record may sit in a state directory the agent does not
+// know (a network whose config it cannot read), so the kernel has the
+// last word: a veth whose peer lives in another namespace, or an IFB that
+// a redirect targets, belongs to a live pod (see inUse). And an ADD
 // creates its devices before it writes the record, so a link is deleted
-// only when two consecutive passes saw it unaccounted for, with the same
-// ifindex.
-func (r *Reconciler) gcLinks(live []*state.Record, bad []state.BadFile, res *PassResult) int {
+// only when two consecutive passes saw it unaccounted for and unused,
+// with the same ifindex.
+func (r *Reconciler) gcLinks(live []attachment, bad []state.BadFile, res *PassResult) int {
 	known := map[string]bool{}
 	account := func(cid, ifname string) {
 		known[podnet.HostVethName(cid, ifname)] = true
@@ -229,7 +247,7 @@ func (r *Reconciler) gcLinks(live []*state.Record, bad []state.BadFile, res *Pas
 	for _, rec := range live {
 		account(rec.ContainerID, rec.IfName)
 		known[rec.HostVeth] = true
-		known[ifbOf(rec)] = true
+		known[ifbOf(rec.Record)] = true
 	}
 	blind := 0
 	for _, b := range bad {
@@ -255,11 +273,18 @@ func (r *Reconciler) gcLinks(live []*state.Record, bad []state.BadFile, res *Pas
 		r.log.Error("list links", "err", err)
 		return 0
 	}
+	var unknown []netlink.Link
+	for _, l := range links {
+		if a := l.Attrs(); qoscniLink.MatchString(a.Name) && !known[a.Name] {
+			unknown = append(unknown, l)
+		}
+	}
+	used := r.inUseLinks(unknown, res)
 	removed := 0
 	next := map[string]int{}
-	for _, l := range links {
+	for _, l := range unknown {
 		a := l.Attrs()
-		if !qoscniLink.MatchString(a.Name) || known[a.Name] {
+		if used[a.Index] {
 			continue
 		}
 		if idx, ok := r.suspects[a.Name]; !ok || idx != a.Index {

@@ -49,6 +49,8 @@ type env struct {
 
 type envOpts struct {
 	noAPI bool
+	// configure adjusts the reconciler's config before it starts.
+	configure func(*env, *reconcile.Config)
 }
 
 // baseEnv makes the node netns, a conflist for subnet and the reconciler's
@@ -90,6 +92,9 @@ func newEnv(t *testing.T, o envOpts) *env {
 	node := e.node
 	var err error
 	cfg := reconcile.Config{StateDir: node.StateDir, CNIConfDir: e.confDir, NetnsFd: fd, Interval: time.Hour, Metrics: e.metrics, Logger: log}
+	if o.configure != nil {
+		o.configure(e, &cfg)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	e.cancel = cancel
 	var h handler
@@ -143,11 +148,18 @@ var _ io.Writer = testWriter{}
 // addPod creates the pod object (unless noAPI) and runs the plugin's ADD
 // with the annotations as containerd passes them.
 func (e *env) addPod(name string, annotations map[string]string) (*testnet.NS, *state.Record) {
+	e.t.Helper()
+	return e.addPodTo(e.conf, e.store, name, annotations)
+}
+
+// addPodTo is addPod on the network of plugin config netConf, whose
+// records store holds.
+func (e *env) addPodTo(netConf map[string]any, store *state.Store, name string, annotations map[string]string) (*testnet.NS, *state.Record) {
 	t := e.t
 	t.Helper()
 	ns := e.node.NewPod(t)
 	conf := map[string]any{}
-	for k, v := range e.conf {
+	for k, v := range netConf {
 		conf[k] = v
 	}
 	conf["runtimeConfig"] = map[string]any{"io.kubernetes.cri.pod-annotations": annotations}
@@ -156,7 +168,7 @@ func (e *env) addPod(name string, annotations map[string]string) (*testnet.NS, *
 	e.node.Invoke(t, testnet.Call{Command: "ADD", ContainerID: cid, Netns: ns.Path, IfName: "eth0",
 		Args: "K8S_POD_NAMESPACE=default;K8S_POD_NAME=" + name + ";K8S_POD_UID=uid-" + name, Config: b}).MustSucceed(t, "ADD "+name)
 	t.Cleanup(func() {
-		plain, _ := json.Marshal(e.conf)
+		plain, _ := json.Marshal(netConf)
 		e.node.Invoke(t, testnet.Call{Command: "DEL", ContainerID: cid, Netns: ns.Path, IfName: "eth0", Config: plain})
 	})
 	if e.client != nil {
@@ -168,7 +180,11 @@ func (e *env) addPod(name string, annotations map[string]string) (*testnet.NS, *
 			t.Fatal(err)
 		}
 	}
-	return ns, e.record(cid)
+	rec, err := store.Load(state.Key{Network: netConf["name"].(string), ContainerID: cid, IfName: "eth0"})
+	if err != nil || rec == nil {
+		t.Fatalf("record of %s: %v", name, err)
+	}
+	return ns, rec
 }
 
 func (e *env) record(cid string) *state.Record {

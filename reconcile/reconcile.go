@@ -19,9 +19,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/florianl/go-tc"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
+	"github.com/qoscni/qoscni/cniconf"
 	"github.com/qoscni/qoscni/shaping"
 	"github.com/qoscni/qoscni/state"
 )
@@ -74,8 +76,12 @@ const ReasonInvalidAnnotation = "InvalidBandwidthAnnotation"
 
 // Config is what the reconciler works on.
 type Config struct {
-	StateDir   string
-	CNIConfDir string // for the IPAM config of a GC'd attachment's network
+	// StateDir, the stateDir of every qoscni entry of CNIConfDir's files
+	// and the directories registered in StateRegistry are where the
+	// records are (cniconf.StateSources), listed anew on every pass.
+	StateDir      string
+	CNIConfDir    string // also for the IPAM config of a GC'd attachment's network
+	StateRegistry string // "" = none
 	// NetnsFd is the node namespace of the devices (-1 = the caller's).
 	NetnsFd int
 	// Pods is nil when the agent has no API access: no live reshaping, and
@@ -98,10 +104,10 @@ type Reconciler struct {
 	cfg    Config
 	log    *slog.Logger
 	m      *Metrics
-	store  *state.Store
-	cache  *state.Cache
+	caches *state.Caches
 	shaper *shaping.Shaper
 	nl     *netlink.Handle
+	tc     *tc.Tc
 
 	mu      sync.Mutex
 	pending map[podRef]struct{}
@@ -114,6 +120,21 @@ type Reconciler struct {
 	// suspects are qoscni-named links without a record seen by the last
 	// pass (name -> ifindex): deleted when the next pass sees them again.
 	suspects map[string]int
+	// inUse are the links without a record kept because something uses
+	// them (name -> ifindex), so that each is logged once.
+	inUse map[string]int
+	// confErrs is the last logged problem reading the state dirs' sources.
+	confErrs string
+	// dirs are the state directories the last listing read.
+	dirs []string
+}
+
+// attachment is a record with the store it was read from: its update and
+// deletion take that store's lock and path, since two networks' stores
+// may hold records of one name.
+type attachment struct {
+	*state.Record
+	store *state.Store
 }
 
 type podRef struct{ ns, name, uid string }
@@ -143,12 +164,21 @@ func New(cfg Config) (*Reconciler, error) {
 		sh.Close()
 		return nil, fmt.Errorf("open netlink: %w", err)
 	}
-	store := state.New(cfg.StateDir)
+	tcCfg := &tc.Config{}
+	if cfg.NetnsFd >= 0 {
+		tcCfg.NetNS = cfg.NetnsFd
+	}
+	t, err := tc.Open(tcCfg)
+	if err != nil {
+		sh.Close()
+		h.Close()
+		return nil, fmt.Errorf("open tc netlink: %w", err)
+	}
 	return &Reconciler{
-		cfg: cfg, log: cfg.Logger, m: cfg.Metrics, store: store, cache: state.NewCache(store),
-		shaper: sh, nl: h,
+		cfg: cfg, log: cfg.Logger, m: cfg.Metrics, caches: state.NewCaches(),
+		shaper: sh, nl: h, tc: t,
 		pending: map[podRef]struct{}{}, signal: make(chan struct{}, 1), passReq: make(chan chan PassResult),
-		bad: map[podRef]string{}, suspects: map[string]int{},
+		bad: map[podRef]string{}, suspects: map[string]int{}, inUse: map[string]int{},
 	}, nil
 }
 
@@ -156,6 +186,7 @@ func New(cfg Config) (*Reconciler, error) {
 func (r *Reconciler) Close() {
 	r.shaper.Close()
 	r.nl.Close()
+	r.tc.Close()
 }
 
 // PodChanged queues a pod for reshaping. It never blocks: changes of one
@@ -221,11 +252,11 @@ func (r *Reconciler) drain() {
 	}
 	recs, _, err := r.records()
 	if err != nil {
+		// The records of the other directories are still reshaped.
 		r.m.errors.WithLabelValues("reshape").Inc()
 		r.log.Error("list state records", "err", err)
-		return
 	}
-	byPod := map[[2]string][]*state.Record{}
+	byPod := map[[2]string][]attachment{}
 	for _, rec := range recs {
 		if rec.Provisional {
 			continue // an ADD under way (or killed): nothing to reshape yet
@@ -239,7 +270,7 @@ func (r *Reconciler) drain() {
 			continue
 		}
 		for _, rec := range byPod[[2]string{ref.ns, ref.name}] {
-			if samePod(rec, pod) {
+			if samePod(rec.Record, pod) {
 				r.reshape(rec, pod)
 			}
 		}
@@ -255,25 +286,40 @@ func samePod(rec *state.Record, pod Pod) bool {
 	return rec.Pod.UID == "" || pod.UID == "" || rec.Pod.UID == pod.UID
 }
 
-// records lists the records stored where their key says. A misplaced
-// copy (an operator's, another network's record in the wrong directory)
-// would make the agent act on another attachment: it is logged, never
-// acted on.
-func (r *Reconciler) records() ([]*state.Record, []state.BadFile, error) {
-	entries, bad, err := r.cache.Entries()
-	if err != nil {
-		return nil, nil, err
+// StateSources are the places the reconciler learns its state
+// directories from.
+func (r *Reconciler) StateSources() cniconf.StateSources {
+	return cniconf.StateSources{Own: r.cfg.StateDir, ConfDir: r.cfg.CNIConfDir, Registry: r.cfg.StateRegistry}
+}
+
+// records lists the records of every state directory of the node, stored
+// where their key says. A misplaced copy (an operator's, another
+// network's record in the wrong directory) would make the agent act on
+// another attachment: it is logged, never acted on. err joins the
+// directories that could not be listed; the records of the others are
+// returned all the same.
+func (r *Reconciler) records() ([]attachment, []state.BadFile, error) {
+	dirs, cerrs := r.StateSources().Dirs()
+	// A conflist that does not parse is the operator's to fix, and libcni
+	// skips it too: said once, not on every pass.
+	if msg := errors.Join(cerrs...); msg == nil {
+		r.confErrs = ""
+	} else if msg.Error() != r.confErrs {
+		r.confErrs = msg.Error()
+		r.log.Warn("reading where the state directories are", "err", msg)
 	}
-	recs := make([]*state.Record, 0, len(entries))
+	r.dirs = dirs
+	entries, bad, errs := r.caches.Entries(dirs)
+	recs := make([]attachment, 0, len(entries))
 	for _, e := range entries {
 		if e.Misplaced {
 			r.log.Warn("ignoring a state record stored under another attachment's name", "file", e.Path,
 				"network", e.Record.Network, "container", e.Record.ContainerID, "ifname", e.Record.IfName)
 			continue
 		}
-		recs = append(recs, e.Record)
+		recs = append(recs, attachment{e.Record, e.Store})
 	}
-	return recs, bad, nil
+	return recs, bad, errors.Join(errs...)
 }
 
 // PassResult counts what one pass did.
@@ -295,12 +341,13 @@ func (r *Reconciler) Pass() PassResult {
 	var res PassResult
 	recs, bad, err := r.records()
 	if err != nil {
+		// The records of the directories that could be read are still
+		// acted on; link GC, which must know every record, waits.
 		r.m.errors.WithLabelValues("list").Inc()
 		r.log.Error("list state records", "err", err)
 		res.Errors++
-		return res
 	}
-	live := r.gc(recs, bad, &res)
+	live := r.gc(recs, bad, err == nil, &res)
 	res.Records = len(live)
 	// One qdisc dump for the whole pass instead of one per attachment.
 	if err := r.shaper.BeginPass(); err != nil {
@@ -313,7 +360,7 @@ func (r *Reconciler) Pass() PassResult {
 			continue // an ADD under way: its shaping is not decided yet
 		}
 		if r.cfg.Pods != nil && r.cfg.Pods.Synced() {
-			if pod, ok := r.cfg.Pods.Pod(rec.Pod.Namespace, rec.Pod.Name); ok && samePod(rec, pod) {
+			if pod, ok := r.cfg.Pods.Pod(rec.Pod.Namespace, rec.Pod.Name); ok && samePod(rec.Record, pod) {
 				switch r.reshape(rec, pod) {
 				case outcomeApplied:
 					res.Reshaped++
@@ -324,7 +371,7 @@ func (r *Reconciler) Pass() PassResult {
 				}
 			}
 		}
-		switch r.repair(rec) {
+		switch r.repair(rec.Record) {
 		case outcomeApplied:
 			res.Repaired++
 		case outcomeFailed:

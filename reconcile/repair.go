@@ -24,12 +24,15 @@ type KernelRepairer interface {
 	// returns how many objects of each kind it restored. live holds only
 	// complete records of attachments that are not stale: what an ADD in
 	// flight or a gone attachment holds is left to ADD, DEL and GC.
-	Repair(live []*state.Record) (map[string]int, error)
+	// stateDirs are the state directories of every qoscni network the
+	// pass read (per-network data beside them, such as portmap's localnet
+	// markers, is found from them).
+	Repair(live []*state.Record, stateDirs []string) (map[string]int, error)
 }
 
 // repairKernel runs the KernelRepairers after the pass's GC and shaping
 // repair.
-func (r *Reconciler) repairKernel(live []*state.Record, res *PassResult) {
+func (r *Reconciler) repairKernel(live []attachment, res *PassResult) {
 	if len(r.cfg.Repairers) == 0 {
 		return
 	}
@@ -37,15 +40,15 @@ func (r *Reconciler) repairKernel(live []*state.Record, res *PassResult) {
 	for _, rec := range live {
 		// GC keeps a stale record whose cleanup failed: restoring what
 		// that cleanup removed would undo it.
-		if !rec.Provisional && !r.stale(rec) {
-			complete = append(complete, rec)
+		if !rec.Provisional && !r.stale(rec.Record) {
+			complete = append(complete, rec.Record)
 		}
 	}
 	for _, k := range r.cfg.Repairers {
 		for _, kind := range k.Kinds() {
 			r.m.repairs.WithLabelValues(kind) // a series from the first pass on
 		}
-		fixed, err := k.Repair(complete)
+		fixed, err := k.Repair(complete, r.dirs)
 		for _, kind := range slices.Sorted(maps.Keys(fixed)) {
 			n := fixed[kind]
 			if n <= 0 {

@@ -80,7 +80,8 @@ func isShapingKey(k string) bool {
 
 // reshape makes one attachment follow its pod's annotations. A bad value
 // keeps the current shaping and is reported once per distinct message.
-func (r *Reconciler) reshape(rec *state.Record, pod Pod) outcome {
+func (r *Reconciler) reshape(a attachment, pod Pod) outcome {
+	rec := a.Record
 	plan, ok, err := resolve(rec, pod)
 	ref := podRef{pod.Namespace, pod.Name, pod.UID}
 	if err != nil {
@@ -98,7 +99,7 @@ func (r *Reconciler) reshape(rec *state.Record, pod Pod) outcome {
 	var changes []string
 	// Under the record's lock, so the record and the kernel move together
 	// and a DEL that removed the record wins.
-	err = r.store.Update(rec.Key(), func(cur *state.Record) error {
+	err = a.store.Update(rec.Key(), func(cur *state.Record) error {
 		want := shaping.ToRecord(plan, cur.HostVeth, ifb)
 		if reflect.DeepEqual(want, cur.Shaping) {
 			return errUnchanged

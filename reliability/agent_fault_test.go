@@ -72,7 +72,7 @@ func startAgent(t *testing.T, node *testnet.Node, o agentOpts) *agentProc {
 	t.Helper()
 	bin := taggedBinary(t, "qoscni-agent")
 	args := []string{"serve", "--listen", "127.0.0.1:0", "--state-dir", node.StateDir,
-		"--journal-dir", filepath.Join(node.Dir, "journal"), "--cni-conf-dir", o.confDir,
+		"--journal-dir", filepath.Join(node.Dir, "journal"), "--cni-conf-dir", o.confDir, "--state-registry", node.Registry,
 		"--reconcile-interval", "200ms", "--log-level", "debug"}
 	var cmd *exec.Cmd
 	if o.kubeconfig == "" {

@@ -150,7 +150,7 @@ func invoke(t testing.TB, node *testnet.Node, c call) result {
 // invokeBin runs a CNI plugin binary inside the node namespace.
 func invokeBin(t testing.TB, node *testnet.Node, bin, cniPath string, c call) result {
 	t.Helper()
-	env := []string{"PATH=" + os.Getenv("PATH"), "CNI_COMMAND=" + c.cmd, "CNI_PATH=" + cniPath}
+	env := []string{"PATH=" + os.Getenv("PATH"), "CNI_COMMAND=" + c.cmd, "CNI_PATH=" + cniPath, state.RegistryEnv + "=" + node.Registry}
 	set := func(k, v string) {
 		if v != "" {
 			env = append(env, k+"="+v)

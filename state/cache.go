@@ -104,9 +104,53 @@ func (c *Cache) Entries() ([]Entry, []BadFile, error) {
 				bad = append(bad, BadFile{p, cf.err})
 				continue
 			}
-			out = append(out, Entry{Path: p, Record: cf.rec, Misplaced: p != c.store.path(cf.rec.Key())})
+			out = append(out, Entry{Path: p, Record: cf.rec, Store: c.store, Misplaced: p != c.store.path(cf.rec.Key())})
 		}
 	}
 	c.files = seen
 	return out, bad, nil
+}
+
+// Caches lists the records of several state directories (one per qoscni
+// network configuration that names its own stateDir), each through a
+// Cache of its own.
+type Caches struct {
+	mu    sync.Mutex
+	byDir map[string]*Cache
+}
+
+// NewCaches returns an empty set of caches.
+func NewCaches() *Caches { return &Caches{byDir: map[string]*Cache{}} }
+
+// Entries lists every record of every directory of dirs, each Entry with
+// the Store of its directory. A directory that cannot be listed is
+// reported in errs and the others are still listed: a caller that must
+// know every record (link GC) checks errs. The caches of directories no
+// longer in dirs are dropped.
+func (c *Caches) Entries(dirs []string) ([]Entry, []BadFile, []error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	next := make(map[string]*Cache, len(dirs))
+	var out []Entry
+	var bad []BadFile
+	var errs []error
+	for _, d := range dirs {
+		if _, dup := next[d]; dup {
+			continue
+		}
+		cache := c.byDir[d]
+		if cache == nil {
+			cache = NewCache(New(d))
+		}
+		next[d] = cache
+		entries, b, err := cache.Entries()
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		out = append(out, entries...)
+		bad = append(bad, b...)
+	}
+	c.byDir = next
+	return out, bad, errs
 }

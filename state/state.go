@@ -325,6 +325,9 @@ type BadFile struct {
 type Entry struct {
 	Path   string
 	Record *Record
+	// Store is the store the file was found in: the one whose locks and
+	// paths changing or deleting the record must use.
+	Store *Store
 	// Misplaced: the record is not stored where its network, container ID
 	// and interface name say it should be (a copy, or a file an operator
 	// moved). Acting on it would act on another attachment, maybe of
@@ -392,7 +395,7 @@ func (s *Store) Entries(network string) ([]Entry, []BadFile, error) {
 				bad = append(bad, BadFile{p, err})
 				continue
 			}
-			out = append(out, Entry{Path: p, Record: r, Misplaced: p != s.path(r.Key())})
+			out = append(out, Entry{Path: p, Record: r, Store: s, Misplaced: p != s.path(r.Key())})
 		}
 	}
 	return out, bad, nil

@@ -103,7 +103,8 @@ func run(agentBin string, n, scrapes int) error {
 	addr := l.Addr().String()
 	l.Close()
 	cmd := exec.Command(agentBin, "--listen", addr, "--netns", "/run/netns/"+ns, "--state-dir", filepath.Join(dir, "state"),
-		"--journal-dir", filepath.Join(dir, "journal"), "--cni-conf-dir", filepath.Join(dir, "net.d"), "--log-level", "warn")
+		"--journal-dir", filepath.Join(dir, "journal"), "--cni-conf-dir", filepath.Join(dir, "net.d"),
+		"--state-registry", filepath.Join(dir, "statedirs"), "--log-level", "warn")
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		return err

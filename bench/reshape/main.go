@@ -115,6 +115,7 @@ func run(plugin string, nPods, nChanges, nPasses int, idle time.Duration) error 
 		cmd := exec.Command("ip", "netns", "exec", nodeNS, plugin)
 		cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "CNI_COMMAND=ADD", "CNI_CONTAINERID=c" + name,
 			"CNI_NETNS=/run/netns/" + ns, "CNI_IFNAME=eth0", "CNI_PATH=" + filepath.Dir(plugin),
+			state.RegistryEnv + "=" + filepath.Join(filepath.Dir(stateDir), "statedirs"),
 			"CNI_ARGS=K8S_POD_NAMESPACE=default;K8S_POD_NAME=" + name + ";K8S_POD_UID=u" + name}
 		cmd.Stdin = strings.NewReader(string(b))
 		if out, err := cmd.CombinedOutput(); err != nil {

@@ -21,12 +21,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/qoscni/qoscni/agent"
+	"github.com/qoscni/qoscni/cniconf"
 	"github.com/qoscni/qoscni/install"
 	"github.com/qoscni/qoscni/kube"
 	"github.com/qoscni/qoscni/nodenet"
 	"github.com/qoscni/qoscni/podnet"
 	"github.com/qoscni/qoscni/portmap"
 	"github.com/qoscni/qoscni/reconcile"
+	"github.com/qoscni/qoscni/state"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -73,9 +75,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		listen = v
 	}
 	fs.StringVar(&listen, "listen", listen, "address for /metrics, /healthz, /readyz (env "+agent.ListenEnv+")")
-	stateDir := fs.String("state-dir", agent.DefaultStateDir, "plugin attachment records")
+	stateDir := fs.String("state-dir", agent.DefaultStateDir, "plugin attachment records (the records of other qoscni networks are found through --cni-conf-dir and --state-registry)")
+	stateRegistry := fs.String("state-registry", state.DefaultRegistryDir, "the plugin's registry of the state dirs it writes records to (\"\" = none)")
 	journalDir := fs.String("journal-dir", agent.DefaultJournalDir, "plugin call journal (the sibling 'journal' of the plugin's stateDir)")
-	cniConfDir := fs.String("cni-conf-dir", agent.DefaultCNIConfDir, "CNI config files, read for qoscni networks with built-in IPAM")
+	cniConfDir := fs.String("cni-conf-dir", agent.DefaultCNIConfDir, "CNI config files, read for the qoscni networks' stateDir and built-in IPAM")
 	netnsPath := fs.String("netns", "", "network namespace of the node's devices (default: the agent's own)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	output := fs.String("o", "table", "status output: table or json")
@@ -112,7 +115,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	logger := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
 
 	if cmd == "status" {
-		rows, err := agent.Status(*stateDir, *netnsPath, *interval)
+		rows, err := agent.Status(cniconf.StateSources{Own: *stateDir, ConfDir: *cniConfDir, Registry: *stateRegistry}, *netnsPath, *interval)
 		if err == nil {
 			err = agent.WriteStatus(stdout, rows, *output == "json")
 		}
@@ -141,7 +144,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	cfg := agent.Config{Listen: listen, StateDir: *stateDir, JournalDir: *journalDir,
+	cfg := agent.Config{Listen: listen, StateDir: *stateDir, StateRegistry: *stateRegistry, JournalDir: *journalDir,
 		CNIConfDir: *cniConfDir, NetnsPath: *netnsPath, Version: version, Logger: logger,
 		NodeName: *nodeName, ReconcileInterval: *reconcileInterval}
 	if client != nil {

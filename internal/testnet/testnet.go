@@ -97,9 +97,12 @@ func (n *NS) Try(name string, args ...string) (string, error) {
 // Node is a fresh node namespace plus private state and IPAM directories.
 type Node struct {
 	*NS
-	Dir      string // holds state/ and ipam/
+	Dir      string // holds state/, ipam/ and statedirs/
 	StateDir string
 	IPAMDir  string
+	// Registry is the node's registry of state directories: Invoke points
+	// the plugin at it, so no test writes to the machine's /var/lib/cni.
+	Registry string
 	t        testing.TB
 }
 
@@ -108,7 +111,8 @@ func NewNode(t testing.TB) *Node {
 	t.Helper()
 	RequireRoot(t)
 	dir := t.TempDir()
-	n := &Node{NS: NewNS(t, "qn"), Dir: dir, StateDir: filepath.Join(dir, "state"), IPAMDir: filepath.Join(dir, "ipam"), t: t}
+	n := &Node{NS: NewNS(t, "qn"), Dir: dir, StateDir: filepath.Join(dir, "state"), IPAMDir: filepath.Join(dir, "ipam"),
+		Registry: filepath.Join(dir, "statedirs"), t: t}
 	return n
 }
 
@@ -185,6 +189,9 @@ type Call struct {
 	Env         []string // extra or overriding variables; "CNI_X=" unsets-by-empty
 }
 
+// registryEnv mirrors state.RegistryEnv (testnet imports no product code).
+const registryEnv = "QOSCNI_STATE_REGISTRY"
+
 // Result is what the plugin printed and how it ended.
 type Result struct {
 	Stdout []byte
@@ -197,7 +204,7 @@ type Result struct {
 func (n *Node) Invoke(t testing.TB, c Call) Result {
 	t.Helper()
 	bin := PluginBinary(t)
-	env := []string{"PATH=" + os.Getenv("PATH"), "CNI_COMMAND=" + c.Command}
+	env := []string{"PATH=" + os.Getenv("PATH"), "CNI_COMMAND=" + c.Command, registryEnv + "=" + n.Registry}
 	set := func(k, v string) {
 		if v != "" {
 			env = append(env, k+"="+v)

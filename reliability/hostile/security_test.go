@@ -250,7 +250,7 @@ func TestAgentListenConfig(t *testing.T) {
 	}{{"flag", "127.0.0.3:19743", true}, {"env", "127.0.0.4:19744", false}} {
 		t.Run(c.name, func(t *testing.T) {
 			args := []string{"netns", "exec", n.Name, bin, "serve", "--state-dir", n.StateDir, "--journal-dir", journal.DirFor(n.StateDir),
-				"--cni-conf-dir", t.TempDir(), "--netns", n.Path, "--log-level", "warn"}
+				"--cni-conf-dir", t.TempDir(), "--state-registry", n.Registry, "--netns", n.Path, "--log-level", "warn"}
 			env := []string{"PATH=" + os.Getenv("PATH")} // no KUBECONFIG, not in a cluster: no API
 			if c.flag {
 				// The flag wins over the environment.

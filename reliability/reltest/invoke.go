@@ -16,6 +16,7 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/qoscni/qoscni/internal/testnet"
+	"github.com/qoscni/qoscni/state"
 )
 
 // Call is one plugin invocation.
@@ -56,7 +57,8 @@ func (o Outcome) String() string {
 func Invoke(t testing.TB, n *testnet.Node, c Call, limit time.Duration) Outcome {
 	t.Helper()
 	bin := testnet.PluginBinary(t)
-	env := append([]string{"PATH=" + os.Getenv("PATH"), "CNI_COMMAND=" + c.Command, "CNI_PATH=" + filepath.Dir(bin)}, c.Env...)
+	env := append([]string{"PATH=" + os.Getenv("PATH"), "CNI_COMMAND=" + c.Command, "CNI_PATH=" + filepath.Dir(bin),
+		state.RegistryEnv + "=" + n.Registry}, c.Env...)
 	for k, v := range map[string]string{"CNI_CONTAINERID": c.ContainerID, "CNI_NETNS": c.Netns, "CNI_IFNAME": c.IfName, "CNI_ARGS": c.Args} {
 		if v != "" {
 			env = append(env, k+"="+v)
