@@ -117,7 +117,7 @@ func TestUninstallKeepsNeighbours(t *testing.T) {
 	if _, err := sh.Apply(shaping.Desired{HostVeth: veth, IFB: ifb, MTU: 1500, Plan: shaping.Plan{Egress: eg}}); err != nil {
 		t.Fatal(err)
 	}
-	before := qdiscsOf(t, n, veth)
+	before := n.Qdiscs(t, veth)
 
 	if _, err := Uninstall(context.Background(), UninstallOptions{Root: t.TempDir(), Kernel: true, NetnsPath: n.Path}); err != nil {
 		t.Fatal(err)
@@ -132,23 +132,11 @@ func TestUninstallKeepsNeighbours(t *testing.T) {
 	if strings.Contains(filters, "mirred") {
 		t.Errorf("qoscni's redirect left:\n%s", filters)
 	}
-	if after := qdiscsOf(t, n, veth); after != before {
+	if after := n.Qdiscs(t, veth); after != before {
 		t.Errorf("the main plugin's qdiscs changed:\nbefore %s\nafter %s", before, after)
 	}
 }
 
-// qdiscsOf lists a device's qdiscs as kind, handle and parent, without
-// the counters that traffic (IPv6 router solicitations) moves.
-func qdiscsOf(t *testing.T, n *testnet.Node, dev string) string {
-	t.Helper()
-	var out []string
-	for _, l := range strings.Split(n.Exec(t, "tc", "qdisc", "show", "dev", dev), "\n") {
-		if f := strings.Fields(l); len(f) >= 4 {
-			out = append(out, strings.Join(f[:4], " "))
-		}
-	}
-	return strings.Join(out, "\n")
-}
 
 // TestUninstallResetsRouteLocalnet: ADDs with IPv4 hostPorts turned
 // route_localnet on behind two bridges (on one it was 1 already, as

@@ -5,9 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -141,39 +139,10 @@ func waitPing(t *testing.T, from *testnet.NS, addr string) {
 
 func (p *pod) ips() []net.IP { return []net.IP{p.ip4, p.ip6} }
 
-// inNS runs fn on a thread switched into the namespace at path; sockets
-// created there stay in that namespace.
+// inNS runs fn on a thread switched into the namespace at path.
 func inNS(t testing.TB, path string, fn func() error) error {
 	t.Helper()
-	var ferr error
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			ferr = err
-			return
-		}
-		defer orig.Close()
-		h, err := netns.GetFromPath(path)
-		if err != nil {
-			ferr = err
-			return
-		}
-		defer h.Close()
-		if err := netns.Set(h); err != nil {
-			ferr = err
-			return
-		}
-		ferr = fn()
-		if err := netns.Set(orig); err == nil {
-			runtime.UnlockOSThread()
-		}
-	}()
-	wg.Wait()
-	return ferr
+	return testnet.InNS(path, fn)
 }
 
 // serve starts TCP and UDP servers on port inside ns (all addresses) that

@@ -121,18 +121,6 @@ func TestNeighbourFilterSurvives(t *testing.T) {
 	}
 }
 
-// qdiscsOf lists a device's qdiscs as kind, handle and parent, without
-// the counters that traffic (IPv6 router solicitations) moves.
-func qdiscsOf(t *testing.T, n *testnet.Node, dev string) string {
-	t.Helper()
-	var out []string
-	for _, l := range strings.Split(n.Exec(t, "tc", "qdisc", "show", "dev", dev), "\n") {
-		if f := strings.Fields(l); len(f) >= 4 {
-			out = append(out, strings.Join(f[:4], " "))
-		}
-	}
-	return strings.Join(out, "\n")
-}
 
 // ownFilterHandle is the handle of the u32 key node qoscni put at its
 // priority, as tc prints it ("fh 801::800").
@@ -228,7 +216,7 @@ func TestForeignRootRefused(t *testing.T) {
 		t.Run(c.kind, func(t *testing.T) {
 			n, _, s := kernelSetup(t)
 			n.Exec(t, "tc", append([]string{"qdisc", "add", "dev", "qvtest0", "root"}, c.args...)...)
-			before := qdiscsOf(t, n, "qvtest0")
+			before := n.Qdiscs(t, "qvtest0")
 			in := derive(10_000_000, 0, false, 10*time.Millisecond, 1500, SourceAnnotation)
 			eg := derive(20_000_000, 0, false, 10*time.Millisecond, 1500, SourceAnnotation)
 			_, err := s.Apply(desired(in, eg))
@@ -241,7 +229,7 @@ func TestForeignRootRefused(t *testing.T) {
 					t.Errorf("error %q does not name %q", cerr.Msg, w)
 				}
 			}
-			if after := qdiscsOf(t, n, "qvtest0"); after != before {
+			if after := n.Qdiscs(t, "qvtest0"); after != before {
 				t.Errorf("refused Apply changed the veth's qdiscs:\nbefore %s\nafter %s", before, after)
 			}
 			if _, err := n.Try("ip", "link", "show", "qitest0"); err == nil {
@@ -257,7 +245,7 @@ func TestForeignRootRefused(t *testing.T) {
 			if err := s.Remove("qvtest0", "qitest0"); err != nil {
 				t.Fatal(err)
 			}
-			if after := qdiscsOf(t, n, "qvtest0"); after != before {
+			if after := n.Qdiscs(t, "qvtest0"); after != before {
 				t.Errorf("Remove changed the foreign root:\nbefore %s\nafter %s", before, after)
 			}
 		})

@@ -94,7 +94,7 @@ func TestChainedBesideNeighbour(t *testing.T) {
 
 	// The main plugin's own root qdisc: qoscni will not replace it.
 	n.Exec(t, "tc", "qdisc", "add", "dev", veth, "root", "handle", "5:", "htb")
-	before := qdiscsOf(t, n, veth)
+	before := n.Qdiscs(t, veth)
 	r := call("ADD")
 	if !r.Failed || r.Err.Code != types.ErrInvalidNetworkConfig {
 		t.Fatalf("chained ADD over a foreign root qdisc: failed=%v %+v, want CNI error %d", r.Failed, r.Err, types.ErrInvalidNetworkConfig)
@@ -105,7 +105,7 @@ func TestChainedBesideNeighbour(t *testing.T) {
 			t.Errorf("error %q does not name %q", r.Err.Msg, w)
 		}
 	}
-	if after := qdiscsOf(t, n, veth); after != before {
+	if after := n.Qdiscs(t, veth); after != before {
 		t.Errorf("refused ADD changed %s's qdiscs:\nbefore %s\nafter %s", veth, before, after)
 	}
 	neighbour("refused ADD")
@@ -119,20 +119,8 @@ func TestChainedBesideNeighbour(t *testing.T) {
 		t.Error("refused ADD left a record")
 	}
 	call("DEL").MustSucceed(t, "DEL after a refused ADD")
-	if after := qdiscsOf(t, n, veth); after != before {
+	if after := n.Qdiscs(t, veth); after != before {
 		t.Errorf("DEL after a refused ADD changed %s's qdiscs:\nbefore %s\nafter %s", veth, before, after)
 	}
 }
 
-// qdiscsOf lists a device's qdiscs as kind, handle and parent, without
-// the counters that traffic (IPv6 router solicitations) moves.
-func qdiscsOf(t *testing.T, n *testnet.Node, dev string) string {
-	t.Helper()
-	var out []string
-	for _, l := range strings.Split(n.Exec(t, "tc", "qdisc", "show", "dev", dev), "\n") {
-		if f := strings.Fields(l); len(f) >= 4 {
-			out = append(out, strings.Join(f[:4], " "))
-		}
-	}
-	return strings.Join(out, "\n")
-}

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
+	"golang.org/x/sys/unix"
 )
 
 // RequireRootEnv turns every "needs root" skip into a failure (CI sets it).
@@ -71,6 +72,21 @@ type NS struct {
 	Path string
 }
 
+// Qdiscs lists a device's qdiscs as kind, handle and parent, one per
+// line, without the counters that traffic (IPv6 router solicitations)
+// moves: two calls compare equal when nothing was added, removed or
+// re-parented.
+func (n *NS) Qdiscs(t testing.TB, dev string) string {
+	t.Helper()
+	var out []string
+	for _, l := range strings.Split(n.Exec(t, "tc", "qdisc", "show", "dev", dev), "\n") {
+		if f := strings.Fields(l); len(f) >= 4 {
+			out = append(out, strings.Join(f[:4], " "))
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
 // NewNS creates a namespace with loopback up, removed at cleanup.
 func NewNS(t testing.TB, prefix string) *NS {
 	t.Helper()
@@ -114,6 +130,24 @@ func NewNode(t testing.TB) *Node {
 	n := &Node{NS: NewNS(t, "qn"), Dir: dir, StateDir: filepath.Join(dir, "state"), IPAMDir: filepath.Join(dir, "ipam"),
 		Registry: filepath.Join(dir, "statedirs"), t: t}
 	return n
+}
+
+// OnTmpfs mounts a tmpfs over the node's Dir (state, IPAM store,
+// registry), unmounted at cleanup. For tests of concurrency rather than of
+// the disk: on ext4 a link or rename under the IPAM lock can wait tens of
+// seconds for a journal commit that flushes other processes' writeback
+// (the Go linker's test binaries in a parallel package), and every other
+// ADD of the node then waits behind that lock.
+func (n *Node) OnTmpfs(t testing.TB) {
+	t.Helper()
+	if err := unix.Mount("qoscni-test", n.Dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0700,size=256m"); err != nil {
+		t.Fatalf("mount tmpfs on %s: %v", n.Dir, err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(n.Dir, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmount %s: %v", n.Dir, err)
+		}
+	})
 }
 
 // NewPod creates a pod namespace beside the node.
