@@ -29,6 +29,8 @@ PREFIX=qcb$$        # pod netns names: $PREFIX-<tool pid>-<n>
 
 require_root
 WORK=$(mktemp -d /tmp/qoscni-bench.XXXXXX)
+# The plugin registers each stateDir for the agent; these are throw-away.
+export QOSCNI_STATE_REGISTRY=$WORK/statedirs
 cleanup() {
 	netns_gone "$NODE"
 	# Pod namespaces of a killed tool (it removes its own otherwise).

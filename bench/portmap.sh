@@ -25,6 +25,8 @@ NODE=qoscni-pmbench-$$
 require_root
 [ -x "$REF_CNI_DIR/portmap" ] || die "reference plugin $REF_CNI_DIR/portmap missing (make deps)"
 WORK=$(mktemp -d /tmp/qoscni-pmbench.XXXXXX)
+# The plugin registers each stateDir for the agent; these are throw-away.
+export QOSCNI_STATE_REGISTRY=$WORK/statedirs
 cleanup() {
 	netns_gone "$NODE"
 	rm -rf "$WORK"

@@ -65,6 +65,8 @@ for p in bridge host-local bandwidth; do
 done
 
 WORK=$(mktemp -d /tmp/qoscni-shbench.XXXXXX)
+# The plugin registers each stateDir for the agent; these are throw-away.
+export QOSCNI_STATE_REGISTRY=$WORK/statedirs
 RAW=${RAW_DIR:-$WORK/raw}
 mkdir -p "$RAW"
 BG_PIDS=() # every background process we started (iperf3 servers, bulk flows)

@@ -257,7 +257,7 @@ step_hostport() {
 step_metrics() {
 	local tries=0 body
 	ip netns exec "$NODE" "$QOSCNI_ROOT/bin/qoscni-agent" --listen "$AGENT_ADDR" --state-dir "$STATE_DIR" \
-		--journal-dir "$WORK/journal" --cni-conf-dir "$WORK/netd" >"$WORK/agent.log" 2>&1 &
+		--journal-dir "$WORK/journal" --cni-conf-dir "$WORK/netd" --state-registry "$QOSCNI_STATE_REGISTRY" >"$WORK/agent.log" 2>&1 &
 	AGENT_PID=$!
 	until body=$(ip netns exec "$NODE" curl -sf "http://$AGENT_ADDR/metrics"); do
 		tries=$((tries + 1))
@@ -267,7 +267,7 @@ step_metrics() {
 	info "qoscni-agent on $AGENT_ADDR (node netns); the shaped pod's series:"
 	echo "$body" | grep -E '^qoscni_(shaping_(rate_limit_bytes_per_second|sent_bytes_total|dropped_packets_total|backlog_bytes)|cni_operations_total|ipam_addresses_used)' | sed 's/^/      /'
 	info "status CLI:"
-	ip netns exec "$NODE" "$QOSCNI_ROOT/bin/qoscni-agent" status --state-dir "$STATE_DIR" | sed 's/^/      /'
+	ip netns exec "$NODE" "$QOSCNI_ROOT/bin/qoscni-agent" status --state-dir "$STATE_DIR" --state-registry "$QOSCNI_STATE_REGISTRY" | sed 's/^/      /'
 	[[ $body == *'qoscni_shaping_rate_limit_bytes_per_second{direction="ingress",interface="eth0",namespace="default",pod="demo-1"} 1.25e+06'* ]]
 }
 
@@ -316,6 +316,8 @@ main() {
 	require_root
 	command -v ping >/dev/null || die "ping not found: run 'make deps'"
 	WORK=$(mktemp -d /tmp/qoscni-demo.XXXXXX)
+	# The plugin registers each stateDir for the agent; these are throw-away.
+	export QOSCNI_STATE_REGISTRY=$WORK/statedirs
 	log "qoscni demo (plugin: $DEMO_PLUGIN, work dir $WORK)"
 
 	step "build bin/qoscni and bin/qoscni-cnitool" step_build

@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	"github.com/qoscni/qoscni/internal/testnet"
+	"github.com/qoscni/qoscni/state"
 )
 
 const refCNIDir = "/usr/lib/cni"
@@ -66,6 +67,8 @@ func requireRefPlugins(t *testing.T) {
 func tool(t *testing.T, node *testnet.Node, args ...string) (string, string, int) {
 	t.Helper()
 	cmd := exec.Command("ip", append([]string{"netns", "exec", node.Name, cnitoolBinary(t)}, args...)...)
+	// The plugin registers its stateDir: in the node's registry, not the machine's.
+	cmd.Env = append(os.Environ(), state.RegistryEnv+"="+node.Registry)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()

@@ -40,7 +40,6 @@ func TestDelOfConfigAddRefused(t *testing.T) {
 		{"no ranges", netConf(n, "1.1.0", func(c map[string]any) { c["ipam"] = map[string]any{"type": "qoscni", "dataDir": n.IPAMDir} }), nil},
 		{"mtu wrong type", netConf(n, "1.1.0", func(c map[string]any) { c["mtu"] = "big" }), nil},
 		{"bridge too long", netConf(n, "1.1.0", func(c map[string]any) { c["bridge"] = "abcdefghijklmnopq" }), nil},
-		{"relative stateDir", netConf(n, "1.1.0", func(c map[string]any) { c["stateDir"] = "state" }), nil},
 		{"ceiling too small", netConf(n, "1.1.0", func(c map[string]any) { c["ceilings"] = map[string]any{"maxQueueBytes": 1} }), nil},
 		{"bad CNI_ARGS", netConf(n, "1.1.0", nil), []string{"CNI_ARGS=K8S_POD_NAME"}},
 	}
