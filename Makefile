@@ -37,12 +37,12 @@ unit: deps e2e-build
 
 # containerd's CRI runs pods with qoscni, standalone and chained (about 3 min).
 e2e-cri: deps e2e-build
-	e2e/run.sh cri
+	test/e2e/run.sh cri
 
 # A single-node Kubernetes (etcd, apiserver, controller-manager, scheduler,
 # kubelet over containerd) runs qoscni installed from deploy/.
 e2e-k8s: deps e2e-build
-	e2e/run.sh k8s
+	test/e2e/run.sh k8s
 
 vet:
 	$(GO) vet ./...
@@ -55,37 +55,37 @@ deps:
 	scripts/deps.sh
 
 # etcd and kube-apiserver for the tests that need a real control plane
-# (e2e/cluster), built from the Go module proxy and cached by version under
+# (test/e2e/cluster), built from the Go module proxy and cached by version under
 # ${QOSCNI_E2E_CACHE:-/var/cache/qoscni-e2e}: about 14 min the first time,
 # instant after. Without them those tests skip.
 e2e-build:
-	e2e/build.sh
+	test/e2e/build.sh
 
 demo: deps
 	scripts/demo.sh
 
 bench-addel: deps build
-	bench/addel.sh
+	test/bench/addel.sh
 
 bench-shaping: deps build
-	bench/shaping.sh
+	test/bench/shaping.sh
 
 bench-portmap: deps build
-	bench/portmap.sh
+	test/bench/portmap.sh
 
 bench-agent: deps build
-	bench/agent.sh
+	test/bench/agent.sh
 
 bench-reshape: deps build
-	bench/reshape.sh
+	test/bench/reshape.sh
 
 # Routes to other nodes' pods (host-gw): Node to route latency, throughput.
 bench-noderoutes: deps
-	bench/noderoutes.sh
+	test/bench/noderoutes.sh
 
 # Every go test -fuzz target for $${FUZZTIME:-60s}; failures stay in testdata.
 bench-fuzz:
-	bench/fuzz.sh
+	test/bench/fuzz.sh
 
 # OCI image without a Docker daemon: a docker-archive tarball with both
 # static binaries; import with: ctr -n k8s.io images import bin/qoscni-image.tar

@@ -11,9 +11,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/qoscni/qoscni/cniconf"
-	"github.com/qoscni/qoscni/journal"
-	"github.com/qoscni/qoscni/state"
+	"github.com/qoscni/qoscni/internal/agent/cniconf"
+	"github.com/qoscni/qoscni/internal/journal"
+	"github.com/qoscni/qoscni/internal/state"
 )
 
 // Config says where the collector reads from.

@@ -4,7 +4,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/qoscni/qoscni/state"
+	"github.com/qoscni/qoscni/internal/state"
 )
 
 func TestMonotonicAcrossResetAndWrap(t *testing.T) {

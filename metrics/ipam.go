@@ -7,7 +7,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/qoscni/qoscni/cniconf"
+	"github.com/qoscni/qoscni/internal/agent/cniconf"
 	"github.com/qoscni/qoscni/ipam"
 )
 

@@ -10,8 +10,8 @@ import (
 	"slices"
 	"time"
 
-	"github.com/qoscni/qoscni/cniconf"
-	"github.com/qoscni/qoscni/state"
+	"github.com/qoscni/qoscni/internal/agent/cniconf"
+	"github.com/qoscni/qoscni/internal/state"
 )
 
 // Direction names, also the values of the "direction" label.

@@ -3,7 +3,7 @@ package portmap
 import (
 	"fmt"
 
-	"github.com/qoscni/qoscni/state"
+	"github.com/qoscni/qoscni/internal/state"
 )
 
 // Cleaner is the node agent's hostPort step of garbage collection

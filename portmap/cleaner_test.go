@@ -5,8 +5,8 @@ import (
 	"os"
 	"testing"
 
+	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/internal/testnet"
-	"github.com/qoscni/qoscni/state"
 )
 
 func TestCleanerTwoPassesAndDel(t *testing.T) {

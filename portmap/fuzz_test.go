@@ -10,9 +10,9 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 
-	"github.com/qoscni/qoscni/netconf"
+	"github.com/qoscni/qoscni/internal/cni/netconf"
+	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/portmap"
-	"github.com/qoscni/qoscni/state"
 )
 
 // FuzzPlan: runtime portMappings (as JSON, the way they arrive) and the

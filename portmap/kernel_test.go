@@ -13,7 +13,7 @@ import (
 	"github.com/google/nftables"
 	"golang.org/x/sys/unix"
 
-	"github.com/qoscni/qoscni/netconf"
+	"github.com/qoscni/qoscni/internal/cni/netconf"
 )
 
 func plan(t *testing.T, p *pod, in ...netconf.PortMapping) []Mapping {

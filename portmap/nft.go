@@ -9,7 +9,7 @@ import (
 	"github.com/google/nftables/userdata"
 	"golang.org/x/sys/unix"
 
-	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/internal/cni/podnet"
 )
 
 // Chain and set names inside podnet.TableName (family inet). The masquerade

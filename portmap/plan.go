@@ -8,8 +8,8 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 
-	"github.com/qoscni/qoscni/netconf"
-	"github.com/qoscni/qoscni/state"
+	"github.com/qoscni/qoscni/internal/cni/netconf"
+	"github.com/qoscni/qoscni/internal/state"
 )
 
 // Mapping is one hostPort translation for one address family: packets to

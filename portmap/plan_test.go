@@ -10,7 +10,7 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 
-	"github.com/qoscni/qoscni/netconf"
+	"github.com/qoscni/qoscni/internal/cni/netconf"
 )
 
 var (

@@ -13,7 +13,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/qoscni/qoscni/state"
+	"github.com/qoscni/qoscni/internal/state"
 )
 
 // Kinds of what Repairer restores (qoscni_agent_repairs_total{kind}).

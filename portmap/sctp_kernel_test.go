@@ -4,7 +4,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/qoscni/qoscni/netconf"
+	"github.com/qoscni/qoscni/internal/cni/netconf"
 )
 
 // TestSCTPMappingEncoding: an SCTP hostPort becomes the map element the

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared helpers for scripts/ and bench/. Source it; it sets no shell options.
+# Shared helpers for scripts/ and test/bench/. Source it; it sets no shell options.
 
 # Repository root, whatever the caller's working directory.
 QOSCNI_ROOT=${QOSCNI_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}

@@ -184,7 +184,7 @@ func TestNoEarlyExitReaderInPipelines(t *testing.T) {
 	}
 	scripts := shellScripts(t, root)
 	// The sweep must see the scripts it is meant for, or it proves nothing.
-	for _, want := range []string{"scripts/demo.sh", "scripts/deps.sh", "e2e/run.sh", "e2e/build.sh", "bench/shaping.sh", ".ci/run"} {
+	for _, want := range []string{"scripts/demo.sh", "scripts/deps.sh", "test/e2e/run.sh", "test/e2e/build.sh", "test/bench/shaping.sh", ".ci/run"} {
 		found := false
 		for _, s := range scripts {
 			if strings.HasSuffix(s, "/"+want) {

@@ -121,7 +121,6 @@ func TestNeighbourFilterSurvives(t *testing.T) {
 	}
 }
 
-
 // ownFilterHandle is the handle of the u32 key node qoscni put at its
 // priority, as tc prints it ("fh 801::800").
 func ownFilterHandle(t *testing.T, n *testnet.Node, dev string) string {

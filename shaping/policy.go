@@ -14,7 +14,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"k8s.io/apimachinery/pkg/api/resource"
 
-	"github.com/qoscni/qoscni/state"
+	"github.com/qoscni/qoscni/internal/state"
 )
 
 // Annotation keys read from the pod (through the runtime's
@@ -51,7 +51,7 @@ const (
 	ethHeader = 14
 	// minQueueFrames is the queue's floor. Below about 10 Mbit/s the
 	// delay budget holds fewer frames than TCP needs: with 2 frames of
-	// queue one flow got 0.70 of 1 Mbit/s, with 6 frames 0.96 (bench/).
+	// queue one flow got 0.70 of 1 Mbit/s, with 6 frames 0.96 (test/bench/).
 	// At 10 Mbit/s and above the 10 ms budget already holds 8 frames.
 	minQueueFrames = 8
 	// runtimeBurstShare caps a burst from the runtime at this share of one

@@ -3,7 +3,7 @@ package shaping
 import (
 	"time"
 
-	"github.com/qoscni/qoscni/state"
+	"github.com/qoscni/qoscni/internal/state"
 )
 
 // ToRecord is the plan as the state record keeps it.

@@ -20,15 +20,15 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/qoscni/qoscni/agent"
-	"github.com/qoscni/qoscni/cniconf"
-	"github.com/qoscni/qoscni/install"
-	"github.com/qoscni/qoscni/kube"
-	"github.com/qoscni/qoscni/nodenet"
-	"github.com/qoscni/qoscni/podnet"
+	"github.com/qoscni/qoscni/internal/agent"
+	"github.com/qoscni/qoscni/internal/agent/cniconf"
+	"github.com/qoscni/qoscni/internal/agent/install"
+	"github.com/qoscni/qoscni/internal/agent/kube"
+	"github.com/qoscni/qoscni/internal/agent/nodenet"
+	"github.com/qoscni/qoscni/internal/agent/reconcile"
+	"github.com/qoscni/qoscni/internal/cni/podnet"
+	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/portmap"
-	"github.com/qoscni/qoscni/reconcile"
-	"github.com/qoscni/qoscni/state"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".

@@ -13,8 +13,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/internal/testnet"
-	"github.com/qoscni/qoscni/state"
 )
 
 const refCNIDir = "/usr/lib/cni"

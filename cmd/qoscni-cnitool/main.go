@@ -28,7 +28,7 @@ import (
 
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
-	"github.com/qoscni/qoscni/bench/addel"
+	"github.com/qoscni/qoscni/test/bench/addel"
 )
 
 const usage = `usage: qoscni-cnitool <command> [flags]

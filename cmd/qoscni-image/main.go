@@ -18,7 +18,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
-	"github.com/qoscni/qoscni/install"
+	"github.com/qoscni/qoscni/internal/agent/install"
 	"github.com/qoscni/qoscni/internal/ociimage"
 )
 

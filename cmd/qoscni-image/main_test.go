@@ -13,7 +13,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
-	"github.com/qoscni/qoscni/install"
+	"github.com/qoscni/qoscni/internal/agent/install"
 )
 
 func TestImageTarball(t *testing.T) {

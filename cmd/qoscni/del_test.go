@@ -8,8 +8,8 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 
+	"github.com/qoscni/qoscni/internal/cni/plugin"
 	"github.com/qoscni/qoscni/internal/testnet"
-	"github.com/qoscni/qoscni/plugin"
 )
 
 // TestDelOfConfigAddRefused: a runtime repeats DEL until it succeeds, so a

@@ -5,9 +5,9 @@ import (
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/version"
 
-	"github.com/qoscni/qoscni/journal"
-	"github.com/qoscni/qoscni/netconf"
-	"github.com/qoscni/qoscni/plugin"
+	"github.com/qoscni/qoscni/internal/cni/netconf"
+	"github.com/qoscni/qoscni/internal/cni/plugin"
+	"github.com/qoscni/qoscni/internal/journal"
 )
 
 func main() {

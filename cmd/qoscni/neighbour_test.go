@@ -123,4 +123,3 @@ func TestChainedBesideNeighbour(t *testing.T) {
 		t.Errorf("DEL after a refused ADD changed %s's qdiscs:\nbefore %s\nafter %s", veth, before, after)
 	}
 }
-

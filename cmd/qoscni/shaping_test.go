@@ -10,8 +10,8 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 
+	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/internal/testnet"
-	"github.com/qoscni/qoscni/state"
 )
 
 // shapedConf is a standalone config with the bandwidth capabilities and

@@ -1,0 +1,265 @@
+package install
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/qoscni/qoscni/internal/cni/netconf"
+)
+
+// DefaultStandaloneConflist is the standalone network config when none is
+// given. Without ipam.ranges, the ranges are the node's spec.podCIDRs.
+// cniVersion 1.0.0 is the newest containerd 1.6 and 1.7 accept (their
+// libcni refuses a 1.1.0 result, and no pod would start); runtimes whose
+// libcni reads cniVersions (containerd 2, CRI-O 1.30+) pick 1.1.0 from it
+// and then call STATUS and GC.
+// deploy/base/config/standalone.json is tested to be the same.
+var DefaultStandaloneConflist = []byte(`{
+  "cniVersion": "1.0.0",
+  "cniVersions": ["1.0.0", "1.1.0"],
+  "name": "qoscni",
+  "plugins": [
+    {
+      "type": "qoscni",
+      "bridge": "qoscni0",
+      "isGateway": true,
+      "isDefaultGateway": true,
+      "ipMasq": true,
+      "hairpinMode": true,
+      "stateDir": "` + StateDir + `",
+      "ipam": {
+        "type": "qoscni",
+        "dataDir": "` + IPAMDir + `"
+      },
+      "capabilities": {
+        "bandwidth": true,
+        "io.kubernetes.cri.pod-annotations": true,
+        "portMappings": true
+      }
+    }
+  ]
+}
+`)
+
+// DefaultChainedPlugin is qoscni's entry appended to the primary conflist
+// when none is given. deploy/base/config/chained.json is tested to be the
+// same.
+var DefaultChainedPlugin = []byte(`{
+  "type": "qoscni",
+  "stateDir": "` + StateDir + `",
+  "capabilities": {
+    "bandwidth": true,
+    "io.kubernetes.cri.pod-annotations": true,
+    "portMappings": true
+  }
+}
+`)
+
+// Replaced are the reference plugins qoscni takes the place of in chained
+// mode: it reads their config keys and does their job.
+var Replaced = []string{"bandwidth", "portmap"}
+
+// object is a JSON object with numbers kept as written.
+type object = map[string]any
+
+func decodeObject(data []byte) (object, error) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	var o object
+	if err := dec.Decode(&o); err != nil {
+		return nil, err
+	}
+	if o == nil {
+		return nil, errors.New("not a JSON object")
+	}
+	if dec.More() {
+		return nil, errors.New("trailing data after the JSON object")
+	}
+	return o, nil
+}
+
+func encodeObject(o object) []byte {
+	// Go sorts map keys, so the output is a pure function of the content
+	// and a re-run writes the same bytes (idempotence by comparison).
+	b, err := json.MarshalIndent(o, "", "  ")
+	if err != nil {
+		panic(err) // only values decoded from JSON are in o
+	}
+	return append(b, '\n')
+}
+
+func pluginType(p any) string {
+	if m, ok := p.(object); ok {
+		if t, ok := m["type"].(string); ok {
+			return t
+		}
+	}
+	return ""
+}
+
+// plugins returns the conflist's plugin list, or nil when data is a single
+// plugin config (.conf).
+func plugins(o object) ([]any, bool, error) {
+	raw, ok := o["plugins"]
+	if !ok {
+		return nil, false, nil
+	}
+	list, ok := raw.([]any)
+	if !ok {
+		return nil, true, errors.New(`"plugins" is not a list`)
+	}
+	return list, true, nil
+}
+
+// hasQoscni reports whether a network config (conflist or single conf)
+// runs qoscni.
+func hasQoscni(data []byte) bool {
+	o, err := decodeObject(data)
+	if err != nil {
+		return false
+	}
+	list, isList, _ := plugins(o)
+	if !isList {
+		return pluginType(o) == PluginType
+	}
+	return slices.ContainsFunc(list, func(p any) bool { return pluginType(p) == PluginType })
+}
+
+// renderStandalone fills the template's built-in IPAM ranges from podCIDRs
+// when the template has none; podCIDRs is only called when needed.
+func renderStandalone(tmpl []byte, podCIDRs func() ([]string, error)) ([]byte, error) {
+	o, err := decodeObject(tmpl)
+	if err != nil {
+		return nil, fmt.Errorf("decode standalone conflist: %w", err)
+	}
+	list, isList, err := plugins(o)
+	if err != nil || !isList {
+		return nil, fmt.Errorf("standalone config is not a conflist (no \"plugins\" list)")
+	}
+	if err := checkVersion(o); err != nil {
+		return nil, err
+	}
+	var q object
+	for _, p := range list {
+		if pluginType(p) == PluginType {
+			q = p.(object)
+			break
+		}
+	}
+	if q == nil {
+		return nil, fmt.Errorf("standalone conflist has no plugin of type %q", PluginType)
+	}
+	ipamConf, _ := q["ipam"].(object)
+	if ipamConf == nil {
+		ipamConf = object{}
+		q["ipam"] = ipamConf
+	}
+	if t, _ := ipamConf["type"].(string); t != "" && t != PluginType {
+		return encodeObject(o), nil // delegated IPAM: its config is its own business
+	}
+	if ranges, _ := ipamConf["ranges"].([]any); len(ranges) == 0 {
+		cidrs, err := podCIDRs()
+		if err != nil {
+			return nil, err
+		}
+		if len(cidrs) == 0 {
+			return nil, errors.New("the node has no spec.podCIDRs (is the controller manager's --allocate-node-cidrs off?) and the config sets no ipam.ranges")
+		}
+		sets := make([]any, 0, len(cidrs))
+		for _, c := range cidrs {
+			sets = append(sets, []any{object{"subnet": c}})
+		}
+		ipamConf["ranges"] = sets
+	}
+	return encodeObject(o), nil
+}
+
+func checkVersion(o object) error {
+	v, _ := o["cniVersion"].(string)
+	if !slices.Contains(netconf.SupportedVersions, v) {
+		return fmt.Errorf("cniVersion %q: qoscni needs one of %s (chaining needs 0.3.0 or later)",
+			v, strings.Join(netconf.SupportedVersions, ", "))
+	}
+	return nil
+}
+
+// parseEntry checks qoscni's chained plugin entry.
+func parseEntry(data []byte) (object, error) {
+	e, err := decodeObject(data)
+	if err != nil {
+		return nil, fmt.Errorf("decode chained plugin entry: %w", err)
+	}
+	if t := pluginType(e); t != PluginType {
+		return nil, fmt.Errorf("chained plugin entry has type %q, want %q", t, PluginType)
+	}
+	return e, nil
+}
+
+// chain returns the primary config with qoscni appended, the reference
+// plugins it replaces and any older qoscni entry dropped, and which types
+// were dropped. A single plugin config becomes a conflist with that plugin
+// first, as libcni's ConfListFromConf reads it.
+func chain(primary []byte, entry object) (out []byte, dropped []string, err error) {
+	o, err := decodeObject(primary)
+	if err != nil {
+		return nil, nil, fmt.Errorf("decode primary config: %w", err)
+	}
+	if err := checkVersion(o); err != nil {
+		return nil, nil, err
+	}
+	list, isList, err := plugins(o)
+	if err != nil {
+		return nil, nil, err
+	}
+	if !isList {
+		if pluginType(o) == "" {
+			return nil, nil, errors.New(`primary config has neither "plugins" nor "type"`)
+		}
+		list = []any{o}
+		o = object{"cniVersion": o["cniVersion"], "name": o["name"], "plugins": nil}
+	}
+	if len(list) > 0 && pluginType(list[0]) == PluginType {
+		return nil, nil, errors.New("the config's main plugin is qoscni itself (a standalone config), nothing to chain after")
+	}
+	kept := make([]any, 0, len(list)+1)
+	for _, p := range list {
+		switch t := pluginType(p); {
+		case t == PluginType:
+		case slices.Contains(Replaced, t):
+			dropped = append(dropped, t)
+		default:
+			kept = append(kept, p)
+		}
+	}
+	if len(kept) == 0 {
+		return nil, nil, errors.New("primary config has no main plugin to chain after")
+	}
+	o["plugins"] = append(kept, entry)
+	return encodeObject(o), dropped, nil
+}
+
+// unchain drops qoscni's entries from a conflist; empty says nothing would
+// be left.
+func unchain(data []byte) (out []byte, empty bool, err error) {
+	o, err := decodeObject(data)
+	if err != nil {
+		return nil, false, err
+	}
+	list, isList, err := plugins(o)
+	if err != nil {
+		return nil, false, err
+	}
+	if !isList {
+		return nil, pluginType(o) == PluginType, nil
+	}
+	kept := slices.DeleteFunc(slices.Clone(list), func(p any) bool { return pluginType(p) == PluginType })
+	if len(kept) == 0 {
+		return nil, true, nil
+	}
+	o["plugins"] = kept
+	return encodeObject(o), false, nil
+}

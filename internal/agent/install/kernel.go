@@ -1,0 +1,226 @@
+package install
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"regexp"
+	"sort"
+
+	"github.com/florianl/go-tc"
+	"github.com/florianl/go-tc/core"
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/internal/cni/podnet"
+	"github.com/qoscni/qoscni/internal/state"
+	"github.com/qoscni/qoscni/portmap"
+	"github.com/qoscni/qoscni/shaping"
+)
+
+// IFBPattern matches the IFB devices qoscni creates (podnet.IFBName).
+var IFBPattern = regexp.MustCompile(`^qi[0-9a-f]{12}$`)
+
+// hostVethPattern matches standalone mode's host veths (podnet.HostVethName).
+var hostVethPattern = regexp.MustCompile(`^qv[0-9a-f]{12}$`)
+
+// NftTable is qoscni's nftables table (family inet).
+const NftTable = podnet.TableName
+
+// cleanKernel removes qoscni's shaping, IFBs and nftables table from the
+// node's namespace, and turns route_localnet off where qoscni turned it
+// on. It keeps what gives a pod its connectivity (the veths,
+// the bridge, addresses and routes). Order matters: a veth's redirect to
+// an IFB goes before the IFB, or the veth's egress would be redirected to
+// a device that no longer exists, which drops every packet of the pod.
+func cleanKernel(_ context.Context, stateDirs []string, netnsPath string, rep *Report) error {
+	fd := -1
+	if netnsPath != "" {
+		f, err := os.Open(netnsPath)
+		if err != nil {
+			return fmt.Errorf("open netns %s: %w", netnsPath, err)
+		}
+		defer f.Close()
+		fd = int(f.Fd())
+	}
+	sh, err := shaping.Open(fd)
+	if err != nil {
+		return err
+	}
+	defer sh.Close()
+	var nl *netlink.Handle
+	tcCfg := &tc.Config{}
+	if fd >= 0 {
+		nl, err = netlink.NewHandleAt(netns.NsHandle(fd))
+		tcCfg.NetNS = fd
+	} else {
+		nl, err = netlink.NewHandle()
+	}
+	if err != nil {
+		return fmt.Errorf("open netlink: %w", err)
+	}
+	defer nl.Close()
+	tcc, err := tc.Open(tcCfg)
+	if err != nil {
+		return fmt.Errorf("open tc netlink: %w", err)
+	}
+	defer tcc.Close()
+
+	var errs []error
+	// 0. route_localnet, while its guards still stand: back to 0 where
+	// qoscni turned it on, then the localnet guards (tc) go. The martian
+	// chain goes with the table, last.
+	var localnet []string
+	for _, d := range stateDirs {
+		localnet = append(localnet, portmap.LocalnetDir(d))
+	}
+	undo, err := portmap.UninstallLocalnet(fd, localnet...)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, u := range undo {
+		sysctl := "sysctl net.ipv4.conf." + u.IfName + ".route_localnet"
+		switch {
+		case u.ResetRouteLocalnet:
+			rep.add(sysctl, Restored, "0: qoscni had set it for 127.0.0.1:hostPort")
+		case u.KeptRouteLocalnet:
+			rep.add(sysctl, Unchanged, "1: it was 1 before qoscni")
+		}
+		if u.RemovedGuard {
+			rep.add("link "+u.IfName, Removed, "localnet guard (tc ingress filter)")
+		}
+	}
+
+	// 1. What the records say: also finds a chained veth shaped only
+	// towards the pod (no IFB, no redirect to recognise it by).
+	var recs []*state.Record
+	for _, d := range stateDirs {
+		rs, _, err := state.New(d).List("")
+		if err != nil {
+			errs = append(errs, err)
+		}
+		recs = append(recs, rs...)
+	}
+	for _, r := range recs {
+		ifb := ""
+		if r.Shaping != nil {
+			ifb = r.Shaping.IFB
+		}
+		if r.HostVeth == "" {
+			continue
+		}
+		if err := sh.Remove(r.HostVeth, ifb); err != nil {
+			errs = append(errs, fmt.Errorf("remove shaping of %s/%s (%s): %w", r.Pod.Namespace, r.Pod.Name, r.HostVeth, err))
+			continue
+		}
+		rep.add("link "+r.HostVeth, Removed, fmt.Sprintf("shaping of pod %s/%s", r.Pod.Namespace, r.Pod.Name))
+	}
+
+	// 2. What the kernel has: every redirect of ours (a record may be
+	// missing), then every IFB left.
+	links, err := nl.LinkList()
+	if err != nil {
+		return errors.Join(append(errs, fmt.Errorf("list links: %w", err))...)
+	}
+	ifbs := map[uint32]string{}
+	for _, l := range links {
+		if l.Type() == "ifb" && IFBPattern.MatchString(l.Attrs().Name) {
+			ifbs[uint32(l.Attrs().Index)] = l.Attrs().Name
+		}
+	}
+	qdiscs, err := tcc.Qdisc().Get()
+	if err != nil {
+		return errors.Join(append(errs, fmt.Errorf("dump qdiscs: %w", err))...)
+	}
+	names := map[uint32]string{}
+	for _, l := range links {
+		names[uint32(l.Attrs().Index)] = l.Attrs().Name
+	}
+	ingressHook := core.BuildHandle(0xFFFF, tc.HandleMinIngress)
+	for _, q := range qdiscs {
+		if q.Kind != "clsact" || ifbs[q.Ifindex] != "" || names[q.Ifindex] == "" {
+			continue
+		}
+		filters, err := tcc.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: q.Ifindex, Parent: ingressHook})
+		if err != nil {
+			errs = append(errs, fmt.Errorf("dump filters of %s: %w", names[q.Ifindex], err))
+			continue
+		}
+		// Ours by qoscni's marker (or, from before it, a lone redirect to
+		// one of our IFBs at the old priority); a clsact carrying only
+		// others' filters, even redirects, is left alone, and Remove takes
+		// only our filter off a shared one.
+		idx, ours := shaping.OwnRedirect(filters, func(i uint32) bool { return ifbs[i] != "" })
+		target := ifbs[idx]
+		if !ours && !hostVethPattern.MatchString(names[q.Ifindex]) {
+			continue
+		}
+		if err := sh.Remove(names[q.Ifindex], target); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		rep.add("link "+names[q.Ifindex], Removed, "shaping, redirect to "+orDefault(target, "none"))
+	}
+	// Standalone host veths shaped only towards the pod.
+	for _, l := range links {
+		if hostVethPattern.MatchString(l.Attrs().Name) {
+			if err := sh.Remove(l.Attrs().Name, ""); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	left := make([]string, 0, len(ifbs))
+	for _, n := range ifbs {
+		left = append(left, n)
+	}
+	sort.Strings(left)
+	for _, n := range left {
+		l, err := nl.LinkByName(n)
+		if err != nil {
+			continue // removed above
+		}
+		if err := nl.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+			errs = append(errs, fmt.Errorf("delete IFB %s: %w", n, err))
+			continue
+		}
+		rep.add("link "+n, Removed, "IFB")
+	}
+
+	// 3. The nftables table: masquerade and hostPorts of qoscni's pods.
+	if err := deleteTable(fd, rep); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func deleteTable(fd int, rep *Report) error {
+	var opts []nftables.ConnOption
+	if fd >= 0 {
+		opts = append(opts, nftables.WithNetNSFd(fd))
+	}
+	c, err := nftables.New(opts...)
+	if err != nil {
+		return fmt.Errorf("open nftables: %w", err)
+	}
+	defer c.CloseLasting()
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return fmt.Errorf("list nftables tables: %w", err)
+	}
+	what := "nftables table inet " + NftTable
+	for _, t := range tables {
+		if t.Name == NftTable {
+			c.DelTable(t)
+			if err := c.Flush(); err != nil {
+				return fmt.Errorf("delete %s: %w", what, err)
+			}
+			rep.add(what, Removed, "")
+			return nil
+		}
+	}
+	rep.add(what, Absent, "")
+	return nil
+}

@@ -1,0 +1,219 @@
+package install
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/qoscni/qoscni/internal/testnet"
+	"github.com/qoscni/qoscni/portmap"
+	"github.com/qoscni/qoscni/shaping"
+)
+
+// TestUninstallKernel builds in a fresh node namespace what the plugin
+// leaves on a node (a shaped standalone veth, a chained veth redirecting to
+// an IFB, an orphan IFB, the nftables table) beside objects of others that
+// must survive, and checks uninstall takes exactly qoscni's away while the
+// pods' veths stay.
+func TestUninstallKernel(t *testing.T) {
+	n := testnet.NewNode(t)
+	const (
+		qv     = "qv0123456789ab" // standalone host veth
+		qi     = "qi0123456789ab" // its IFB
+		chain  = "cali1234"       // chained: the primary's veth
+		qi2    = "qiaaaaaaaaaaaa" // chained attachment's IFB
+		orphan = "qibbbbbbbbbbbb" // IFB without a veth
+		other  = "qiother"        // not ours: wrong pattern
+		keep   = "veth-keep"      // someone else's clsact and filter
+	)
+	n.Exec(t, "ip", "link", "add", qv, "type", "veth", "peer", "name", "p1")
+	n.Exec(t, "ip", "link", "add", chain, "type", "veth", "peer", "name", "p2")
+	n.Exec(t, "ip", "link", "add", keep, "type", "veth", "peer", "name", "p3")
+	for _, d := range []string{qi, qi2, orphan, other} {
+		n.Exec(t, "ip", "link", "add", d, "type", "ifb")
+	}
+	for _, d := range []string{qv, chain, keep, qi, qi2, other} {
+		n.Exec(t, "ip", "link", "set", d, "up")
+	}
+	n.Exec(t, "tc", "qdisc", "add", "dev", qv, "root", "handle", "1:", "tbf", "rate", "10mbit", "burst", "32kb", "latency", "10ms")
+	for dev, ifb := range map[string]string{qv: qi, chain: qi2, keep: other} {
+		n.Exec(t, "tc", "qdisc", "add", "dev", dev, "clsact")
+		n.Exec(t, "tc", "filter", "add", "dev", dev, "ingress", "prio", "1", "protocol", "all", "u32",
+			"match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", ifb)
+	}
+	n.Exec(t, "nft", "add", "table", "inet", NftTable)
+	n.Exec(t, "nft", "add", "table", "inet", "other")
+
+	rep, err := Uninstall(context.Background(), UninstallOptions{Root: t.TempDir(), Kernel: true, NetnsPath: n.Path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	links := n.Exec(t, "ip", "-o", "link", "show")
+	for _, gone := range []string{qi, qi2, orphan} {
+		if strings.Contains(links, gone+":") {
+			t.Errorf("IFB %s left", gone)
+		}
+	}
+	for _, kept := range []string{qv, chain, keep, other} {
+		if !strings.Contains(links, kept+"@") && !strings.Contains(links, kept+":") {
+			t.Errorf("%s removed, but it is not qoscni's to remove", kept)
+		}
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", qv); strings.Contains(q, "tbf") || strings.Contains(q, "clsact") {
+		t.Errorf("shaping left on %s: %s", qv, q)
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", chain); strings.Contains(q, "clsact") {
+		t.Errorf("redirect left on %s: %s", chain, q)
+	}
+	if f := n.Exec(t, "tc", "filter", "show", "dev", keep, "ingress"); !strings.Contains(f, other) {
+		t.Errorf("someone else's redirect removed: %q", f)
+	}
+	tables := n.Exec(t, "nft", "list", "tables")
+	if strings.Contains(tables, "inet "+NftTable+"\n") || !strings.Contains(tables, "inet other") {
+		t.Errorf("nftables tables after uninstall: %s", tables)
+	}
+	t.Logf("report: %+v", rep.Changes)
+
+	// Again: nothing left to do.
+	rep, err = Uninstall(context.Background(), UninstallOptions{Root: t.TempDir(), Kernel: true, NetnsPath: n.Path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustUnchanged(t, rep)
+}
+
+// TestUninstallKeepsNeighbours: a chained veth carries the main plugin's
+// filter (priority 1, protocol all) and root qdisc beside the redirect
+// qoscni made, with no record to go by. Uninstall takes qoscni's redirect
+// and IFB and leaves the main plugin's filter, clsact and root alone.
+func TestUninstallKeepsNeighbours(t *testing.T) {
+	n := testnet.NewNode(t)
+	const (
+		veth = "cali5678"
+		ifb  = "qicccccccccccc"
+	)
+	n.Exec(t, "ip", "link", "add", veth, "type", "veth", "peer", "name", "p1")
+	n.Exec(t, "ip", "link", "set", veth, "up")
+	n.Exec(t, "tc", "qdisc", "add", "dev", veth, "root", "handle", "5:", "htb")
+	n.Exec(t, "tc", "qdisc", "add", "dev", veth, "clsact")
+	n.Exec(t, "tc", "filter", "add", "dev", veth, "ingress", "prio", "1", "protocol", "all",
+		"u32", "match", "ip", "dst", "192.0.2.99/32", "flowid", "1:5")
+	f, err := os.Open(n.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sh, err := shaping.Open(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sh.Close()
+	eg := &shaping.Params{RateBits: 10_000_000, BurstBytes: 62500, LimitBytes: 12500, MaxQueueDelay: 10 * time.Millisecond}
+	if _, err := sh.Apply(shaping.Desired{HostVeth: veth, IFB: ifb, MTU: 1500, Plan: shaping.Plan{Egress: eg}}); err != nil {
+		t.Fatal(err)
+	}
+	before := n.Qdiscs(t, veth)
+
+	if _, err := Uninstall(context.Background(), UninstallOptions{Root: t.TempDir(), Kernel: true, NetnsPath: n.Path}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.Try("ip", "link", "show", ifb); err == nil {
+		t.Errorf("IFB %s left", ifb)
+	}
+	filters := n.Exec(t, "tc", "filter", "show", "dev", veth, "ingress")
+	if !strings.Contains(filters, "pref 1 u32") || !strings.Contains(filters, "c0000263/ffffffff") {
+		t.Errorf("the main plugin's filter removed:\n%s", filters)
+	}
+	if strings.Contains(filters, "mirred") {
+		t.Errorf("qoscni's redirect left:\n%s", filters)
+	}
+	if after := n.Qdiscs(t, veth); after != before {
+		t.Errorf("the main plugin's qdiscs changed:\nbefore %s\nafter %s", before, after)
+	}
+}
+
+// TestUninstallResetsRouteLocalnet: ADDs with IPv4 hostPorts turned
+// route_localnet on behind two bridges (on one it was 1 already, as
+// kube-proxy leaves it); uninstall turns it off only where qoscni turned
+// it on, takes the localnet guards away (with the clsact qdisc it added),
+// and leaves someone else's filter and clsact on the same hook alone.
+func TestUninstallResetsRouteLocalnet(t *testing.T) {
+	n := testnet.NewNode(t)
+	root := t.TempDir()
+	const (
+		ours   = "brq" // route_localnet 0 before qoscni
+		preset = "brk" // route_localnet 1 before qoscni
+	)
+	for _, br := range []string{ours, preset} {
+		n.Exec(t, "ip", "link", "add", br, "type", "bridge")
+		n.Exec(t, "ip", "link", "set", br, "up")
+	}
+	n.Exec(t, "sysctl", "-qw", "net.ipv4.conf."+preset+".route_localnet=1")
+	// Someone else's filter (and clsact) on the hook the guard joins.
+	n.Exec(t, "tc", "qdisc", "add", "dev", ours, "clsact")
+	n.Exec(t, "tc", "filter", "add", "dev", ours, "ingress", "pref", "7", "protocol", "ip",
+		"u32", "match", "ip", "dst", "192.0.2.1/32", "classid", "1:1")
+	f, err := os.Open(n.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	// What the plugin's ADD does, with the markers where it keeps them.
+	m, err := portmap.New(int(f.Fd()), portmap.WithLocalnetDir(portmap.LocalnetDir(filepath.Join(root, StateDir))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	for i, br := range []string{ours, preset} {
+		maps := []portmap.Mapping{{HostPort: uint16(8080 + i), ContainerPort: 80, Protocol: "tcp", PodIP: net.ParseIP("10.77.0.2").To4()}}
+		if err := m.Add(portmap.Owner{ContainerID: fmt.Sprintf("c%d", i), IfName: "eth0"}, br, maps); err != nil {
+			t.Fatal(err)
+		}
+		if got := routeLocalnet(t, n, br); got != "1" {
+			t.Fatalf("route_localnet on %s after ADD: %s", br, got)
+		}
+	}
+
+	rep, err := Uninstall(context.Background(), UninstallOptions{Root: root, Kernel: true, NetnsPath: n.Path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("report: %+v", rep.Changes)
+	if got := routeLocalnet(t, n, ours); got != "0" {
+		t.Errorf("route_localnet on %s after uninstall: %s, want 0 (qoscni set it)", ours, got)
+	}
+	if got := routeLocalnet(t, n, preset); got != "1" {
+		t.Errorf("route_localnet on %s after uninstall: %s, want 1 (it was 1 before qoscni)", preset, got)
+	}
+	for _, br := range []string{ours, preset} {
+		if fl := n.Exec(t, "tc", "filter", "show", "dev", br, "ingress"); strings.Contains(fl, "bpf") {
+			t.Errorf("localnet guard left on %s: %s", br, fl)
+		}
+	}
+	if fl := n.Exec(t, "tc", "filter", "show", "dev", ours, "ingress"); !strings.Contains(fl, "u32") {
+		t.Errorf("someone else's filter on %s removed: %q", ours, fl)
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", ours); !strings.Contains(q, "clsact") {
+		t.Errorf("someone else's clsact on %s removed: %s", ours, q)
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", preset); strings.Contains(q, "clsact") {
+		t.Errorf("the clsact qoscni added to %s (nothing else on it) is left: %s", preset, q)
+	}
+
+	// Again: nothing left to do.
+	rep, err = Uninstall(context.Background(), UninstallOptions{Root: root, Kernel: true, NetnsPath: n.Path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustUnchanged(t, rep)
+}
+
+func routeLocalnet(t *testing.T, n *testnet.Node, iface string) string {
+	t.Helper()
+	return strings.TrimSpace(n.Exec(t, "sysctl", "-n", "net.ipv4.conf."+iface+".route_localnet"))
+}

@@ -1,0 +1,111 @@
+package reconcile
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/qoscni/qoscni/internal/state"
+	"github.com/qoscni/qoscni/shaping"
+)
+
+func TestShapingAnnotationsEqual(t *testing.T) {
+	base := map[string]string{shaping.AnnotationIngressRate: "10M", "app": "web"}
+	cases := []struct {
+		b    map[string]string
+		want bool
+	}{
+		{map[string]string{shaping.AnnotationIngressRate: "10M", "app": "api"}, true}, // unrelated key
+		{map[string]string{shaping.AnnotationIngressRate: "20M", "app": "web"}, false},
+		{map[string]string{"app": "web"}, false},                                                                  // removed
+		{map[string]string{shaping.AnnotationIngressRate: "10M", shaping.AnnotationEgressRate: "1M"}, false},      // added
+		{map[string]string{shaping.AnnotationIngressRate: "10M", "qoscni.io/anything-new": ""}, false},            // any qoscni.io key
+		{map[string]string{shaping.AnnotationIngressRate: "10M", "kubernetes.io/other": "x", "app": "web"}, true}, // not ours
+	}
+	for i, c := range cases {
+		if got := ShapingAnnotationsEqual(base, c.b); got != c.want {
+			t.Errorf("case %d: got %v", i, got)
+		}
+		if got := ShapingAnnotationsEqual(c.b, base); got != c.want {
+			t.Errorf("case %d reversed: got %v", i, got)
+		}
+	}
+}
+
+func TestSamePod(t *testing.T) {
+	rec := &state.Record{Pod: state.Pod{Namespace: "ns", Name: "p", UID: "u1"}}
+	for _, c := range []struct {
+		pod  Pod
+		want bool
+	}{
+		{Pod{Namespace: "ns", Name: "p", UID: "u1"}, true},
+		{Pod{Namespace: "ns", Name: "p"}, true},
+		{Pod{Namespace: "ns", Name: "p", UID: "u2"}, false}, // recreated under the same name
+		{Pod{Namespace: "other", Name: "p", UID: "u1"}, false},
+	} {
+		if got := samePod(rec, c.pod); got != c.want {
+			t.Errorf("%+v: got %v", c.pod, got)
+		}
+	}
+	if samePod(&state.Record{}, Pod{}) {
+		t.Error("a record without a pod identity matched")
+	}
+}
+
+func TestNetnsGone(t *testing.T) {
+	dir := t.TempDir()
+	plain := filepath.Join(dir, "cni-dead")
+	if err := os.WriteFile(plain, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if !netnsGone(plain) {
+		t.Error("a plain file (unmounted netns) is not gone")
+	}
+	if !netnsGone(filepath.Join(dir, "cni-missing")) {
+		t.Error("a missing file is not gone")
+	}
+	// No host mount: nothing can be told, so nothing is gone.
+	if netnsGone(filepath.Join(dir, "not-mounted", "cni-x")) {
+		t.Error("missing directory reported gone")
+	}
+	if netnsGone("/proc/self/ns/net") {
+		t.Error("a live namespace reported gone")
+	}
+}
+
+func TestResolveKeepsLegacyConfigShaping(t *testing.T) {
+	rec := &state.Record{MTU: 1500, Shaping: &state.Shaping{Ingress: &state.Direction{RateBits: 1e6, Source: shaping.SourceConfig}}}
+	if _, ok, err := resolve(rec, Pod{}); ok || err != nil {
+		t.Errorf("record without ShapingDefaults re-resolved: ok=%v err=%v", ok, err)
+	}
+	rec.ShapingDefaults = &state.ShapingDefaults{IngressRate: 1e6, IngressBurst: 80000}
+	plan, ok, err := resolve(rec, Pod{Annotations: map[string]string{shaping.AnnotationEgressRate: "5M"}})
+	if !ok || err != nil || plan.Ingress == nil || plan.Ingress.Source != shaping.SourceConfig || plan.Egress == nil || plan.Egress.RateBits != 5e6 {
+		t.Errorf("plan %+v ok=%v err=%v", plan, ok, err)
+	}
+}
+
+// TestReshapeKeepsCeilings: a live annotation change is bounded by the
+// ceilings the attachment's config had at ADD (kept in the record), or by
+// the defaults when it had none.
+func TestReshapeKeepsCeilings(t *testing.T) {
+	pod := Pod{Annotations: map[string]string{shaping.AnnotationIngressRate: "1G", shaping.AnnotationMaxQueueDelay: "10s",
+		shaping.AnnotationIngressBurst: "4G"}}
+	rec := &state.Record{MTU: 1500}
+	plan, ok, err := resolve(rec, pod)
+	if err != nil || !ok {
+		t.Fatal(ok, err)
+	}
+	if plan.Ingress.MaxQueueDelay != shaping.DefaultCeilingQueueDelay || plan.Ingress.BurstBytes != shaping.DefaultCeilingBurstBytes {
+		t.Errorf("default ceilings not applied: %+v", plan.Ingress)
+	}
+	rec.ShapingDefaults = &state.ShapingDefaults{Ceilings: &state.Ceilings{MaxQueueDelayNs: int64(20 * time.Millisecond), MaxBurstBits: 1 << 23, MaxQueueBytes: 1 << 20}}
+	plan, _, err = resolve(rec, pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if in := plan.Ingress; in.MaxQueueDelay != 20*time.Millisecond || in.BurstBytes != 1<<20 || in.LimitBytes > 1<<20 || len(in.Clamps) != 3 {
+		t.Errorf("the record's ceilings not applied: %+v", in)
+	}
+}

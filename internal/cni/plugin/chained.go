@@ -1,0 +1,204 @@
+package plugin
+
+import (
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/vishvananda/netlink"
+
+	"github.com/qoscni/qoscni/internal/cni/netconf"
+	"github.com/qoscni/qoscni/internal/cni/podnet"
+	"github.com/qoscni/qoscni/internal/state"
+	"github.com/qoscni/qoscni/portmap"
+	"github.com/qoscni/qoscni/shaping"
+)
+
+// addChained follows another main plugin: the pod is already wired, so
+// qoscni finds the host end of the pod's veth and records the attachment
+// for the features that act on it, passing the previous result through.
+func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netconf.PodArgs) error {
+	st := p.steps("ADD-chained")
+	defer st.done()
+	prev, err := current.NewResultFromResult(conf.PrevResult)
+	if err != nil {
+		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
+	}
+	host, err := hostHandle()
+	if err != nil {
+		return err
+	}
+	defer host.Close()
+	hostName, err := hostSideOf(host, args)
+	if err != nil {
+		// Not a veth we can follow by peer index: take the one host-side
+		// interface of the previous result, as the reference plugin does.
+		name, ok := hostSideFromResult(host, prev)
+		if !ok {
+			return err
+		}
+		hostName = name
+	}
+	hl, err := host.LinkByName(hostName)
+	if err != nil {
+		return fmt.Errorf("host interface %s of %s/%s: %w", hostName, args.ContainerID, args.IfName, err)
+	}
+	mtu := hl.Attrs().MTU
+	shape, err := shapingPlan(conf, mtu)
+	if err != nil {
+		return err
+	}
+	logClamps(p.Log, args.ContainerID, args.IfName, shape)
+	var podIPs []net.IP
+	for _, ipc := range prev.IPs {
+		podIPs = append(podIPs, ipc.Address.IP)
+	}
+	ports, err := planPorts(conf, podIPs)
+	if err != nil {
+		return err
+	}
+	ifb := podnet.IFBName(args.ContainerID, args.IfName)
+	if !shape.Empty() {
+		sh, err := shaping.Open(-1)
+		if err != nil {
+			return err
+		}
+		defer sh.Close()
+		if _, err := sh.Apply(shaping.Desired{HostVeth: hostName, IFB: ifb, MTU: mtu, Plan: shape}); err != nil {
+			// Leave the main plugin's veth as we found it.
+			p.removeShaping(hostName, ifb)
+			return fmt.Errorf("shape %s/%s on %s: %w", args.ContainerID, args.IfName, hostName, err)
+		}
+		if shape.Egress != nil {
+			prev.Interfaces = appendIFB(host, prev.Interfaces, ifb)
+		}
+	}
+	st.mark("shaping")
+	var undoPorts func() error
+	if len(ports) > 0 {
+		key := state.Key{Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName}
+		undoPorts, err = addPorts(portOwner(key, pod), conf.StateDir, routeLocalnetIface(host, prev, hostName), ports)
+		if err != nil {
+			if !shape.Empty() {
+				p.removeShaping(hostName, ifb)
+			}
+			return err
+		}
+	}
+	st.mark("ports")
+	rec := &state.Record{
+		Network:         conf.Name,
+		ContainerID:     args.ContainerID,
+		IfName:          args.IfName,
+		Netns:           args.Netns,
+		Pod:             state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
+		Mode:            state.ModeChained,
+		HostVeth:        hostName,
+		MTU:             mtu,
+		Shaping:         shaping.ToRecord(shape, hostName, ifb),
+		ShapingDefaults: shapingDefaults(conf),
+		Ports:           portmap.ToState(ports),
+		Created:         time.Now().UTC(),
+	}
+	for _, ipc := range prev.IPs {
+		rec.IPs = append(rec.IPs, ipc.Address.String())
+	}
+	p.registerStateDir(conf.StateDir)
+	if err := state.New(conf.StateDir).Save(rec); err != nil {
+		if undoPorts != nil {
+			if uerr := undoPorts(); uerr != nil {
+				p.Log.Warn("rollback of hostPorts failed", "err", uerr)
+			}
+		}
+		if !shape.Empty() {
+			p.removeShaping(hostName, ifb)
+		}
+		return err
+	}
+	st.mark("state")
+	return types.PrintResult(prev, conf.CNIVersion)
+}
+
+// hostSideOf finds the node-side peer of the pod's veth through the peer
+// index the kernel reports for it.
+func hostSideOf(host *netlink.Handle, args *skel.CmdArgs) (string, error) {
+	netns, err := podnet.OpenNetNS(args.Netns)
+	if err != nil {
+		return "", err
+	}
+	defer netns.Close()
+	podH, err := netlink.NewHandleAt(netns.Handle)
+	if err != nil {
+		return "", fmt.Errorf("open netlink in %s: %w", args.Netns, err)
+	}
+	defer podH.Close()
+	pl, err := podH.LinkByName(args.IfName)
+	if err != nil {
+		return "", fmt.Errorf("pod interface %s in %s: %w", args.IfName, args.Netns, err)
+	}
+	if pl.Type() != "veth" || pl.Attrs().ParentIndex == 0 {
+		return "", types.NewError(types.ErrInvalidNetworkConfig,
+			fmt.Sprintf("invalid prevResult: pod interface %s is a %s; qoscni chains only after plugins that make veth pairs", args.IfName, pl.Type()), "")
+	}
+	hl, err := host.LinkByIndex(pl.Attrs().ParentIndex)
+	if err != nil {
+		return "", fmt.Errorf("host peer of %s (index %d): %w", args.IfName, pl.Attrs().ParentIndex, err)
+	}
+	return hl.Attrs().Name, nil
+}
+
+// hostSideFromResult picks the previous result's only host-side interface
+// (no sandbox) that exists in the node namespace.
+func hostSideFromResult(host *netlink.Handle, prev *current.Result) (string, bool) {
+	var found []string
+	for _, ifc := range prev.Interfaces {
+		if ifc.Sandbox != "" {
+			continue
+		}
+		l, err := host.LinkByName(ifc.Name)
+		if err != nil || l.Type() == "bridge" {
+			continue
+		}
+		found = append(found, ifc.Name)
+	}
+	if len(found) != 1 {
+		return "", false
+	}
+	return found[0], true
+}
+
+func (p *Plugin) removeShaping(hostVeth, ifb string) {
+	sh, err := shaping.Open(-1)
+	if err == nil {
+		err = sh.Remove(hostVeth, ifb)
+		sh.Close()
+	}
+	if err != nil {
+		p.Log.Warn("rollback of shaping failed", "err", err)
+	}
+}
+
+// routeLocalnetIface is where localhost hostPort traffic leaves the node
+// for the pod: the main plugin's bridge when it has one, else the veth.
+func routeLocalnetIface(host *netlink.Handle, prev *current.Result, hostVeth string) string {
+	for _, ifc := range prev.Interfaces {
+		if ifc.Sandbox != "" {
+			continue
+		}
+		if l, err := host.LinkByName(ifc.Name); err == nil && l.Type() == "bridge" {
+			return ifc.Name
+		}
+	}
+	return hostVeth
+}
+
+// appendIFB adds the attachment's IFB to a result's interfaces.
+func appendIFB(host *netlink.Handle, ifs []*current.Interface, ifb string) []*current.Interface {
+	if l, err := host.LinkByName(ifb); err == nil {
+		ifs = append(ifs, &current.Interface{Name: ifb, Mac: l.Attrs().HardwareAddr.String()})
+	}
+	return ifs
+}

@@ -1,0 +1,229 @@
+// Package plugin implements the CNI commands of qoscni: it parses the
+// typed configuration and calls the wiring, IPAM and state packages.
+package plugin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/vishvananda/netlink"
+
+	"github.com/qoscni/qoscni/internal/cni/netconf"
+	"github.com/qoscni/qoscni/internal/cni/podnet"
+	"github.com/qoscni/qoscni/internal/fault"
+	"github.com/qoscni/qoscni/internal/state"
+	"github.com/qoscni/qoscni/ipam"
+)
+
+// Plugin holds what the commands share. Log goes to stderr, which runtimes
+// capture into their own logs.
+type Plugin struct {
+	Log *slog.Logger
+	// StateRegistry is where ADD registers the network's stateDir for the
+	// node agent (state.Register); "" = nowhere.
+	StateRegistry string
+}
+
+// ErrAttachmentExists is qoscni's own CNI error code (the spec leaves 100
+// and above to plugins) for an ADD of an attachment that is already set up:
+// none of the spec's codes says it, and the runtime's answer is a DEL first.
+const ErrAttachmentExists = 100
+
+// LogLevelEnv selects the plugin's log level (debug, info, warn, error).
+// At debug every command logs how long each of its steps took.
+const LogLevelEnv = "QOSCNI_LOG_LEVEL"
+
+// New returns a plugin logging to stderr.
+func New() *Plugin {
+	level := slog.LevelWarn
+	if v := os.Getenv(LogLevelEnv); v != "" {
+		_ = level.UnmarshalText([]byte(v))
+	}
+	return &Plugin{Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})), StateRegistry: state.RegistryDir()}
+}
+
+// registerStateDir makes the network's stateDir known to the node agent
+// before a record of it is written. A failure does not fail the ADD: the
+// agent never deletes the devices of a live pod whatever it knows, and a
+// conflist naming the directory still leads it there; what waits is the
+// agent's cleanup of the attachment after its pod is gone.
+func (p *Plugin) registerStateDir(dir string) {
+	if p.StateRegistry == "" {
+		return
+	}
+	if err := state.Register(p.StateRegistry, dir); err != nil {
+		p.Log.Warn("the node agent may not find this network's records", "err", err)
+	}
+}
+
+// steps records the duration of each step of one command for debug logs.
+type steps struct {
+	log   *slog.Logger
+	op    string
+	start time.Time
+	last  time.Time
+	attrs []any
+}
+
+func (p *Plugin) steps(op string) *steps {
+	now := time.Now()
+	return &steps{log: p.Log, op: op, start: now, last: now}
+}
+
+// mark ends a step. Each step changes the kernel or the disk, so the
+// reliability tests may kill the plugin here (internal/fault).
+func (s *steps) mark(name string) {
+	fault.At(s.op, name)
+	now := time.Now()
+	s.attrs = append(s.attrs, name, now.Sub(s.last))
+	s.last = now
+}
+
+func (s *steps) done() {
+	if s.log.Enabled(context.Background(), slog.LevelDebug) {
+		s.log.Debug(s.op, append(s.attrs, "total", time.Since(s.start))...)
+	}
+}
+
+// Funcs binds the commands for skel.
+func (p *Plugin) Funcs() skel.CNIFuncs {
+	return skel.CNIFuncs{Add: p.Add, Del: p.Del, Check: p.Check, GC: p.GC, Status: p.Status}
+}
+
+// delegateTimeout bounds a delegated IPAM plugin call.
+const delegateTimeout = 60 * time.Second
+
+// addrSource is the IPAM of one network config: ours or a delegate.
+type addrSource struct {
+	conf  *netconf.NetConf
+	alloc *ipam.Allocator
+}
+
+func newAddrSource(conf *netconf.NetConf) (*addrSource, error) {
+	s := &addrSource{conf: conf}
+	if conf.IPAMStoreOnly {
+		a, err := ipam.OpenStore(conf.IPAMStoreDir, conf.Name)
+		if err != nil {
+			return nil, err
+		}
+		s.alloc = a
+		return s, nil
+	}
+	if conf.BuiltinIPAM() {
+		a, err := ipam.New(conf.IPAMConfig, conf.Name)
+		if err != nil {
+			return nil, err
+		}
+		s.alloc = a
+	}
+	return s, nil
+}
+
+// allocate returns the attachment's addresses and the IPAM routes.
+func (s *addrSource) allocate(containerID, ifName string) ([]*current.IPConfig, []*types.Route, *types.DNS, error) {
+	if s.alloc == nil && s.conf.IPAM.Type == "" {
+		return nil, nil, nil, netconf.InvalidField("ipam", "(absent)", "standalone mode needs an ipam section with ranges")
+	}
+	if s.alloc != nil {
+		ips, err := s.alloc.Allocate(containerID, ifName)
+		if errors.Is(err, ipam.ErrNoFreeAddress) {
+			// The code STATUS answers while a range is full: the plugin
+			// cannot serve ADD until addresses are freed.
+			return nil, nil, nil, types.NewError(types.ErrPluginNotAvailable,
+				fmt.Sprintf("allocate addresses for %s/%s: %v", containerID, ifName, err), "")
+		}
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("allocate addresses for %s/%s: %w", containerID, ifName, err)
+		}
+		return ips, s.conf.IPAMConfig.Routes, nil, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), delegateTimeout)
+	defer cancel()
+	res, err := delegateAdd(ctx, s.conf.IPAM.Type, s.conf.CNIVersion, s.conf.Raw)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("ipam plugin %s ADD: %w", s.conf.IPAM.Type, err)
+	}
+	if len(res.IPs) == 0 {
+		return nil, nil, nil, fmt.Errorf("ipam plugin %s returned no addresses", s.conf.IPAM.Type)
+	}
+	return res.IPs, res.Routes, &res.DNS, nil
+}
+
+// held returns the addresses the built-in allocator holds (nil for a delegate).
+func (s *addrSource) held(containerID, ifName string) ([]net.IP, error) {
+	if s.alloc == nil {
+		return nil, nil
+	}
+	return s.alloc.Get(containerID, ifName)
+}
+
+func (s *addrSource) release(containerID, ifName string) error {
+	if s.alloc == nil && (s.conf.IPAM.Type == "" || s.conf.IPAMStoreOnly) {
+		return nil
+	}
+	if s.alloc != nil {
+		if err := s.alloc.Release(containerID, ifName); err != nil {
+			return fmt.Errorf("release addresses of %s/%s: %w", containerID, ifName, err)
+		}
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), delegateTimeout)
+	defer cancel()
+	if err := ignoreOut(delegate(ctx, "DEL", s.conf.IPAM.Type, s.conf.Raw)); err != nil {
+		return fmt.Errorf("ipam plugin %s DEL: %w", s.conf.IPAM.Type, err)
+	}
+	return nil
+}
+
+// undo collects rollback steps of a half-done ADD, run in reverse.
+type undo []func() error
+
+func (u *undo) push(f func() error) { *u = append(*u, f) }
+
+func (u undo) run(log *slog.Logger) {
+	for i := len(u) - 1; i >= 0; i-- {
+		if err := u[i](); err != nil {
+			log.Warn("rollback step failed", "err", err)
+		}
+	}
+}
+
+func (p *Plugin) parse(args *skel.CmdArgs) (*netconf.NetConf, netconf.PodArgs, error) {
+	conf, err := netconf.Parse(args.StdinData)
+	if err != nil {
+		return nil, netconf.PodArgs{}, err
+	}
+	if len(conf.UnknownKeys) > 0 {
+		p.Log.Warn("ignoring keys of the qoscni config that qoscni does not read (fine if another tool reads them)",
+			"network", conf.Name, "keys", strings.Join(conf.UnknownKeys, ", "))
+	}
+	pod, err := netconf.ParseArgs(args.Args)
+	if err != nil {
+		return nil, netconf.PodArgs{}, err
+	}
+	return conf, pod, nil
+}
+
+func hostHandle() (*netlink.Handle, error) {
+	h, err := netlink.NewHandle()
+	if err != nil {
+		return nil, fmt.Errorf("open netlink: %w", err)
+	}
+	return h, nil
+}
+
+// isGone reports errors that mean "the thing DEL would remove is already gone".
+func isGone(err error) bool {
+	return errors.Is(err, podnet.ErrNetNSGone) || errors.Is(err, os.ErrNotExist)
+}
+
+func ignoreOut(_ []byte, err error) error { return err }

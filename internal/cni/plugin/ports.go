@@ -1,0 +1,134 @@
+package plugin
+
+import (
+	"errors"
+	"fmt"
+	"net"
+
+	"github.com/qoscni/qoscni/internal/cni/netconf"
+	"github.com/qoscni/qoscni/internal/state"
+	"github.com/qoscni/qoscni/portmap"
+)
+
+// validatePorts checks the hostPort entries (addresses included) before
+// anything changes; the per-family plan needs the pod's addresses and is
+// made later by planPorts.
+// validatePorts runs before any change. The pod's addresses are not known
+// yet: one of each family stands in for them, so that two mappings of one
+// host port clash here already, not after the veth exists.
+func validatePorts(conf *netconf.NetConf) error {
+	_, err := portmap.Plan(conf.RuntimeConfig.PortMappings, placeholderPodIPs)
+	return err
+}
+
+var placeholderPodIPs = []net.IP{net.ParseIP("192.0.2.1"), net.ParseIP("2001:db8::1")}
+
+func planPorts(conf *netconf.NetConf, podIPs []net.IP) ([]portmap.Mapping, error) {
+	if len(conf.RuntimeConfig.PortMappings) == 0 {
+		return nil, nil
+	}
+	return portmap.Plan(conf.RuntimeConfig.PortMappings, podIPs)
+}
+
+func portOwner(key state.Key, pod netconf.PodArgs) portmap.Owner {
+	return portmap.Owner{ContainerID: key.ContainerID, IfName: key.IfName, PodNamespace: pod.Namespace, PodName: pod.Name}
+}
+
+// addPorts maps the hostPorts and returns the undo step. stateDir is the
+// network's: the localnet markers live beside it.
+func addPorts(owner portmap.Owner, stateDir, hostIface string, maps []portmap.Mapping) (func() error, error) {
+	m, err := portmap.New(-1, portmap.WithLocalnetDir(portmap.LocalnetDir(stateDir)))
+	if err != nil {
+		return nil, err
+	}
+	defer m.Close()
+	if err := m.Add(owner, hostIface, maps); err != nil {
+		return nil, err
+	}
+	return func() error {
+		m, err := portmap.New(-1)
+		if err != nil {
+			return err
+		}
+		defer m.Close()
+		return m.Del(owner, maps)
+	}, nil
+}
+
+// delPorts removes the attachment's hostPort elements: those its record
+// lists, or, without a record, every element this attachment owns.
+func delPorts(key state.Key, rec *state.Record) error {
+	if rec != nil && len(rec.Ports) == 0 {
+		return nil
+	}
+	m, err := portmap.New(-1)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	if rec != nil {
+		maps, err := portmap.FromState(rec.Ports)
+		if err != nil {
+			return fmt.Errorf("hostPorts of %s/%s in the state record: %w", key.ContainerID, key.IfName, err)
+		}
+		return m.Del(portmap.OwnerOf(rec), maps)
+	}
+	_, err = m.GC(func(o portmap.Owner) bool { return o.ContainerID != key.ContainerID || o.IfName != key.IfName })
+	return err
+}
+
+// checkPorts compares the record's hostPorts with the kernel, and the
+// localnet guard and route_localnet of hostIface when they are needed.
+func checkPorts(rec *state.Record, hostIface string) error {
+	if len(rec.Ports) == 0 {
+		return nil
+	}
+	maps, err := portmap.FromState(rec.Ports)
+	if err != nil {
+		return err
+	}
+	m, err := portmap.New(-1)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	var errs []error
+	if err := m.Check(portmap.OwnerOf(rec), maps); err != nil {
+		errs = append(errs, err)
+	}
+	if hostIface != "" && portmap.NeedsLocalnet(maps) {
+		if err := m.CheckLocalnet(hostIface); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("hostPorts of %s/%s: %w", rec.ContainerID, rec.IfName, err)
+	}
+	return nil
+}
+
+// gcPorts removes the elements of every attachment of this network that
+// is not in valid. The table is shared by all qoscni networks of the node
+// and elements do not name their network, so attachments another network
+// still has a record for are left to that network's GC.
+func gcPorts(valid map[state.Key]bool, network string, store *state.Store) error {
+	others := map[[2]string]bool{}
+	recs, _, err := store.List("")
+	if err != nil {
+		return err
+	}
+	for _, r := range recs {
+		if r.Network != network {
+			others[[2]string{r.ContainerID, r.IfName}] = true
+		}
+	}
+	m, err := portmap.New(-1)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	_, err = m.GC(func(o portmap.Owner) bool {
+		return valid[state.Key{Network: network, ContainerID: o.ContainerID, IfName: o.IfName}] || others[[2]string{o.ContainerID, o.IfName}]
+	})
+	return err
+}

@@ -1,0 +1,470 @@
+// Command shaping is the parsing and reporting half of test/bench/shaping.sh: it
+// reads iperf3 JSON and ping output, and turns the script's result lines into
+// the markdown tables of the shaping benchmark (qoscni against the reference
+// bandwidth plugin, same pod, same runtime inputs).
+//
+//	shaping iperf FILE            -> "goodputBps<TAB>firstSecondBps"
+//	shaping ping FILE             -> "sent<TAB>received<TAB>p50ms<TAB>p99ms"
+//	shaping table RESULTS.tsv     -> markdown
+//
+// Both iperf3 numbers are taken on the receiving side (the server's intervals
+// for a client that sends, the client's own for -R), so bytes sitting in the
+// sender's socket buffer are never counted as throughput.
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+func main() {
+	if len(os.Args) != 3 {
+		fmt.Fprintln(os.Stderr, "usage: shaping iperf|ping|table FILE")
+		os.Exit(2)
+	}
+	f, err := os.Open(os.Args[2])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	defer f.Close()
+	switch os.Args[1] {
+	case "iperf":
+		var r IperfResult
+		if r, err = ParseIperf(f); err == nil {
+			fmt.Printf("%.0f\t%.0f\n", r.GoodputBps, r.FirstSecondBps)
+		}
+	case "ping":
+		var p PingResult
+		if p, err = ParsePing(f); err == nil {
+			fmt.Printf("%d\t%d\t%s\t%s\n", p.Sent, p.Received, fmtMs(p.Percentile(0.50)), fmtMs(p.Percentile(0.99)))
+		}
+	case "table":
+		var rs *Results
+		if rs, err = ReadResults(f); err == nil {
+			rs.WriteMarkdown(os.Stdout)
+		}
+	default:
+		err = fmt.Errorf("unknown command %q", os.Args[1])
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "shaping %s %s: %v\n", os.Args[1], os.Args[2], err)
+		os.Exit(1)
+	}
+}
+
+// fmtMs prints a latency in ms, "-" when there is none (NaN).
+func fmtMs(v float64) string {
+	if math.IsNaN(v) {
+		return "-"
+	}
+	return strconv.FormatFloat(v, 'f', 3, 64)
+}
+
+type iperfSum struct {
+	Seconds       float64 `json:"seconds"`
+	Bytes         float64 `json:"bytes"`
+	BitsPerSecond float64 `json:"bits_per_second"`
+	Omitted       bool    `json:"omitted"`
+	Sender        *bool   `json:"sender"`
+}
+
+type iperfSide struct {
+	Intervals []struct {
+		Sum iperfSum `json:"sum"`
+	} `json:"intervals"`
+	End struct {
+		SumReceived *iperfSum `json:"sum_received"`
+	} `json:"end"`
+	Error string `json:"error"`
+}
+
+type iperfDoc struct {
+	iperfSide
+	Server *iperfSide `json:"server_output_json"`
+}
+
+// IperfResult is one iperf3 run seen by the receiver.
+type IperfResult struct {
+	// GoodputBps is the receiver's rate over the intervals that were not
+	// omitted (-O): the steady state.
+	GoodputBps float64
+	// FirstSecondBps is the receiver's rate in the first interval (-i 1),
+	// omitted or not: what the shaper lets through at the start.
+	FirstSecondBps float64
+}
+
+// ParseIperf reads `iperf3 -J --get-server-output` of a server started with
+// -J and picks the receiving side's numbers.
+func ParseIperf(r io.Reader) (IperfResult, error) {
+	var d iperfDoc
+	if err := json.NewDecoder(r).Decode(&d); err != nil {
+		return IperfResult{}, fmt.Errorf("decode iperf3 JSON: %w", err)
+	}
+	if d.Error != "" {
+		return IperfResult{}, fmt.Errorf("iperf3: %s", d.Error)
+	}
+	side := &d.iperfSide
+	if len(side.Intervals) == 0 || side.Intervals[0].Sum.Sender == nil {
+		return IperfResult{}, errors.New("no intervals with a sender flag (iperf3 >= 3.9 with -J needed)")
+	}
+	if *side.Intervals[0].Sum.Sender {
+		// The client sent: the receiver is the server.
+		if d.Server == nil || len(d.Server.Intervals) == 0 {
+			return IperfResult{}, errors.New("no server_output_json intervals (start the server with -J and the client with --get-server-output)")
+		}
+		side = d.Server
+	}
+	res := IperfResult{FirstSecondBps: side.Intervals[0].Sum.BitsPerSecond}
+	var bytes, secs float64
+	for _, iv := range side.Intervals {
+		if !iv.Sum.Omitted {
+			bytes += iv.Sum.Bytes
+			secs += iv.Sum.Seconds
+		}
+	}
+	switch {
+	case secs > 0:
+		res.GoodputBps = bytes * 8 / secs
+	case side.End.SumReceived != nil:
+		res.GoodputBps = side.End.SumReceived.BitsPerSecond
+	default:
+		return IperfResult{}, errors.New("no steady-state interval")
+	}
+	return res, nil
+}
+
+// PingResult is the RTT sample of one ping run.
+type PingResult struct {
+	Sent, Received int
+	RTTms          []float64
+}
+
+var (
+	pingReply   = regexp.MustCompile(`icmp_seq=\d+ .*time=([0-9.]+) ms`)
+	pingSummary = regexp.MustCompile(`(\d+) packets transmitted, (\d+) received`)
+)
+
+// ParsePing reads `ping -n` output (iputils). Duplicates are ignored.
+func ParsePing(r io.Reader) (PingResult, error) {
+	var p PingResult
+	sc := bufio.NewScanner(r)
+	summary := false
+	for sc.Scan() {
+		line := sc.Text()
+		if m := pingReply.FindStringSubmatch(line); m != nil && !strings.Contains(line, "DUP!") {
+			v, err := strconv.ParseFloat(m[1], 64)
+			if err != nil {
+				return p, fmt.Errorf("ping line %q: %w", line, err)
+			}
+			p.RTTms = append(p.RTTms, v)
+		}
+		if m := pingSummary.FindStringSubmatch(line); m != nil {
+			p.Sent, _ = strconv.Atoi(m[1])
+			p.Received, _ = strconv.Atoi(m[2])
+			summary = true
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return p, err
+	}
+	if !summary {
+		return p, errors.New("no ping summary line")
+	}
+	return p, nil
+}
+
+// Percentile is the nearest-rank percentile of the received RTTs, NaN when
+// none came back.
+func (p PingResult) Percentile(q float64) float64 { return percentile(p.RTTms, q) }
+
+func percentile(v []float64, q float64) float64 {
+	if len(v) == 0 {
+		return math.NaN()
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	i := int(math.Ceil(q*float64(len(s)))) - 1
+	return s[min(max(i, 0), len(s)-1)]
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return math.NaN()
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	if n := len(s); n%2 == 1 {
+		return s[n/2]
+	} else {
+		return (s[n/2-1] + s[n/2]) / 2
+	}
+}
+
+// cellKey is one (rate, direction, plugin) cell of the table.
+type cellKey struct {
+	rate   uint64
+	dir    string
+	plugin string
+}
+
+type cell struct {
+	label    string
+	goodput  []float64 // per run, bit/s
+	first    []float64 // per run, bit/s; [0] is the fresh shaper's
+	sent     int
+	received int
+	p50, p99 float64
+	hasRTT   bool
+	failed   int
+}
+
+// Results are the script's result lines:
+//
+//	baseline DIR GOODPUT
+//	steady   RATE LABEL DIR PLUGIN RUN GOODPUT FIRST      (GOODPUT "fail": the run failed)
+//	rtt      RATE LABEL DIR PLUGIN SENT RECEIVED P50MS P99MS
+//	meta     TEXT
+type Results struct {
+	baseline map[string]float64
+	cells    map[cellKey]*cell
+	order    []cellKey
+	meta     []string
+}
+
+// ReadResults parses the result lines.
+func ReadResults(r io.Reader) (*Results, error) {
+	rs := &Results{baseline: map[string]float64{}, cells: map[cellKey]*cell{}}
+	sc := bufio.NewScanner(r)
+	for n := 1; sc.Scan(); n++ {
+		f := strings.Split(sc.Text(), "\t")
+		bad := func(err error) error { return fmt.Errorf("line %d %q: %w", n, sc.Text(), err) }
+		switch {
+		case len(f) == 0 || f[0] == "":
+			continue
+		case f[0] == "meta":
+			rs.meta = append(rs.meta, strings.Join(f[1:], " "))
+		case f[0] == "baseline" && len(f) == 3:
+			v, err := strconv.ParseFloat(f[2], 64)
+			if err != nil {
+				return nil, bad(err)
+			}
+			rs.baseline[f[1]] = v
+		case (f[0] == "steady" && len(f) == 8) || (f[0] == "rtt" && len(f) == 9):
+			rate, err := strconv.ParseUint(f[1], 10, 64)
+			if err != nil {
+				return nil, bad(err)
+			}
+			c := rs.cell(cellKey{rate, f[3], f[4]}, f[2])
+			if f[0] == "steady" {
+				if f[6] == "fail" {
+					c.failed++
+					continue
+				}
+				g, err1 := strconv.ParseFloat(f[6], 64)
+				fs, err2 := strconv.ParseFloat(f[7], 64)
+				if err := errors.Join(err1, err2); err != nil {
+					return nil, bad(err)
+				}
+				c.goodput = append(c.goodput, g)
+				c.first = append(c.first, fs)
+				continue
+			}
+			sent, err1 := strconv.Atoi(f[5])
+			recv, err2 := strconv.Atoi(f[6])
+			if err := errors.Join(err1, err2); err != nil {
+				return nil, bad(err)
+			}
+			c.sent, c.received, c.hasRTT = sent, recv, true
+			c.p50, c.p99 = parseMs(f[7]), parseMs(f[8])
+		default:
+			return nil, bad(errors.New("unknown result line"))
+		}
+	}
+	return rs, sc.Err()
+}
+
+func parseMs(s string) float64 {
+	v, err := strconv.ParseFloat(s, 64)
+	if err != nil {
+		return math.NaN()
+	}
+	return v
+}
+
+func (rs *Results) cell(k cellKey, label string) *cell {
+	c, ok := rs.cells[k]
+	if !ok {
+		c = &cell{label: label, p50: math.NaN(), p99: math.NaN()}
+		rs.cells[k] = c
+		rs.order = append(rs.order, k)
+	}
+	return c
+}
+
+// Goals of issue 3 for qoscni.
+const (
+	goalGoodputMin = 0.93
+	goalGoodputMax = 1.01
+	goalFirstMax   = 1.25
+	goalP99Ms      = 25.0
+	goalP99MinRate = 10_000_000
+	// tcpEthShare is the goodput of a perfect frame-counting shaper: TCP
+	// payload of a full-size segment (1448 B with timestamps) per Ethernet
+	// frame (1514 B).
+	tcpEthShare = 1448.0 / 1514.0
+)
+
+func (c *cell) goodputRatio(rate uint64) float64 { return median(c.goodput) / float64(rate) }
+
+func (c *cell) firstRatio(rate uint64) float64 {
+	if len(c.first) == 0 {
+		return math.NaN()
+	}
+	return c.first[0] / float64(rate)
+}
+
+func ratio(v float64) string {
+	if math.IsNaN(v) {
+		return "-"
+	}
+	if v >= 10 {
+		return strconv.FormatFloat(v, 'f', 1, 64)
+	}
+	return strconv.FormatFloat(v, 'f', 3, 64)
+}
+
+func ms(v float64) string {
+	if math.IsNaN(v) {
+		return "-"
+	}
+	switch {
+	case v >= 100:
+		return strconv.FormatFloat(v, 'f', 0, 64) + " ms"
+	case v >= 1:
+		return strconv.FormatFloat(v, 'f', 1, 64) + " ms"
+	}
+	return strconv.FormatFloat(v, 'f', 2, 64) + " ms"
+}
+
+func (c *cell) loss() string {
+	if !c.hasRTT || c.sent == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f%%", 100*float64(c.sent-c.received)/float64(c.sent))
+}
+
+// measurable reports whether the unshaped path carries more than the rate in
+// this direction (no baseline recorded: assume it does).
+func (rs *Results) measurable(k cellKey) (bool, string) {
+	b, ok := rs.baseline[k.dir]
+	if !ok || b >= float64(k.rate) {
+		return true, ""
+	}
+	return false, fmt.Sprintf("not measurable here (unshaped baseline %.2f Gbit/s)", b/1e9)
+}
+
+// goals lists the issue-3 goals a cell misses ("met" if none).
+func (c *cell) goals(k cellKey) string {
+	var miss []string
+	if g := c.goodputRatio(k.rate); math.IsNaN(g) || g < goalGoodputMin || g > goalGoodputMax {
+		miss = append(miss, "goodput "+ratio(g))
+	}
+	if f := c.firstRatio(k.rate); math.IsNaN(f) || f > goalFirstMax {
+		miss = append(miss, "first s "+ratio(f))
+	}
+	if k.rate >= goalP99MinRate && (!c.hasRTT || math.IsNaN(c.p99) || c.p99 > goalP99Ms) {
+		miss = append(miss, "RTT p99 "+ms(c.p99))
+	}
+	if len(miss) == 0 {
+		return "met"
+	}
+	return "missed: " + strings.Join(miss, ", ")
+}
+
+// WriteMarkdown prints the per-cell table and the qoscni/reference comparison.
+func (rs *Results) WriteMarkdown(w io.Writer) {
+	for _, m := range rs.meta {
+		fmt.Fprintln(w, m)
+	}
+	if len(rs.meta) > 0 {
+		fmt.Fprintln(w)
+	}
+	if len(rs.baseline) > 0 {
+		var parts []string
+		for _, d := range []string{"ingress", "egress"} {
+			if b, ok := rs.baseline[d]; ok {
+				parts = append(parts, fmt.Sprintf("%s %.2f Gbit/s", d, b/1e9))
+			}
+		}
+		fmt.Fprintf(w, "Unshaped baseline (same bridge + veth path, one TCP flow): %s.\n\n", strings.Join(parts, ", "))
+	}
+	fmt.Fprintln(w, "| rate | direction | plugin | goodput/rate (median) | runs | first second/rate (fresh pod) | RTT p50 | RTT p99 | probe loss | note |")
+	fmt.Fprintln(w, "|-----:|-----------|--------|------:|-----:|------:|------:|------:|-----:|------|")
+	for _, k := range rs.order {
+		c := rs.cells[k]
+		runs := strconv.Itoa(len(c.goodput))
+		if c.failed > 0 {
+			runs += fmt.Sprintf(" (+%d failed)", c.failed)
+		}
+		_, note := rs.measurable(k)
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", c.label, k.dir, k.plugin,
+			ratio(c.goodputRatio(k.rate)), runs, ratio(c.firstRatio(k.rate)), ms(c.p50), ms(c.p99), c.loss(), note)
+	}
+	fmt.Fprintf(w, "\ngoodput/rate is the raw ratio of TCP goodput to the configured rate; the shaper counts whole Ethernet\n"+
+		"frames, so a perfect shaper gives %.3f (1448/1514). first second/rate is the receiver's first 1 s\n"+
+		"interval of the first run on a freshly added pod (full token bucket). RTT: ping every 50 ms from the\n"+
+		"node to the pod while one bulk TCP flow saturates the direction; loss counts probes not answered\n"+
+		"before ping's deadline.\n\n", tcpEthShare)
+
+	// Comparison: one row per (rate, direction) that has both plugins.
+	fmt.Fprintln(w, "| rate | direction | goodput/rate qoscni | goodput/rate ref | first s/rate qoscni | first s/rate ref | RTT p99 qoscni | RTT p99 ref | qoscni goals |")
+	fmt.Fprintln(w, "|-----:|-----------|------:|------:|------:|------:|------:|------:|------|")
+	seen := map[cellKey]bool{}
+	for _, k := range rs.order {
+		pair := cellKey{k.rate, k.dir, ""}
+		if seen[pair] {
+			continue
+		}
+		seen[pair] = true
+		q, r := rs.cells[cellKey{k.rate, k.dir, "qoscni"}], rs.cells[cellKey{k.rate, k.dir, "ref"}]
+		if q == nil && r == nil {
+			continue
+		}
+		get := func(c *cell, f func(*cell) string) string {
+			if c == nil {
+				return "-"
+			}
+			return f(c)
+		}
+		gp := func(c *cell) string { return ratio(c.goodputRatio(k.rate)) }
+		fs := func(c *cell) string { return ratio(c.firstRatio(k.rate)) }
+		p99 := func(c *cell) string {
+			if l := c.loss(); l != "-" && l != "0%" {
+				return ms(c.p99) + " (" + l + " unanswered)"
+			}
+			return ms(c.p99)
+		}
+		goal := "-"
+		if q != nil {
+			goal = q.goals(cellKey{k.rate, k.dir, "qoscni"})
+			if ok, _ := rs.measurable(k); !ok {
+				goal = "not measurable here"
+			}
+		}
+		label := rs.cells[k].label
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", label, k.dir,
+			get(q, gp), get(r, gp), get(q, fs), get(r, fs), get(q, p99), get(r, p99), goal)
+	}
+	fmt.Fprintf(w, "\nGoals (issue 3): goodput/rate %.2f-%.2f, first second <= %.2fx, RTT p99 <= %.0f ms at 10M and above.\n",
+		goalGoodputMin, goalGoodputMax, goalFirstMax, goalP99Ms)
+}
