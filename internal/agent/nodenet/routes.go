@@ -125,28 +125,56 @@ type Plan struct {
 // the IPv4 underlay too), the peer's IPv4 InternalIP that the kernel can
 // reach (directly or via a router) and the peer's VTEP MAC.
 func DesiredMode(self string, peers []Peer, mode Mode, onLink OnLink) Plan {
-	var pl Plan
 	sorted := slices.Clone(peers)
 	sort.Slice(sorted, func(i, j int) bool { return sorted[i].Name < sorted[j].Name })
-	var own []*net.IPNet
-	for _, p := range sorted {
-		if p.Name == self {
-			own = append(own, p.PodCIDRs...)
+	pp := &planner{mode: mode, onLink: onLink}
+	cands := pp.candidates(self, sorted)
+	pp.skipped = append(pp.skipped, resolveOverlaps(cands)...)
+	for _, c := range cands {
+		if !c.lost {
+			pp.place(c)
 		}
 	}
-	var skipped []Skipped
-	var cands []candidate
+	slices.SortFunc(pp.routes, func(a, b Route) int { return compareNet(a.Dst, b.Dst) })
+	slices.SortStableFunc(pp.skipped, func(a, b Skipped) int {
+		if c := strings.Compare(a.Peer, b.Peer); c != 0 {
+			return c
+		}
+		return compareNet(a.Dst, b.Dst)
+	})
+	pp.pl.Routes, pp.pl.Skipped = pp.routes, pp.skipped
+	return pp.pl
+}
+
+// planner collects one DesiredMode call's routes and skipped CIDRs.
+type planner struct {
+	mode    Mode
+	onLink  OnLink
+	pl      Plan
+	routes  []Route
+	skipped []Skipped
+}
+
+// candidates finds this node's underlay address and pod CIDRs, and lists
+// the other nodes' pod CIDRs that do not overlap its own.
+func (pp *planner) candidates(self string, sorted []Peer) []candidate {
+	var own []*net.IPNet
 	for _, p := range sorted {
 		if p.Name != self {
 			continue
 		}
+		own = append(own, p.PodCIDRs...)
+		if pp.pl.Local != nil {
+			continue
+		}
 		for _, ip := range p.InternalIPs {
 			if isV4(ip) {
-				pl.Local = ip
+				pp.pl.Local = ip
 				break
 			}
 		}
 	}
+	var cands []candidate
 	for i := range sorted {
 		p := &sorted[i]
 		if p.Name == self {
@@ -156,101 +184,91 @@ func DesiredMode(self string, peers []Peer, mode Mode, onLink OnLink) Plan {
 		for _, dst := range p.PodCIDRs {
 			for _, o := range own {
 				if overlap(o, dst) {
-					skipped = append(skipped, Skipped{p.Name, dst, ReasonConflict, fmt.Sprintf("overlaps this node's pod CIDR %s", o)})
+					pp.skipped = append(pp.skipped, Skipped{p.Name, dst, ReasonConflict, fmt.Sprintf("overlaps this node's pod CIDR %s", o)})
 					continue cidrs
 				}
 			}
 			cands = append(cands, newCandidate(len(cands), p, dst))
 		}
 	}
-	skipped = append(skipped, resolveOverlaps(cands)...)
+	return cands
+}
 
-	var routes []Route
-	vxlan := func(c candidate) {
-		pl.NeedVTEP = true
-		if pl.Local == nil {
-			skipped = append(skipped, Skipped{c.peer.Name, c.dst, ReasonNoUnderlay, "this node has no IPv4 InternalIP for the VXLAN underlay"})
-			return
-		}
-		var under net.IP
-		for _, ip := range c.peer.InternalIPs {
-			if !isV4(ip) {
-				continue
-			}
-			if ok, why, _ := onLink(ip); ok || why == ReasonNotOnLink {
-				under = ip
-				break
-			}
-		}
-		switch {
-		case under == nil:
-			skipped = append(skipped, Skipped{c.peer.Name, c.dst, ReasonNoUnderlay, "the node has no reachable IPv4 InternalIP for the VXLAN underlay"})
-		case c.peer.VTEPMAC == nil:
-			skipped = append(skipped, Skipped{c.peer.Name, c.dst, ReasonNoVTEP, "the node has no " + VTEPMACAnnotation + " annotation (yet): its agent is not in mode vxlan/auto or has not started"})
-		default:
-			routes = append(routes, Route{Peer: c.peer.Name, Dst: c.dst, Via: net.IP(slices.Clone(c.lo)), VXLAN: true, Underlay: under, MAC: c.peer.VTEPMAC})
-		}
+// place routes one pod CIDR: directly to an on-link InternalIP of its
+// family, or over VXLAN (mode vxlan, or auto for a peer behind a router).
+func (pp *planner) place(c candidate) {
+	if pp.mode == ModeVXLAN || (pp.mode == ModeAuto && pp.behindRouter(c.peer)) {
+		pp.vxlan(c)
+		return
 	}
-	// behindRouter: the peer's IPv4 underlay is reachable only through a
-	// router. Mode auto then takes VXLAN for all its pod CIDRs (per peer:
-	// also an IPv6 CIDR of a peer without an IPv6 InternalIP).
-	behindRouter := func(p *Peer) bool {
-		routed := false
-		for _, ip := range p.InternalIPs {
-			if !isV4(ip) {
-				continue
-			}
-			ok, why, _ := onLink(ip)
-			if ok {
-				return false
-			}
-			routed = routed || why == ReasonNotOnLink
+	v4 := isV4(c.dst.IP)
+	var reason, detail string
+	for _, ip := range c.peer.InternalIPs {
+		if isV4(ip) != v4 {
+			continue
 		}
-		return routed
-	}
-	addrs := func(c candidate) {
-		if mode == ModeVXLAN || (mode == ModeAuto && behindRouter(c.peer)) {
-			vxlan(c)
-			return
-		}
-		v4 := isV4(c.dst.IP)
-		var reason, detail string
-		for _, ip := range c.peer.InternalIPs {
-			if isV4(ip) != v4 {
-				continue
-			}
-			ok, why, more := onLink(ip)
-			if ok {
-				routes = append(routes, Route{Peer: c.peer.Name, Dst: c.dst, Via: ip})
-				return
-			}
-			if reason == "" {
-				reason, detail = why, more
-			}
-		}
-		if reason == ReasonNotOnLink && mode == ModeAuto {
-			vxlan(c)
+		ok, why, more := pp.onLink(ip)
+		if ok {
+			pp.routes = append(pp.routes, Route{Peer: c.peer.Name, Dst: c.dst, Via: ip})
 			return
 		}
 		if reason == "" {
-			reason, detail = ReasonNoAddress, "the node has no "+familyName(v4)+" InternalIP"
-		}
-		skipped = append(skipped, Skipped{c.peer.Name, c.dst, reason, detail})
-	}
-	for _, c := range cands {
-		if !c.lost {
-			addrs(c)
+			reason, detail = why, more
 		}
 	}
-	slices.SortFunc(routes, func(a, b Route) int { return compareNet(a.Dst, b.Dst) })
-	slices.SortStableFunc(skipped, func(a, b Skipped) int {
-		if c := strings.Compare(a.Peer, b.Peer); c != 0 {
-			return c
+	if reason == ReasonNotOnLink && pp.mode == ModeAuto {
+		pp.vxlan(c)
+		return
+	}
+	if reason == "" {
+		reason, detail = ReasonNoAddress, "the node has no "+familyName(v4)+" InternalIP"
+	}
+	pp.skipped = append(pp.skipped, Skipped{c.peer.Name, c.dst, reason, detail})
+}
+
+// vxlan routes a pod CIDR through the VXLAN device to the peer's VTEP.
+func (pp *planner) vxlan(c candidate) {
+	pp.pl.NeedVTEP = true
+	if pp.pl.Local == nil {
+		pp.skipped = append(pp.skipped, Skipped{c.peer.Name, c.dst, ReasonNoUnderlay, "this node has no IPv4 InternalIP for the VXLAN underlay"})
+		return
+	}
+	var under net.IP
+	for _, ip := range c.peer.InternalIPs {
+		if !isV4(ip) {
+			continue
 		}
-		return compareNet(a.Dst, b.Dst)
-	})
-	pl.Routes, pl.Skipped = routes, skipped
-	return pl
+		if ok, why, _ := pp.onLink(ip); ok || why == ReasonNotOnLink {
+			under = ip
+			break
+		}
+	}
+	switch {
+	case under == nil:
+		pp.skipped = append(pp.skipped, Skipped{c.peer.Name, c.dst, ReasonNoUnderlay, "the node has no reachable IPv4 InternalIP for the VXLAN underlay"})
+	case c.peer.VTEPMAC == nil:
+		pp.skipped = append(pp.skipped, Skipped{c.peer.Name, c.dst, ReasonNoVTEP, "the node has no " + VTEPMACAnnotation + " annotation (yet): its agent is not in mode vxlan/auto or has not started"})
+	default:
+		pp.routes = append(pp.routes, Route{Peer: c.peer.Name, Dst: c.dst, Via: net.IP(slices.Clone(c.lo)), VXLAN: true, Underlay: under, MAC: c.peer.VTEPMAC})
+	}
+}
+
+// behindRouter: the peer's IPv4 underlay is reachable only through a
+// router. Mode auto then takes VXLAN for all its pod CIDRs (per peer:
+// also an IPv6 CIDR of a peer without an IPv6 InternalIP).
+func (pp *planner) behindRouter(p *Peer) bool {
+	routed := false
+	for _, ip := range p.InternalIPs {
+		if !isV4(ip) {
+			continue
+		}
+		ok, why, _ := pp.onLink(ip)
+		if ok {
+			return false
+		}
+		routed = routed || why == ReasonNotOnLink
+	}
+	return routed
 }
 
 // compareNet orders IPv4 before IPv6, then by address and prefix length
@@ -421,52 +439,12 @@ func (r *Routes) Reconcile(peers []Peer) (Result, error) {
 	installed := 0
 	for _, want := range res.Desired {
 		key := want.Dst.String()
-		cur := byDst[key]
+		n, err := r.converge(want, byDst[key], vxIndex, &res)
 		delete(byDst, key)
-		spec := r.spec(want, vxIndex)
-		keep := slices.IndexFunc(cur, func(rt netlink.Route) bool { return matches(rt, want, vxIndex) })
-		switch {
-		case keep >= 0:
-			installed++
-		case len(cur) > 0:
-			// Ours, pointing elsewhere (the peer's address changed, or
-			// edited by hand): replace in place, no window without a route.
-			if err := r.h.RouteReplace(spec); err != nil {
-				errs = append(errs, fmt.Errorf("replace route %s: %w", want, err))
-				continue
-			}
-			res.Replaced++
-			installed++
-			keep = slices.IndexFunc(cur, func(rt netlink.Route) bool { return rt.Priority == effectivePriority(spec) })
-		default:
-			// RouteAdd, not replace: a route someone else made for this
-			// destination must fail the add, not be overwritten.
-			err := r.h.RouteAdd(spec)
-			if errors.Is(err, unix.EEXIST) {
-				res.Skipped = append(res.Skipped, Skipped{want.Peer, want.Dst, ReasonForeignHeld, r.foreignDetail(want.Dst)})
-				continue
-			}
-			if err != nil {
-				errs = append(errs, fmt.Errorf("add route %s: %w", want, err))
-				continue
-			}
-			res.Added++
-			installed++
-		}
-		// Other routes of ours to the same destination (another metric):
-		// leftovers that would shadow or back up the right one.
-		for i, rt := range cur {
-			if i == keep {
-				continue
-			}
-			if err := r.del(rt); err != nil {
-				errs = append(errs, err)
-				installed++
-				continue
-			}
-			res.Deleted++
-		}
+		installed += n
+		errs = append(errs, err...)
 	}
+	// What is left of ours routes to no pod CIDR any more.
 	dsts := make([]string, 0, len(byDst))
 	for k := range byDst {
 		dsts = append(dsts, k)
@@ -491,6 +469,55 @@ func (r *Routes) Reconcile(peers []Peer) (Result, error) {
 		}
 	}
 	return res, errors.Join(errs...)
+}
+
+// converge makes the routes of ours to want's destination (cur) exactly
+// want, and returns how many routes of ours to it remain installed.
+func (r *Routes) converge(want Route, cur []netlink.Route, vxIndex int, res *Result) (int, []error) {
+	var errs []error
+	installed := 0
+	spec := r.spec(want, vxIndex)
+	keep := slices.IndexFunc(cur, func(rt netlink.Route) bool { return matches(rt, want, vxIndex) })
+	switch {
+	case keep >= 0:
+		installed++
+	case len(cur) > 0:
+		// Ours, pointing elsewhere (the peer's address changed, or
+		// edited by hand): replace in place, no window without a route.
+		if err := r.h.RouteReplace(spec); err != nil {
+			return installed, []error{fmt.Errorf("replace route %s: %w", want, err)}
+		}
+		res.Replaced++
+		installed++
+		keep = slices.IndexFunc(cur, func(rt netlink.Route) bool { return rt.Priority == effectivePriority(spec) })
+	default:
+		// RouteAdd, not replace: a route someone else made for this
+		// destination must fail the add, not be overwritten.
+		err := r.h.RouteAdd(spec)
+		if errors.Is(err, unix.EEXIST) {
+			res.Skipped = append(res.Skipped, Skipped{want.Peer, want.Dst, ReasonForeignHeld, r.foreignDetail(want.Dst)})
+			return installed, nil
+		}
+		if err != nil {
+			return installed, []error{fmt.Errorf("add route %s: %w", want, err)}
+		}
+		res.Added++
+		installed++
+	}
+	// Other routes of ours to the same destination (another metric):
+	// leftovers that would shadow or back up the right one.
+	for i, rt := range cur {
+		if i == keep {
+			continue
+		}
+		if err := r.del(rt); err != nil {
+			errs = append(errs, err)
+			installed++
+			continue
+		}
+		res.Deleted++
+	}
+	return installed, errs
 }
 
 func (r *Routes) del(rt netlink.Route) error {
