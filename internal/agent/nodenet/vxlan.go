@@ -163,48 +163,66 @@ func (r *Routes) reconcileNeighFDB(idx int, routes []Route) (int, error) {
 	}
 	changed := 0
 	var errs []error
-
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
-		have, err := r.h.NeighList(idx, fam)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("list neighbours on %s: %w", VXLANDevice, err))
-			continue
-		}
-		ok := map[string]bool{}
-		for _, n := range have {
-			k := n.IP.String()
-			want, wanted := neigh[k]
-			switch {
-			case wanted && n.State&netlink.NUD_PERMANENT != 0 && bytes.Equal(n.HardwareAddr, want.MAC):
-				ok[k] = true
-			case !wanted && n.State&netlink.NUD_PERMANENT != 0:
-				// Kernel-made entries (multicast, failed lookups) come
-				// and go by themselves; a permanent one is ours.
-				if err := r.h.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
-					errs = append(errs, fmt.Errorf("delete neighbour %s on %s: %w", k, VXLANDevice, err))
-					continue
-				}
-				changed++
-			}
-		}
-		for k, want := range neigh {
-			if ok[k] || (fam == unix.AF_INET) != isV4(want.Via) {
-				continue
-			}
-			n := &netlink.Neigh{LinkIndex: idx, Family: fam, State: netlink.NUD_PERMANENT, IP: want.Via, HardwareAddr: want.MAC}
-			if err := r.h.NeighSet(n); err != nil {
-				errs = append(errs, fmt.Errorf("set neighbour %s lladdr %s on %s: %w", k, want.MAC, VXLANDevice, err))
+		n, err := r.reconcileNeigh(idx, fam, neigh)
+		changed += n
+		errs = append(errs, err...)
+	}
+	n, err := r.reconcileFDB(idx, fdb)
+	changed += n
+	errs = append(errs, err...)
+	return changed, errors.Join(errs...)
+}
+
+// reconcileNeigh makes the permanent neighbour entries of one family on
+// the VXLAN device exactly the gateways' (gateway -> VTEP MAC).
+func (r *Routes) reconcileNeigh(idx, fam int, neigh map[string]Route) (int, []error) {
+	have, err := r.h.NeighList(idx, fam)
+	if err != nil {
+		return 0, []error{fmt.Errorf("list neighbours on %s: %w", VXLANDevice, err)}
+	}
+	changed := 0
+	var errs []error
+	ok := map[string]bool{}
+	for _, n := range have {
+		k := n.IP.String()
+		want, wanted := neigh[k]
+		switch {
+		case wanted && n.State&netlink.NUD_PERMANENT != 0 && bytes.Equal(n.HardwareAddr, want.MAC):
+			ok[k] = true
+		case !wanted && n.State&netlink.NUD_PERMANENT != 0:
+			// Kernel-made entries (multicast, failed lookups) come
+			// and go by themselves; a permanent one is ours.
+			if err := r.h.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
+				errs = append(errs, fmt.Errorf("delete neighbour %s on %s: %w", k, VXLANDevice, err))
 				continue
 			}
 			changed++
 		}
 	}
+	for k, want := range neigh {
+		if ok[k] || (fam == unix.AF_INET) != isV4(want.Via) {
+			continue
+		}
+		n := &netlink.Neigh{LinkIndex: idx, Family: fam, State: netlink.NUD_PERMANENT, IP: want.Via, HardwareAddr: want.MAC}
+		if err := r.h.NeighSet(n); err != nil {
+			errs = append(errs, fmt.Errorf("set neighbour %s lladdr %s on %s: %w", k, want.MAC, VXLANDevice, err))
+			continue
+		}
+		changed++
+	}
+	return changed, errs
+}
 
+// reconcileFDB makes the device's FDB exactly one permanent entry per
+// VTEP MAC, pointing at its node's underlay address.
+func (r *Routes) reconcileFDB(idx int, fdb map[string]net.IP) (int, []error) {
 	have, err := r.h.NeighList(idx, unix.AF_BRIDGE)
 	if err != nil {
-		errs = append(errs, fmt.Errorf("list FDB of %s: %w", VXLANDevice, err))
-		return changed, errors.Join(errs...)
+		return 0, []error{fmt.Errorf("list FDB of %s: %w", VXLANDevice, err)}
 	}
+	changed := 0
+	var errs []error
 	ok := map[string]bool{}
 	for _, n := range have {
 		if n.IP == nil {
@@ -240,5 +258,5 @@ func (r *Routes) reconcileNeighFDB(idx int, routes []Route) (int, error) {
 		}
 		changed++
 	}
-	return changed, errors.Join(errs...)
+	return changed, errs
 }
