@@ -6,9 +6,9 @@ import (
 	"github.com/qoscni/qoscni/internal/state"
 )
 
-// Cleaner is the node agent's hostPort step of garbage collection
-// (reconcile.AttachmentCleaner): it removes the elements of stale
-// attachments and of attachments that have no record at all.
+// Cleaner is the hostPort step of an attachment's teardown (the plugin's
+// DEL, the node agent's GC: teardown.Cleaner), and the agent's removal of
+// elements whose attachment has no record at all (GC).
 type Cleaner struct {
 	nsFd int
 	// prev are the record-less owners the last GC saw: an ADD writes its

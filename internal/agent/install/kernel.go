@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/qoscni/qoscni/internal/cni/podnet"
+	"github.com/qoscni/qoscni/internal/cni/teardown"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/portmap"
 	"github.com/qoscni/qoscni/shaping"
@@ -105,15 +106,13 @@ func cleanKernel(_ context.Context, stateDirs []string, netnsPath string, rep *R
 		recs = append(recs, rs...)
 	}
 	for _, r := range recs {
-		ifb := ""
-		if r.Shaping != nil {
-			ifb = r.Shaping.IFB
-		}
 		if r.HostVeth == "" {
 			continue
 		}
-		if err := sh.Remove(r.HostVeth, ifb); err != nil {
-			errs = append(errs, fmt.Errorf("remove shaping of %s/%s (%s): %w", r.Pod.Namespace, r.Pod.Name, r.HostVeth, err))
+		// Only the shaping: the pod keeps its veth, addresses and record.
+		only := teardown.Options{Order: []teardown.Step{teardown.Shaping}, NetnsFd: fd, Shaper: sh}
+		if err := teardown.Run(r.Key(), r, only); err != nil {
+			errs = append(errs, fmt.Errorf("pod %s/%s (%s): %w", r.Pod.Namespace, r.Pod.Name, r.HostVeth, err))
 			continue
 		}
 		rep.add("link "+r.HostVeth, Removed, fmt.Sprintf("shaping of pod %s/%s", r.Pod.Namespace, r.Pod.Name))

@@ -3,7 +3,6 @@ package reconcile
 import (
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/qoscni/qoscni/internal/agent/cniconf"
 	"github.com/qoscni/qoscni/internal/cni/podnet"
+	"github.com/qoscni/qoscni/internal/cni/teardown"
 	"github.com/qoscni/qoscni/internal/fault"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/ipam"
@@ -115,61 +115,42 @@ func netnsGone(path string) bool {
 // addresses, then the record, so that an agent killed half way finds the
 // record again at its next pass and finishes (the plugin's DEL releases
 // last instead: the runtime's next DEL or GC finds the addresses by owner;
-// the agent has no such second chance). The record goes from the store it
-// was read from.
+// the agent has no such second chance). Released before the record, an
+// address may be another attachment's by the time a killed agent comes
+// back: its masquerade stays. The record goes from the store it was read
+// from.
 func (r *Reconciler) cleanup(a attachment) error {
 	rec := a.Record
-	var errs []error
-	ifb := ifbOf(rec)
-	if rec.Mode == state.ModeChained {
-		// The veth is the main plugin's: take only our qdiscs off it.
-		if err := r.shaper.Remove(rec.HostVeth, ifb); err != nil {
-			errs = append(errs, fmt.Errorf("remove shaping: %w", err))
-		}
-	} else {
-		if err := podnet.DeleteLink(r.nl, podnet.HostVethName(rec.ContainerID, rec.IfName)); err != nil {
-			errs = append(errs, err)
-		}
-		if err := podnet.DeleteLink(r.nl, ifb); err != nil {
-			errs = append(errs, err)
-		}
+	order := []teardown.Step{teardown.Devices, teardown.Masq, teardown.Ports}
+	alloc, allocErr := r.allocator(rec)
+	if allocErr == nil {
+		// Without the IPAM store the kernel objects still go, and the
+		// record stays, so that a later pass releases the addresses.
+		order = append(order, teardown.Addresses, teardown.Record)
 	}
-	// The reliability tests kill the agent between GC's steps (internal/fault).
-	fault.At("gc", "links")
-	alloc, err := r.allocator(rec)
-	if err != nil {
-		errs = append(errs, err)
-	}
-	if ips := r.masqIPs(rec, alloc); rec.IPMasq && len(ips) > 0 {
-		m, err := podnet.NewMasq(r.cfg.NetnsFd)
-		if err == nil {
-			err = m.Del(ips)
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("remove ipMasq: %w", err))
-		}
-	}
-	fault.At("gc", "masq")
-	for _, c := range r.cfg.Cleaners {
-		if err := c.Del(rec); err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", c.Name(), err))
-		}
-	}
-	fault.At("gc", "cleaners")
-	if len(errs) > 0 {
-		return errors.Join(errs...)
-	}
+	var addrs teardown.IPAM // not a nil *ipam.Allocator in a non-nil interface
 	if alloc != nil {
-		if err := alloc.Release(rec.ContainerID, rec.IfName); err != nil {
-			return fmt.Errorf("release addresses of %s/%s: %w", rec.ContainerID, rec.IfName, err)
-		}
+		addrs = alloc
 	}
-	fault.At("gc", "ipam")
-	if err := a.store.Delete(rec.Key()); err != nil {
-		return err
+	cleaners := make([]teardown.Cleaner, len(r.cfg.Cleaners))
+	for i, c := range r.cfg.Cleaners {
+		cleaners[i] = c
 	}
-	fault.At("gc", "state")
-	return nil
+	// The step names test/reliability kills the agent at (agentGCSteps).
+	points := map[teardown.Step]string{teardown.Devices: "links", teardown.Masq: "masq", teardown.Ports: "cleaners",
+		teardown.Addresses: "ipam", teardown.Record: "state"}
+	err := teardown.Run(rec.Key(), rec, teardown.Options{
+		Order:           order,
+		NetnsFd:         r.cfg.NetnsFd,
+		Links:           r.nl,
+		Shaper:          r.shaper,
+		Store:           a.store,
+		IPAM:            addrs,
+		SpareReassigned: true,
+		Cleaners:        cleaners,
+		Mark:            func(s teardown.Step) { fault.At("gc", points[s]) },
+	})
+	return errors.Join(allocErr, err)
 }
 
 // allocator is the built-in IPAM store of the record's network, nil for a
@@ -181,7 +162,7 @@ func (r *Reconciler) allocator(rec *state.Record) (*ipam.Allocator, error) {
 	}
 	n, ok, errs := cniconf.IPAMNetworkByName(r.cfg.CNIConfDir, rec.Network)
 	if !ok {
-		if len(recordIPs(rec)) > 0 || rec.Provisional {
+		if len(rec.IPs) > 0 || rec.Provisional {
 			r.log.Warn("addresses of a removed attachment not released: no qoscni network with built-in IPAM of that name in the CNI config dir",
 				"network", rec.Network, "container", rec.ContainerID, "ifname", rec.IfName, "ips", rec.IPs, "cniConfDir", r.cfg.CNIConfDir, "configErrors", errors.Join(errs...))
 		}
@@ -192,42 +173,6 @@ func (r *Reconciler) allocator(rec *state.Record) (*ipam.Allocator, error) {
 		return nil, fmt.Errorf("addresses of %s/%s: %w", rec.ContainerID, rec.IfName, err)
 	}
 	return a, nil
-}
-
-// masqIPs are the addresses whose masquerade elements go with the
-// attachment: the record's (a provisional record has none: the IPAM
-// store's), less any the IPAM store now gives to another attachment (an
-// agent killed after releasing them, and the address reused since).
-func (r *Reconciler) masqIPs(rec *state.Record, alloc *ipam.Allocator) []net.IP {
-	ips := recordIPs(rec)
-	if alloc == nil {
-		return ips
-	}
-	if rec.Provisional {
-		held, err := alloc.Get(rec.ContainerID, rec.IfName)
-		if err != nil {
-			r.log.Warn("addresses of an unfinished ADD", "container", rec.ContainerID, "ifname", rec.IfName, "err", err)
-		}
-		return held
-	}
-	out := ips[:0:0]
-	for _, ip := range ips {
-		if o, ok := alloc.Owner(ip); ok && (o.ContainerID != rec.ContainerID || o.IfName != rec.IfName) {
-			continue
-		}
-		out = append(out, ip)
-	}
-	return out
-}
-
-func recordIPs(rec *state.Record) []net.IP {
-	var out []net.IP
-	for _, c := range rec.IPs {
-		if ip, _, err := net.ParseCIDR(c); err == nil {
-			out = append(out, ip)
-		}
-	}
-	return out
 }
 
 // gcLinks deletes qoscni-named links that no record accounts for and

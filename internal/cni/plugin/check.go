@@ -137,7 +137,7 @@ func (p *Plugin) checkStandalone(args *skel.CmdArgs, conf *netconf.NetConf, prev
 		return err
 	}
 	if src.alloc != nil {
-		held, err := src.held(args.ContainerID, args.IfName)
+		held, err := src.Get(args.ContainerID, args.IfName)
 		if err != nil {
 			errs = append(errs, err)
 		} else if !sameIPs(held, ipsOf(want.Pod.Addrs)) {

@@ -158,23 +158,32 @@ func (s *addrSource) allocate(containerID, ifName string) ([]*current.IPConfig, 
 	return res.IPs, res.Routes, &res.DNS, nil
 }
 
-// held returns the addresses the built-in allocator holds (nil for a delegate).
-func (s *addrSource) held(containerID, ifName string) ([]net.IP, error) {
+// Get returns the addresses the built-in allocator holds (nil for a
+// delegate). With Release it makes the source teardown's IPAM.
+func (s *addrSource) Get(containerID, ifName string) ([]net.IP, error) {
 	if s.alloc == nil {
 		return nil, nil
 	}
 	return s.alloc.Get(containerID, ifName)
 }
 
+// release is Release with the attachment named, for ADD's rollback
+// (teardown names it itself).
 func (s *addrSource) release(containerID, ifName string) error {
+	if err := s.Release(containerID, ifName); err != nil {
+		return fmt.Errorf("release addresses of %s/%s: %w", containerID, ifName, err)
+	}
+	return nil
+}
+
+// Release frees the attachment's addresses: the built-in allocator's, or
+// the delegated plugin's DEL.
+func (s *addrSource) Release(containerID, ifName string) error {
 	if s.alloc == nil && (s.conf.IPAM.Type == "" || s.conf.IPAMStoreOnly) {
 		return nil
 	}
 	if s.alloc != nil {
-		if err := s.alloc.Release(containerID, ifName); err != nil {
-			return fmt.Errorf("release addresses of %s/%s: %w", containerID, ifName, err)
-		}
-		return nil
+		return s.alloc.Release(containerID, ifName)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), delegateTimeout)
 	defer cancel()

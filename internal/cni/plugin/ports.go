@@ -55,28 +55,6 @@ func addPorts(owner portmap.Owner, stateDir, hostIface string, maps []portmap.Ma
 	}, nil
 }
 
-// delPorts removes the attachment's hostPort elements: those its record
-// lists, or, without a record, every element this attachment owns.
-func delPorts(key state.Key, rec *state.Record) error {
-	if rec != nil && len(rec.Ports) == 0 {
-		return nil
-	}
-	m, err := portmap.New(-1)
-	if err != nil {
-		return err
-	}
-	defer m.Close()
-	if rec != nil {
-		maps, err := portmap.FromState(rec.Ports)
-		if err != nil {
-			return fmt.Errorf("hostPorts of %s/%s in the state record: %w", key.ContainerID, key.IfName, err)
-		}
-		return m.Del(portmap.OwnerOf(rec), maps)
-	}
-	_, err = m.GC(func(o portmap.Owner) bool { return o.ContainerID != key.ContainerID || o.IfName != key.IfName })
-	return err
-}
-
 // checkPorts compares the record's hostPorts with the kernel, and the
 // localnet guard and route_localnet of hostIface when they are needed.
 func checkPorts(rec *state.Record, hostIface string) error {

@@ -1,0 +1,347 @@
+// Package teardown removes what one attachment holds. Three callers do it,
+// each with its own order of steps, and all of them through Run:
+//
+//   - the plugin's DEL (and CNI GC, and ADD's removal of what a killed ADD
+//     left): kernel objects, then the record, then the addresses, so an
+//     address is never free while something still uses it; a DEL killed
+//     after the record went finds the addresses by owner at the runtime's
+//     next DEL or GC;
+//   - the agent's GC of an attachment whose pod is gone: kernel objects,
+//     then the addresses, then the record, because the agent has no such
+//     second call: the record is what brings it back to finish;
+//   - uninstall: only the shaping, and the record stays (uninstall keeps
+//     the pods' connectivity and leaves their state to the runtime).
+//
+// It links nothing only the agent may: the plugin binary runs it on every
+// pod's DEL.
+package teardown
+
+import (
+	"errors"
+	"fmt"
+	"net"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/qoscni/qoscni/internal/cni/podnet"
+	"github.com/qoscni/qoscni/internal/state"
+	"github.com/qoscni/qoscni/ipam"
+	"github.com/qoscni/qoscni/portmap"
+	"github.com/qoscni/qoscni/shaping"
+)
+
+// Step is one kind of thing an attachment holds, removed as a unit.
+type Step int
+
+const (
+	// Devices: in standalone mode the host veth (its pod end goes with it)
+	// and the IFB; in chained mode the veth is the main plugin's, so only
+	// qoscni's qdiscs and IFB come off it (and its localnet guard, with
+	// Options.ReleaseLocalnet).
+	Devices Step = iota + 1
+	// Shaping: qoscni's qdiscs and the IFB the record names, off the
+	// recorded host veth, in either mode. The veth stays, and the pod keeps
+	// its connectivity.
+	Shaping
+	// Masq: the masquerade elements of the attachment's addresses.
+	Masq
+	// Ports: each of Options.Cleaners (portmap's hostPort elements).
+	Ports
+	// Record: the state record, from Options.Store.
+	Record
+	// Addresses: the addresses, released to Options.IPAM. A chained
+	// attachment's are the main plugin's and stay.
+	Addresses
+)
+
+func (s Step) String() string {
+	switch s {
+	case Devices:
+		return "devices"
+	case Shaping:
+		return "shaping"
+	case Masq:
+		return "masq"
+	case Ports:
+		return "ports"
+	case Record:
+		return "record"
+	case Addresses:
+		return "addresses"
+	}
+	return fmt.Sprintf("step(%d)", int(s))
+}
+
+// durable steps keep what tells a retry what is left to clean (the
+// record) or what must not be reused while a kernel object still names it
+// (the addresses).
+func (s Step) durable() bool { return s == Record || s == Addresses }
+
+// IPAM is the address management of the attachment's network.
+type IPAM interface {
+	// Get returns the addresses held for the attachment (none when the
+	// IPAM cannot tell, as a delegated plugin).
+	Get(containerID, ifName string) ([]net.IP, error)
+	Release(containerID, ifName string) error
+}
+
+// owners is an IPAM that can tell which attachment holds an address now
+// (the built-in store).
+type owners interface {
+	Owner(ip net.IP) (ipam.Attachment, bool)
+}
+
+// Cleaner removes what one attachment holds beyond devices, masquerade,
+// record and addresses (portmap.Cleaner: hostPort elements). Del gets a
+// provisional record when the attachment's own is missing or unreadable,
+// and must be idempotent.
+type Cleaner interface {
+	Name() string
+	Del(rec *state.Record) error
+}
+
+// Options are what differs between callers.
+type Options struct {
+	// Order lists the steps to run, in order. A step that changes the
+	// kernel runs whatever failed before it, its error is collected; a
+	// durable step (Record, Addresses) runs only when every step before
+	// it succeeded, so a failure keeps the record for a retry.
+	Order []Step
+	// NetnsFd is the node namespace (-1 = the caller's).
+	NetnsFd int
+	// Links and Shaper work in NetnsFd; nil ones are opened for the call
+	// (the plugin's), the agent passes its own.
+	Links  *netlink.Handle
+	Shaper *shaping.Shaper
+	// Store holds the record (Record step).
+	Store *state.Store
+	// IPAM is the network's; nil when there is none to ask (chained mode,
+	// or a network whose config is gone).
+	IPAM IPAM
+	// Masq says the network's config masquerades; the record's IPMasq
+	// counts too.
+	Masq bool
+	// SpareReassigned keeps the masquerade of a recorded address that
+	// IPAM now gives to another attachment: the agent releases addresses
+	// before the record, so one killed in between finds them reused.
+	SpareReassigned bool
+	// Cleaners run in the Ports step.
+	Cleaners []Cleaner
+	// ReleaseLocalnet takes the localnet guard off a chained attachment's
+	// own veth (marker files in LocalnetDir) in the Devices step.
+	ReleaseLocalnet bool
+	LocalnetDir     string
+	// Mark is called after each step that ran (after a failed kernel step
+	// too): the callers' timings and fault-injection points.
+	Mark func(Step)
+}
+
+// Run tears the attachment key down. rec is its record, nil when there is
+// none or it is unreadable: then, as with a provisional record, only the
+// attachment's identity is known, and its addresses and hostPorts are
+// found by owner.
+func Run(key state.Key, rec *state.Record, o Options) error {
+	if rec == nil {
+		rec = &state.Record{Network: key.Network, ContainerID: key.ContainerID, IfName: key.IfName, Provisional: true}
+	}
+	t := &run{key: key, rec: rec, o: o}
+	// Before the first change: a socket that will not open changes nothing.
+	if err := t.open(); err != nil {
+		return err
+	}
+	defer t.close()
+	var errs []error
+	for _, s := range o.Order {
+		if s.durable() && len(errs) > 0 {
+			return errors.Join(errs...)
+		}
+		if err := t.step(s); err != nil {
+			if s.durable() {
+				return err
+			}
+			errs = append(errs, err)
+		}
+		if o.Mark != nil {
+			o.Mark(s)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+type run struct {
+	key     state.Key
+	rec     *state.Record
+	o       Options
+	closers []func()
+}
+
+func (t *run) id() string { return t.key.ContainerID + "/" + t.key.IfName }
+
+func (t *run) chained() bool { return t.rec.Mode == state.ModeChained }
+
+func (t *run) open() error {
+	var links, shaper bool
+	for _, s := range t.o.Order {
+		switch {
+		case s == Shaping, s == Devices && t.chained():
+			shaper = true
+		case s == Devices:
+			links = true
+		}
+	}
+	if shaper && t.o.Shaper == nil {
+		sh, err := shaping.Open(t.o.NetnsFd)
+		if err != nil {
+			return err
+		}
+		t.o.Shaper = sh
+		t.closers = append(t.closers, sh.Close)
+	}
+	if links && t.o.Links == nil {
+		var h *netlink.Handle
+		var err error
+		if t.o.NetnsFd >= 0 {
+			h, err = netlink.NewHandleAt(netns.NsHandle(t.o.NetnsFd))
+		} else {
+			h, err = netlink.NewHandle()
+		}
+		if err != nil {
+			t.close()
+			return fmt.Errorf("open netlink: %w", err)
+		}
+		t.o.Links = h
+		t.closers = append(t.closers, h.Close)
+	}
+	return nil
+}
+
+func (t *run) close() {
+	for _, c := range t.closers {
+		c()
+	}
+	t.closers = nil
+}
+
+func (t *run) step(s Step) error {
+	switch s {
+	case Devices:
+		return t.devices()
+	case Shaping:
+		if err := t.o.Shaper.Remove(t.rec.HostVeth, t.ifb(false)); err != nil {
+			return fmt.Errorf("remove shaping of %s: %w", t.id(), err)
+		}
+		return nil
+	case Masq:
+		return t.masq()
+	case Ports:
+		var errs []error
+		for _, c := range t.o.Cleaners {
+			if err := c.Del(t.rec); err != nil {
+				errs = append(errs, fmt.Errorf("remove %s of %s: %w", c.Name(), t.id(), err))
+			}
+		}
+		return errors.Join(errs...)
+	case Record:
+		if t.o.Store == nil {
+			return fmt.Errorf("remove the record of %s: no state store", t.id())
+		}
+		return t.o.Store.Delete(t.key)
+	case Addresses:
+		if t.chained() || t.o.IPAM == nil {
+			return nil
+		}
+		if err := t.o.IPAM.Release(t.key.ContainerID, t.key.IfName); err != nil {
+			return fmt.Errorf("release addresses of %s: %w", t.id(), err)
+		}
+		return nil
+	}
+	return fmt.Errorf("teardown of %s: unknown step %v", t.id(), s)
+}
+
+// ifb is the attachment's IFB: the recorded one, else (derive) the name
+// ADD gives it, which a killed ADD may have made before any record said
+// so. Shaping does not derive it: uninstall sweeps every qoscni IFB once
+// every redirect to one is gone.
+func (t *run) ifb(derive bool) string {
+	if t.rec.Shaping != nil && t.rec.Shaping.IFB != "" {
+		return t.rec.Shaping.IFB
+	}
+	if !derive {
+		return ""
+	}
+	return podnet.IFBName(t.key.ContainerID, t.key.IfName)
+}
+
+func (t *run) devices() error {
+	var errs []error
+	if t.chained() {
+		if t.o.ReleaseLocalnet {
+			// Behind a main plugin without a bridge the localnet guard sits
+			// on this pod's own veth: it goes first (then the clsact qdisc
+			// is empty and goes with the shaping).
+			if err := portmap.ReleaseLocalnet(t.o.NetnsFd, t.o.LocalnetDir, t.rec.HostVeth); err != nil {
+				errs = append(errs, fmt.Errorf("release route_localnet of %s: %w", t.rec.HostVeth, err))
+			}
+		}
+		if err := t.o.Shaper.Remove(t.rec.HostVeth, t.ifb(true)); err != nil {
+			errs = append(errs, fmt.Errorf("remove shaping of %s: %w", t.id(), err))
+		}
+		return errors.Join(errs...)
+	}
+	if err := podnet.DeleteLink(t.o.Links, podnet.HostVethName(t.key.ContainerID, t.key.IfName)); err != nil {
+		errs = append(errs, err)
+	}
+	if err := podnet.DeleteLink(t.o.Links, t.ifb(true)); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func (t *run) masq() error {
+	ips, err := t.addrs()
+	if err != nil {
+		return err
+	}
+	if len(ips) == 0 || !(t.o.Masq || t.rec.IPMasq) {
+		return nil
+	}
+	m, err := podnet.NewMasq(t.o.NetnsFd)
+	if err == nil {
+		err = m.Del(ips)
+	}
+	if err != nil {
+		return fmt.Errorf("remove ipMasq of %s: %w", t.id(), err)
+	}
+	return nil
+}
+
+// addrs are the attachment's addresses: the record's, or, for a
+// provisional record (no addresses yet), those the IPAM holds for it.
+func (t *run) addrs() ([]net.IP, error) {
+	if t.rec.Provisional {
+		if t.o.IPAM == nil {
+			return nil, nil
+		}
+		ips, err := t.o.IPAM.Get(t.key.ContainerID, t.key.IfName)
+		if err != nil {
+			return nil, fmt.Errorf("look up addresses of %s: %w", t.id(), err)
+		}
+		return ips, nil
+	}
+	own, _ := t.o.IPAM.(owners)
+	var out []net.IP
+	for _, c := range t.rec.IPs {
+		ip, _, err := net.ParseCIDR(c)
+		if err != nil {
+			continue
+		}
+		if t.o.SpareReassigned && own != nil {
+			if o, ok := own.Owner(ip); ok && (o.ContainerID != t.key.ContainerID || o.IfName != t.key.IfName) {
+				continue
+			}
+		}
+		out = append(out, ip)
+	}
+	return out, nil
+}
