@@ -67,6 +67,10 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 		Store:   store,
 		IPAM:    src,
 		Masq:    conf.IPMasq,
+		// An agent killed between its release and its record delete leaves
+		// a record whose addresses another pod may hold by now: their
+		// masquerade is that pod's.
+		SpareReassigned: true,
 		// With a provisional record (or none) the hostPorts go by owner.
 		Cleaners:        []teardown.Cleaner{portmap.NewCleaner(-1)},
 		ReleaseLocalnet: true,

@@ -167,6 +167,15 @@ func (s *addrSource) Get(containerID, ifName string) ([]net.IP, error) {
 	return s.alloc.Get(containerID, ifName)
 }
 
+// Owner says which attachment the built-in store gives ip to now (false
+// for a delegate, which cannot say).
+func (s *addrSource) Owner(ip net.IP) (ipam.Attachment, bool) {
+	if s.alloc == nil {
+		return ipam.Attachment{}, false
+	}
+	return s.alloc.Owner(ip)
+}
+
 // release is Release with the attachment named, for ADD's rollback
 // (teardown names it itself).
 func (s *addrSource) release(containerID, ifName string) error {
