@@ -11,6 +11,7 @@ import (
 	"math"
 	"net"
 	"strings"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
@@ -50,11 +51,14 @@ type NetConf struct {
 
 	// Shaping defaults, with the reference bandwidth plugin's keys (bit/s
 	// and bits) so "type": "bandwidth" can be swapped for "qoscni".
-	IngressRate   uint64 `json:"ingressRate,omitempty"`
-	IngressBurst  uint64 `json:"ingressBurst,omitempty"`
-	EgressRate    uint64 `json:"egressRate,omitempty"`
-	EgressBurst   uint64 `json:"egressBurst,omitempty"`
-	MaxQueueDelay string `json:"maxQueueDelay,omitempty"`
+	IngressRate  uint64 `json:"ingressRate,omitempty"`
+	IngressBurst uint64 `json:"ingressBurst,omitempty"`
+	EgressRate   uint64 `json:"egressRate,omitempty"`
+	EgressBurst  uint64 `json:"egressBurst,omitempty"`
+	// MaxQueueDelay is the config's queueing-delay budget as written (a Go
+	// duration); QueueDelay is the parsed form everything else uses.
+	MaxQueueDelay string        `json:"maxQueueDelay,omitempty"`
+	QueueDelay    time.Duration `json:"-"`
 	// Ceilings bound every pod-supplied size (queue delay, burst, queue
 	// bytes); ShapingCeilings is the parsed form.
 	Ceilings        CeilingsConfig   `json:"ceilings"`
@@ -96,8 +100,8 @@ type CeilingsConfig struct {
 	MaxQueueBytes uint64 `json:"maxQueueBytes,omitempty"`
 }
 
-// parse checks the ceilings and the config's own delay budget against them.
-func (c CeilingsConfig) parse(defaultDelay string) (shaping.Ceilings, error) {
+// parse checks the ceilings.
+func (c CeilingsConfig) parse() (shaping.Ceilings, error) {
 	var out shaping.Ceilings
 	if c.MaxQueueDelay != "" {
 		d, err := shaping.ParseDelay("ceilings.maxQueueDelay", c.MaxQueueDelay)
@@ -119,21 +123,35 @@ func (c CeilingsConfig) parse(defaultDelay string) (shaping.Ceilings, error) {
 		}
 		out.MaxQueueBytes = c.MaxQueueBytes
 	}
-	if defaultDelay != "" {
-		d, err := shaping.ParseDelay("maxQueueDelay", defaultDelay)
-		if err != nil {
-			return out, err
-		}
-		ceil := out.MaxQueueDelay
-		if ceil == 0 {
-			ceil = shaping.DefaultCeilingQueueDelay
-		}
-		if d > ceil {
-			return out, InvalidField("maxQueueDelay", fmt.Sprintf("%q", defaultDelay),
-				fmt.Sprintf("above ceilings.maxQueueDelay %v (raise the ceiling to allow it)", ceil))
-		}
-	}
 	return out, nil
+}
+
+// parseShaping parses the ceilings, then the config's own delay budget,
+// which must fit under them: the plugin and the agent's reshaping take
+// both from here (the agent through the state record), typed.
+func (c *NetConf) parseShaping() error {
+	ceil, err := c.Ceilings.parse()
+	if err != nil {
+		return err
+	}
+	c.ShapingCeilings = ceil
+	if c.MaxQueueDelay == "" {
+		return nil
+	}
+	d, err := shaping.ParseDelay("maxQueueDelay", c.MaxQueueDelay)
+	if err != nil {
+		return err
+	}
+	limit := ceil.MaxQueueDelay
+	if limit == 0 {
+		limit = shaping.DefaultCeilingQueueDelay
+	}
+	if d > limit {
+		return InvalidField("maxQueueDelay", fmt.Sprintf("%q", c.MaxQueueDelay),
+			fmt.Sprintf("above ceilings.maxQueueDelay %v (raise the ceiling to allow it)", limit))
+	}
+	c.QueueDelay = d
+	return nil
 }
 
 // BuiltinIPAM reports whether addresses come from qoscni's own allocator.
@@ -253,11 +271,9 @@ func (c *NetConf) validate() error {
 	if !strings.HasPrefix(c.StateDir, "/") {
 		return InvalidField("stateDir", fmt.Sprintf("%q", c.StateDir), "must be an absolute path")
 	}
-	ceil, err := c.Ceilings.parse(c.MaxQueueDelay)
-	if err != nil {
+	if err := c.parseShaping(); err != nil {
 		return err
 	}
-	c.ShapingCeilings = ceil
 	return c.RuntimeConfig.validate()
 }
 
