@@ -197,36 +197,51 @@ func Parse(stdin []byte) (*NetConf, error) {
 		conf.IPAMConfig = ic
 	}
 	conf.UnknownKeys = unknownKeys(stdin, conf.IPAMConfig != nil)
+	// Until IPAM answers, the pod may get addresses of either family;
+	// behind a main plugin it has those of the previous result.
+	podFamilies := BothFamilies
 	if conf.RawPrevResult != nil {
 		if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
 			return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
 		}
-		if err := validatePrevResult(conf.PrevResult); err != nil {
+		ips, err := validatePrevResult(conf.PrevResult)
+		if err != nil {
 			return nil, err
 		}
+		if conf.PrevResult != nil {
+			podFamilies = FamiliesOf(ips)
+		}
 	}
+	ports, err := resolvePorts(conf.RuntimeConfig.PortMappings, podFamilies)
+	if err != nil {
+		return nil, err
+	}
+	conf.RuntimeConfig.Ports = ports
 	return conf, nil
 }
 
 // validatePrevResult refuses what the CNI library decodes but no runtime
 // could read back: an IP entry without an address, a route without a
-// destination. Chained mode passes prevResult on and records its IPs.
-func validatePrevResult(r types.Result) error {
+// destination. Chained mode passes prevResult on and records its IPs,
+// which it returns.
+func validatePrevResult(r types.Result) ([]net.IP, error) {
 	res, err := current.NewResultFromResult(r)
 	if err != nil {
-		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
+		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
 	}
+	var ips []net.IP
 	for i, ip := range res.IPs {
 		if ip == nil || ip.Address.IP == nil || ip.Address.Mask == nil {
-			return InvalidField(fmt.Sprintf("prevResult.ips[%d].address", i), "(none)", "missing")
+			return nil, InvalidField(fmt.Sprintf("prevResult.ips[%d].address", i), "(none)", "missing")
 		}
+		ips = append(ips, ip.Address.IP)
 	}
 	for i, rt := range res.Routes {
 		if rt == nil || rt.Dst.IP == nil || rt.Dst.Mask == nil {
-			return InvalidField(fmt.Sprintf("prevResult.routes[%d].dst", i), "(none)", "missing")
+			return nil, InvalidField(fmt.Sprintf("prevResult.routes[%d].dst", i), "(none)", "missing")
 		}
 	}
-	return nil
+	return ips, nil
 }
 
 // SupportedVersions are the CNI spec versions qoscni speaks.
