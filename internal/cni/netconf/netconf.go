@@ -167,57 +167,78 @@ func InvalidField(field string, value any, why string) *types.Error {
 		fmt.Sprintf("invalid %s %v: %s", field, value, why), "")
 }
 
+// Header is what names a config's network and where its traces are kept:
+// the plugin's call journal files each call under it. Parse and
+// ParseForDel return it from their one decode of stdin whatever they
+// refuse, as far as that decode read it (empty when stdin is not JSON).
+type Header struct {
+	Name     string
+	StateDir string // as given, or DefaultStateDir once defaults applied; "" when unknown
+}
+
 // Parse decodes and validates stdin. Malformed JSON yields code 6, invalid
 // values code 7, an unsupported cniVersion code 1.
-func Parse(stdin []byte) (*NetConf, error) {
+func Parse(stdin []byte) (*NetConf, Header, error) {
 	conf := &NetConf{}
+	err := conf.parse(stdin)
+	h := Header{Name: conf.Name, StateDir: conf.StateDir}
+	if err != nil {
+		return nil, h, err
+	}
+	return conf, h, nil
+}
+
+// parse fills c from stdin. encoding/json reads a whole value before it
+// decodes any, and goes on past a key of the wrong type, so what c holds
+// after an error is what a loose decode would have read.
+func (c *NetConf) parse(stdin []byte) error {
 	dec := json.NewDecoder(bytes.NewReader(stdin))
-	if err := dec.Decode(conf); err != nil {
+	if err := dec.Decode(c); err != nil {
 		var typeErr *json.UnmarshalTypeError
 		if errors.As(err, &typeErr) && typeErr.Field != "" {
-			return nil, InvalidField(typeErr.Field, typeErr.Value, "wrong JSON type, want "+typeErr.Type.String())
+			return InvalidField(typeErr.Field, typeErr.Value, "wrong JSON type, want "+typeErr.Type.String())
 		}
-		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode network config: %v", err), "")
+		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode network config: %v", err), "")
 	}
-	conf.Raw = stdin
-	if err := checkVersion(conf.CNIVersion); err != nil {
-		return nil, err
+	c.Raw = stdin
+	if err := checkVersion(c.CNIVersion); err != nil {
+		return err
 	}
-	if err := conf.applyDefaults(); err != nil {
-		return nil, err
+	if err := c.applyDefaults(); err != nil {
+		return err
 	}
-	if err := conf.validate(); err != nil {
-		return nil, err
+	if err := c.validate(); err != nil {
+		return err
 	}
-	if conf.IPAM.Type == "" || conf.IPAM.Type == "qoscni" {
+	if c.IPAM.Type == "" || c.IPAM.Type == "qoscni" {
 		ic, err := decodeIPAM(stdin)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		conf.IPAMConfig = ic
+		c.IPAMConfig = ic
 	}
-	conf.UnknownKeys = unknownKeys(stdin, conf.IPAMConfig != nil)
+	c.UnknownKeys = unknownKeys(stdin, c.IPAMConfig != nil)
 	// Until IPAM answers, the pod may get addresses of either family;
 	// behind a main plugin it has those of the previous result.
 	podFamilies := BothFamilies
-	if conf.RawPrevResult != nil {
-		if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
-			return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
+	if c.RawPrevResult != nil {
+		if err := version.ParsePrevResult(&c.PluginConf); err != nil {
+			return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
 		}
-		ips, err := validatePrevResult(conf.PrevResult)
+		ips, err := validatePrevResult(c.PrevResult)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		if conf.PrevResult != nil {
+		if c.PrevResult != nil {
 			podFamilies = FamiliesOf(ips)
 		}
 	}
-	ports, err := resolvePorts(conf.RuntimeConfig.PortMappings, podFamilies)
+	ports, err := resolvePorts(c.RuntimeConfig.PortMappings, podFamilies)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	conf.RuntimeConfig.Ports = ports
-	return conf, nil
+	c.RuntimeConfig.Ports = ports
+	return nil
 }
 
 // validatePrevResult refuses what the CNI library decodes but no runtime

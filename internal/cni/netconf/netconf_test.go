@@ -13,7 +13,7 @@ import (
 
 func mustParse(t *testing.T, s string) *NetConf {
 	t.Helper()
-	c, err := Parse([]byte(s))
+	c, _, err := Parse([]byte(s))
 	if err != nil {
 		t.Fatalf("Parse: %v", err)
 	}
@@ -88,7 +88,7 @@ func TestErrors(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := Parse([]byte(tc.conf))
+			_, _, err := Parse([]byte(tc.conf))
 			var e *types.Error
 			if !errors.As(err, &e) {
 				t.Fatalf("want *types.Error, got %v", err)

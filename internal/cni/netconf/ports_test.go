@@ -54,7 +54,7 @@ func TestPortMappingsAtParse(t *testing.T) {
 		base + `"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"hostIP":"nope"}]}}`,
 		base + clash6 + `}`,
 	} {
-		if _, err := Parse([]byte(bad)); err == nil {
+		if _, _, err := Parse([]byte(bad)); err == nil {
 			t.Errorf("accepted %s", bad)
 		}
 	}

@@ -18,11 +18,7 @@ import (
 )
 
 // Add wires the pod (standalone) and records the attachment.
-func (p *Plugin) Add(args *skel.CmdArgs) error {
-	conf, pod, err := p.parse(args)
-	if err != nil {
-		return err
-	}
+func (p *Plugin) Add(args *skel.CmdArgs, conf *netconf.NetConf, pod netconf.PodArgs) error {
 	if conf.Chained() {
 		return p.addChained(args, conf, pod)
 	}
