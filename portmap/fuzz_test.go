@@ -16,8 +16,8 @@ import (
 )
 
 // FuzzPlan: runtime portMappings (as JSON, the way they arrive) and the
-// pod's addresses (comma-separated) in; a CNI error 7 naming the entry, or
-// mappings that are valid, unique per host side, of the pod's families,
+// pod's addresses (comma-separated) in, through netconf's checks and
+// Plan; a CNI error 7 naming the entry, or mappings that are valid, unique per host side, of the pod's families,
 // and that survive the trip through the state record that DEL relies on.
 func FuzzPlan(f *testing.F) {
 	f.Fuzz(func(t *testing.T, mappingsJSON []byte, podIPList string) {
@@ -40,19 +40,26 @@ func FuzzPlan(f *testing.F) {
 			}
 		}
 
-		// ADD validates without addresses first, so that bad input is
-		// refused before anything changes: that pass may not be stricter.
-		_, preErr := portmap.Plan(in, nil)
-		out, err := portmap.Plan(in, podIPs)
-		if preErr != nil {
-			requireEntryError(t, preErr)
-			if err == nil {
-				t.Fatalf("accepted with addresses, refused without: %v", preErr)
-			}
+		// Standalone ADD has netconf accept the entries before the pod has
+		// addresses, for both families, so that bad input is refused before
+		// anything changes; the pod's families are fewer, so that check may
+		// not be laxer, and what it accepts places the same mappings.
+		both, bothErr := netconf.ParsePortMappings(in, netconf.BothFamilies)
+		ports, err := netconf.ParsePortMappings(in, netconf.FamiliesOf(podIPs))
+		if bothErr != nil {
+			requireEntryError(t, bothErr)
+		} else if err != nil {
+			t.Fatalf("accepted for both families, refused for the pod's: %v", err)
 		}
 		if err != nil {
 			requireEntryError(t, err)
 			return
+		}
+		out := portmap.Plan(ports, podIPs)
+		if bothErr == nil {
+			if again := portmap.Plan(both, podIPs); !reflect.DeepEqual(again, out) {
+				t.Fatalf("accepted for both families, placed differently:\n%v\n%v", again, out)
+			}
 		}
 
 		type hostSide struct {

@@ -18,11 +18,7 @@ import (
 
 func plan(t *testing.T, p *pod, in ...netconf.PortMapping) []Mapping {
 	t.Helper()
-	maps, err := Plan(in, p.ips())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return maps
+	return planFor(t, in, p.ips())
 }
 
 func tcp(host, cont int) netconf.PortMapping {

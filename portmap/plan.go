@@ -3,10 +3,6 @@ package portmap
 import (
 	"fmt"
 	"net"
-	"strconv"
-	"strings"
-
-	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/qoscni/qoscni/internal/cni/netconf"
 	"github.com/qoscni/qoscni/internal/state"
@@ -55,18 +51,12 @@ func protoNum(p string) (byte, bool) {
 	return 0, false
 }
 
-func invalid(field string, value any, why string) *types.Error {
-	return netconf.InvalidField(field, value, why)
-}
-
-// Plan validates runtime portMappings and turns them into per-family
-// Mappings for a pod with the given addresses. An entry without hostIP
-// yields one Mapping per pod address family; an entry whose hostIP is of a
-// family the pod has no address in is skipped, as the reference portmap
-// plugin does. An unspecified hostIP ("0.0.0.0", "::") means every local
-// address of that family. Nothing is changed on error: errors are CNI code
-// 7 naming the entry.
-func Plan(in []netconf.PortMapping, podIPs []net.IP) ([]Mapping, error) {
+// Plan turns the portMappings netconf accepted into per-family Mappings
+// for a pod with the given addresses: one per entry and family it maps in
+// (netconf.Port.V4, V6) that the pod has an address of, to the pod's first
+// address of that family. netconf decided what is valid, including that
+// no two entries map one host side to different containerPorts.
+func Plan(in []netconf.Port, podIPs []net.IP) []Mapping {
 	var pod4, pod6 net.IP
 	for _, ip := range podIPs {
 		if v4 := ip.To4(); v4 != nil {
@@ -77,73 +67,19 @@ func Plan(in []netconf.PortMapping, podIPs []net.IP) ([]Mapping, error) {
 			pod6 = ip.To16()
 		}
 	}
-	type seenKey struct {
-		v6       bool
-		hostIP   string
-		proto    string
-		hostPort uint16
-	}
-	type seenVal struct {
-		index int
-		m     Mapping
-	}
-	seen := map[seenKey]seenVal{}
 	var out []Mapping
-	for i, pm := range in {
-		field := fmt.Sprintf("runtimeConfig.portMappings[%d]", i)
-		if pm.HostPort < 1 || pm.HostPort > 65535 {
-			return nil, invalid(field+".hostPort", pm.HostPort, "must be 1-65535")
-		}
-		if pm.ContainerPort < 1 || pm.ContainerPort > 65535 {
-			return nil, invalid(field+".containerPort", pm.ContainerPort, "must be 1-65535")
-		}
-		proto := strings.ToLower(pm.Protocol)
-		if proto == "" {
-			proto = "tcp"
-		}
-		if _, ok := protoNum(proto); !ok {
-			return nil, invalid(field+".protocol", strconv.Quote(pm.Protocol), "must be tcp, udp or sctp")
-		}
-		var hostIP net.IP
-		families := []net.IP{pod4, pod6}
-		if s := strings.TrimSpace(pm.HostIP); s != "" {
-			hostIP = net.ParseIP(s)
-			if hostIP == nil {
-				return nil, invalid(field+".hostIP", strconv.Quote(pm.HostIP), "not an IP address")
-			}
-			if v4 := hostIP.To4(); v4 != nil {
-				hostIP, families = v4, []net.IP{pod4}
-			} else {
-				families = []net.IP{pod6}
-			}
-			if hostIP.IsUnspecified() {
-				hostIP = nil
-			}
-		}
-		for _, podIP := range families {
-			if podIP == nil {
+	for _, p := range in {
+		for _, fam := range [...]struct {
+			on    bool
+			podIP net.IP
+		}{{p.V4, pod4}, {p.V6, pod6}} {
+			if !fam.on || fam.podIP == nil {
 				continue
 			}
-			m := Mapping{
-				HostPort:      uint16(pm.HostPort),
-				ContainerPort: uint16(pm.ContainerPort),
-				Protocol:      proto,
-				HostIP:        hostIP,
-				PodIP:         podIP,
-			}
-			k := seenKey{m.IPv6(), m.hostAddr(), proto, m.HostPort}
-			if prev, dup := seen[k]; dup {
-				if prev.m.ContainerPort == m.ContainerPort {
-					continue
-				}
-				return nil, invalid(field, "hostPort "+m.String(),
-					fmt.Sprintf("already mapped to containerPort %d by runtimeConfig.portMappings[%d]", prev.m.ContainerPort, prev.index))
-			}
-			seen[k] = seenVal{i, m}
-			out = append(out, m)
+			out = append(out, Mapping{HostPort: p.HostPort, ContainerPort: p.ContainerPort, Protocol: p.Protocol, HostIP: p.HostIP, PodIP: fam.podIP})
 		}
 	}
-	return out, nil
+	return out
 }
 
 // ToState converts mappings to the attachment record's form.

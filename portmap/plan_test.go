@@ -2,13 +2,10 @@ package portmap
 
 import (
 	"bytes"
-	"errors"
 	"net"
 	"reflect"
 	"strings"
 	"testing"
-
-	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/qoscni/qoscni/internal/cni/netconf"
 )
@@ -17,6 +14,17 @@ var (
 	pod4 = net.ParseIP("10.1.0.5").To4()
 	pod6 = net.ParseIP("fd00::5")
 )
+
+// planFor is what the plugin does with runtime portMappings: netconf
+// accepts them for the pod's families, Plan places them on its addresses.
+func planFor(t *testing.T, in []netconf.PortMapping, podIPs []net.IP) []Mapping {
+	t.Helper()
+	ports, err := netconf.ParsePortMappings(in, netconf.FamiliesOf(podIPs))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return Plan(ports, podIPs)
+}
 
 func TestPlanFamilies(t *testing.T) {
 	in := []netconf.PortMapping{
@@ -27,10 +35,7 @@ func TestPlanFamilies(t *testing.T) {
 		{HostPort: 444, ContainerPort: 443, HostIP: "::"},
 		{HostPort: 80, ContainerPort: 8080, Protocol: "tcp"}, // exact duplicate
 	}
-	got, err := Plan(in, []net.IP{pod4, pod6})
-	if err != nil {
-		t.Fatal(err)
-	}
+	got := planFor(t, in, []net.IP{pod4, pod6})
 	want := []Mapping{
 		{80, 8080, "tcp", nil, pod4},
 		{80, 8080, "tcp", nil, pod6},
@@ -44,10 +49,7 @@ func TestPlanFamilies(t *testing.T) {
 	}
 
 	// A v4-only pod: IPv6 hostIPs are skipped, any-address gives one mapping.
-	got, err = Plan(in, []net.IP{pod4})
-	if err != nil {
-		t.Fatal(err)
-	}
+	got = planFor(t, in, []net.IP{pod4})
 	for _, m := range got {
 		if m.IPv6() {
 			t.Errorf("v4-only pod got %v", m)
@@ -56,33 +58,15 @@ func TestPlanFamilies(t *testing.T) {
 	if len(got) != 3 {
 		t.Errorf("v4-only pod: %v", got)
 	}
-}
 
-func TestPlanErrors(t *testing.T) {
-	cases := []struct {
-		name string
-		in   netconf.PortMapping
-		msg  string
-	}{
-		{"hostPort 0", netconf.PortMapping{HostPort: 0, ContainerPort: 1}, "runtimeConfig.portMappings[1].hostPort 0"},
-		{"hostPort big", netconf.PortMapping{HostPort: 65536, ContainerPort: 1}, "runtimeConfig.portMappings[1].hostPort 65536"},
-		{"containerPort", netconf.PortMapping{HostPort: 1, ContainerPort: 70000}, "runtimeConfig.portMappings[1].containerPort 70000"},
-		{"protocol", netconf.PortMapping{HostPort: 1, ContainerPort: 1, Protocol: "icmp"}, `runtimeConfig.portMappings[1].protocol "icmp"`},
-		{"hostIP", netconf.PortMapping{HostPort: 1, ContainerPort: 1, HostIP: "10.0.0.300"}, `invalid runtimeConfig.portMappings[1].hostIP "10.0.0.300": not an IP address`},
-		{"clash", netconf.PortMapping{HostPort: 80, ContainerPort: 81}, "runtimeConfig.portMappings[1]"},
+	// Standalone ADD accepts the entries before the pod has addresses,
+	// for either family; placed on a v4-only pod they give the same.
+	ports, err := netconf.ParsePortMappings(in, netconf.BothFamilies)
+	if err != nil {
+		t.Fatal(err)
 	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			in := []netconf.PortMapping{{HostPort: 80, ContainerPort: 80}, tc.in}
-			_, err := Plan(in, []net.IP{pod4, pod6})
-			var e *types.Error
-			if !errors.As(err, &e) || e.Code != types.ErrInvalidNetworkConfig {
-				t.Fatalf("want CNI error 7, got %v", err)
-			}
-			if !strings.Contains(e.Msg, tc.msg) {
-				t.Fatalf("message %q lacks %q", e.Msg, tc.msg)
-			}
-		})
+	if again := Plan(ports, []net.IP{pod4}); !reflect.DeepEqual(again, got) {
+		t.Errorf("accepted for both families, placed on a v4 pod:\n got %v\nwant %v", again, got)
 	}
 }
 
@@ -152,13 +136,10 @@ func TestOwnerEncoding(t *testing.T) {
 }
 
 func TestStateRoundTrip(t *testing.T) {
-	maps, err := Plan([]netconf.PortMapping{
+	maps := planFor(t, []netconf.PortMapping{
 		{HostPort: 80, ContainerPort: 8080, Protocol: "tcp"},
 		{HostPort: 53, ContainerPort: 53, Protocol: "udp", HostIP: "192.168.1.1"},
 	}, []net.IP{pod4, pod6})
-	if err != nil {
-		t.Fatal(err)
-	}
 	back, err := FromState(ToState(maps))
 	if err != nil {
 		t.Fatal(err)

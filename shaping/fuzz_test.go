@@ -38,7 +38,19 @@ func FuzzResolveShaping(f *testing.F) {
 			Annotations: map[string]string{},
 			Config: shaping.Rates{IngressRate: cfgIngressRate, IngressBurst: cfgIngressBurst,
 				EgressRate: cfgEgressRate, EgressBurst: cfgEgressBurst},
-			ConfigMaxQueueDelay: cfgMaxQueueDelay,
+		}
+		// Resolve takes the config's delay typed: the config parser reads
+		// it with ParseDelay first, and refuses it there.
+		if cfgMaxQueueDelay != "" {
+			d, err := shaping.ParseDelay("maxQueueDelay", cfgMaxQueueDelay)
+			if err != nil {
+				var e *types.Error
+				if !errors.As(err, &e) || e.Code != types.ErrInvalidNetworkConfig || !strings.Contains(e.Msg, "maxQueueDelay") {
+					t.Fatalf("config delay %q: want CNI error 7 naming maxQueueDelay, got %v", cfgMaxQueueDelay, err)
+				}
+				return
+			}
+			in.ConfigMaxQueueDelay = d
 		}
 		for _, a := range []struct {
 			bit        uint8
@@ -83,7 +95,7 @@ func checkNamesInput(t *testing.T, err error, in shaping.Inputs) {
 	for k := range in.Annotations {
 		given = append(given, "annotation "+k)
 	}
-	if in.ConfigMaxQueueDelay != "" {
+	if in.ConfigMaxQueueDelay != 0 {
 		given = append(given, "maxQueueDelay")
 	}
 	if in.Runtime != nil {

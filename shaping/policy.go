@@ -66,8 +66,10 @@ type Inputs struct {
 	Annotations map[string]string
 	Runtime     *Rates // runtimeConfig.bandwidth
 	Config      Rates  // plugin config defaults
-	// ConfigMaxQueueDelay is the plugin config's maxQueueDelay ("" = default).
-	ConfigMaxQueueDelay string
+	// ConfigMaxQueueDelay is the plugin config's maxQueueDelay (0 =
+	// DefaultMaxQueueDelay), parsed and bounded by the config parser
+	// (ParseDelay, within the ceiling) when the config was read.
+	ConfigMaxQueueDelay time.Duration
 	// Ceilings bound what any input can make the kernel hold; the zero
 	// value means DefaultCeilings.
 	Ceilings Ceilings
@@ -178,12 +180,8 @@ func invalid(field string, value any, why string) *types.Error {
 func Resolve(in Inputs, mtu int) (Plan, error) {
 	c := in.Ceilings.orDefaults()
 	delay := DefaultMaxQueueDelay
-	if in.ConfigMaxQueueDelay != "" {
-		d, err := parseDelay("maxQueueDelay", in.ConfigMaxQueueDelay)
-		if err != nil {
-			return Plan{}, err
-		}
-		delay = d
+	if in.ConfigMaxQueueDelay != 0 {
+		delay = in.ConfigMaxQueueDelay
 	}
 	var clamps []Clamp
 	if v, ok := in.Annotations[AnnotationMaxQueueDelay]; ok {

@@ -12,7 +12,8 @@ import (
 
 func main() {
 	// Every call's outcome and duration go to the journal the node agent
-	// turns into metrics; a journal that cannot be written changes nothing.
+	// turns into metrics, filed under the network the plugin's one parse of
+	// stdin found; a journal that cannot be written changes nothing.
 	funcs := journal.Wrap(plugin.New().Funcs())
 	skel.PluginMainFuncs(funcs, version.PluginSupports(netconf.SupportedVersions...), "qoscni: traffic-control-first CNI plugin")
 }

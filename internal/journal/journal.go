@@ -16,7 +16,6 @@ package journal
 
 import (
 	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -258,19 +257,36 @@ func Parse(data []byte) ([]Record, int) {
 	return recs, bad
 }
 
-// Wrap returns funcs whose every call is recorded in the journal next to the
-// network's stateDir (DirFor). Recording never changes the call's outcome: a
-// journal that cannot be written is ignored, as the plugin's result matters
-// more than its statistics.
-func Wrap(funcs skel.CNIFuncs) skel.CNIFuncs {
-	wrap := func(cmd string, f func(*skel.CmdArgs) error) func(*skel.CmdArgs) error {
+// Network is what a call is filed under: the network's name, and its
+// stateDir, beside which the journal lives (DirFor). The plugin takes both
+// from its one parse of stdin, as far as it could read them: a call whose
+// config it refused is still a call.
+type Network struct {
+	Name     string
+	StateDir string
+}
+
+// Cmd is a CNI command that also says which network its config named.
+type Cmd func(*skel.CmdArgs) (Network, error)
+
+// Funcs are the plugin's commands, as Wrap takes them.
+type Funcs struct {
+	Add, Del, Check, GC, Status Cmd
+}
+
+// Wrap returns skel's funcs whose every call is recorded in the journal
+// next to the network's stateDir. Recording never changes the call's
+// outcome: a journal that cannot be written is ignored, as the plugin's
+// result matters more than its statistics.
+func Wrap(funcs Funcs) skel.CNIFuncs {
+	wrap := func(cmd string, f Cmd) func(*skel.CmdArgs) error {
 		if f == nil {
 			return nil
 		}
 		return func(args *skel.CmdArgs) error {
 			start := time.Now()
-			err := f(args)
-			_ = RecordCall(args.StdinData, cmd, start, err)
+			n, err := f(args)
+			_ = RecordCall(n, cmd, start, err)
 			return err
 		}
 	}
@@ -283,15 +299,10 @@ func Wrap(funcs skel.CNIFuncs) skel.CNIFuncs {
 	}
 }
 
-// RecordCall appends the outcome of one call whose network config is stdin.
-func RecordCall(stdin []byte, command string, start time.Time, callErr error) error {
+// RecordCall appends the outcome of one call for network n.
+func RecordCall(n Network, command string, start time.Time, callErr error) error {
 	d := time.Since(start)
-	var conf struct {
-		Name     string `json:"name"`
-		StateDir string `json:"stateDir"`
-	}
-	_ = json.Unmarshal(stdin, &conf) // a config the plugin rejected is still a call
-	return Append(DirFor(conf.StateDir), Record{Time: start, Command: command, Network: conf.Name, Code: Code(callErr), Duration: d})
+	return Append(DirFor(n.StateDir), Record{Time: start, Command: command, Network: n.Name, Code: Code(callErr), Duration: d})
 }
 
 // Code maps a call's error to the recorded result code.

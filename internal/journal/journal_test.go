@@ -122,16 +122,17 @@ func TestConcurrentAppendDuringDrain(t *testing.T) {
 
 func TestWrapRecordsOutcome(t *testing.T) {
 	root := t.TempDir()
-	stdin := []byte(`{"cniVersion":"1.0.0","name":"net1","type":"qoscni","stateDir":"` + filepath.Join(root, "state") + `"}`)
-	funcs := Wrap(skel.CNIFuncs{
-		Add: func(*skel.CmdArgs) error { return nil },
-		Del: func(*skel.CmdArgs) error { return types.NewError(types.ErrTryAgainLater, "busy", "") },
-		GC:  func(*skel.CmdArgs) error { return errors.New("plain") },
+	// The network as the plugin's parse of stdin reports it.
+	net1 := Network{Name: "net1", StateDir: filepath.Join(root, "state")}
+	funcs := Wrap(Funcs{
+		Add: func(*skel.CmdArgs) (Network, error) { return net1, nil },
+		Del: func(*skel.CmdArgs) (Network, error) { return net1, types.NewError(types.ErrTryAgainLater, "busy", "") },
+		GC:  func(*skel.CmdArgs) (Network, error) { return net1, errors.New("plain") },
 	})
 	if funcs.Check != nil {
 		t.Fatal("nil func must stay nil")
 	}
-	args := &skel.CmdArgs{StdinData: stdin}
+	args := &skel.CmdArgs{}
 	_ = funcs.Add(args)
 	if err := funcs.Del(args); err == nil {
 		t.Fatal("Del error lost")
@@ -152,16 +153,15 @@ func TestWrapRecordsOutcome(t *testing.T) {
 	}
 }
 
-// BenchmarkRecordCall is the plugin's per-call cost: decode name/stateDir
-// from stdin, open, lock, check, write, close.
+// BenchmarkRecordCall is the plugin's per-call cost: open, lock, check,
+// write, close (the network comes from the plugin's own parse of stdin).
 func BenchmarkRecordCall(b *testing.B) {
 	root := b.TempDir()
-	stdin := []byte(`{"cniVersion":"1.0.0","name":"qoscni","type":"qoscni","bridge":"qoscni0","isGateway":true,"ipMasq":true,"stateDir":"` +
-		filepath.Join(root, "state") + `","ipam":{"type":"qoscni","ranges":[[{"subnet":"10.22.0.0/16"}]]},"runtimeConfig":{"bandwidth":{"ingressRate":10000000,"ingressBurst":100000}}}`)
+	n := Network{Name: "qoscni", StateDir: filepath.Join(root, "state")}
 	start := time.Now()
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		if err := RecordCall(stdin, "ADD", start, nil); err != nil {
+		if err := RecordCall(n, "ADD", start, nil); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -82,13 +82,16 @@ type Shaping struct {
 	IFB string `json:"ifb,omitempty"`
 }
 
-// ShapingDefaults mirror the plugin config keys (bit/s, bits, Go duration).
+// ShapingDefaults mirror the plugin config keys (bit/s, bits), parsed.
+// Records written before MaxQueueDelayNs existed carry the delay as the
+// config's string ("maxQueueDelay"); UnmarshalJSON reads both.
 type ShapingDefaults struct {
-	IngressRate   uint64 `json:"ingressRate,omitempty"`
-	IngressBurst  uint64 `json:"ingressBurst,omitempty"`
-	EgressRate    uint64 `json:"egressRate,omitempty"`
-	EgressBurst   uint64 `json:"egressBurst,omitempty"`
-	MaxQueueDelay string `json:"maxQueueDelay,omitempty"`
+	IngressRate  uint64 `json:"ingressRate,omitempty"`
+	IngressBurst uint64 `json:"ingressBurst,omitempty"`
+	EgressRate   uint64 `json:"egressRate,omitempty"`
+	EgressBurst  uint64 `json:"egressBurst,omitempty"`
+	// MaxQueueDelayNs is the config's maxQueueDelay (0: the default budget).
+	MaxQueueDelayNs int64 `json:"maxQueueDelayNs,omitempty"`
 	// Ceilings are the config's bounds on pod-supplied sizes (nil: the
 	// defaults of the plugin that reads the record).
 	Ceilings *Ceilings `json:"ceilings,omitempty"`

@@ -1,16 +1,16 @@
 // Package cniconf reads the node's CNI configuration directory, as libcni
-// would, for what the node agent needs from it: the qoscni networks, their
-// built-in IPAM configuration (metrics of address usage, release of the
-// addresses of a garbage-collected attachment) and their state
-// directories (StateSources: which records the agent reads).
+// would: which files, in which order, decoded into File values with their
+// plugin entries (ReadDir, Decode). The agent takes from them the qoscni
+// networks, their built-in IPAM configuration (metrics of address usage,
+// release of the addresses of a garbage-collected attachment) and their
+// state directories (StateSources: which records the agent reads); install
+// and uninstall find qoscni's entries in them before editing a file.
 package cniconf
 
 import (
 	"encoding/json"
 	"fmt"
-	"os"
 	"path/filepath"
-	"sort"
 
 	"golang.org/x/sys/unix"
 
@@ -27,99 +27,18 @@ type IPAMNetwork struct {
 	Config *ipam.Config
 }
 
-// pluginJSON is what the agent reads of a plugin entry.
-type pluginJSON struct {
-	Type     string          `json:"type"`
-	IPAM     json.RawMessage `json:"ipam"`
-	StateDir string          `json:"stateDir"`
-}
-
-// confFile is one config file: a conflist's plugin entries, or a .conf's
-// one plugin.
-type confFile struct {
-	path    string
-	name    string
-	plugins []json.RawMessage
-}
-
-// qoscni decodes the file's qoscni entries, standalone or chained. Other
-// plugins' entries are not decoded beyond their type: their keys are
-// theirs, whatever their JSON types.
-func (f *confFile) qoscni() (out []pluginJSON, errs []error) {
-	for _, raw := range f.plugins {
-		var typ struct {
-			Type any `json:"type"`
-		}
-		if json.Unmarshal(raw, &typ) != nil || typ.Type != "qoscni" {
-			continue
-		}
-		var pl pluginJSON
-		if err := json.Unmarshal(raw, &pl); err != nil {
-			errs = append(errs, fmt.Errorf("%s: qoscni entry: %w", f.path, err))
-			continue
-		}
-		out = append(out, pl)
-	}
-	return out, errs
-}
-
-// readDir reads the .conflist/.conf/.json files of dir in libcni's order.
-// Files that do not parse are reported in errs and skipped, as libcni
-// would skip them.
-func readDir(dir string) (files []confFile, errs []error) {
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		if os.IsNotExist(err) {
-			return nil, nil
-		}
-		return nil, []error{fmt.Errorf("read CNI config dir %s: %w", dir, err)}
-	}
-	names := make([]string, 0, len(entries))
-	for _, e := range entries {
-		switch filepath.Ext(e.Name()) {
-		case ".conflist", ".conf", ".json":
-			if !e.IsDir() {
-				names = append(names, e.Name())
-			}
-		}
-	}
-	sort.Strings(names)
-	for _, n := range names {
-		p := filepath.Join(dir, n)
-		data, err := os.ReadFile(p)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		var f struct {
-			Name    string            `json:"name"`
-			Plugins []json.RawMessage `json:"plugins"`
-		}
-		if err := json.Unmarshal(data, &f); err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", p, err))
-			continue
-		}
-		plugins := f.Plugins
-		if plugins == nil {
-			plugins = []json.RawMessage{data}
-		}
-		files = append(files, confFile{path: p, name: f.Name, plugins: plugins})
-	}
-	return files, errs
-}
-
 // FindIPAMNetworks reads the .conflist/.conf/.json files of dir and returns
 // the qoscni networks that use the built-in allocator. Files that do not
 // parse are reported in errs and skipped, as libcni would skip them.
 func FindIPAMNetworks(dir string) (nets []IPAMNetwork, errs []error) {
-	files, errs := readDir(dir)
+	files, errs := ReadDir(dir)
 	seen := map[string]bool{}
 	for _, f := range files {
-		p := f.path
-		entries, perrs := f.qoscni()
+		p := f.Path
+		entries, perrs := f.Qoscni()
 		errs = append(errs, perrs...)
 		for _, pl := range entries {
-			if len(pl.IPAM) == 0 || seen[f.name] {
+			if len(pl.IPAM) == 0 || seen[f.Name] {
 				continue
 			}
 			var typ struct {
@@ -141,8 +60,8 @@ func FindIPAMNetworks(dir string) (nets []IPAMNetwork, errs []error) {
 				errs = append(errs, fmt.Errorf("%s: %w", p, err))
 				continue
 			}
-			seen[f.name] = true
-			nets = append(nets, IPAMNetwork{Name: f.name, File: p, Config: cfg})
+			seen[f.Name] = true
+			nets = append(nets, IPAMNetwork{Name: f.Name, File: p, Config: cfg})
 		}
 	}
 	return nets, errs
@@ -153,10 +72,10 @@ func FindIPAMNetworks(dir string) (nets []IPAMNetwork, errs []error) {
 // absent), each once. A relative stateDir, which the plugin refuses, is
 // reported in errs.
 func StateDirs(dir string) (dirs []string, errs []error) {
-	files, errs := readDir(dir)
+	files, errs := ReadDir(dir)
 	seen := map[string]bool{}
 	for _, f := range files {
-		entries, perrs := f.qoscni()
+		entries, perrs := f.Qoscni()
 		errs = append(errs, perrs...)
 		for _, pl := range entries {
 			d := pl.StateDir
@@ -164,7 +83,7 @@ func StateDirs(dir string) (dirs []string, errs []error) {
 				d = netconf.DefaultStateDir
 			}
 			if !filepath.IsAbs(d) {
-				errs = append(errs, fmt.Errorf("%s: stateDir %q is not an absolute path", f.path, d))
+				errs = append(errs, fmt.Errorf("%s: stateDir %q is not an absolute path", f.Path, d))
 				continue
 			}
 			d = filepath.Clean(d)

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/qoscni/qoscni/internal/agent/cniconf"
 	"github.com/qoscni/qoscni/internal/cni/netconf"
 )
 
@@ -92,41 +93,34 @@ func encodeObject(o object) []byte {
 	return append(b, '\n')
 }
 
-func pluginType(p any) string {
-	if m, ok := p.(object); ok {
-		if t, ok := m["type"].(string); ok {
-			return t
-		}
-	}
-	return ""
+// configFile is a network config as install edits it: the shared reader's
+// File says what each plugin entry is (cniconf, as the agent reads it);
+// entries are the same entries of the decoded object, in the same order,
+// to edit and write back with every key and number as written: the
+// "plugins" list, or a single plugin config itself.
+type configFile struct {
+	*cniconf.File
+	entries []any
 }
 
-// plugins returns the conflist's plugin list, or nil when data is a single
-// plugin config (.conf).
-func plugins(o object) ([]any, bool, error) {
-	raw, ok := o["plugins"]
-	if !ok {
-		return nil, false, nil
+// editable pairs o, decoded from data, with data's File.
+func editable(o object, data []byte) (*configFile, error) {
+	f, err := cniconf.Decode("", data)
+	if err != nil {
+		return nil, err
 	}
-	list, ok := raw.([]any)
-	if !ok {
-		return nil, true, errors.New(`"plugins" is not a list`)
+	c := &configFile{File: f, entries: []any{o}}
+	if f.List {
+		c.entries = o["plugins"].([]any) // Decode found a list there
 	}
-	return list, true, nil
+	return c, nil
 }
 
 // hasQoscni reports whether a network config (conflist or single conf)
 // runs qoscni.
 func hasQoscni(data []byte) bool {
-	o, err := decodeObject(data)
-	if err != nil {
-		return false
-	}
-	list, isList, _ := plugins(o)
-	if !isList {
-		return pluginType(o) == PluginType
-	}
-	return slices.ContainsFunc(list, func(p any) bool { return pluginType(p) == PluginType })
+	f, err := cniconf.Decode("", data)
+	return err == nil && f.HasQoscni()
 }
 
 // renderStandalone fills the template's built-in IPAM ranges from podCIDRs
@@ -136,23 +130,18 @@ func renderStandalone(tmpl []byte, podCIDRs func() ([]string, error)) ([]byte, e
 	if err != nil {
 		return nil, fmt.Errorf("decode standalone conflist: %w", err)
 	}
-	list, isList, err := plugins(o)
-	if err != nil || !isList {
+	c, err := editable(o, tmpl)
+	if err != nil || !c.List {
 		return nil, fmt.Errorf("standalone config is not a conflist (no \"plugins\" list)")
 	}
 	if err := checkVersion(o); err != nil {
 		return nil, err
 	}
-	var q object
-	for _, p := range list {
-		if pluginType(p) == PluginType {
-			q = p.(object)
-			break
-		}
-	}
-	if q == nil {
+	i := slices.IndexFunc(c.Plugins, cniconf.Plugin.IsQoscni)
+	if i < 0 {
 		return nil, fmt.Errorf("standalone conflist has no plugin of type %q", PluginType)
 	}
+	q := c.entries[i].(object) // a typed entry is an object
 	ipamConf, _ := q["ipam"].(object)
 	if ipamConf == nil {
 		ipamConf = object{}
@@ -193,7 +182,7 @@ func parseEntry(data []byte) (object, error) {
 	if err != nil {
 		return nil, fmt.Errorf("decode chained plugin entry: %w", err)
 	}
-	if t := pluginType(e); t != PluginType {
+	if t := cniconf.DecodePlugin(data).Type; t != PluginType {
 		return nil, fmt.Errorf("chained plugin entry has type %q, want %q", t, PluginType)
 	}
 	return e, nil
@@ -211,23 +200,22 @@ func chain(primary []byte, entry object) (out []byte, dropped []string, err erro
 	if err := checkVersion(o); err != nil {
 		return nil, nil, err
 	}
-	list, isList, err := plugins(o)
+	c, err := editable(o, primary)
 	if err != nil {
 		return nil, nil, err
 	}
-	if !isList {
-		if pluginType(o) == "" {
+	if !c.List {
+		if c.Plugins[0].Type == "" {
 			return nil, nil, errors.New(`primary config has neither "plugins" nor "type"`)
 		}
-		list = []any{o}
 		o = object{"cniVersion": o["cniVersion"], "name": o["name"], "plugins": nil}
 	}
-	if len(list) > 0 && pluginType(list[0]) == PluginType {
+	if c.MainIsQoscni() {
 		return nil, nil, errors.New("the config's main plugin is qoscni itself (a standalone config), nothing to chain after")
 	}
-	kept := make([]any, 0, len(list)+1)
-	for _, p := range list {
-		switch t := pluginType(p); {
+	kept := make([]any, 0, len(c.entries)+1)
+	for i, p := range c.entries {
+		switch t := c.Plugins[i].Type; {
 		case t == PluginType:
 		case slices.Contains(Replaced, t):
 			dropped = append(dropped, t)
@@ -249,14 +237,19 @@ func unchain(data []byte) (out []byte, empty bool, err error) {
 	if err != nil {
 		return nil, false, err
 	}
-	list, isList, err := plugins(o)
+	c, err := editable(o, data)
 	if err != nil {
 		return nil, false, err
 	}
-	if !isList {
-		return nil, pluginType(o) == PluginType, nil
+	if !c.List {
+		return nil, c.MainIsQoscni(), nil
 	}
-	kept := slices.DeleteFunc(slices.Clone(list), func(p any) bool { return pluginType(p) == PluginType })
+	var kept []any
+	for i, p := range c.entries {
+		if !c.Plugins[i].IsQoscni() {
+			kept = append(kept, p)
+		}
+	}
 	if len(kept) == 0 {
 		return nil, true, nil
 	}

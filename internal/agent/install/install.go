@@ -4,12 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/qoscni/qoscni/internal/agent/cniconf"
 )
 
 // PodCIDRSource returns the node's pod CIDRs (spec.podCIDRs, IPv4 and
@@ -193,26 +194,12 @@ func installStandalone(ctx context.Context, h hostPaths, confDir string, o Optio
 	return nil
 }
 
-// configFiles lists the names the runtime would load, sorted as libcni
-// sorts them.
+// configFiles lists the names the runtime would load, in libcni's order.
 func configFiles(dir string) ([]string, error) {
-	entries, err := os.ReadDir(dir)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
+	names, err := cniconf.ConfigFiles(dir)
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", dir, err)
 	}
-	var names []string
-	for _, e := range entries {
-		switch filepath.Ext(e.Name()) {
-		case ".conf", ".conflist", ".json":
-			if !e.IsDir() {
-				names = append(names, e.Name())
-			}
-		}
-	}
-	slices.Sort(names)
 	return names, nil
 }
 
@@ -276,10 +263,9 @@ func installChained(ctx context.Context, h hostPaths, confDir string, o Options,
 	if len(dropped) > 0 {
 		detail += ", replacing " + strings.Join(dropped, ", ")
 	}
-	po, _ := decodeObject(orig) // chain decoded it already
-	_, isList, _ := plugins(po)
+	pf, _ := cniconf.Decode(primary, orig) // chain decoded it already
 	backup := primary + BackupSuffix
-	if isList {
+	if pf.List {
 		// The backup is the config as the primary CNI wrote it: taken
 		// whenever the file has no qoscni entry, so a primary that rewrote
 		// its file since the last install is backed up afresh.

@@ -186,7 +186,7 @@ func TestStandaloneFreshInstall(t *testing.T) {
 	_ = json.Unmarshal(list.Plugins[0], &p)
 	p["cniVersion"], p["name"] = list.CNIVersion, list.Name
 	stdin, _ := json.Marshal(p)
-	conf, err := netconf.Parse(stdin)
+	conf, _, err := netconf.Parse(stdin)
 	if err != nil {
 		t.Fatalf("plugin rejects the installed config: %v", err)
 	}

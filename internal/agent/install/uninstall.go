@@ -112,7 +112,8 @@ func uninstallConfig(h hostPaths, confDir, own string, rep *Report) error {
 			errs = append(errs, err)
 			continue
 		}
-		if !hasQoscni(data) {
+		f, err := cniconf.Decode(p, data)
+		if err != nil || !f.HasQoscni() {
 			continue
 		}
 		out, empty, err := unchain(data)
@@ -120,7 +121,7 @@ func uninstallConfig(h hostPaths, confDir, own string, rep *Report) error {
 			errs = append(errs, fmt.Errorf("remove qoscni from %s: %w", p, err))
 			continue
 		}
-		if empty || name == own || mainPluginIsQoscni(data) {
+		if empty || name == own || f.MainIsQoscni() {
 			if _, err := removeFile(h.abs(p)); err != nil {
 				errs = append(errs, fmt.Errorf("remove %s: %w", p, err))
 				continue
@@ -135,18 +136,6 @@ func uninstallConfig(h hostPaths, confDir, own string, rep *Report) error {
 		rep.add(p, Written, "qoscni entry removed")
 	}
 	return errors.Join(errs...)
-}
-
-func mainPluginIsQoscni(data []byte) bool {
-	o, err := decodeObject(data)
-	if err != nil {
-		return false
-	}
-	list, isList, _ := plugins(o)
-	if !isList {
-		return pluginType(o) == PluginType
-	}
-	return len(list) > 0 && pluginType(list[0]) == PluginType
 }
 
 func restoreBackup(h hostPaths, confDir, backupName string, rep *Report) error {

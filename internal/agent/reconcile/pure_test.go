@@ -1,6 +1,7 @@
 package reconcile
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"testing"
@@ -83,6 +84,23 @@ func TestResolveKeepsLegacyConfigShaping(t *testing.T) {
 	plan, ok, err := resolve(rec, Pod{Annotations: map[string]string{shaping.AnnotationEgressRate: "5M"}})
 	if !ok || err != nil || plan.Ingress == nil || plan.Ingress.Source != shaping.SourceConfig || plan.Egress == nil || plan.Egress.RateBits != 5e6 {
 		t.Errorf("plan %+v ok=%v err=%v", plan, ok, err)
+	}
+}
+
+// TestReshapeConfigDelay: the config's delay budget reaches a live
+// reshape typed from the record, also from a record an older plugin wrote
+// with the config's string.
+func TestReshapeConfigDelay(t *testing.T) {
+	pod := Pod{Annotations: map[string]string{shaping.AnnotationEgressRate: "100M"}}
+	for _, defaults := range []string{`{"maxQueueDelayNs":30000000}`, `{"maxQueueDelay":"30ms"}`} {
+		rec := &state.Record{MTU: 1500}
+		if err := json.Unmarshal([]byte(defaults), &rec.ShapingDefaults); err != nil {
+			t.Fatal(err)
+		}
+		plan, ok, err := resolve(rec, pod)
+		if err != nil || !ok || plan.Egress == nil || plan.Egress.MaxQueueDelay != 30*time.Millisecond {
+			t.Errorf("%s: plan %+v ok=%v err=%v", defaults, plan.Egress, ok, err)
+		}
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"reflect"
 	"strings"
+	"time"
 
 	"github.com/qoscni/qoscni/internal/cni/podnet"
 	"github.com/qoscni/qoscni/internal/fault"
@@ -37,7 +38,7 @@ func resolve(rec *state.Record, pod Pod) (shaping.Plan, bool, error) {
 	in := shaping.Inputs{Annotations: pod.Annotations}
 	if d := rec.ShapingDefaults; d != nil {
 		in.Config = shaping.Rates{IngressRate: d.IngressRate, IngressBurst: d.IngressBurst, EgressRate: d.EgressRate, EgressBurst: d.EgressBurst}
-		in.ConfigMaxQueueDelay = d.MaxQueueDelay
+		in.ConfigMaxQueueDelay = time.Duration(d.MaxQueueDelayNs)
 		in.Ceilings = shaping.CeilingsFromRecord(d.Ceilings)
 	} else if fromConfig(rec.Shaping) {
 		// A record from before ShapingDefaults existed: its config-sourced

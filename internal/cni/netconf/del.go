@@ -16,24 +16,24 @@ import (
 // ipam type and dataDir), and Problem says what was wrong. Only stdin that
 // is not a JSON object, an unsupported cniVersion or a missing name is
 // still an error: then nothing can be identified.
-func ParseForDel(stdin []byte) (*NetConf, error) {
-	conf, err := Parse(stdin)
+func ParseForDel(stdin []byte) (*NetConf, Header, error) {
+	conf, h, err := Parse(stdin)
 	if err == nil {
-		return conf, nil
+		return conf, h, nil
 	}
 	var te *types.Error
 	if !errors.As(err, &te) || te.Code == types.ErrIncompatibleCNIVersion {
-		return nil, err
+		return nil, h, err
 	}
 	var raw map[string]json.RawMessage
 	if json.Unmarshal(stdin, &raw) != nil {
-		return nil, err
+		return nil, h, err
 	}
 	c := &NetConf{Raw: stdin, Bridge: DefaultBridge, StateDir: DefaultStateDir, Problem: err}
 	field(raw, "cniVersion", &c.CNIVersion)
 	field(raw, "type", &c.Type)
 	if !field(raw, "name", &c.Name) || c.Name == "" {
-		return nil, err
+		return nil, h, err
 	}
 	var dir string
 	if field(raw, "stateDir", &dir) && strings.HasPrefix(dir, "/") {
@@ -54,7 +54,7 @@ func ParseForDel(stdin []byte) (*NetConf, error) {
 			c.IPAMStoreOnly = true
 		}
 	}
-	return c, nil
+	return c, h, nil
 }
 
 // field decodes the value of key, matched without regard to case as

@@ -11,6 +11,7 @@ import (
 	"math"
 	"net"
 	"strings"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
@@ -50,11 +51,14 @@ type NetConf struct {
 
 	// Shaping defaults, with the reference bandwidth plugin's keys (bit/s
 	// and bits) so "type": "bandwidth" can be swapped for "qoscni".
-	IngressRate   uint64 `json:"ingressRate,omitempty"`
-	IngressBurst  uint64 `json:"ingressBurst,omitempty"`
-	EgressRate    uint64 `json:"egressRate,omitempty"`
-	EgressBurst   uint64 `json:"egressBurst,omitempty"`
-	MaxQueueDelay string `json:"maxQueueDelay,omitempty"`
+	IngressRate  uint64 `json:"ingressRate,omitempty"`
+	IngressBurst uint64 `json:"ingressBurst,omitempty"`
+	EgressRate   uint64 `json:"egressRate,omitempty"`
+	EgressBurst  uint64 `json:"egressBurst,omitempty"`
+	// MaxQueueDelay is the config's queueing-delay budget as written (a Go
+	// duration); QueueDelay is the parsed form everything else uses.
+	MaxQueueDelay string        `json:"maxQueueDelay,omitempty"`
+	QueueDelay    time.Duration `json:"-"`
 	// Ceilings bound every pod-supplied size (queue delay, burst, queue
 	// bytes); ShapingCeilings is the parsed form.
 	Ceilings        CeilingsConfig   `json:"ceilings"`
@@ -96,8 +100,8 @@ type CeilingsConfig struct {
 	MaxQueueBytes uint64 `json:"maxQueueBytes,omitempty"`
 }
 
-// parse checks the ceilings and the config's own delay budget against them.
-func (c CeilingsConfig) parse(defaultDelay string) (shaping.Ceilings, error) {
+// parse checks the ceilings.
+func (c CeilingsConfig) parse() (shaping.Ceilings, error) {
 	var out shaping.Ceilings
 	if c.MaxQueueDelay != "" {
 		d, err := shaping.ParseDelay("ceilings.maxQueueDelay", c.MaxQueueDelay)
@@ -119,21 +123,35 @@ func (c CeilingsConfig) parse(defaultDelay string) (shaping.Ceilings, error) {
 		}
 		out.MaxQueueBytes = c.MaxQueueBytes
 	}
-	if defaultDelay != "" {
-		d, err := shaping.ParseDelay("maxQueueDelay", defaultDelay)
-		if err != nil {
-			return out, err
-		}
-		ceil := out.MaxQueueDelay
-		if ceil == 0 {
-			ceil = shaping.DefaultCeilingQueueDelay
-		}
-		if d > ceil {
-			return out, InvalidField("maxQueueDelay", fmt.Sprintf("%q", defaultDelay),
-				fmt.Sprintf("above ceilings.maxQueueDelay %v (raise the ceiling to allow it)", ceil))
-		}
-	}
 	return out, nil
+}
+
+// parseShaping parses the ceilings, then the config's own delay budget,
+// which must fit under them: the plugin and the agent's reshaping take
+// both from here (the agent through the state record), typed.
+func (c *NetConf) parseShaping() error {
+	ceil, err := c.Ceilings.parse()
+	if err != nil {
+		return err
+	}
+	c.ShapingCeilings = ceil
+	if c.MaxQueueDelay == "" {
+		return nil
+	}
+	d, err := shaping.ParseDelay("maxQueueDelay", c.MaxQueueDelay)
+	if err != nil {
+		return err
+	}
+	limit := ceil.MaxQueueDelay
+	if limit == 0 {
+		limit = shaping.DefaultCeilingQueueDelay
+	}
+	if d > limit {
+		return InvalidField("maxQueueDelay", fmt.Sprintf("%q", c.MaxQueueDelay),
+			fmt.Sprintf("above ceilings.maxQueueDelay %v (raise the ceiling to allow it)", limit))
+	}
+	c.QueueDelay = d
+	return nil
 }
 
 // BuiltinIPAM reports whether addresses come from qoscni's own allocator.
@@ -149,66 +167,102 @@ func InvalidField(field string, value any, why string) *types.Error {
 		fmt.Sprintf("invalid %s %v: %s", field, value, why), "")
 }
 
+// Header is what names a config's network and where its traces are kept:
+// the plugin's call journal files each call under it. Parse and
+// ParseForDel return it from their one decode of stdin whatever they
+// refuse, as far as that decode read it (empty when stdin is not JSON).
+type Header struct {
+	Name     string
+	StateDir string // as given, or DefaultStateDir once defaults applied; "" when unknown
+}
+
 // Parse decodes and validates stdin. Malformed JSON yields code 6, invalid
 // values code 7, an unsupported cniVersion code 1.
-func Parse(stdin []byte) (*NetConf, error) {
+func Parse(stdin []byte) (*NetConf, Header, error) {
 	conf := &NetConf{}
+	err := conf.parse(stdin)
+	h := Header{Name: conf.Name, StateDir: conf.StateDir}
+	if err != nil {
+		return nil, h, err
+	}
+	return conf, h, nil
+}
+
+// parse fills c from stdin. encoding/json reads a whole value before it
+// decodes any, and goes on past a key of the wrong type, so what c holds
+// after an error is what a loose decode would have read.
+func (c *NetConf) parse(stdin []byte) error {
 	dec := json.NewDecoder(bytes.NewReader(stdin))
-	if err := dec.Decode(conf); err != nil {
+	if err := dec.Decode(c); err != nil {
 		var typeErr *json.UnmarshalTypeError
 		if errors.As(err, &typeErr) && typeErr.Field != "" {
-			return nil, InvalidField(typeErr.Field, typeErr.Value, "wrong JSON type, want "+typeErr.Type.String())
+			return InvalidField(typeErr.Field, typeErr.Value, "wrong JSON type, want "+typeErr.Type.String())
 		}
-		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode network config: %v", err), "")
+		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode network config: %v", err), "")
 	}
-	conf.Raw = stdin
-	if err := checkVersion(conf.CNIVersion); err != nil {
-		return nil, err
+	c.Raw = stdin
+	if err := checkVersion(c.CNIVersion); err != nil {
+		return err
 	}
-	if err := conf.applyDefaults(); err != nil {
-		return nil, err
+	if err := c.applyDefaults(); err != nil {
+		return err
 	}
-	if err := conf.validate(); err != nil {
-		return nil, err
+	if err := c.validate(); err != nil {
+		return err
 	}
-	if conf.IPAM.Type == "" || conf.IPAM.Type == "qoscni" {
+	if c.IPAM.Type == "" || c.IPAM.Type == "qoscni" {
 		ic, err := decodeIPAM(stdin)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		conf.IPAMConfig = ic
+		c.IPAMConfig = ic
 	}
-	conf.UnknownKeys = unknownKeys(stdin, conf.IPAMConfig != nil)
-	if conf.RawPrevResult != nil {
-		if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
-			return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
+	c.UnknownKeys = unknownKeys(stdin, c.IPAMConfig != nil)
+	// Until IPAM answers, the pod may get addresses of either family;
+	// behind a main plugin it has those of the previous result.
+	podFamilies := BothFamilies
+	if c.RawPrevResult != nil {
+		if err := version.ParsePrevResult(&c.PluginConf); err != nil {
+			return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
 		}
-		if err := validatePrevResult(conf.PrevResult); err != nil {
-			return nil, err
+		ips, err := validatePrevResult(c.PrevResult)
+		if err != nil {
+			return err
+		}
+		if c.PrevResult != nil {
+			podFamilies = FamiliesOf(ips)
 		}
 	}
-	return conf, nil
+	ports, err := resolvePorts(c.RuntimeConfig.PortMappings, podFamilies)
+	if err != nil {
+		return err
+	}
+	c.RuntimeConfig.Ports = ports
+	return nil
 }
 
 // validatePrevResult refuses what the CNI library decodes but no runtime
 // could read back: an IP entry without an address, a route without a
-// destination. Chained mode passes prevResult on and records its IPs.
-func validatePrevResult(r types.Result) error {
+// destination. Chained mode passes prevResult on and records its IPs,
+// which it returns.
+func validatePrevResult(r types.Result) ([]net.IP, error) {
 	res, err := current.NewResultFromResult(r)
 	if err != nil {
-		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
+		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
 	}
+	var ips []net.IP
 	for i, ip := range res.IPs {
 		if ip == nil || ip.Address.IP == nil || ip.Address.Mask == nil {
-			return InvalidField(fmt.Sprintf("prevResult.ips[%d].address", i), "(none)", "missing")
+			return nil, InvalidField(fmt.Sprintf("prevResult.ips[%d].address", i), "(none)", "missing")
 		}
+		ips = append(ips, ip.Address.IP)
 	}
 	for i, rt := range res.Routes {
 		if rt == nil || rt.Dst.IP == nil || rt.Dst.Mask == nil {
-			return InvalidField(fmt.Sprintf("prevResult.routes[%d].dst", i), "(none)", "missing")
+			return nil, InvalidField(fmt.Sprintf("prevResult.routes[%d].dst", i), "(none)", "missing")
 		}
 	}
-	return nil
+	return ips, nil
 }
 
 // SupportedVersions are the CNI spec versions qoscni speaks.
@@ -253,11 +307,9 @@ func (c *NetConf) validate() error {
 	if !strings.HasPrefix(c.StateDir, "/") {
 		return InvalidField("stateDir", fmt.Sprintf("%q", c.StateDir), "must be an absolute path")
 	}
-	ceil, err := c.Ceilings.parse(c.MaxQueueDelay)
-	if err != nil {
+	if err := c.parseShaping(); err != nil {
 		return err
 	}
-	c.ShapingCeilings = ceil
 	return c.RuntimeConfig.validate()
 }
 

@@ -13,7 +13,7 @@ import (
 
 func mustParse(t *testing.T, s string) *NetConf {
 	t.Helper()
-	c, err := Parse([]byte(s))
+	c, _, err := Parse([]byte(s))
 	if err != nil {
 		t.Fatalf("Parse: %v", err)
 	}
@@ -82,11 +82,13 @@ func TestErrors(t *testing.T) {
 		{"ceiling burst", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ceilings":{"maxBurst":8}}`, types.ErrInvalidNetworkConfig, "ceilings.maxBurst 8"},
 		{"ceiling queue", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ceilings":{"maxQueueBytes":1}}`, types.ErrInvalidNetworkConfig, "ceilings.maxQueueBytes 1"},
 		{"ceiling delay", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ceilings":{"maxQueueDelay":"1h"}}`, types.ErrInvalidNetworkConfig, "ceilings.maxQueueDelay"},
+		// Parsed here once; shaping and the agent take it typed.
+		{"delay", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","maxQueueDelay":"x"}`, types.ErrInvalidNetworkConfig, `maxQueueDelay "x"`},
 		{"delay above ceiling", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","maxQueueDelay":"200ms"}`, types.ErrInvalidNetworkConfig, "above ceilings.maxQueueDelay 100ms"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := Parse([]byte(tc.conf))
+			_, _, err := Parse([]byte(tc.conf))
 			var e *types.Error
 			if !errors.As(err, &e) {
 				t.Fatalf("want *types.Error, got %v", err)
@@ -160,8 +162,14 @@ func TestCeilingsParsed(t *testing.T) {
 	if c.ShapingCeilings != want {
 		t.Errorf("ceilings %+v, want %+v", c.ShapingCeilings, want)
 	}
-	if c := mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni"}`); c.ShapingCeilings != (shaping.Ceilings{}) {
-		t.Errorf("no ceilings in the config: %+v, want the zero value (shaping's defaults)", c.ShapingCeilings)
+	if c.QueueDelay != 200*time.Millisecond {
+		t.Errorf("maxQueueDelay parsed to %v, want 200ms", c.QueueDelay)
+	}
+	if c := mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni","maxQueueDelay":" 5ms "}`); c.QueueDelay != 5*time.Millisecond {
+		t.Errorf("maxQueueDelay \" 5ms \" parsed to %v", c.QueueDelay)
+	}
+	if c := mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni"}`); c.ShapingCeilings != (shaping.Ceilings{}) || c.QueueDelay != 0 {
+		t.Errorf("no ceilings in the config: %+v, %v, want the zero values (shaping's defaults)", c.ShapingCeilings, c.QueueDelay)
 	}
 }
 

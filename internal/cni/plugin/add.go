@@ -18,11 +18,7 @@ import (
 )
 
 // Add wires the pod (standalone) and records the attachment.
-func (p *Plugin) Add(args *skel.CmdArgs) error {
-	conf, pod, err := p.parse(args)
-	if err != nil {
-		return err
-	}
+func (p *Plugin) Add(args *skel.CmdArgs, conf *netconf.NetConf, pod netconf.PodArgs) error {
 	if conf.Chained() {
 		return p.addChained(args, conf, pod)
 	}
@@ -86,9 +82,6 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 		return nil, err
 	}
 	logClamps(p.Log, args.ContainerID, args.IfName, shape)
-	if err := validatePorts(conf); err != nil {
-		return nil, err
-	}
 
 	var rollback undo
 	defer func() {
@@ -196,10 +189,7 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	}
 
 	st.mark("masq")
-	ports, err := planPorts(conf, ipsOf(want.Pod.Addrs))
-	if err != nil {
-		return nil, err
-	}
+	ports := planPorts(conf, ipsOf(want.Pod.Addrs))
 	if len(ports) > 0 {
 		undoPorts, err := addPorts(portOwner(key, pod), conf.StateDir, conf.Bridge, ports)
 		if err != nil {

@@ -56,10 +56,7 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 	for _, ipc := range prev.IPs {
 		podIPs = append(podIPs, ipc.Address.IP)
 	}
-	ports, err := planPorts(conf, podIPs)
-	if err != nil {
-		return err
-	}
+	ports := planPorts(conf, podIPs)
 	ifb := podnet.IFBName(args.ContainerID, args.IfName)
 	if !shape.Empty() {
 		sh, err := shaping.Open(-1)

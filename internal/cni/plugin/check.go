@@ -21,11 +21,7 @@ import (
 
 // Check compares what ADD made with the kernel, the IPAM store and the
 // state record, and reports every difference.
-func (p *Plugin) Check(args *skel.CmdArgs) error {
-	conf, _, err := p.parse(args)
-	if err != nil {
-		return err
-	}
+func (p *Plugin) Check(args *skel.CmdArgs, conf *netconf.NetConf, _ netconf.PodArgs) error {
 	if conf.PrevResult == nil {
 		return types.NewError(types.ErrInvalidNetworkConfig, "invalid prevResult: CHECK needs the result of ADD in prevResult", "")
 	}

@@ -12,13 +12,8 @@ import (
 // Del removes everything the attachment holds. It is idempotent: a missing
 // netns, veth, record or reservation is success, and it works from the
 // config alone (containerd's second DEL has no netns and no prevResult).
-func (p *Plugin) Del(args *skel.CmdArgs) error {
-	// Not parse(): DEL needs no pod identity from CNI_ARGS, and a config
-	// ADD refused must not make DEL fail forever.
-	conf, err := netconf.ParseForDel(args.StdinData)
-	if err != nil {
-		return err
-	}
+// conf is from netconf.ParseForDel (see forDel).
+func (p *Plugin) Del(args *skel.CmdArgs, conf *netconf.NetConf) error {
 	if conf.Problem != nil {
 		p.Log.Warn("DEL of a config ADD would refuse: removing the attachment by its identity", "container", args.ContainerID,
 			"ifname", args.IfName, "network", conf.Name, "problem", conf.Problem)

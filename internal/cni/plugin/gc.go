@@ -17,11 +17,7 @@ import (
 // GC removes every attachment of this network that the runtime does not
 // list in cni.dev/valid-attachments: devices, nftables elements, state
 // records and addresses.
-func (p *Plugin) GC(args *skel.CmdArgs) error {
-	conf, _, err := p.parse(args)
-	if err != nil {
-		return err
-	}
+func (p *Plugin) GC(args *skel.CmdArgs, conf *netconf.NetConf, _ netconf.PodArgs) error {
 	valid := make(map[state.Key]bool, len(conf.ValidAttachments))
 	var validIPAM []ipam.Attachment
 	for _, a := range conf.ValidAttachments {
@@ -129,11 +125,7 @@ func (p *Plugin) gcBadFile(conf *netconf.NetConf, src *addrSource, store *state.
 
 // Status reports whether ADD can succeed now: error 50 when a range set has
 // no free address (or the delegated IPAM says so).
-func (p *Plugin) Status(args *skel.CmdArgs) error {
-	conf, _, err := p.parse(args)
-	if err != nil {
-		return err
-	}
+func (p *Plugin) Status(_ *skel.CmdArgs, conf *netconf.NetConf, _ netconf.PodArgs) error {
 	src, err := newAddrSource(conf)
 	if err != nil {
 		return err

@@ -20,6 +20,7 @@ import (
 	"github.com/qoscni/qoscni/internal/cni/netconf"
 	"github.com/qoscni/qoscni/internal/cni/podnet"
 	"github.com/qoscni/qoscni/internal/fault"
+	"github.com/qoscni/qoscni/internal/journal"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/ipam"
 )
@@ -94,9 +95,45 @@ func (s *steps) done() {
 	}
 }
 
-// Funcs binds the commands for skel.
-func (p *Plugin) Funcs() skel.CNIFuncs {
-	return skel.CNIFuncs{Add: p.Add, Del: p.Del, Check: p.Check, GC: p.GC, Status: p.Status}
+// Funcs binds the commands for the call journal (journal.Wrap makes them
+// skel's). Each call's stdin is parsed here, once: the command gets the
+// typed config, the journal the network it named, also when it was refused.
+func (p *Plugin) Funcs() journal.Funcs {
+	return journal.Funcs{
+		Add:    p.strict(p.Add),
+		Del:    forDel(p.Del),
+		Check:  p.strict(p.Check),
+		GC:     p.strict(p.GC),
+		Status: p.strict(p.Status),
+	}
+}
+
+// command is a CNI command given its parsed config and pod identity.
+type command func(*skel.CmdArgs, *netconf.NetConf, netconf.PodArgs) error
+
+// strict runs cmd on a config netconf.Parse accepted, with CNI_ARGS.
+func (p *Plugin) strict(cmd command) journal.Cmd {
+	return func(args *skel.CmdArgs) (journal.Network, error) {
+		conf, pod, n, err := p.parse(args)
+		if err != nil {
+			return n, err
+		}
+		return n, cmd(args, conf, pod)
+	}
+}
+
+// forDel runs DEL on what netconf.ParseForDel makes of the config: DEL
+// needs no pod identity from CNI_ARGS, and a config ADD refused must not
+// make DEL fail forever.
+func forDel(del func(*skel.CmdArgs, *netconf.NetConf) error) journal.Cmd {
+	return func(args *skel.CmdArgs) (journal.Network, error) {
+		conf, h, err := netconf.ParseForDel(args.StdinData)
+		n := journal.Network{Name: h.Name, StateDir: h.StateDir}
+		if err != nil {
+			return n, err
+		}
+		return n, del(args, conf)
+	}
 }
 
 // delegateTimeout bounds a delegated IPAM plugin call.
@@ -215,10 +252,13 @@ func (u undo) run(log *slog.Logger) {
 	}
 }
 
-func (p *Plugin) parse(args *skel.CmdArgs) (*netconf.NetConf, netconf.PodArgs, error) {
-	conf, err := netconf.Parse(args.StdinData)
+// parse reads stdin and CNI_ARGS; the network is what the journal files
+// the call under, as far as stdin could be read.
+func (p *Plugin) parse(args *skel.CmdArgs) (*netconf.NetConf, netconf.PodArgs, journal.Network, error) {
+	conf, h, err := netconf.Parse(args.StdinData)
+	n := journal.Network{Name: h.Name, StateDir: h.StateDir}
 	if err != nil {
-		return nil, netconf.PodArgs{}, err
+		return nil, netconf.PodArgs{}, n, err
 	}
 	if len(conf.UnknownKeys) > 0 {
 		p.Log.Warn("ignoring keys of the qoscni config that qoscni does not read (fine if another tool reads them)",
@@ -226,9 +266,9 @@ func (p *Plugin) parse(args *skel.CmdArgs) (*netconf.NetConf, netconf.PodArgs, e
 	}
 	pod, err := netconf.ParseArgs(args.Args)
 	if err != nil {
-		return nil, netconf.PodArgs{}, err
+		return nil, netconf.PodArgs{}, n, err
 	}
-	return conf, pod, nil
+	return conf, pod, n, nil
 }
 
 func hostHandle() (*netlink.Handle, error) {

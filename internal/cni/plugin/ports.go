@@ -10,24 +10,11 @@ import (
 	"github.com/qoscni/qoscni/portmap"
 )
 
-// validatePorts checks the hostPort entries (addresses included) before
-// anything changes; the per-family plan needs the pod's addresses and is
-// made later by planPorts.
-// validatePorts runs before any change. The pod's addresses are not known
-// yet: one of each family stands in for them, so that two mappings of one
-// host port clash here already, not after the veth exists.
-func validatePorts(conf *netconf.NetConf) error {
-	_, err := portmap.Plan(conf.RuntimeConfig.PortMappings, placeholderPodIPs)
-	return err
-}
-
-var placeholderPodIPs = []net.IP{net.ParseIP("192.0.2.1"), net.ParseIP("2001:db8::1")}
-
-func planPorts(conf *netconf.NetConf, podIPs []net.IP) ([]portmap.Mapping, error) {
-	if len(conf.RuntimeConfig.PortMappings) == 0 {
-		return nil, nil
-	}
-	return portmap.Plan(conf.RuntimeConfig.PortMappings, podIPs)
+// planPorts places the hostPorts netconf accepted on the pod's addresses.
+// It cannot refuse anything: Parse already refused, before any change, a
+// mapping that would clash in a family the pod may have.
+func planPorts(conf *netconf.NetConf, podIPs []net.IP) []portmap.Mapping {
+	return portmap.Plan(conf.RuntimeConfig.Ports, podIPs)
 }
 
 func portOwner(key state.Key, pod netconf.PodArgs) portmap.Owner {

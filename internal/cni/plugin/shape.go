@@ -18,7 +18,7 @@ func shapingPlan(conf *netconf.NetConf, mtu int) (shaping.Plan, error) {
 			IngressRate: conf.IngressRate, IngressBurst: conf.IngressBurst,
 			EgressRate: conf.EgressRate, EgressBurst: conf.EgressBurst,
 		},
-		ConfigMaxQueueDelay: conf.MaxQueueDelay,
+		ConfigMaxQueueDelay: conf.QueueDelay,
 		Ceilings:            conf.ShapingCeilings,
 	}
 	if bw := conf.RuntimeConfig.Bandwidth; bw != nil {
@@ -36,8 +36,8 @@ func shapingDefaults(conf *netconf.NetConf) *state.ShapingDefaults {
 	d := &state.ShapingDefaults{
 		IngressRate: conf.IngressRate, IngressBurst: conf.IngressBurst,
 		EgressRate: conf.EgressRate, EgressBurst: conf.EgressBurst,
-		MaxQueueDelay: conf.MaxQueueDelay,
-		Ceilings:      shaping.CeilingsToRecord(conf.ShapingCeilings),
+		MaxQueueDelayNs: int64(conf.QueueDelay),
+		Ceilings:        shaping.CeilingsToRecord(conf.ShapingCeilings),
 	}
 	if *d == (state.ShapingDefaults{}) {
 		return nil

@@ -143,7 +143,12 @@ func (q *qoscni) owner(i int) portmap.Owner {
 }
 
 func (q *qoscni) maps(i int) ([]portmap.Mapping, error) {
-	return portmap.Plan([]netconf.PortMapping{{HostPort: podPort(i), ContainerPort: 80, Protocol: "tcp"}}, []net.IP{podIP(i)})
+	ips := []net.IP{podIP(i)}
+	ports, err := netconf.ParsePortMappings([]netconf.PortMapping{{HostPort: podPort(i), ContainerPort: 80, Protocol: "tcp"}}, netconf.FamiliesOf(ips))
+	if err != nil {
+		return nil, err
+	}
+	return portmap.Plan(ports, ips), nil
 }
 
 func (q *qoscni) do(i int, add bool) error {
