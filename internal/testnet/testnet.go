@@ -57,13 +57,18 @@ func Unique(prefix string) string {
 }
 
 // Run executes a command and fails the test on error, returning stdout.
+// stderr stays out of what is returned: iproute2 reports a dump that a
+// concurrent change interrupted there, with exit status 0, and a test
+// parsing the output took that line for data.
 func Run(t testing.TB, name string, args ...string) string {
 	t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	var stdout, stderr bytes.Buffer
+	cmd := exec.Command(name, args...)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("%s %s: %v\n%s%s", name, strings.Join(args, " "), err, stdout.Bytes(), stderr.Bytes())
 	}
-	return string(out)
+	return stdout.String()
 }
 
 // NS is a named network namespace under /run/netns.
