@@ -11,6 +11,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/qoscni/qoscni/internal/paths"
 )
 
 // Where qoscni relies on route_localnet, a marker file per interface
@@ -22,12 +24,9 @@ import (
 // and the boot ID and means nothing once either differs.
 
 // LocalnetDir is the marker directory of the networks whose records live
-// in stateDir: its sibling "localnet", as the plugin journal is. The plugin
-// binary, the agent and uninstall derive it alike, and the DaemonSets
-// already mount the parent.
-func LocalnetDir(stateDir string) string {
-	return filepath.Join(filepath.Dir(filepath.Clean(stateDir)), "localnet")
-}
+// in stateDir (paths.LocalnetDirOf): the plugin binary, the agent and
+// uninstall derive it alike.
+func LocalnetDir(stateDir string) string { return paths.LocalnetDirOf(stateDir) }
 
 // marker is the content of <LocalnetDir>/<interface>.
 type marker struct {

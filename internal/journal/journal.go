@@ -30,15 +30,14 @@ import (
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/internal/paths"
 )
 
 const (
 	// DefaultDir is the journal directory when the plugin's stateDir is the
-	// default /var/lib/cni/qoscni/state: the journal is its sibling.
-	DefaultDir = "/var/lib/cni/qoscni/journal"
-	// defaultStateDir mirrors netconf.DefaultStateDir; importing netconf here
-	// would make the agent's journal reader depend on the plugin's config code.
-	defaultStateDir = "/var/lib/cni/qoscni/state"
+	// default: the journal is its sibling.
+	DefaultDir = paths.JournalDir
 
 	liveName     = "ops.log"
 	drainingName = "ops.log.draining"
@@ -56,9 +55,9 @@ const (
 func DirFor(stateDir string) string {
 	if !filepath.IsAbs(stateDir) {
 		// The plugin rejects such a config; its call is still recorded.
-		stateDir = defaultStateDir
+		stateDir = paths.StateDir
 	}
-	return filepath.Join(filepath.Dir(filepath.Clean(stateDir)), "journal")
+	return paths.JournalDirOf(stateDir)
 }
 
 // Record is one plugin call.
