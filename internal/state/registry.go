@@ -70,7 +70,7 @@ func Register(registry, dir string) error {
 	}
 	// Durable: the records it leads to are, and it is written once per
 	// directory, ever.
-	if err := atomicfile.Write(p, []byte(dir+"\n"), 0o600); err != nil {
+	if _, err := atomicfile.Write(p, []byte(dir+"\n"), atomicfile.Options{Perm: 0o600}); err != nil {
 		return fmt.Errorf("register state dir %s: %w", dir, err)
 	}
 	return nil

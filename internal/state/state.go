@@ -199,10 +199,8 @@ func (s *Store) save(r *Record, durable bool) error {
 	if err != nil {
 		return fmt.Errorf("encode state for %s/%s: %w", r.ContainerID, r.IfName, err)
 	}
-	if !durable {
-		return atomicfile.WriteVolatile(s.path(r.Key()), data, 0o600)
-	}
-	return atomicfile.Write(s.path(r.Key()), data, 0o600)
+	_, err = atomicfile.Write(s.path(r.Key()), data, atomicfile.Options{Perm: 0o600, Volatile: !durable})
+	return err
 }
 
 // Load returns the record, or (nil, nil) when there is none.
