@@ -7,17 +7,16 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"math/rand/v2"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
-	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
 	"golang.org/x/sys/unix"
 
 	"github.com/qoscni/qoscni/internal/atomicfile"
+	"github.com/qoscni/qoscni/internal/flock"
 )
 
 const (
@@ -35,42 +34,15 @@ type indexRecord struct {
 	IPs         []string `json:"ips"`
 }
 
-// storeLock is the descriptor holding the store's flock; closing it releases the lock.
-type storeLock int
-
-func (l storeLock) Close() { unix.Close(int(l)) }
-
-// lock takes the store's flock, polling so that a stuck holder turns into a retryable
-// CNI error instead of a hung pod start.
-func (a *Allocator) lock() (storeLock, error) {
-	fd, err := openRaw(filepath.Join(a.dir, lockName), unix.O_RDWR|unix.O_CREAT|unix.O_NOFOLLOW, 0o600)
-	if err != nil {
-		return -1, fmt.Errorf("ipam: open lock of store %s: %w", a.dir, err)
+// lock takes the store's flock, waiting at most LockTimeout: a stuck holder turns into
+// a retryable CNI error instead of a hung pod start.
+func (a *Allocator) lock() (*flock.Lock, error) {
+	l, err := flock.Exclusive(filepath.Join(a.dir, lockName), a.LockTimeout, "ipam: store "+a.dir)
+	var busy *types.Error
+	if err != nil && !errors.As(err, &busy) {
+		err = fmt.Errorf("ipam: lock store %s: %w", a.dir, err)
 	}
-	deadline := time.Now().Add(a.LockTimeout)
-	backoff := 200 * time.Microsecond
-	for {
-		err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
-		switch {
-		case err == nil:
-			return storeLock(fd), nil
-		case errors.Is(err, unix.EINTR):
-			continue
-		case !errors.Is(err, unix.EWOULDBLOCK):
-			unix.Close(fd)
-			return -1, fmt.Errorf("ipam: lock store %s: %w", a.dir, err)
-		}
-		left := time.Until(deadline)
-		if left <= 0 {
-			unix.Close(fd)
-			return -1, types.NewError(types.ErrTryAgainLater,
-				fmt.Sprintf("ipam: store %s is locked by another process for %s", a.dir, a.LockTimeout), "")
-		}
-		// Jitter keeps many waiting plugin processes from polling in lockstep.
-		sleep := min(backoff/2+rand.N(backoff/2+1), left)
-		time.Sleep(sleep)
-		backoff = min(backoff*2, 10*time.Millisecond)
-	}
+	return l, err
 }
 
 func (a *Allocator) ipPath(ip netip.Addr) string { return filepath.Join(a.dir, ip.String()) }
