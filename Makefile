@@ -21,10 +21,13 @@ all: build
 # loading alone costs it about 3 ms per call on these machines.
 GOBUILD := CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w"
 
+# The agent reports VERSION (qoscni_build_info).
+VERSION ?= dev
+
 build:
 	$(GOBUILD) -o bin/qoscni ./cmd/qoscni
 	$(GOBUILD) -o bin/qoscni-cnitool ./cmd/qoscni-cnitool
-	$(GOBUILD) -o bin/qoscni-agent ./cmd/qoscni-agent
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o bin/qoscni-agent ./cmd/qoscni-agent
 
 # Unit and kernel tests, then both end-to-end harnesses. The control-plane
 # tests and the harnesses need etcd, the Kubernetes components and crictl:
@@ -102,8 +105,10 @@ bench-noderoutes: deps
 bench-fuzz:
 	test/bench/fuzz.sh
 
-# OCI image without a Docker daemon: a docker-archive tarball with both
-# static binaries; import with: ctr -n k8s.io images import bin/qoscni-image.tar
+# The image, the one way it is built (no Docker daemon runs on these
+# machines, and the e2e harness tests this path): a docker-archive tarball
+# with both static binaries; import with
+# ctr -n k8s.io images import bin/qoscni-image.tar (docs/install.md: a registry).
 IMAGE ?= qoscni/qoscni:dev
 image: build
 	$(GO) run ./cmd/qoscni-image -o bin/qoscni-image.tar --tag $(IMAGE) --plugin bin/qoscni --agent bin/qoscni-agent
