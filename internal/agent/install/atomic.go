@@ -24,10 +24,9 @@ func writeAtomic(path string, data []byte, perm fs.FileMode) (bool, error) {
 // copyAtomic is writeAtomic for a stream of known size (the plugin binary:
 // compared and copied without holding it in memory).
 func copyAtomic(path string, src io.ReadSeeker, size int64, perm fs.FileMode) (bool, error) {
-	if dir := filepath.Dir(path); dir != "" {
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			return false, fmt.Errorf("create %s: %w", dir, err)
-		}
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return false, fmt.Errorf("create %s: %w", dir, err)
 	}
 	return atomicfile.Copy(path, src, size, atomicfile.Options{Perm: perm, IfChanged: true})
 }

@@ -6,9 +6,9 @@
 // DaemonSet's init container works on the host's files mounted under
 // /host and tests work on a temporary directory.
 //
-// The host paths are internal/paths', shared with the plugin; the names,
-// ports and layout below are install's. The manifests in deploy/ are tested
-// against both.
+// The host paths come from internal/paths, which the plugin shares; the
+// names, ports and layout below are install's own. The manifests in
+// deploy/ are tested against both.
 package install
 
 import (
