@@ -197,7 +197,7 @@ func (a *Allocator) Allocate(containerID, ifName string) ([]*current.IPConfig, e
 	unlock := func() {
 		if locked {
 			locked = false
-			l.Close()
+			l.Unlock()
 		}
 	}
 	defer unlock()
@@ -339,7 +339,7 @@ func (a *Allocator) Get(containerID, ifName string) ([]net.IP, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer l.Close()
+	defer l.Unlock()
 	held, _, err := a.held(o, true)
 	if err != nil || len(held) == 0 {
 		return nil, err
@@ -374,7 +374,7 @@ func (a *Allocator) Release(containerID, ifName string) error {
 	if err != nil {
 		return err
 	}
-	defer l.Close()
+	defer l.Unlock()
 	held, _, err := a.held(o, true)
 	if err != nil {
 		return err
@@ -398,7 +398,7 @@ func (a *Allocator) GC(valid []Attachment) ([]Attachment, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer l.Close()
+	defer l.Unlock()
 
 	entries, err := a.scan()
 	if err != nil {
@@ -528,7 +528,7 @@ func (a *Allocator) Usage() ([]RangeUsage, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer l.Close()
+	defer l.Unlock()
 	entries, err := os.ReadDir(a.dir)
 	if err != nil {
 		return nil, fmt.Errorf("ipam: usage of store %s: %w", a.dir, err)

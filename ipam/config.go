@@ -9,13 +9,15 @@ import (
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/qoscni/qoscni/internal/paths"
 )
 
 const (
 	// PluginType is the ipam.type value this allocator answers to (besides "").
 	PluginType = "qoscni"
 	// DefaultDataDir is where stores live when ipam.dataDir is unset.
-	DefaultDataDir = "/var/lib/cni/qoscni/ipam"
+	DefaultDataDir = paths.IPAMDir
 )
 
 // Range is one address range of a range set (host-local compatible JSON keys).

@@ -7,22 +7,23 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"math/rand/v2"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
-	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
 	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/internal/atomicfile"
+	"github.com/qoscni/qoscni/internal/flock"
 )
 
 const (
 	lockName    = "lock"
 	indexDir    = "attachments"
 	hintPrefix  = "last_reserved_ip."
-	tmpPrefix   = ".tmp-"
+	tmpPrefix   = atomicfile.TempPrefix
 	maxFileRead = 4096 // owner records are tiny; never slurp a foreign huge file
 )
 
@@ -33,42 +34,15 @@ type indexRecord struct {
 	IPs         []string `json:"ips"`
 }
 
-// storeLock is the descriptor holding the store's flock; closing it releases the lock.
-type storeLock int
-
-func (l storeLock) Close() { unix.Close(int(l)) }
-
-// lock takes the store's flock, polling so that a stuck holder turns into a retryable
-// CNI error instead of a hung pod start.
-func (a *Allocator) lock() (storeLock, error) {
-	fd, err := openRaw(filepath.Join(a.dir, lockName), unix.O_RDWR|unix.O_CREAT|unix.O_NOFOLLOW, 0o600)
-	if err != nil {
-		return -1, fmt.Errorf("ipam: open lock of store %s: %w", a.dir, err)
+// lock takes the store's flock, waiting at most LockTimeout: a stuck holder turns into
+// a retryable CNI error instead of a hung pod start.
+func (a *Allocator) lock() (*flock.Lock, error) {
+	l, err := flock.Exclusive(filepath.Join(a.dir, lockName), a.LockTimeout, "ipam: store "+a.dir)
+	var busy *types.Error
+	if err != nil && !errors.As(err, &busy) {
+		err = fmt.Errorf("ipam: lock store %s: %w", a.dir, err)
 	}
-	deadline := time.Now().Add(a.LockTimeout)
-	backoff := 200 * time.Microsecond
-	for {
-		err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
-		switch {
-		case err == nil:
-			return storeLock(fd), nil
-		case errors.Is(err, unix.EINTR):
-			continue
-		case !errors.Is(err, unix.EWOULDBLOCK):
-			unix.Close(fd)
-			return -1, fmt.Errorf("ipam: lock store %s: %w", a.dir, err)
-		}
-		left := time.Until(deadline)
-		if left <= 0 {
-			unix.Close(fd)
-			return -1, types.NewError(types.ErrTryAgainLater,
-				fmt.Sprintf("ipam: store %s is locked by another process for %s", a.dir, a.LockTimeout), "")
-		}
-		// Jitter keeps many waiting plugin processes from polling in lockstep.
-		sleep := min(backoff/2+rand.N(backoff/2+1), left)
-		time.Sleep(sleep)
-		backoff = min(backoff*2, 10*time.Millisecond)
-	}
+	return l, err
 }
 
 func (a *Allocator) ipPath(ip netip.Addr) string { return filepath.Join(a.dir, ip.String()) }
@@ -153,46 +127,6 @@ func readSmall(path string) ([]byte, error) {
 	return buf[:n], nil
 }
 
-// writeNew creates a new temporary file in dir holding data and returns its path.
-func writeNew(dir string, data []byte, durable bool) (string, error) {
-	for {
-		path := filepath.Join(dir, fmt.Sprintf("%s%016x", tmpPrefix, rand.Uint64()))
-		fd, err := openRaw(path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW, 0o600)
-		if errors.Is(err, fs.ErrExist) {
-			continue
-		}
-		if err != nil {
-			return "", err
-		}
-		err = writeAll(fd, data)
-		if err == nil && durable {
-			err = unix.Fsync(fd)
-		}
-		if cerr := unix.Close(fd); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			unix.Unlink(path)
-			return "", &fs.PathError{Op: "write", Path: path, Err: err}
-		}
-		return path, nil
-	}
-}
-
-func writeAll(fd int, data []byte) error {
-	for len(data) > 0 {
-		n, err := unix.Write(fd, data)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		data = data[n:]
-	}
-	return nil
-}
-
 // ownerState is what an address file says about its address.
 type ownerState int
 
@@ -257,7 +191,7 @@ func (a *Allocator) writeIndex(o Attachment, ips []netip.Addr) error {
 	// The index is a cache: Get and Release fall back to scanning the
 	// address files when it is missing or unreadable, and GC rebuilds it,
 	// so it is not worth two fsyncs on every pod start.
-	if err := writeAtomic(dir, indexName(o), append(data, '\n'), false); err != nil {
+	if err := writeVolatile(filepath.Join(dir, indexName(o)), append(data, '\n')); err != nil {
 		return fmt.Errorf("ipam: write index of %s/%s: %w", o.ContainerID, o.IfName, err)
 	}
 	return nil
@@ -287,48 +221,30 @@ func (a *Allocator) readHint(set int) netip.Addr {
 
 // writeHint is not fsynced: a lost hint only restarts the round-robin elsewhere.
 func (a *Allocator) writeHint(set int, ip netip.Addr) error {
-	return writeAtomic(a.dir, fmt.Sprintf("%s%d", hintPrefix, set), []byte(ip.String()+"\n"), false)
+	return writeVolatile(filepath.Join(a.dir, fmt.Sprintf("%s%d", hintPrefix, set)), []byte(ip.String()+"\n"))
 }
 
-// writeAtomic replaces dir/name via a temporary file and rename, so readers see the old
-// or the new content, never a torn one.
-func writeAtomic(dir, name string, data []byte, durable bool) error {
-	tmp, err := writeNew(dir, data, durable)
-	if err != nil {
-		return err
-	}
-	// unix.Rename, not os.Rename, which first stats the target to refuse directories.
-	if err := unix.Rename(tmp, filepath.Join(dir, name)); err != nil {
-		unix.Unlink(tmp)
-		return &os.LinkError{Op: "rename", Old: tmp, New: filepath.Join(dir, name), Err: err}
-	}
-	if durable {
-		return syncDir(dir)
-	}
-	return nil
+// writeVolatile replaces path through a temporary file and a rename, so
+// readers see the old or the new content, never a torn one; without
+// fsyncs, for the files a crash may lose (index, hints).
+func writeVolatile(path string, data []byte) error {
+	_, err := atomicfile.Write(path, data, atomicfile.Options{Perm: 0o600, Volatile: true})
+	return err
 }
 
 // writeOwnerTemp writes the owner record of a reservation to a fsynced temporary file
-// that reserve links into place.
+// that reserve links into place. Its directory is not synced here: the
+// links are, after the lock (Allocate).
 func (a *Allocator) writeOwnerTemp(o Attachment) (string, error) {
 	data, err := json.Marshal(o)
 	if err != nil {
 		return "", err
 	}
-	return writeNew(a.dir, append(data, '\n'), true)
+	return atomicfile.Temp(a.dir, append(data, '\n'), atomicfile.Options{Perm: 0o600})
 }
 
-func syncDir(dir string) error {
-	fd, err := openRaw(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(fd)
-	if err := unix.Fsync(fd); err != nil {
-		return &fs.PathError{Op: "fsync", Path: dir, Err: err}
-	}
-	return nil
-}
+// syncDir makes the links and removals of dir survive a crash.
+func syncDir(dir string) error { return atomicfile.SyncDir(dir) }
 
 // ipEntry is one address file found by a scan.
 type ipEntry struct {

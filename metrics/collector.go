@@ -36,38 +36,62 @@ type Config struct {
 // ADD that waits for the IPAM lock or a slow runtime seconds.
 var OpDurationBuckets = []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
 
+// desc describes series the collector makes itself. Its name is kept as
+// data beside the prometheus.Desc, which does not expose it: Names needs it.
+type desc struct {
+	name string
+	*prometheus.Desc
+}
+
+func newDesc(name, help string, labels []string) desc {
+	return desc{name, prometheus.NewDesc(name, help, labels, nil)}
+}
+
+// Names of the families the collector's vectors export.
+const (
+	nameOps        = "qoscni_cni_operations_total"
+	nameOpDuration = "qoscni_cni_operation_duration_seconds"
+	nameJournalBad = "qoscni_journal_bad_records_total"
+	nameErrors     = "qoscni_agent_collect_errors_total"
+)
+
 var (
 	dirLabels = []string{"namespace", "pod", "interface", "direction"}
 
-	descLimit     = prometheus.NewDesc("qoscni_shaping_rate_limit_bytes_per_second", "Configured shaping rate of the direction (the bandwidth annotation / 8).", dirLabels, nil)
-	descBurst     = prometheus.NewDesc("qoscni_shaping_burst_bytes", "Configured token bucket depth.", dirLabels, nil)
-	descQLimit    = prometheus.NewDesc("qoscni_shaping_queue_limit_bytes", "Bytes the shaper may queue before dropping.", dirLabels, nil)
-	descDelay     = prometheus.NewDesc("qoscni_shaping_queue_delay_budget_seconds", "Queueing delay budget the queue limit was derived from.", dirLabels, nil)
-	descUp        = prometheus.NewDesc("qoscni_shaping_qdisc_up", "1 when the direction's root qdisc was found in the kernel at this scrape, else 0.", dirLabels, nil)
-	descBytes     = prometheus.NewDesc("qoscni_shaping_sent_bytes_total", "Bytes sent through the shaper (layer 2 size).", dirLabels, nil)
-	descPackets   = prometheus.NewDesc("qoscni_shaping_sent_packets_total", "Packets sent through the shaper.", dirLabels, nil)
-	descDrops     = prometheus.NewDesc("qoscni_shaping_dropped_packets_total", "Packets the shaper dropped (queue full).", dirLabels, nil)
-	descOverlimit = prometheus.NewDesc("qoscni_shaping_overlimits_total", "Times the shaper throttled because the rate limit was reached.", dirLabels, nil)
-	descRequeues  = prometheus.NewDesc("qoscni_shaping_requeues_total", "Packets requeued by the shaper because the device was busy.", dirLabels, nil)
-	descBacklogB  = prometheus.NewDesc("qoscni_shaping_backlog_bytes", "Bytes queued in the shaper now.", dirLabels, nil)
-	descBacklogP  = prometheus.NewDesc("qoscni_shaping_backlog_packets", "Packets queued in the shaper now.", dirLabels, nil)
+	descLimit     = newDesc("qoscni_shaping_rate_limit_bytes_per_second", "Configured shaping rate of the direction (the bandwidth annotation / 8).", dirLabels)
+	descBurst     = newDesc("qoscni_shaping_burst_bytes", "Configured token bucket depth.", dirLabels)
+	descQLimit    = newDesc("qoscni_shaping_queue_limit_bytes", "Bytes the shaper may queue before dropping.", dirLabels)
+	descDelay     = newDesc("qoscni_shaping_queue_delay_budget_seconds", "Queueing delay budget the queue limit was derived from.", dirLabels)
+	descUp        = newDesc("qoscni_shaping_qdisc_up", "1 when the direction's root qdisc was found in the kernel at this scrape, else 0.", dirLabels)
+	descBytes     = newDesc("qoscni_shaping_sent_bytes_total", "Bytes sent through the shaper (layer 2 size).", dirLabels)
+	descPackets   = newDesc("qoscni_shaping_sent_packets_total", "Packets sent through the shaper.", dirLabels)
+	descDrops     = newDesc("qoscni_shaping_dropped_packets_total", "Packets the shaper dropped (queue full).", dirLabels)
+	descOverlimit = newDesc("qoscni_shaping_overlimits_total", "Times the shaper throttled because the rate limit was reached.", dirLabels)
+	descRequeues  = newDesc("qoscni_shaping_requeues_total", "Packets requeued by the shaper because the device was busy.", dirLabels)
+	descBacklogB  = newDesc("qoscni_shaping_backlog_bytes", "Bytes queued in the shaper now.", dirLabels)
+	descBacklogP  = newDesc("qoscni_shaping_backlog_packets", "Packets queued in the shaper now.", dirLabels)
 
-	descClamped = prometheus.NewDesc("qoscni_shaping_clamped_requested",
+	descClamped = newDesc("qoscni_shaping_clamped_requested",
 		"A setting the pod asked above the config's ceiling, with the value it asked for (seconds for queue_delay, bytes for burst and queue_limit); the kernel got the ceiling. No series: nothing clamped.",
-		append(slices.Clone(dirLabels), "setting"), nil)
+		append(slices.Clone(dirLabels), "setting"))
 
-	descInfo = prometheus.NewDesc("qoscni_attachment_info", "One series per exported attachment, carrying its identifiers (not on the hot series).",
-		[]string{"namespace", "pod", "interface", "network", "container_id", "host_veth", "ifb", "mode"}, nil)
-	descPorts  = prometheus.NewDesc("qoscni_pod_hostports", "hostPort mappings held by the pod.", []string{"namespace", "pod"}, nil)
-	descHidden = prometheus.NewDesc("qoscni_state_duplicate_attachments", "Attachment records not exported because another record has the same namespace/pod/interface.", nil, nil)
-	descBad    = prometheus.NewDesc("qoscni_state_bad_records", "Attachment record files that could not be decoded.", nil, nil)
+	descInfo = newDesc("qoscni_attachment_info", "One series per exported attachment, carrying its identifiers (not on the hot series).",
+		[]string{"namespace", "pod", "interface", "network", "container_id", "host_veth", "ifb", "mode"})
+	descPorts  = newDesc("qoscni_pod_hostports", "hostPort mappings held by the pod.", []string{"namespace", "pod"})
+	descHidden = newDesc("qoscni_state_duplicate_attachments", "Attachment records not exported because another record has the same namespace/pod/interface.", nil)
+	descBad    = newDesc("qoscni_state_bad_records", "Attachment record files that could not be decoded.", nil)
 
 	ipamLabels   = []string{"network", "range_set", "subnets"}
-	descIPAMCap  = prometheus.NewDesc("qoscni_ipam_addresses_capacity", "Allocatable addresses of the range set.", ipamLabels, nil)
-	descIPAMUsed = prometheus.NewDesc("qoscni_ipam_addresses_used", "Reserved addresses of the range set.", ipamLabels, nil)
+	descIPAMCap  = newDesc("qoscni_ipam_addresses_capacity", "Allocatable addresses of the range set.", ipamLabels)
+	descIPAMUsed = newDesc("qoscni_ipam_addresses_used", "Reserved addresses of the range set.", ipamLabels)
 
-	descBuild   = prometheus.NewDesc("qoscni_build_info", "Build of the agent; always 1.", []string{"version", "revision", "goversion"}, nil)
-	descCollect = prometheus.NewDesc("qoscni_agent_collect_duration_seconds", "Time the previous collection of qoscni metrics took.", nil, nil)
+	descBuild   = newDesc("qoscni_build_info", "Build of the agent; always 1.", []string{"version", "revision", "goversion"})
+	descCollect = newDesc("qoscni_agent_collect_duration_seconds", "Time the previous collection of qoscni metrics took.", nil)
+
+	// ownDescs is every desc above, in the order Describe sends them.
+	ownDescs = []desc{descLimit, descBurst, descQLimit, descDelay, descClamped, descUp, descBytes, descPackets,
+		descDrops, descOverlimit, descRequeues, descBacklogB, descBacklogP, descInfo, descPorts, descHidden, descBad,
+		descIPAMCap, descIPAMUsed, descBuild, descCollect}
 )
 
 // counter indexes into a series' five counters.
@@ -161,23 +185,23 @@ func NewCollector(cfg Config) *Collector {
 		log:    cfg.Logger,
 		series: map[seriesKey]*monotonic{},
 		ops: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "qoscni_cni_operations_total",
+			Name: nameOps,
 			Help: "CNI plugin calls by command and result (code 0 = success, else the CNI error code; 999 = not a CNI error).",
 		}, []string{"command", "network", "result", "code"}),
 		opDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name:    "qoscni_cni_operation_duration_seconds",
+			Name:    nameOpDuration,
 			Help:    "Duration of CNI plugin calls, from the plugin's own clock (excludes process start).",
 			Buckets: OpDurationBuckets,
 		}, []string{"command", "network", "result"}),
 		journalBad: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "qoscni_journal_bad_records_total",
+			Name: nameJournalBad,
 			Help: "Journal lines that could not be parsed.",
 		}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "qoscni_agent_collect_errors_total",
+			Name: nameErrors,
 			Help: "Failed reads during collection, by source (state, tc, journal, ipam).",
 		}, []string{"source"}),
-		build: prometheus.MustNewConstMetric(descBuild, prometheus.GaugeValue, 1, version, revision, runtime.Version()),
+		build: prometheus.MustNewConstMetric(descBuild.Desc, prometheus.GaugeValue, 1, version, revision, runtime.Version()),
 	}
 	for _, s := range []string{"state", "tc", "journal", "ipam"} {
 		c.errors.WithLabelValues(s) // exported from the start, so rate() works on the first error
@@ -187,10 +211,8 @@ func NewCollector(cfg Config) *Collector {
 
 // Describe sends the static descriptors.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descLimit, descBurst, descQLimit, descDelay, descClamped, descUp, descBytes, descPackets,
-		descDrops, descOverlimit, descRequeues, descBacklogB, descBacklogP, descInfo, descPorts, descHidden, descBad,
-		descIPAMCap, descIPAMUsed, descBuild, descCollect} {
-		ch <- d
+	for _, d := range ownDescs {
+		ch <- d.Desc
 	}
 	c.ops.Describe(ch)
 	c.opDuration.Describe(ch)
@@ -213,7 +235,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	c.journalBad.Collect(ch)
 	c.errors.Collect(ch)
 	ch <- c.build
-	ch <- prometheus.MustNewConstMetric(descCollect, prometheus.GaugeValue, c.lastTook.Seconds())
+	ch <- prometheus.MustNewConstMetric(descCollect.Desc, prometheus.GaugeValue, c.lastTook.Seconds())
 	c.lastTook = time.Since(start)
 }
 
@@ -245,11 +267,11 @@ func (c *Collector) collectAttachments(ch chan<- prometheus.Metric) {
 		// Keep the counter offsets: a failed read is not a pod going away.
 		return
 	}
-	gauge := func(d *prometheus.Desc, v float64, l ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, l...)
+	gauge := func(d desc, v float64, l ...string) {
+		ch <- prometheus.MustNewConstMetric(d.Desc, prometheus.GaugeValue, v, l...)
 	}
-	counter := func(d *prometheus.Desc, v uint64, l ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), l...)
+	counter := func(d desc, v uint64, l ...string) {
+		ch <- prometheus.MustNewConstMetric(d.Desc, prometheus.CounterValue, float64(v), l...)
 	}
 	seen := make(map[seriesKey]bool, 2*len(snap.Attachments))
 	ports := map[[2]string]int{}

@@ -38,8 +38,8 @@ func (c *Collector) collectIPAM(ch chan<- prometheus.Metric) {
 			if usage, err = a.Usage(); err == nil {
 				for _, u := range usage {
 					l := []string{n.Name, strconv.Itoa(u.Set), strings.Join(u.Subnets, ",")}
-					ch <- prometheus.MustNewConstMetric(descIPAMCap, prometheus.GaugeValue, float64(u.Total), l...)
-					ch <- prometheus.MustNewConstMetric(descIPAMUsed, prometheus.GaugeValue, float64(u.Used), l...)
+					ch <- prometheus.MustNewConstMetric(descIPAMCap.Desc, prometheus.GaugeValue, float64(u.Total), l...)
+					ch <- prometheus.MustNewConstMetric(descIPAMUsed.Desc, prometheus.GaugeValue, float64(u.Used), l...)
 				}
 				continue
 			}

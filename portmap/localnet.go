@@ -11,6 +11,9 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/qoscni/qoscni/internal/atomicfile"
+	"github.com/qoscni/qoscni/internal/paths"
 )
 
 // Where qoscni relies on route_localnet, a marker file per interface
@@ -22,12 +25,9 @@ import (
 // and the boot ID and means nothing once either differs.
 
 // LocalnetDir is the marker directory of the networks whose records live
-// in stateDir: its sibling "localnet", as the plugin journal is. The plugin
-// binary, the agent and uninstall derive it alike, and the DaemonSets
-// already mount the parent.
-func LocalnetDir(stateDir string) string {
-	return filepath.Join(filepath.Dir(filepath.Clean(stateDir)), "localnet")
-}
+// in stateDir (paths.LocalnetDirOf): the plugin binary, the agent and
+// uninstall derive it alike.
+func LocalnetDir(stateDir string) string { return paths.LocalnetDirOf(stateDir) }
 
 // marker is the content of <LocalnetDir>/<interface>.
 type marker struct {
@@ -99,23 +99,10 @@ func writeMarker(dir string, mk marker, excl bool) error {
 	if err != nil {
 		return err
 	}
-	f, err := os.CreateTemp(dir, ".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write localnet marker: %w", err)
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	_, werr := f.Write(data)
-	if err := errors.Join(werr, f.Close()); err != nil {
-		return fmt.Errorf("write localnet marker %s: %w", tmp, err)
-	}
 	final := markerPath(dir, mk.IfName)
-	if excl {
-		// link(2) fails when the name exists: the first writer wins.
-		err = os.Link(tmp, final)
-	} else {
-		err = os.Rename(tmp, final)
-	}
+	// Volatile: the marker describes kernel state that a reboot takes
+	// with it (its boot ID says so). Exclusive: the first writer wins.
+	_, err = atomicfile.Write(final, data, atomicfile.Options{Perm: 0o600, Volatile: true, Exclusive: excl})
 	if err != nil && !errors.Is(err, fs.ErrExist) {
 		return fmt.Errorf("write localnet marker %s: %w", final, err)
 	}

@@ -5,12 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
-	"runtime"
 	"strings"
 
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/internal/sysctl"
 )
 
 // route_localnet: the kernel routes a packet with a 127/8 source out of
@@ -24,7 +24,7 @@ func routeLocalnetPath(iface string) (string, error) {
 	if err := checkIfName(iface); err != nil {
 		return "", err
 	}
-	return "/proc/sys/net/ipv4/conf/" + iface + "/route_localnet", nil
+	return "net/ipv4/conf/" + iface + "/route_localnet", nil
 }
 
 func checkIfName(iface string) error {
@@ -34,48 +34,15 @@ func checkIfName(iface string) error {
 	return nil
 }
 
-// inNetns runs fn on a thread in the namespace nsFd (-1 = current):
-// /proc/sys/net shows the namespace of the thread that opens it.
-func inNetns(nsFd int, fn func() error) error {
-	if nsFd < 0 {
-		return fn()
-	}
-	runtime.LockOSThread()
-	orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("open current netns: %w", err)
-	}
-	defer unix.Close(orig)
-	if err := unix.Setns(nsFd, unix.CLONE_NEWNET); err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("enter netns: %w", err)
-	}
-	ferr := fn()
-	if err := unix.Setns(orig, unix.CLONE_NEWNET); err != nil {
-		// Leave the thread locked: the runtime discards it with the goroutine.
-		return errors.Join(ferr, fmt.Errorf("return to netns: %w", err))
-	}
-	runtime.UnlockOSThread()
-	return ferr
-}
-
-// readRouteLocalnet reports whether route_localnet is 1 on iface.
+// readRouteLocalnet reports whether route_localnet is 1 on iface in the
+// namespace nsFd (-1: the calling thread's).
 func readRouteLocalnet(nsFd int, iface string) (bool, error) {
 	path, err := routeLocalnetPath(iface)
 	if err != nil {
 		return false, err
 	}
-	var on bool
-	err = inNetns(nsFd, func() error {
-		cur, err := os.ReadFile(path)
-		if err != nil {
-			return fmt.Errorf("read %s: %w", path, err)
-		}
-		on = strings.TrimSpace(string(cur)) == "1"
-		return nil
-	})
-	return on, err
+	v, err := sysctl.Get(nsFd, path)
+	return v == "1", err
 }
 
 // writeRouteLocalnet sets route_localnet on iface through /proc/sys (which
@@ -91,17 +58,17 @@ func writeRouteLocalnet(nsFd int, iface string, ifindex int, on bool) error {
 	if on {
 		v = "1"
 	}
-	err = inNetns(nsFd, func() error { return os.WriteFile(path, []byte(v), 0o644) })
+	err = sysctl.Set(nsFd, path, v)
 	if err == nil {
 		return nil
 	}
 	if errors.Is(err, unix.EROFS) || errors.Is(err, fs.ErrPermission) {
 		if nerr := setRouteLocalnetNetlink(nsFd, ifindex, on); nerr != nil {
-			return fmt.Errorf("set %s=%s: %w (through rtnetlink: %w)", path, v, err, nerr)
+			return fmt.Errorf("%w (through rtnetlink: %w)", err, nerr)
 		}
 		return nil
 	}
-	return fmt.Errorf("set %s=%s: %w", path, v, err)
+	return err
 }
 
 // ipv4DevconfRouteLocalnet is IPV4_DEVCONF_ROUTE_LOCALNET of

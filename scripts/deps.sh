@@ -7,7 +7,8 @@ set -euo pipefail
 
 # iputils-ping: the demo proves connectivity with ping.
 # containerd, runc: the e2e harnesses (make e2e-cri, e2e-k8s).
-PACKAGES=(iproute2 nftables iperf3 containernetworking-plugins conntrack iputils-ping curl python3 prometheus containerd runc)
+# gcc, libc6-dev: cgo, which go test -race needs (make race).
+PACKAGES=(iproute2 nftables iperf3 containernetworking-plugins conntrack iputils-ping curl python3 prometheus containerd runc gcc libc6-dev)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -28,6 +28,8 @@ import (
 
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/test/bench/addel"
 )
 
@@ -59,10 +61,10 @@ type commonFlags struct {
 func (c *commonFlags) register(fs *flag.FlagSet) {
 	defPath := os.Getenv("CNI_PATH")
 	if defPath == "" {
-		defPath = "/opt/cni/bin"
+		defPath = paths.CNIBinDir
 	}
 	fs.StringVar(&c.conflist, "conflist", "", "network configuration list file (\"-\" reads stdin)")
-	fs.StringVar(&c.cniPath, "cni-path", defPath, "plugin search path, DIR[:DIR...] (default $CNI_PATH or /opt/cni/bin)")
+	fs.StringVar(&c.cniPath, "cni-path", defPath, "plugin search path, DIR[:DIR...] (default $CNI_PATH or "+paths.CNIBinDir+")")
 	fs.StringVar(&c.cacheDir, "cache-dir", "/var/lib/cni", "libcni result cache directory")
 }
 

@@ -23,6 +23,7 @@ import (
 
 	"github.com/qoscni/qoscni/internal/agent/kube"
 	"github.com/qoscni/qoscni/internal/agent/reconcile"
+	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/metrics"
 )
 
@@ -38,9 +39,9 @@ const ListenEnv = "QOSCNI_AGENT_LISTEN"
 
 // Defaults of the other flags.
 const (
-	DefaultStateDir   = "/var/lib/cni/qoscni/state"
-	DefaultJournalDir = "/var/lib/cni/qoscni/journal"
-	DefaultCNIConfDir = "/etc/cni/net.d"
+	DefaultStateDir   = paths.StateDir
+	DefaultJournalDir = paths.JournalDir
+	DefaultCNIConfDir = paths.CNIConfDir
 )
 
 // Config is the agent's configuration.

@@ -29,15 +29,15 @@ import (
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/internal/flock"
+	"github.com/qoscni/qoscni/internal/paths"
 )
 
 const (
 	// DefaultDir is the journal directory when the plugin's stateDir is the
-	// default /var/lib/cni/qoscni/state: the journal is its sibling.
-	DefaultDir = "/var/lib/cni/qoscni/journal"
-	// defaultStateDir mirrors netconf.DefaultStateDir; importing netconf here
-	// would make the agent's journal reader depend on the plugin's config code.
-	defaultStateDir = "/var/lib/cni/qoscni/state"
+	// default: the journal is its sibling.
+	DefaultDir = paths.JournalDir
 
 	liveName     = "ops.log"
 	drainingName = "ops.log.draining"
@@ -55,9 +55,9 @@ const (
 func DirFor(stateDir string) string {
 	if !filepath.IsAbs(stateDir) {
 		// The plugin rejects such a config; its call is still recorded.
-		stateDir = defaultStateDir
+		stateDir = paths.StateDir
 	}
-	return filepath.Join(filepath.Dir(filepath.Clean(stateDir)), "journal")
+	return paths.JournalDirOf(stateDir)
 }
 
 // Record is one plugin call.
@@ -156,7 +156,7 @@ func Append(dir string, r Record) error {
 
 // lockLive takes the shared lock and checks fd is still the file at path.
 func lockLive(fd int, path string) (bool, error) {
-	if err := flock(fd, unix.LOCK_SH); err != nil {
+	if err := flock.Wait(fd, unix.LOCK_SH); err != nil {
 		return false, fmt.Errorf("journal: lock %s: %w", path, err)
 	}
 	var a, b unix.Stat_t
@@ -170,15 +170,6 @@ func lockLive(fd int, path string) (bool, error) {
 		return false, fmt.Errorf("journal: stat %s: %w", path, err)
 	}
 	return a.Ino == b.Ino && a.Dev == b.Dev, nil
-}
-
-func flock(fd, how int) error {
-	for {
-		err := unix.Flock(fd, how)
-		if err != unix.EINTR {
-			return err
-		}
-	}
 }
 
 // Drain moves every record written so far out of the journal in dir and
@@ -223,7 +214,7 @@ func drainFile(path string) ([]Record, int, error) {
 	// Writers that opened this inode before the rename hold LOCK_SH while they
 	// write; once we hold LOCK_EX they are done, and later ones see the inode
 	// is no longer live and reopen. So the content is final from here.
-	if err := flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+	if err := flock.Wait(int(f.Fd()), unix.LOCK_EX); err != nil {
 		return nil, 0, fmt.Errorf("journal: lock %s: %w", path, err)
 	}
 	data, err := io.ReadAll(f)

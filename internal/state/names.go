@@ -21,7 +21,7 @@ import (
 // reversed: KeyFromFileName reports ok=false for it.
 //
 // maxName leaves room under NAME_MAX (255) for atomicfile's temporary name
-// ("." + name + ".tmp-" + up to 10 digits).
+// (".tmp-" + name + "." + 16 hex digits).
 const (
 	maxName       = 200
 	hashHexLen    = 32

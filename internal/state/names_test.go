@@ -5,6 +5,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/qoscni/qoscni/internal/atomicfile"
 )
 
 func TestFileNamesDistinct(t *testing.T) {
@@ -56,8 +58,8 @@ func TestFileNameBounds(t *testing.T) {
 			t.Errorf("%.60q: path %s is not one directory below the store", k, p)
 		}
 		for _, elem := range strings.Split(rel, "/") {
-			// atomicfile's temporary name adds "." and ".tmp-" and 10 digits.
-			if len(elem) > maxName || len("."+elem+".tmp-1234567890") > 255 {
+			// atomicfile's temporary name adds ".tmp-", "." and 16 hex digits.
+			if len(elem) > maxName || len(atomicfile.TempPrefix+elem+".0123456789abcdef") > 255 {
 				t.Errorf("%.60q: name of %d bytes: %s", k, len(elem), elem)
 			}
 			if elem == "" || strings.HasPrefix(elem, ".") {

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/qoscni/qoscni/internal/atomicfile"
+	"github.com/qoscni/qoscni/internal/paths"
 )
 
 // The registry of state directories. stateDir is a per-network key, and
@@ -30,8 +31,8 @@ import (
 // exists costs the agent one failed open per pass.
 const (
 	// DefaultRegistryDir sits beside the default state directory, under
-	// /var/lib/cni/qoscni, which the agent's DaemonSet mounts.
-	DefaultRegistryDir = "/var/lib/cni/qoscni/statedirs"
+	// paths.DataDir, which the agent's DaemonSet mounts.
+	DefaultRegistryDir = paths.RegistryDir
 	// RegistryEnv overrides DefaultRegistryDir for the plugin: kernel
 	// tests give each node namespace its own registry, so that no test
 	// writes to the machine's /var/lib/cni.
@@ -69,7 +70,7 @@ func Register(registry, dir string) error {
 	}
 	// Durable: the records it leads to are, and it is written once per
 	// directory, ever.
-	if err := atomicfile.Write(p, []byte(dir+"\n"), 0o600); err != nil {
+	if _, err := atomicfile.Write(p, []byte(dir+"\n"), atomicfile.Options{Perm: 0o600}); err != nil {
 		return fmt.Errorf("register state dir %s: %w", dir, err)
 	}
 	return nil

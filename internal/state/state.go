@@ -8,16 +8,15 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
-	"golang.org/x/sys/unix"
 
 	"github.com/qoscni/qoscni/internal/atomicfile"
+	"github.com/qoscni/qoscni/internal/flock"
 )
 
 // SchemaVersion is bumped when Record changes incompatibly.
@@ -202,10 +201,8 @@ func (s *Store) save(r *Record, durable bool) error {
 	if err != nil {
 		return fmt.Errorf("encode state for %s/%s: %w", r.ContainerID, r.IfName, err)
 	}
-	if !durable {
-		return atomicfile.WriteVolatile(s.path(r.Key()), data, 0o600)
-	}
-	return atomicfile.Write(s.path(r.Key()), data, 0o600)
+	_, err = atomicfile.Write(s.path(r.Key()), data, atomicfile.Options{Perm: 0o600, Volatile: !durable})
+	return err
 }
 
 // Load returns the record, or (nil, nil) when there is none.
@@ -267,41 +264,23 @@ func (s *Store) Update(k Key, change func(*Record) error) error {
 }
 
 // lock takes the network's lock file (flock, released with the process),
-// polling so that a stuck holder turns into a retryable CNI error (11)
-// instead of a hung pod start or teardown.
+// waiting at most LockTimeout: a stuck holder turns into a retryable CNI
+// error (11) instead of a hung pod start or teardown.
 func (s *Store) lock(network string) (func(), error) {
 	dir := s.netDir(network)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create state dir %s: %w", dir, err)
 	}
 	path := filepath.Join(dir, ".lock")
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	l, err := flock.Exclusive(path, s.LockTimeout, "state: "+path)
+	var busy *types.Error
+	if errors.As(err, &busy) {
+		return nil, err
+	}
 	if err != nil {
-		return nil, fmt.Errorf("open state lock: %w", err)
+		return nil, fmt.Errorf("lock state of %s: %w", network, err)
 	}
-	deadline := time.Now().Add(s.LockTimeout)
-	backoff := 200 * time.Microsecond
-	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		switch {
-		case err == nil:
-			return func() { f.Close() }, nil
-		case errors.Is(err, unix.EINTR):
-			continue
-		case !errors.Is(err, unix.EWOULDBLOCK):
-			f.Close()
-			return nil, fmt.Errorf("lock state of %s: %w", network, err)
-		}
-		left := time.Until(deadline)
-		if left <= 0 {
-			f.Close()
-			return nil, types.NewError(types.ErrTryAgainLater,
-				fmt.Sprintf("state: %s is locked by another process for %s", path, s.LockTimeout), "")
-		}
-		// Jitter keeps many waiting plugin processes from polling in lockstep.
-		time.Sleep(min(backoff/2+rand.N(backoff/2+1), left))
-		backoff = min(backoff*2, 10*time.Millisecond)
-	}
+	return l.Unlock, nil
 }
 
 // Delete removes the record; a missing record is not an error.

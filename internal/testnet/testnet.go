@@ -27,10 +27,21 @@ import (
 // RequireRootEnv turns every "needs root" skip into a failure (CI sets it).
 const RequireRootEnv = "QOSCNI_REQUIRE_ROOT"
 
+// PureOnlyEnv skips every kernel test, also under RequireRootEnv. make
+// race sets it to run the pure tests of packages that have kernel tests
+// too under the race detector, which would make namespaces and traffic
+// slow; the plain run of make unit runs the kernel tests, where
+// RequireRootEnv proves they ran.
+const PureOnlyEnv = "QOSCNI_PURE_ONLY"
+
 // RequireRoot skips (or, under QOSCNI_REQUIRE_ROOT, fails) a kernel test
-// when the process cannot create namespaces.
+// when the process cannot create namespaces. Every kernel test calls it
+// (NewNode does), so it also marks what a pure-only run skips.
 func RequireRoot(t testing.TB) {
 	t.Helper()
+	if os.Getenv(PureOnlyEnv) != "" {
+		t.Skip("kernel test: not run in a pure-only run (" + PureOnlyEnv + ")")
+	}
 	if os.Geteuid() == 0 {
 		if _, err := exec.LookPath("ip"); err == nil {
 			return

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"regexp"
 	"sort"
 
 	"github.com/florianl/go-tc"
@@ -23,10 +22,10 @@ import (
 )
 
 // IFBPattern matches the IFB devices qoscni creates (podnet.IFBName).
-var IFBPattern = regexp.MustCompile(`^qi[0-9a-f]{12}$`)
+var IFBPattern = podnet.IFBNames
 
 // hostVethPattern matches standalone mode's host veths (podnet.HostVethName).
-var hostVethPattern = regexp.MustCompile(`^qv[0-9a-f]{12}$`)
+var hostVethPattern = podnet.HostVethNames
 
 // NftTable is qoscni's nftables table (family inet).
 const NftTable = podnet.TableName

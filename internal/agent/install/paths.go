@@ -6,33 +6,30 @@
 // DaemonSet's init container works on the host's files mounted under
 // /host and tests work on a temporary directory.
 //
-// The constants below are the one source of truth for paths and ports: the
-// manifests in deploy/ are tested against them, and so are the defaults of
-// the plugin and the agent.
+// The host paths come from internal/paths, which the plugin shares; the
+// names, ports and layout below are install's own. The manifests in
+// deploy/ are tested against both.
 package install
 
-import "strconv"
+import (
+	"strconv"
 
-// Host paths (absolute, before the root is prepended).
+	"github.com/qoscni/qoscni/internal/paths"
+)
+
+// Host paths (absolute, before the root is prepended): see internal/paths.
 const (
-	// CNIBinDir is where the runtime looks for plugin executables.
-	CNIBinDir = "/opt/cni/bin"
-	// CNIConfDir is where the runtime looks for network configurations.
-	CNIConfDir = "/etc/cni/net.d"
-	// DataDir holds everything qoscni keeps on the node: StateDir,
-	// JournalDir and IPAMDir. The DaemonSet mounts it as a whole.
-	DataDir = "/var/lib/cni/qoscni"
-	// StateDir is the plugin's attachment records (netconf.DefaultStateDir,
-	// agent.DefaultStateDir).
-	StateDir = DataDir + "/state"
-	// JournalDir is the plugin call journal, the sibling of StateDir
-	// (agent.DefaultJournalDir).
-	JournalDir = DataDir + "/journal"
-	// IPAMDir is the built-in allocator's reservations.
-	IPAMDir = DataDir + "/ipam"
-	// NetnsDir is where named network namespaces live; the agent mounts it
-	// with HostToContainer propagation to see namespaces made after it.
-	NetnsDir = "/run/netns"
+	CNIBinDir  = paths.CNIBinDir
+	CNIConfDir = paths.CNIConfDir
+	// DataDir holds StateDir, JournalDir and IPAMDir; the DaemonSet mounts
+	// it as a whole.
+	DataDir    = paths.DataDir
+	StateDir   = paths.StateDir
+	JournalDir = paths.JournalDir
+	IPAMDir    = paths.IPAMDir
+	// NetnsDir: the agent mounts it with HostToContainer propagation to
+	// see namespaces made after it.
+	NetnsDir = paths.NetnsDir
 )
 
 // File names.

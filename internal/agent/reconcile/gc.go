@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 
 	"github.com/vishvananda/netlink"
@@ -19,9 +18,8 @@ import (
 	"github.com/qoscni/qoscni/ipam"
 )
 
-// qoscniLink matches the names podnet derives: "qv" host veths and "qi"
-// IFBs, each followed by 12 hex digits of the attachment's hash.
-var qoscniLink = regexp.MustCompile(`^q[vi][0-9a-f]{12}$`)
+// qoscniLink matches the names podnet derives: host veths and IFBs.
+var qoscniLink = podnet.DeviceNames
 
 // gc removes stale attachments and leftover devices, and returns the
 // records that are still live. complete says that every state directory

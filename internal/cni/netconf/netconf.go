@@ -17,6 +17,7 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
 
+	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/ipam"
 	"github.com/qoscni/qoscni/shaping"
 )
@@ -24,7 +25,7 @@ import (
 // Defaults applied when the network config leaves a key out.
 const (
 	DefaultBridge   = "qoscni0"
-	DefaultStateDir = "/var/lib/cni/qoscni/state"
+	DefaultStateDir = paths.StateDir
 	// MinMTU is the IPv6 minimum link MTU; anything lower breaks dual-stack pods.
 	MinMTU = 1280
 	MaxMTU = 65535

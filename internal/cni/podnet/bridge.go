@@ -9,6 +9,8 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/internal/sysctl"
 )
 
 // BridgeConfig is the host bridge every standalone pod attaches to.
@@ -85,12 +87,12 @@ func EnsureGatewayAddr(h *netlink.Handle, br netlink.Link, gw net.IP, mask net.I
 // netfilter hooks kube-proxy relies on when br_netfilter is loaded.
 func EnableForwarding(v4, v6 bool) error {
 	if v4 {
-		if err := setSysctl("net/ipv4/ip_forward", "1"); err != nil {
+		if err := sysctl.Set(sysctl.Current, "net/ipv4/ip_forward", "1"); err != nil {
 			return err
 		}
 	}
 	if v6 {
-		if err := setSysctlIfPresent("net/ipv6/conf/all/forwarding", "1"); err != nil {
+		if err := sysctl.SetIfPresent(sysctl.Current, "net/ipv6/conf/all/forwarding", "1"); err != nil {
 			return err
 		}
 	}
@@ -100,8 +102,8 @@ func EnableForwarding(v4, v6 bool) error {
 // EnableBridgeNetfilter sets bridge-nf-call-iptables/ip6tables when the
 // br_netfilter module is present (its sysctls exist only then).
 func EnableBridgeNetfilter() error {
-	if err := setSysctlIfPresent("net/bridge/bridge-nf-call-iptables", "1"); err != nil {
+	if err := sysctl.SetIfPresent(sysctl.Current, "net/bridge/bridge-nf-call-iptables", "1"); err != nil {
 		return err
 	}
-	return setSysctlIfPresent("net/bridge/bridge-nf-call-ip6tables", "1")
+	return sysctl.SetIfPresent(sysctl.Current, "net/bridge/bridge-nf-call-ip6tables", "1")
 }

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
 
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/vishvananda/netns"
@@ -73,28 +72,3 @@ func nsKind(kind int, err error) string {
 }
 
 func (n *NetNS) Close() error { return n.Handle.Close() }
-
-// Do runs fn with the calling OS thread switched into the namespace. Only
-// work that depends on the thread's namespace (writes under /proc/sys/net)
-// needs it; netlink work uses per-namespace sockets instead.
-func (n *NetNS) Do(fn func() error) error {
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("get current netns: %w", err)
-	}
-	defer orig.Close()
-	if err := netns.Set(n.Handle); err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("enter netns %s: %w", n.Path, err)
-	}
-	ferr := fn()
-	if err := netns.Set(orig); err != nil {
-		// The thread is stuck in the wrong namespace: keep it locked so the
-		// runtime discards it when this goroutine ends.
-		return errors.Join(ferr, fmt.Errorf("return from netns %s: %w", n.Path, err))
-	}
-	runtime.UnlockOSThread()
-	return ferr
-}

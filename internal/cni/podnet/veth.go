@@ -8,6 +8,8 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/internal/sysctl"
 )
 
 // Addr is one pod address with its gateway (nil when none).
@@ -83,12 +85,10 @@ func AttachHost(h *netlink.Handle, hostLink netlink.Link, br netlink.Link, hairp
 // ConfigurePod brings the pod interface up with its addresses and routes.
 func ConfigurePod(pod *NetNS, podH *netlink.Handle, link netlink.Link, cfg PodConfig) error {
 	if cfg.AllowIPForwarding {
-		err := pod.Do(func() error {
-			if err := setSysctl("net/ipv4/ip_forward", "1"); err != nil {
-				return err
-			}
-			return setSysctlIfPresent("net/ipv6/conf/all/forwarding", "1")
-		})
+		err := sysctl.Set(int(pod.Handle), "net/ipv4/ip_forward", "1")
+		if err == nil {
+			err = sysctl.SetIfPresent(int(pod.Handle), "net/ipv6/conf/all/forwarding", "1")
+		}
 		if err != nil {
 			return fmt.Errorf("allow ip forwarding in %s: %w", pod.Path, err)
 		}

@@ -25,14 +25,7 @@ func hostPort(ip string, port int) string { return net.JoinHostPort(ip, strconv.
 
 // inNetNS runs fn on a thread switched into the namespace at path. A
 // socket belongs to the namespace it was created in, so fn dials there.
-func inNetNS(path string, fn func() error) error {
-	ns, err := podnet.OpenNetNS(path)
-	if err != nil {
-		return err
-	}
-	defer ns.Close()
-	return ns.Do(fn)
-}
+func inNetNS(path string, fn func() error) error { return testnet.InNS(path, fn) }
 
 // tcpLine connects from the namespace at nsPath and returns the line the
 // workload sends ("<hostname> <remote-ip:port>").
