@@ -29,236 +29,329 @@ func (p *Plugin) Add(args *skel.CmdArgs, conf *netconf.NetConf, pod netconf.PodA
 	return types.PrintResult(res, conf.CNIVersion)
 }
 
+// standaloneAdd is one standalone ADD: what its steps share. Each step
+// changes the kernel or the disk, pushes its undo, and marks its end (the
+// reliability tests kill the plugin at each mark, internal/fault).
+type standaloneAdd struct {
+	p        *Plugin
+	args     *skel.CmdArgs
+	conf     *netconf.NetConf
+	pod      netconf.PodArgs
+	st       *steps
+	store    *state.Store
+	key      state.Key
+	rollback undo
+
+	netns      *podnet.NetNS
+	host, podH *netlink.Handle
+	mtu        int
+	shape      shaping.Plan
+	ports      []portmap.Mapping
+	hostName   string
+	ifb        string
+}
+
 func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod netconf.PodArgs) (_ *current.Result, err error) {
-	st := p.steps("ADD")
-	defer st.done()
-	store := state.New(conf.StateDir)
-	key := state.Key{Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName}
-	if rec, lerr := store.Load(key); lerr == nil && rec != nil {
-		if !rec.Provisional {
-			return nil, types.NewError(ErrAttachmentExists,
-				fmt.Sprintf("attachment %s/%s already exists in network %s (DEL it first)", args.ContainerID, args.IfName, conf.Name), "")
-		}
-		// An earlier ADD of this attachment was killed half way and no DEL
-		// came: what it left goes first.
-		src, err := newAddrSource(conf)
-		if err != nil {
-			return nil, err
-		}
-		if err := p.teardown(conf, src, store, key, rec, true); err != nil {
-			return nil, fmt.Errorf("remove what an unfinished ADD of %s/%s left: %w", args.ContainerID, args.IfName, err)
-		}
-	}
-
-	netns, err := podnet.OpenNetNS(args.Netns)
-	if err != nil {
+	a := &standaloneAdd{p: p, args: args, conf: conf, pod: pod, st: p.steps("ADD"), store: state.New(conf.StateDir),
+		key:      state.Key{Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName},
+		hostName: podnet.HostVethName(args.ContainerID, args.IfName), ifb: podnet.IFBName(args.ContainerID, args.IfName)}
+	defer a.st.done()
+	if err := a.finishUnfinished(); err != nil {
 		return nil, err
 	}
-	defer netns.Close()
-	host, err := hostHandle()
-	if err != nil {
+	defer a.close()
+	if err := a.open(); err != nil {
 		return nil, err
 	}
-	defer host.Close()
-	podH, err := netlink.NewHandleAt(netns.Handle)
-	if err != nil {
-		return nil, fmt.Errorf("open netlink in %s: %w", args.Netns, err)
-	}
-	defer podH.Close()
-	st.mark("open")
-
-	if exists, err := podnet.LinkExists(podH, args.IfName); err != nil {
-		return nil, err
-	} else if exists {
-		return nil, podnet.ErrIfExists(args.IfName, args.Netns)
-	}
-
-	mtu := conf.MTU
-	if mtu == 0 {
-		mtu = podnet.DefaultMTU(host)
-	}
-	shape, err := shapingPlan(conf, mtu)
-	if err != nil {
+	if err := a.plan(); err != nil {
 		return nil, err
 	}
-	logClamps(p.Log, args.ContainerID, args.IfName, shape)
-
-	var rollback undo
 	defer func() {
 		if err != nil {
-			rollback.run(p.Log)
+			a.rollback.run(p.Log)
 		}
 	}()
-
 	src, err := newAddrSource(conf)
 	if err != nil {
 		return nil, err
 	}
-	// Before the first change: a record saying this ADD is under way, so
-	// that DEL, GC and the agent find what it made if it is killed before
-	// the full record replaces this one.
-	hostName := podnet.HostVethName(args.ContainerID, args.IfName)
-	p.registerStateDir(conf.StateDir)
-	if err := store.SaveProvisional(&state.Record{
-		Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns,
-		Pod:  state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
-		Mode: state.ModeStandalone, Bridge: conf.Bridge, HostVeth: hostName, IPMasq: conf.IPMasq,
-		Created: time.Now().UTC(),
-	}); err != nil {
+	if err := a.provisional(); err != nil {
 		return nil, err
 	}
-	rollback.push(func() error { return store.Delete(key) })
-	st.mark("provisional")
 	ipcs, ipamRoutes, dns, err := src.allocate(args.ContainerID, args.IfName)
 	if err != nil {
 		return nil, err
 	}
-	rollback.push(func() error { return src.release(args.ContainerID, args.IfName) })
-	st.mark("ipam")
-
-	br, err := podnet.EnsureBridge(host, podnet.BridgeConfig{Name: conf.Bridge, MTU: mtu, Promisc: conf.PromiscMode})
+	a.rollback.push(func() error { return src.release(args.ContainerID, args.IfName) })
+	a.st.mark("ipam")
+	br, veth, err := a.wire()
 	if err != nil {
 		return nil, err
 	}
+	want := planPod(conf, args.IfName, a.mtu, ipcs, ipamRoutes)
+	if err := a.configurePod(br, veth, want); err != nil {
+		return nil, err
+	}
+	if err := a.shapeAndMap(want); err != nil {
+		return nil, err
+	}
+	rec, err := a.save(veth, want)
+	if err != nil {
+		return nil, err
+	}
+	return a.result(br, veth, rec, want, dns)
+}
 
-	st.mark("bridge")
+// finishUnfinished refuses an attachment that exists, and tears down what
+// an earlier ADD of it left when that ADD was killed half way and no DEL
+// came (its provisional record).
+func (a *standaloneAdd) finishUnfinished() error {
+	rec, lerr := a.store.Load(a.key)
+	if lerr != nil || rec == nil {
+		return nil
+	}
+	if !rec.Provisional {
+		return types.NewError(ErrAttachmentExists,
+			fmt.Sprintf("attachment %s/%s already exists in network %s (DEL it first)", a.args.ContainerID, a.args.IfName, a.conf.Name), "")
+	}
+	src, err := newAddrSource(a.conf)
+	if err != nil {
+		return err
+	}
+	if err := a.p.teardown(a.conf, src, a.store, a.key, rec, true); err != nil {
+		return fmt.Errorf("remove what an unfinished ADD of %s/%s left: %w", a.args.ContainerID, a.args.IfName, err)
+	}
+	return nil
+}
+
+// open opens the pod's netns and the netlink handles of both namespaces,
+// and refuses a pod interface name already in use.
+func (a *standaloneAdd) open() error {
+	netns, err := podnet.OpenNetNS(a.args.Netns)
+	if err != nil {
+		return err
+	}
+	a.netns = netns
+	if a.host, err = hostHandle(); err != nil {
+		return err
+	}
+	if a.podH, err = netlink.NewHandleAt(netns.Handle); err != nil {
+		return fmt.Errorf("open netlink in %s: %w", a.args.Netns, err)
+	}
+	a.st.mark("open")
+	if exists, err := podnet.LinkExists(a.podH, a.args.IfName); err != nil {
+		return err
+	} else if exists {
+		return podnet.ErrIfExists(a.args.IfName, a.args.Netns)
+	}
+	return nil
+}
+
+func (a *standaloneAdd) close() {
+	if a.podH != nil {
+		a.podH.Close()
+	}
+	if a.host != nil {
+		a.host.Close()
+	}
+	if a.netns != nil {
+		a.netns.Close()
+	}
+}
+
+// plan decides the MTU and the shaping before anything changes, so bad
+// input is refused with nothing done.
+func (a *standaloneAdd) plan() error {
+	a.mtu = a.conf.MTU
+	if a.mtu == 0 {
+		a.mtu = podnet.DefaultMTU(a.host)
+	}
+	shape, err := shapingPlan(a.conf, a.mtu)
+	if err != nil {
+		return err
+	}
+	a.shape = shape
+	logClamps(a.p.Log, a.args.ContainerID, a.args.IfName, shape)
+	return nil
+}
+
+// provisional writes, before the first change, a record saying this ADD
+// is under way, so that DEL, GC and the agent find what it made if it is
+// killed before the full record replaces this one.
+func (a *standaloneAdd) provisional() error {
+	a.p.registerStateDir(a.conf.StateDir)
+	if err := a.store.SaveProvisional(&state.Record{
+		Network: a.conf.Name, ContainerID: a.args.ContainerID, IfName: a.args.IfName, Netns: a.args.Netns,
+		Pod:  state.Pod{Namespace: a.pod.Namespace, Name: a.pod.Name, UID: a.pod.UID},
+		Mode: state.ModeStandalone, Bridge: a.conf.Bridge, HostVeth: a.hostName, IPMasq: a.conf.IPMasq,
+		Created: time.Now().UTC(),
+	}); err != nil {
+		return err
+	}
+	a.rollback.push(func() error { return a.store.Delete(a.key) })
+	a.st.mark("provisional")
+	return nil
+}
+
+// wire makes the bridge and the veth pair, the host end on the bridge.
+func (a *standaloneAdd) wire() (netlink.Link, *podnet.Veth, error) {
+	br, err := podnet.EnsureBridge(a.host, podnet.BridgeConfig{Name: a.conf.Bridge, MTU: a.mtu, Promisc: a.conf.PromiscMode})
+	if err != nil {
+		return nil, nil, err
+	}
+	a.st.mark("bridge")
 	// A host veth under our deterministic name with no state record is what
 	// an ADD killed half way leaves behind; the runtime has already given up
 	// on it, so it is replaced.
-	if err := podnet.DeleteLink(host, hostName); err != nil {
-		return nil, err
+	if err := podnet.DeleteLink(a.host, a.hostName); err != nil {
+		return nil, nil, err
 	}
-	veth, err := podnet.CreateVeth(host, netns, podH, hostName, args.IfName, mtu)
+	veth, err := podnet.CreateVeth(a.host, a.netns, a.podH, a.hostName, a.args.IfName, a.mtu)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	rollback.push(func() error { return podnet.DeleteLink(host, hostName) })
-	st.mark("veth-created")
-	if err := podnet.AttachHost(host, veth.Host, br, conf.HairpinMode); err != nil {
-		return nil, err
+	a.rollback.push(func() error { return podnet.DeleteLink(a.host, a.hostName) })
+	a.st.mark("veth-created")
+	if err := podnet.AttachHost(a.host, veth.Host, br, a.conf.HairpinMode); err != nil {
+		return nil, nil, err
 	}
+	a.st.mark("veth")
+	return br, veth, nil
+}
 
-	st.mark("veth")
-	want := planPod(conf, args.IfName, mtu, ipcs, ipamRoutes)
-	if err := podnet.ConfigurePod(netns, podH, veth.Pod, want.Pod); err != nil {
-		return nil, err
+// configurePod puts the addresses and routes in the pod, the gateways on
+// the bridge, and turns on what forwarding needs.
+func (a *standaloneAdd) configurePod(br netlink.Link, veth *podnet.Veth, want podnet.Expected) error {
+	if err := podnet.ConfigurePod(a.netns, a.podH, veth.Pod, want.Pod); err != nil {
+		return err
 	}
 	var v4, v6 bool
 	for _, gw := range want.Gateways {
-		if err := podnet.EnsureGatewayAddr(host, br, gw.IP, gw.Mask); err != nil {
-			return nil, err
+		if err := podnet.EnsureGatewayAddr(a.host, br, gw.IP, gw.Mask); err != nil {
+			return err
 		}
 		v4 = v4 || gw.IP.To4() != nil
 		v6 = v6 || gw.IP.To4() == nil
 	}
-	st.mark("pod")
+	a.st.mark("pod")
 	if err := podnet.EnableForwarding(v4, v6); err != nil {
-		return nil, err
+		return err
 	}
 	if err := podnet.EnableBridgeNetfilter(); err != nil {
-		return nil, err
+		return err
 	}
+	a.st.mark("sysctl")
+	return nil
+}
 
-	st.mark("sysctl")
-	ifb := podnet.IFBName(args.ContainerID, args.IfName)
-	if !shape.Empty() {
+// shapeAndMap applies the shaping, the masquerade and the hostPorts.
+func (a *standaloneAdd) shapeAndMap(want podnet.Expected) error {
+	if !a.shape.Empty() {
 		sh, err := shaping.Open(-1)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		defer sh.Close()
-		rollback.push(func() error { return podnet.DeleteLink(host, ifb) })
-		if err := sh.ApplyFresh(shaping.Desired{HostVeth: hostName, IFB: ifb, MTU: mtu, Plan: shape}); err != nil {
-			return nil, fmt.Errorf("shape %s/%s: %w", args.ContainerID, args.IfName, err)
+		a.rollback.push(func() error { return podnet.DeleteLink(a.host, a.ifb) })
+		if err := sh.ApplyFresh(shaping.Desired{HostVeth: a.hostName, IFB: a.ifb, MTU: a.mtu, Plan: a.shape}); err != nil {
+			return fmt.Errorf("shape %s/%s: %w", a.args.ContainerID, a.args.IfName, err)
 		}
 	}
-	st.mark("shaping")
-	if conf.IPMasq {
+	a.st.mark("shaping")
+	if a.conf.IPMasq {
 		m, err := podnet.NewMasq(-1)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		var nets []net.IPNet
-		for _, a := range want.Pod.Addrs {
-			nets = append(nets, a.IPNet)
+		for _, ad := range want.Pod.Addrs {
+			nets = append(nets, ad.IPNet)
 		}
 		if err := m.Add(nets); err != nil {
-			return nil, err
+			return err
 		}
-		rollback.push(func() error { return m.Del(ipsOf(want.Pod.Addrs)) })
+		a.rollback.push(func() error { return m.Del(ipsOf(want.Pod.Addrs)) })
 	}
-
-	st.mark("masq")
-	ports := planPorts(conf, ipsOf(want.Pod.Addrs))
-	if len(ports) > 0 {
-		undoPorts, err := addPorts(portOwner(key, pod), conf.StateDir, conf.Bridge, ports)
+	a.st.mark("masq")
+	a.ports = planPorts(a.conf, ipsOf(want.Pod.Addrs))
+	if len(a.ports) > 0 {
+		undoPorts, err := addPorts(portOwner(a.key, a.pod), a.conf.StateDir, a.conf.Bridge, a.ports)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		rollback.push(undoPorts)
+		a.rollback.push(undoPorts)
 	}
-	st.mark("ports")
-	// Refresh for the MACs the kernel assigned.
-	hostLink, err := host.LinkByIndex(veth.Host.Attrs().Index)
-	if err != nil {
-		return nil, fmt.Errorf("look up %s: %w", hostName, err)
-	}
-	brLink, err := host.LinkByIndex(br.Attrs().Index)
-	if err != nil {
-		return nil, fmt.Errorf("look up bridge %s: %w", conf.Bridge, err)
-	}
+	a.st.mark("ports")
+	return nil
+}
 
+// save replaces the provisional record with the full one.
+func (a *standaloneAdd) save(veth *podnet.Veth, want podnet.Expected) (*state.Record, error) {
 	rec := &state.Record{
-		Network:         conf.Name,
-		ContainerID:     args.ContainerID,
-		IfName:          args.IfName,
-		Netns:           args.Netns,
-		Pod:             state.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID},
+		Network:         a.conf.Name,
+		ContainerID:     a.args.ContainerID,
+		IfName:          a.args.IfName,
+		Netns:           a.args.Netns,
+		Pod:             state.Pod{Namespace: a.pod.Namespace, Name: a.pod.Name, UID: a.pod.UID},
 		Mode:            state.ModeStandalone,
-		Bridge:          conf.Bridge,
-		HostVeth:        hostName,
+		Bridge:          a.conf.Bridge,
+		HostVeth:        a.hostName,
 		PodMAC:          veth.Pod.Attrs().HardwareAddr.String(),
-		MTU:             mtu,
-		IPMasq:          conf.IPMasq,
-		Shaping:         shaping.ToRecord(shape, hostName, ifb),
-		ShapingDefaults: shapingDefaults(conf),
-		Ports:           portmap.ToState(ports),
+		MTU:             a.mtu,
+		IPMasq:          a.conf.IPMasq,
+		Shaping:         shaping.ToRecord(a.shape, a.hostName, a.ifb),
+		ShapingDefaults: shapingDefaults(a.conf),
+		Ports:           portmap.ToState(a.ports),
 		Created:         time.Now().UTC(),
 	}
-	for _, a := range want.Pod.Addrs {
-		rec.IPs = append(rec.IPs, a.IPNet.String())
-		if a.Gateway != nil {
-			rec.Gateways = append(rec.Gateways, a.Gateway.String())
+	for _, ad := range want.Pod.Addrs {
+		rec.IPs = append(rec.IPs, ad.IPNet.String())
+		if ad.Gateway != nil {
+			rec.Gateways = append(rec.Gateways, ad.Gateway.String())
 		}
 	}
-	if err := store.Save(rec); err != nil {
+	if err := a.store.Save(rec); err != nil {
 		return nil, err
 	}
-	st.mark("state")
+	a.st.mark("state")
+	return rec, nil
+}
 
+// result is the CNI result: bridge, host veth, pod interface (and IFB),
+// the addresses, routes and DNS.
+func (a *standaloneAdd) result(br netlink.Link, veth *podnet.Veth, rec *state.Record, want podnet.Expected, dns *types.DNS) (*current.Result, error) {
+	// Refreshed for the MACs the kernel assigned.
+	hostLink, err := a.host.LinkByIndex(veth.Host.Attrs().Index)
+	if err != nil {
+		return nil, fmt.Errorf("look up %s: %w", a.hostName, err)
+	}
+	brLink, err := a.host.LinkByIndex(br.Attrs().Index)
+	if err != nil {
+		return nil, fmt.Errorf("look up bridge %s: %w", a.conf.Bridge, err)
+	}
 	res := &current.Result{
 		CNIVersion: current.ImplementedSpecVersion,
 		Interfaces: []*current.Interface{
-			{Name: conf.Bridge, Mac: brLink.Attrs().HardwareAddr.String()},
-			{Name: hostName, Mac: hostLink.Attrs().HardwareAddr.String()},
-			{Name: args.IfName, Mac: rec.PodMAC, Sandbox: args.Netns, Mtu: mtu},
+			{Name: a.conf.Bridge, Mac: brLink.Attrs().HardwareAddr.String()},
+			{Name: a.hostName, Mac: hostLink.Attrs().HardwareAddr.String()},
+			{Name: a.args.IfName, Mac: rec.PodMAC, Sandbox: a.args.Netns, Mtu: a.mtu},
 		},
 	}
-	if shape.Egress != nil {
-		res.Interfaces = appendIFB(host, res.Interfaces, ifb)
+	if a.shape.Egress != nil {
+		res.Interfaces = appendIFB(a.host, res.Interfaces, a.ifb)
 	}
-	for _, a := range want.Pod.Addrs {
+	for _, ad := range want.Pod.Addrs {
 		res.IPs = append(res.IPs, &current.IPConfig{
 			Interface: current.Int(2),
-			Address:   a.IPNet,
-			Gateway:   a.Gateway,
+			Address:   ad.IPNet,
+			Gateway:   ad.Gateway,
 		})
 	}
 	for _, r := range want.Pod.Routes {
 		res.Routes = append(res.Routes, &types.Route{Dst: r.Dst, GW: r.GW})
 	}
-	res.DNS = conf.DNS
-	if dns != nil && !dns.IsEmpty() && conf.DNS.IsEmpty() {
+	res.DNS = a.conf.DNS
+	if dns != nil && !dns.IsEmpty() && a.conf.DNS.IsEmpty() {
 		res.DNS = *dns
 	}
 	return res, nil
