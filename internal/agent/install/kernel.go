@@ -37,50 +37,95 @@ const NftTable = podnet.TableName
 // an IFB goes before the IFB, or the veth's egress would be redirected to
 // a device that no longer exists, which drops every packet of the pod.
 func cleanKernel(_ context.Context, stateDirs []string, netnsPath string, rep *Report) error {
-	fd := -1
-	if netnsPath != "" {
-		f, err := os.Open(netnsPath)
-		if err != nil {
-			return fmt.Errorf("open netns %s: %w", netnsPath, err)
-		}
-		defer f.Close()
-		fd = int(f.Fd())
-	}
-	sh, err := shaping.Open(fd)
+	k, err := openKernel(netnsPath)
 	if err != nil {
 		return err
 	}
-	defer sh.Close()
-	var nl *netlink.Handle
-	tcCfg := &tc.Config{}
-	if fd >= 0 {
-		nl, err = netlink.NewHandleAt(netns.NsHandle(fd))
-		tcCfg.NetNS = fd
-	} else {
-		nl, err = netlink.NewHandle()
-	}
-	if err != nil {
-		return fmt.Errorf("open netlink: %w", err)
-	}
-	defer nl.Close()
-	tcc, err := tc.Open(tcCfg)
-	if err != nil {
-		return fmt.Errorf("open tc netlink: %w", err)
-	}
-	defer tcc.Close()
-
+	defer k.close()
 	var errs []error
 	// 0. route_localnet, while its guards still stand: back to 0 where
 	// qoscni turned it on, then the localnet guards (tc) go. The martian
 	// chain goes with the table, last.
+	errs = append(errs, k.localnet(stateDirs, rep)...)
+	// 1. What the records say: also finds a chained veth shaped only
+	// towards the pod (no IFB, no redirect to recognise it by).
+	errs = append(errs, k.recordedShaping(stateDirs, rep)...)
+	// 2. What the kernel has: every redirect of ours (a record may be
+	// missing), then every IFB left.
+	if err := k.leftoverShaping(rep); err != nil {
+		errs = append(errs, err)
+	}
+	// 3. The nftables table: masquerade and hostPorts of qoscni's pods.
+	if err := deleteTable(k.fd, rep); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// kernel holds uninstall's handles on the node namespace.
+type kernel struct {
+	fd  int
+	f   *os.File
+	sh  *shaping.Shaper
+	nl  *netlink.Handle
+	tcc *tc.Tc
+}
+
+func openKernel(netnsPath string) (_ *kernel, err error) {
+	k := &kernel{fd: -1}
+	defer func() {
+		if err != nil {
+			k.close()
+		}
+	}()
+	if netnsPath != "" {
+		if k.f, err = os.Open(netnsPath); err != nil {
+			return nil, fmt.Errorf("open netns %s: %w", netnsPath, err)
+		}
+		k.fd = int(k.f.Fd())
+	}
+	if k.sh, err = shaping.Open(k.fd); err != nil {
+		return nil, err
+	}
+	tcCfg := &tc.Config{}
+	if k.fd >= 0 {
+		k.nl, err = netlink.NewHandleAt(netns.NsHandle(k.fd))
+		tcCfg.NetNS = k.fd
+	} else {
+		k.nl, err = netlink.NewHandle()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open netlink: %w", err)
+	}
+	if k.tcc, err = tc.Open(tcCfg); err != nil {
+		return nil, fmt.Errorf("open tc netlink: %w", err)
+	}
+	return k, nil
+}
+
+func (k *kernel) close() {
+	if k.tcc != nil {
+		k.tcc.Close()
+	}
+	if k.nl != nil {
+		k.nl.Close()
+	}
+	if k.sh != nil {
+		k.sh.Close()
+	}
+	if k.f != nil {
+		k.f.Close()
+	}
+}
+
+// localnet turns route_localnet off where the markers beside the state
+// dirs say qoscni turned it on, and takes the localnet guards away.
+func (k *kernel) localnet(stateDirs []string, rep *Report) []error {
 	var localnet []string
 	for _, d := range stateDirs {
 		localnet = append(localnet, portmap.LocalnetDir(d))
 	}
-	undo, err := portmap.UninstallLocalnet(fd, localnet...)
-	if err != nil {
-		errs = append(errs, err)
-	}
+	undo, err := portmap.UninstallLocalnet(k.fd, localnet...)
 	for _, u := range undo {
 		sysctl := "sysctl net.ipv4.conf." + u.IfName + ".route_localnet"
 		switch {
@@ -93,9 +138,16 @@ func cleanKernel(_ context.Context, stateDirs []string, netnsPath string, rep *R
 			rep.add("link "+u.IfName, Removed, "localnet guard (tc ingress filter)")
 		}
 	}
+	if err != nil {
+		return []error{err}
+	}
+	return nil
+}
 
-	// 1. What the records say: also finds a chained veth shaped only
-	// towards the pod (no IFB, no redirect to recognise it by).
+// recordedShaping takes the shaping of every recorded attachment away;
+// the pod keeps its veth, addresses and record.
+func (k *kernel) recordedShaping(stateDirs []string, rep *Report) []error {
+	var errs []error
 	var recs []*state.Record
 	for _, d := range stateDirs {
 		rs, _, err := state.New(d).List("")
@@ -108,41 +160,42 @@ func cleanKernel(_ context.Context, stateDirs []string, netnsPath string, rep *R
 		if r.HostVeth == "" {
 			continue
 		}
-		// Only the shaping: the pod keeps its veth, addresses and record.
-		only := teardown.Options{Order: []teardown.Step{teardown.Shaping}, NetnsFd: fd, Shaper: sh}
+		only := teardown.Options{Order: []teardown.Step{teardown.Shaping}, NetnsFd: k.fd, Shaper: k.sh}
 		if err := teardown.Run(r.Key(), r, only); err != nil {
 			errs = append(errs, fmt.Errorf("pod %s/%s (%s): %w", r.Pod.Namespace, r.Pod.Name, r.HostVeth, err))
 			continue
 		}
 		rep.add("link "+r.HostVeth, Removed, fmt.Sprintf("shaping of pod %s/%s", r.Pod.Namespace, r.Pod.Name))
 	}
+	return errs
+}
 
-	// 2. What the kernel has: every redirect of ours (a record may be
-	// missing), then every IFB left.
-	links, err := nl.LinkList()
+// leftoverShaping finds what no record names: every redirect of ours to
+// one of our IFBs, the shaping of standalone host veths, then the IFBs.
+func (k *kernel) leftoverShaping(rep *Report) error {
+	var errs []error
+	links, err := k.nl.LinkList()
 	if err != nil {
-		return errors.Join(append(errs, fmt.Errorf("list links: %w", err))...)
+		return fmt.Errorf("list links: %w", err)
 	}
 	ifbs := map[uint32]string{}
+	names := map[uint32]string{}
 	for _, l := range links {
+		names[uint32(l.Attrs().Index)] = l.Attrs().Name
 		if l.Type() == "ifb" && IFBPattern.MatchString(l.Attrs().Name) {
 			ifbs[uint32(l.Attrs().Index)] = l.Attrs().Name
 		}
 	}
-	qdiscs, err := tcc.Qdisc().Get()
+	qdiscs, err := k.tcc.Qdisc().Get()
 	if err != nil {
-		return errors.Join(append(errs, fmt.Errorf("dump qdiscs: %w", err))...)
-	}
-	names := map[uint32]string{}
-	for _, l := range links {
-		names[uint32(l.Attrs().Index)] = l.Attrs().Name
+		return fmt.Errorf("dump qdiscs: %w", err)
 	}
 	ingressHook := core.BuildHandle(0xFFFF, tc.HandleMinIngress)
 	for _, q := range qdiscs {
 		if q.Kind != "clsact" || ifbs[q.Ifindex] != "" || names[q.Ifindex] == "" {
 			continue
 		}
-		filters, err := tcc.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: q.Ifindex, Parent: ingressHook})
+		filters, err := k.tcc.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: q.Ifindex, Parent: ingressHook})
 		if err != nil {
 			errs = append(errs, fmt.Errorf("dump filters of %s: %w", names[q.Ifindex], err))
 			continue
@@ -156,7 +209,7 @@ func cleanKernel(_ context.Context, stateDirs []string, netnsPath string, rep *R
 		if !ours && !hostVethPattern.MatchString(names[q.Ifindex]) {
 			continue
 		}
-		if err := sh.Remove(names[q.Ifindex], target); err != nil {
+		if err := k.sh.Remove(names[q.Ifindex], target); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -165,7 +218,7 @@ func cleanKernel(_ context.Context, stateDirs []string, netnsPath string, rep *R
 	// Standalone host veths shaped only towards the pod.
 	for _, l := range links {
 		if hostVethPattern.MatchString(l.Attrs().Name) {
-			if err := sh.Remove(l.Attrs().Name, ""); err != nil {
+			if err := k.sh.Remove(l.Attrs().Name, ""); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -176,20 +229,15 @@ func cleanKernel(_ context.Context, stateDirs []string, netnsPath string, rep *R
 	}
 	sort.Strings(left)
 	for _, n := range left {
-		l, err := nl.LinkByName(n)
+		l, err := k.nl.LinkByName(n)
 		if err != nil {
 			continue // removed above
 		}
-		if err := nl.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+		if err := k.nl.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
 			errs = append(errs, fmt.Errorf("delete IFB %s: %w", n, err))
 			continue
 		}
 		rep.add("link "+n, Removed, "IFB")
-	}
-
-	// 3. The nftables table: masquerade and hostPorts of qoscni's pods.
-	if err := deleteTable(fd, rep); err != nil {
-		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
