@@ -68,56 +68,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "qoscni-agent: unknown command %q\n\n%s", cmd, usage)
 		return 2
 	}
-	fs := flag.NewFlagSet("qoscni-agent "+cmd, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	listen := agent.DefaultListen
-	if v := os.Getenv(agent.ListenEnv); v != "" {
-		listen = v
+	o, code := parseFlags(cmd, args, stderr)
+	if o == nil {
+		return code
 	}
-	fs.StringVar(&listen, "listen", listen, "address for /metrics, /healthz, /readyz (env "+agent.ListenEnv+")")
-	stateDir := fs.String("state-dir", agent.DefaultStateDir, "plugin attachment records (the records of other qoscni networks are found through --cni-conf-dir and --state-registry)")
-	stateRegistry := fs.String("state-registry", state.DefaultRegistryDir, "the plugin's registry of the state dirs it writes records to (\"\" = none)")
-	journalDir := fs.String("journal-dir", agent.DefaultJournalDir, "plugin call journal (the sibling 'journal' of the plugin's stateDir)")
-	cniConfDir := fs.String("cni-conf-dir", agent.DefaultCNIConfDir, "CNI config files, read for the qoscni networks' stateDir and built-in IPAM")
-	netnsPath := fs.String("netns", "", "network namespace of the node's devices (default: the agent's own)")
-	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
-	output := fs.String("o", "table", "status output: table or json")
-	interval := fs.Duration("interval", time.Second, "status: time between the two statistics reads")
-	kubeconfig := fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig file (env KUBECONFIG; default: the in-cluster service account, else no API access)")
-	nodeName := fs.String("node-name", os.Getenv("NODE_NAME"), "this node's name, whose pods are watched (env NODE_NAME, from spec.nodeName)")
-	reconcileInterval := fs.Duration("reconcile-interval", reconcile.DefaultInterval, "period of drift repair and garbage collection")
-	podRoutes := fs.String("pod-routes", os.Getenv(nodenet.ModeEnv), "routes to the pods of other nodes (standalone mode): off, hostgw, vxlan or auto (host-gw to on-link nodes, VXLAN to the others) (env "+nodenet.ModeEnv+"; default off)")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "qoscni-agent %s: unexpected argument %q (flags only; \"qoscni-agent help\" lists the commands)\n", cmd, fs.Arg(0))
-		return 2
-	}
-	routesMode, err := nodenet.ParseMode(*podRoutes)
-	if err != nil {
-		fmt.Fprintln(stderr, "qoscni-agent: -pod-routes:", err)
-		return 2
-	}
-	if *output != "table" && *output != "json" {
-		fmt.Fprintf(stderr, "qoscni-agent: -o %q: want table or json\n", *output)
-		return 2
-	}
-
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		fmt.Fprintln(stderr, "qoscni-agent: -log-level:", err)
-		return 2
-	}
-	logger := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
-
 	if cmd == "status" {
-		rows, err := agent.Status(cniconf.StateSources{Own: *stateDir, ConfDir: *cniConfDir, Registry: *stateRegistry}, *netnsPath, *interval)
+		rows, err := agent.Status(o.sources(), o.netnsPath, o.interval)
 		if err == nil {
-			err = agent.WriteStatus(stdout, rows, *output == "json")
+			err = agent.WriteStatus(stdout, rows, o.output == "json")
 		}
 		if err != nil {
 			fmt.Fprintln(stderr, "qoscni-agent status:", err)
@@ -125,35 +83,103 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		return 0
 	}
+	return serve(o)
+}
 
-	if *reconcileInterval <= 0 {
-		fmt.Fprintln(stderr, "qoscni-agent: -reconcile-interval must be positive")
-		return 2
+// options are serve's and status's flags, checked.
+type options struct {
+	listen, stateDir, stateRegistry, journalDir, cniConfDir, netnsPath string
+	output, kubeconfig, nodeName                                       string
+	interval, reconcileInterval                                        time.Duration
+	routesMode                                                         nodenet.Mode
+	logger                                                             *slog.Logger
+}
+
+func (o *options) sources() cniconf.StateSources {
+	return cniconf.StateSources{Own: o.stateDir, ConfDir: o.cniConfDir, Registry: o.stateRegistry}
+}
+
+// parseFlags reads the flags of serve or status; nil and the exit status
+// when they are wrong (or -h was asked for).
+func parseFlags(cmd string, args []string, stderr io.Writer) (*options, int) {
+	fs := flag.NewFlagSet("qoscni-agent "+cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	o := &options{listen: agent.DefaultListen}
+	if v := os.Getenv(agent.ListenEnv); v != "" {
+		o.listen = v
 	}
-	client, err := kube.NewClient(*kubeconfig)
+	fs.StringVar(&o.listen, "listen", o.listen, "address for /metrics, /healthz, /readyz (env "+agent.ListenEnv+")")
+	fs.StringVar(&o.stateDir, "state-dir", agent.DefaultStateDir, "plugin attachment records (the records of other qoscni networks are found through --cni-conf-dir and --state-registry)")
+	fs.StringVar(&o.stateRegistry, "state-registry", state.DefaultRegistryDir, "the plugin's registry of the state dirs it writes records to (\"\" = none)")
+	fs.StringVar(&o.journalDir, "journal-dir", agent.DefaultJournalDir, "plugin call journal (the sibling 'journal' of the plugin's stateDir)")
+	fs.StringVar(&o.cniConfDir, "cni-conf-dir", agent.DefaultCNIConfDir, "CNI config files, read for the qoscni networks' stateDir and built-in IPAM")
+	fs.StringVar(&o.netnsPath, "netns", "", "network namespace of the node's devices (default: the agent's own)")
+	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&o.output, "o", "table", "status output: table or json")
+	fs.DurationVar(&o.interval, "interval", time.Second, "status: time between the two statistics reads")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig file (env KUBECONFIG; default: the in-cluster service account, else no API access)")
+	fs.StringVar(&o.nodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name, whose pods are watched (env NODE_NAME, from spec.nodeName)")
+	fs.DurationVar(&o.reconcileInterval, "reconcile-interval", reconcile.DefaultInterval, "period of drift repair and garbage collection")
+	podRoutes := fs.String("pod-routes", os.Getenv(nodenet.ModeEnv), "routes to the pods of other nodes (standalone mode): off, hostgw, vxlan or auto (host-gw to on-link nodes, VXLAN to the others) (env "+nodenet.ModeEnv+"; default off)")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, 0
+		}
+		return nil, 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "qoscni-agent %s: unexpected argument %q (flags only; \"qoscni-agent help\" lists the commands)\n", cmd, fs.Arg(0))
+		return nil, 2
+	}
+	var err error
+	if o.routesMode, err = nodenet.ParseMode(*podRoutes); err != nil {
+		fmt.Fprintln(stderr, "qoscni-agent: -pod-routes:", err)
+		return nil, 2
+	}
+	if o.output != "table" && o.output != "json" {
+		fmt.Fprintf(stderr, "qoscni-agent: -o %q: want table or json\n", o.output)
+		return nil, 2
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		fmt.Fprintln(stderr, "qoscni-agent: -log-level:", err)
+		return nil, 2
+	}
+	if cmd == "serve" && o.reconcileInterval <= 0 {
+		fmt.Fprintln(stderr, "qoscni-agent: -reconcile-interval must be positive")
+		return nil, 2
+	}
+	o.logger = slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
+	return o, 0
+}
+
+// serve runs the daemon until SIGTERM or an interrupt.
+func serve(o *options) int {
+	logger := o.logger
+	client, err := kube.NewClient(o.kubeconfig)
 	switch {
 	case errors.Is(err, kube.ErrNoAPI):
 		client = nil // the agent says so once when it starts serving
 	case err != nil:
 		logger.Error("start", "err", err)
 		return 1
-	case *nodeName == "":
+	case o.nodeName == "":
 		logger.Error("start: the Kubernetes API is reachable but the node name is unknown: set NODE_NAME (fieldRef spec.nodeName) or --node-name")
 		return 1
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	cfg := agent.Config{Listen: listen, StateDir: *stateDir, StateRegistry: *stateRegistry, JournalDir: *journalDir,
-		CNIConfDir: *cniConfDir, NetnsPath: *netnsPath, Version: version, Logger: logger,
-		NodeName: *nodeName, ReconcileInterval: *reconcileInterval}
+	cfg := agent.Config{Listen: o.listen, StateDir: o.stateDir, StateRegistry: o.stateRegistry, JournalDir: o.journalDir,
+		CNIConfDir: o.cniConfDir, NetnsPath: o.netnsPath, Version: version, Logger: logger,
+		NodeName: o.nodeName, ReconcileInterval: o.reconcileInterval}
 	if client != nil {
 		cfg.Kube = client
 	}
 	// hostPort elements are cleaned with the attachments, in the node netns.
 	nsFd := -1
-	if *netnsPath != "" {
-		f, err := os.Open(*netnsPath)
+	if o.netnsPath != "" {
+		f, err := os.Open(o.netnsPath)
 		if err != nil {
 			logger.Error("start: open --netns", "err", err)
 			return 1
@@ -165,16 +191,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 	// An `nft flush ruleset` takes hostPorts, ipMasq and the martian guard
 	// away; every pass brings them back from the records.
 	cfg.Repairers = []reconcile.KernelRepairer{
-		portmap.NewRepairer(nsFd, []string{portmap.LocalnetDir(*stateDir)}, logger),
+		portmap.NewRepairer(nsFd, []string{portmap.LocalnetDir(o.stateDir)}, logger),
 		podnet.NewMasqRepairer(nsFd, logger),
 	}
 	cfg.Registry = prometheus.NewRegistry()
-	if routesMode != nodenet.ModeOff {
+	if o.routesMode != nodenet.ModeOff {
 		if client == nil {
-			logger.Warn("-pod-routes " + string(routesMode) + " needs the Kubernetes API: no routes to other nodes' pods")
+			logger.Warn("-pod-routes " + string(o.routesMode) + " needs the Kubernetes API: no routes to other nodes' pods")
 		} else {
-			stopRoutes, err := nodenet.StartAgent(ctx, nodenet.AgentConfig{Mode: routesMode, Client: client,
-				NodeName: *nodeName, NetnsFd: nsFd, Logger: logger, Registerer: cfg.Registry})
+			stopRoutes, err := nodenet.StartAgent(ctx, nodenet.AgentConfig{Mode: o.routesMode, Client: client,
+				NodeName: o.nodeName, NetnsFd: nsFd, Logger: logger, Registerer: cfg.Registry})
 			if err != nil {
 				logger.Error("start", "err", err)
 				return 1
