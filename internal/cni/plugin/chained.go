@@ -32,21 +32,10 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 		return err
 	}
 	defer host.Close()
-	hostName, err := hostSideOf(host, args)
+	hostName, mtu, err := hostSide(host, args, prev)
 	if err != nil {
-		// Not a veth we can follow by peer index: take the one host-side
-		// interface of the previous result, as the reference plugin does.
-		name, ok := hostSideFromResult(host, prev)
-		if !ok {
-			return err
-		}
-		hostName = name
+		return err
 	}
-	hl, err := host.LinkByName(hostName)
-	if err != nil {
-		return fmt.Errorf("host interface %s of %s/%s: %w", hostName, args.ContainerID, args.IfName, err)
-	}
-	mtu := hl.Attrs().MTU
 	shape, err := shapingPlan(conf, mtu)
 	if err != nil {
 		return err
@@ -117,6 +106,25 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 	}
 	st.mark("state")
 	return types.PrintResult(prev, conf.CNIVersion)
+}
+
+// hostSide is the host end of the pod's interface and its MTU: the veth
+// peer the kernel reports, or else the one host-side interface of the
+// previous result, as the reference plugin takes it.
+func hostSide(host *netlink.Handle, args *skel.CmdArgs, prev *current.Result) (string, int, error) {
+	name, err := hostSideOf(host, args)
+	if err != nil {
+		alt, ok := hostSideFromResult(host, prev)
+		if !ok {
+			return "", 0, err
+		}
+		name = alt
+	}
+	hl, err := host.LinkByName(name)
+	if err != nil {
+		return "", 0, fmt.Errorf("host interface %s of %s/%s: %w", name, args.ContainerID, args.IfName, err)
+	}
+	return name, hl.Attrs().MTU, nil
 }
 
 // hostSideOf finds the node-side peer of the pod's veth through the peer
