@@ -86,22 +86,8 @@ func parseIPName(name string) (netip.Addr, bool) {
 	return a, true
 }
 
-// The helpers below use raw system calls: they are on the hot path of every pod start,
-// and os.File's poller registration costs more than the I/O itself on tmpfs.
-
-// openRaw opens path, retrying EINTR; errors are *fs.PathError so errors.Is works.
-func openRaw(path string, flags int, mode uint32) (int, error) {
-	for {
-		fd, err := unix.Open(path, flags|unix.O_CLOEXEC, mode)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return -1, &fs.PathError{Op: "open", Path: path, Err: err}
-		}
-		return fd, nil
-	}
-}
+// openRaw is atomicfile.Open: raw system calls on every pod start's path.
+var openRaw = atomicfile.Open
 
 func readSmall(path string) ([]byte, error) {
 	fd, err := openRaw(path, unix.O_RDONLY|unix.O_NOFOLLOW, 0)

@@ -109,7 +109,7 @@ func Remove(path string) (bool, error) {
 
 // SyncDir makes a rename, link or removal in dir survive a crash.
 func SyncDir(dir string) error {
-	fd, err := open(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	fd, err := Open(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
 	if err != nil {
 		return err
 	}
@@ -155,7 +155,7 @@ func writeTemp(dir, base string, o Options, fill func(fd int) error) (string, er
 	}
 	for {
 		tmp := filepath.Join(dir, fmt.Sprintf("%s%s%016x", TempPrefix, base, rand.Uint64()))
-		fd, err := open(tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW, 0o600)
+		fd, err := Open(tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW, 0o600)
 		if errors.Is(err, fs.ErrExist) {
 			continue
 		}
@@ -185,9 +185,11 @@ func writeTemp(dir, base string, o Options, fill func(fd int) error) (string, er
 	}
 }
 
-// open is open(2) with O_CLOEXEC, retrying EINTR; errors are
-// *fs.PathError, so errors.Is(err, fs.ErrExist) and the like work.
-func open(path string, flags int, mode uint32) (int, error) {
+// Open is open(2) with O_CLOEXEC, retrying EINTR; errors are
+// *fs.PathError, so errors.Is(err, fs.ErrExist) and the like work. Raw
+// file descriptors: on the hot path of every pod start, os.File's poller
+// registration costs more than the I/O itself on tmpfs.
+func Open(path string, flags int, mode uint32) (int, error) {
 	for {
 		fd, err := unix.Open(path, flags|unix.O_CLOEXEC, mode)
 		if err == unix.EINTR {
