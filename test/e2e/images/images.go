@@ -157,15 +157,23 @@ func moduleRoot() (string, error) {
 // Import imports the docker-archive tarballs into the k8s.io namespace of
 // the containerd at address (its gRPC socket), where the CRI plugin sees
 // them, and checks that every image reference they name is listed. A
-// failure fails the test with ctr's output.
+// failure fails the test with ctr's output. It runs Debian's ctr (for
+// containerd 1.6); ImportWith names another.
 func Import(t testing.TB, address string, tars ...string) {
+	t.Helper()
+	ImportWith(t, "ctr", address, tars...)
+}
+
+// ImportWith is Import with the ctr binary ctrBin, the one of the
+// containerd at address (containerd.Containerd.Import picks it).
+func ImportWith(t testing.TB, ctrBin, address string, tars ...string) {
 	t.Helper()
 	ctr := func(args ...string) string {
 		t.Helper()
 		ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 		defer cancel()
 		args = append([]string{"--address", address, "-n", "k8s.io"}, args...)
-		out, err := exec.CommandContext(ctx, "ctr", args...).CombinedOutput()
+		out, err := exec.CommandContext(ctx, ctrBin, args...).CombinedOutput()
 		if err != nil {
 			t.Fatalf("ctr %s: %v\n%s", strings.Join(args, " "), err, out)
 		}

@@ -308,3 +308,41 @@ func children(ppid int) []string {
 	}
 	return kids
 }
+
+// TestCoreDNS checks the CoreDNS image: tagged with the version its binary
+// reports, the static binary alone as /coredns, reading its Corefile from
+// CoreDNSConfDir; and made once per process.
+func TestCoreDNS(t *testing.T) {
+	tarPath, ref := CoreDNS(t)
+	if !strings.HasPrefix(ref, CoreDNSRepo+":1.") {
+		t.Fatalf("reference %q, want %s:1.<minor>.<patch>", ref, CoreDNSRepo)
+	}
+	bin := binary(t, tarPath, ref, "coredns")
+	tag, err := name.NewTag(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := tarball.ImageFromPath(tarPath, &tag)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"-conf", CoreDNSConfDir + "/Corefile"}; !slices.Equal(cfg.Config.Cmd, want) {
+		t.Errorf("cmd %q, want %q", cfg.Config.Cmd, want)
+	}
+	out, err := exec.Command(bin, "-version").CombinedOutput()
+	if want := "CoreDNS-" + strings.TrimPrefix(ref, CoreDNSRepo+":"); err != nil || !strings.HasPrefix(string(out), want+"\n") {
+		t.Fatalf("/coredns -version: %v %q, want %s first", err, out, want)
+	}
+	t.Logf("%s: %s", ref, strings.ReplaceAll(strings.TrimSpace(string(out)), "\n", ", "))
+
+	p2, ref2 := CoreDNS(t)
+	a, _ := os.ReadFile(tarPath)
+	b, _ := os.ReadFile(p2)
+	if ref2 != ref || !bytes.Equal(a, b) {
+		t.Fatal("second CoreDNS call gave another image")
+	}
+}
