@@ -4,12 +4,18 @@
 // sandboxes, shims, containers, mounts, cgroups) removed when the test
 // ends, also when it fails.
 //
+// Two containerds, as nodes run during an upgrade: Debian's 1.6 (its
+// packages: containerd, containerd-shim-runc-v2, ctr) and containerd 2
+// built and cached by test/e2e/build.sh (containerd2, containerd2-shim,
+// ctr2). Both use Debian's runc.
+//
 // The test is expected to run on a node of its own (package test/e2e/node):
 // containerd still writes a few fixed host paths (/run/containerd/s for its
 // shims' sockets, /run/netns for pod namespaces, /var/lib/cni for the CNI
 // result cache), which the node's mount namespace covers.
 //
-//	ctrd := containerd.Start(t, containerd.Options{CNIBinDir: bin, CNIConfDir: conf})
+//	ctrd := containerd.Start(t, containerd.Options{Version: 2, CNIBinDir: bin, CNIConfDir: conf})
+//	ctrd.Import(t, tarball) // with the ctr that matches the daemon
 //	id := strings.TrimSpace(ctrd.Crictl(t, "runp", "pod.json"))
 package containerd
 
@@ -61,8 +67,24 @@ type SandboxSpec struct {
 	} `json:"runtimeSpec"`
 }
 
+// Versions are the containerd major versions Start runs: a suite that
+// proves something for every runtime runs once per entry (Name says which
+// in the test's name).
+var Versions = []int{1, 2}
+
+// Name is how test names and logs call containerd major version v.
+func Name(v int) string {
+	if v == 2 {
+		return "containerd2"
+	}
+	return "containerd1.6"
+}
+
 // Options configure the CRI plugin.
 type Options struct {
+	// Version is containerd's major version: 1 (or 0) for Debian's 1.6,
+	// 2 for the cached containerd 2.
+	Version int
 	// CNIBinDir and CNIConfDir are the CRI plugin's cni bin_dir and
 	// conf_dir (required).
 	CNIBinDir, CNIConfDir string
@@ -71,8 +93,51 @@ type Options struct {
 	CNIMaxConfNum int
 }
 
+// binaries are the programs of one containerd version.
+type binaries struct {
+	containerd, shim, ctr string
+}
+
+// lookBinaries finds version v's programs, skipping the test (failing it
+// where CI promised them) when they are not installed or built.
+func lookBinaries(t testing.TB, v int) binaries {
+	t.Helper()
+	if v == 2 {
+		return binaries{
+			containerd: cluster.Binary(t, "containerd2"),
+			shim:       cluster.Binary(t, "containerd2-shim"),
+			ctr:        cluster.Binary(t, "ctr2"),
+		}
+	}
+	var b binaries
+	for _, p := range []struct {
+		name string
+		path *string
+	}{{"containerd", &b.containerd}, {"containerd-shim-runc-v2", &b.shim}, {"ctr", &b.ctr}} {
+		path, err := exec.LookPath(p.name)
+		if err != nil {
+			notInstalled(t, p.name)
+		}
+		*p.path = path
+	}
+	return b
+}
+
+func notInstalled(t testing.TB, bin string) {
+	t.Helper()
+	msg := fmt.Sprintf("e2e: %s is not installed (apt-get install containerd runc)", bin)
+	if os.Getenv(testnet.RequireRootEnv) != "" {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+}
+
 // Containerd is a running private containerd.
 type Containerd struct {
+	// Version is the major version running (1 or 2).
+	Version int
+	// Ctr is the ctr binary of that version.
+	Ctr string
 	// Address is the gRPC (and CRI) unix socket path.
 	Address string
 	// Dir holds config.toml, root/, state/, the log and crictl's config.
@@ -87,6 +152,7 @@ type Containerd struct {
 	CgroupParent string
 
 	opts       Options
+	bin        binaries
 	crictl     string
 	crictlConf string
 	sp         *node.Spawner
@@ -94,11 +160,11 @@ type Containerd struct {
 	proc       *node.Process
 }
 
-// Start writes a config for o, starts containerd, waits until its CRI
-// answers (and, when CNIConfDir holds a network config, reports the
-// network ready), imports the e2e images and registers the cleanup. It
-// skips the test when crictl is not built (cluster.Binary) or containerd
-// is not installed.
+// Start writes a config for o, starts containerd of o.Version, waits
+// until its CRI answers (and, when CNIConfDir holds a network config,
+// reports the network ready), imports the e2e images and registers the
+// cleanup. It skips the test when crictl or containerd 2 is not built
+// (cluster.Binary) or containerd 1.6 is not installed.
 func Start(t testing.TB, o Options) *Containerd {
 	t.Helper()
 	// containerd writes fixed host paths (see the package doc) that only
@@ -111,15 +177,17 @@ func Start(t testing.TB, o Options) *Containerd {
 	if o.CNIMaxConfNum == 0 {
 		o.CNIMaxConfNum = 1
 	}
-	for _, bin := range []string{"containerd", "containerd-shim-runc-v2", "runc", "ctr"} {
-		if _, err := exec.LookPath(bin); err != nil {
-			msg := fmt.Sprintf("e2e: %s is not installed (apt-get install containerd runc)", bin)
-			if os.Getenv(testnet.RequireRootEnv) != "" {
-				t.Fatal(msg)
-			}
-			t.Skip(msg)
-		}
+	switch o.Version {
+	case 0:
+		o.Version = 1
+	case 1, 2:
+	default:
+		t.Fatalf("containerd.Start: Options.Version %d: want 1 (Debian's 1.6) or 2", o.Version)
 	}
+	if _, err := exec.LookPath("runc"); err != nil {
+		notInstalled(t, "runc")
+	}
+	bin := lookBinaries(t, o.Version)
 	crictl := cluster.Binary(t, "crictl")
 
 	dir := t.TempDir()
@@ -134,6 +202,8 @@ func Start(t testing.TB, o Options) *Containerd {
 		sockDir = d
 	}
 	c := &Containerd{
+		Version:      o.Version,
+		Ctr:          bin.ctr,
 		Address:      filepath.Join(sockDir, "containerd.sock"),
 		Dir:          dir,
 		Root:         filepath.Join(dir, "root"),
@@ -142,6 +212,7 @@ func Start(t testing.TB, o Options) *Containerd {
 		Log:          filepath.Join(dir, "containerd.log"),
 		CgroupParent: "/" + testnet.Unique("qoscni-e2e-"),
 		opts:         o,
+		bin:          bin,
 		crictl:       crictl,
 		crictlConf:   filepath.Join(dir, "crictl.yaml"),
 	}
@@ -159,11 +230,11 @@ func Start(t testing.TB, o Options) *Containerd {
 
 	began := time.Now()
 	c.start(t, hasNetworkConfig(o.CNIConfDir))
-	t.Logf("containerd ready in %v (pid %d, log %s)", time.Since(began).Round(time.Millisecond), c.pid(), c.Log)
+	t.Logf("%s ready in %v (pid %d, log %s)", Name(c.Version), time.Since(began).Round(time.Millisecond), c.pid(), c.Log)
 
 	began = time.Now()
 	pause, workload := images.Build(t, dir)
-	images.Import(t, c.Address, pause, workload)
+	c.Import(t, pause, workload)
 	// The CRI plugin learns of imported images from events; runp would
 	// try to pull a sandbox image it has not seen yet.
 	c.waitFor(t, readyTimeout, "CRI sees the e2e images", func() error {
@@ -174,12 +245,26 @@ func Start(t testing.TB, o Options) *Containerd {
 		}
 		return nil
 	})
-	t.Logf("containerd: images imported in %v", time.Since(began).Round(time.Millisecond))
+	t.Logf("%s: images imported in %v", Name(c.Version), time.Since(began).Round(time.Millisecond))
 	return c
 }
 
-// config is containerd's config.toml (version 2, as containerd 1.6 reads).
+// Import imports docker-archive tarballs into the CRI's namespace with
+// this containerd's own ctr (images.ImportWith).
+func (c *Containerd) Import(t testing.TB, tars ...string) {
+	t.Helper()
+	images.ImportWith(t, c.Ctr, c.Address, tars...)
+}
+
 func (c *Containerd) config(o Options) string {
+	if o.Version == 2 {
+		return c.configV3(o)
+	}
+	return c.configV2(o)
+}
+
+// configV2 is containerd 1.6's config.toml (version 2).
+func (c *Containerd) configV2(o Options) string {
 	q := strconv.Quote
 	return fmt.Sprintf(`version = 2
 root = %s
@@ -238,6 +323,83 @@ disabled_plugins = [
 		q(o.CNIBinDir), q(o.CNIConfDir), o.CNIMaxConfNum)
 }
 
+// configV3 is containerd 2's config.toml, in the version 3 format its
+// documentation recommends: the CRI plugin is split into
+// io.containerd.cri.v1.images (snapshotter, sandbox image),
+// io.containerd.cri.v1.runtime (runtimes, CNI) and io.containerd.grpc.v1.cri
+// (the CRI server and its streaming).
+func (c *Containerd) configV3(o Options) string {
+	q := strconv.Quote
+	return fmt.Sprintf(`version = 3
+root = %s
+state = %s
+oom_score = 0
+
+# Unused here; opt would also create /opt/containerd on the host, NRI
+# /var/run/nri/nri.sock. The block-backed snapshotters need images made
+# for them.
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.blockfile",
+  "io.containerd.snapshotter.v1.erofs",
+  "io.containerd.differ.v1.erofs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+  "io.containerd.internal.v1.opt",
+  "io.containerd.nri.v1.nri",
+]
+
+[grpc]
+  address = %s
+
+[ttrpc]
+  address = %s
+
+[debug]
+  address = ""
+  level = "info"
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = %s
+
+[plugins."io.containerd.cri.v1.runtime"]
+  # runc cannot raise oom_score_adj on these machines.
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  disable_apparmor = true
+
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      # The shim of this containerd, not Debian's 1.6 one on PATH.
+      runtime_path = %s
+
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = [%s]
+    conf_dir = %s
+    max_conf_num = %d
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_tls_streaming = false
+`, q(c.Root), q(c.State), q(c.Address), q(c.Address+".ttrpc"), q(images.Pause), q(c.bin.shim),
+		q(o.CNIBinDir), q(o.CNIConfDir), o.CNIMaxConfNum)
+}
+
 func hasNetworkConfig(dir string) bool {
 	for _, pat := range []string{"*.conf", "*.conflist", "*.json"} {
 		if m, _ := filepath.Glob(filepath.Join(dir, pat)); len(m) > 0 {
@@ -253,7 +415,7 @@ func (c *Containerd) start(t testing.TB, wantNetwork bool) {
 	// A socket left by a killed containerd would make the wait below
 	// talk to nothing for a while; containerd replaces it anyway.
 	_ = os.Remove(c.Address)
-	p, err := c.sp.Start("containerd", c.Log, "containerd", "--config", c.Config)
+	p, err := c.sp.Start("containerd", c.Log, c.bin.containerd, "--config", c.Config)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -272,12 +434,33 @@ func (c *Containerd) start(t testing.TB, wantNetwork bool) {
 			return
 		}
 		// containerd serves on without a plugin that failed to load.
-		if log, _ := os.ReadFile(c.Log); strings.Contains(string(log), "failed to load plugin io.containerd.grpc.v1.cri") {
-			t.Fatalf("containerd's CRI plugin did not load\nlast lines of %s:\n%s", c.Log, node.Tail(c.Log))
+		if line := criLoadFailure(c.Log); line != "" {
+			t.Fatalf("containerd's CRI plugin did not load: %s\nlast lines of %s:\n%s", line, c.Log, node.Tail(c.Log))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	t.Fatalf("containerd not ready after %v: %v\nlast lines of %s:\n%s", readyTimeout, last, c.Log, node.Tail(c.Log))
+}
+
+// criPlugins are the IDs of the CRI plugins: 1.6 has one, 2.x three.
+var criPlugins = []string{"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images"}
+
+// criLoadFailure is the line of the containerd log at path that says a CRI
+// plugin failed to load: 1.6 writes `failed to load plugin <id>`, 2.x
+// `msg="failed to load plugin" ... id=<id>`.
+func criLoadFailure(path string) string {
+	b, _ := os.ReadFile(path)
+	for _, line := range strings.Split(string(b), "\n") {
+		if !strings.Contains(line, "failed to load plugin") {
+			continue
+		}
+		for _, id := range criPlugins {
+			if strings.Contains(line, id) {
+				return line
+			}
+		}
+	}
+	return ""
 }
 
 // ready is nil once crictl info says the runtime (and, if wanted, the
@@ -360,7 +543,7 @@ func (c *Containerd) Restart(t testing.TB) {
 	}
 	stopped := time.Since(began)
 	c.start(t, hasNetworkConfig(c.opts.CNIConfDir))
-	t.Logf("containerd restarted: stopped in %v, ready again in %v (pid %d)",
+	t.Logf("%s restarted: stopped in %v, ready again in %v (pid %d)", Name(c.Version),
 		stopped.Round(time.Millisecond), (time.Since(began) - stopped).Round(time.Millisecond), c.pid())
 }
 
