@@ -1,9 +1,11 @@
 // Package cri_test runs qoscni under containerd's CRI plugin, as a kubelet
 // would have it run, without Kubernetes: crictl creates the pods, their
-// annotations and hostPorts reach the plugin as containerd 1.6 sends them,
+// annotations and hostPorts reach the plugin as containerd sends them,
 // and the tests measure the shaping, reach the hostPorts, restart
 // containerd under a live pod, drive CHECK, STATUS and GC through libcni,
-// and check that removing a pod leaves nothing behind.
+// and check that removing a pod leaves nothing behind. Every test runs
+// once per containerd (containerd.Versions: Debian's 1.6 and 2.x), as a
+// subtest named after it (TestStandalone/containerd2/shaping).
 //
 //	QOSCNI_E2E_CRI=1 go test ./test/e2e/cri   (as root; make e2e-cri)
 package cri_test
@@ -17,6 +19,7 @@ import (
 
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/internal/testnet"
+	"github.com/qoscni/qoscni/test/e2e/containerd"
 	"github.com/qoscni/qoscni/test/e2e/images"
 	"github.com/qoscni/qoscni/test/e2e/node"
 )
@@ -61,9 +64,11 @@ func (e *env) checkShaping(t *testing.T, p *pod) {
 // TestStandalone: qoscni alone in the conflist wires, shapes and maps the
 // ports of a pod, leaves an unannotated pod unshaped, and removes
 // everything on stopp+rmp.
-func TestStandalone(t *testing.T) {
+func TestStandalone(t *testing.T) { eachContainerd(t, testStandalone) }
+
+func testStandalone(t *testing.T, v int) {
 	began := time.Now()
-	e := newEnv(t, standalone, 1)
+	e := newEnv(t, v, standalone, 1)
 	p := e.runPod(t, shapedPod("shaped"))
 	a := e.attachmentOf(t, p, true, hostTCP, hostUDP)
 	t.Run("shaping", func(t *testing.T) { e.checkShaping(t, p) })
@@ -92,14 +97,16 @@ func TestStandalone(t *testing.T) {
 		e.removePod(t, p)
 		a.assertGone(t, "after crictl stopp+rmp")
 	})
-	t.Logf("TestStandalone body took %v", time.Since(began).Round(time.Millisecond))
+	t.Logf("TestStandalone body on %s took %v", containerd.Name(v), time.Since(began).Round(time.Millisecond))
 }
 
 // TestChained: Debian's bridge (host-local IPAM) wires the pod, qoscni
 // after it shapes and maps ports in place of bandwidth and portmap.
-func TestChained(t *testing.T) {
+func TestChained(t *testing.T) { eachContainerd(t, testChained) }
+
+func testChained(t *testing.T, v int) {
 	began := time.Now()
-	e := newEnv(t, chained, 2)
+	e := newEnv(t, v, chained, 2)
 	p := e.runPod(t, shapedPod("chained"))
 	a := e.attachmentOf(t, p, true, hostTCP, hostUDP)
 	if a.record.Bridge != "" && a.record.Bridge != e.bridge {
@@ -111,15 +118,17 @@ func TestChained(t *testing.T) {
 		e.removePod(t, p)
 		a.assertGone(t, "after crictl stopp+rmp")
 	})
-	t.Logf("TestChained body took %v", time.Since(began).Round(time.Millisecond))
+	t.Logf("TestChained body on %s took %v", containerd.Name(v), time.Since(began).Round(time.Millisecond))
 }
 
 // TestRestart: containerd restarts under a shaped, port-mapped pod; the
 // pod's qdiscs, hostPort and record are untouched (no second ADD), and
 // its removal afterwards is complete.
-func TestRestart(t *testing.T) {
+func TestRestart(t *testing.T) { eachContainerd(t, testRestart) }
+
+func testRestart(t *testing.T, v int) {
 	began := time.Now()
-	e := newEnv(t, standalone, 3)
+	e := newEnv(t, v, standalone, 3)
 	p := e.runPod(t, shapedPod("restarted"))
 	a := e.attachmentOf(t, p, true, hostTCP, hostUDP)
 	qdiscsBefore := qdiscsJSON(t, a.hostVeth) + qdiscsJSON(t, a.ifb)
@@ -158,7 +167,7 @@ func TestRestart(t *testing.T) {
 	t.Logf("after the restart: qdiscs unchanged, pod %q, hostPort %q", line, hp)
 	e.removePod(t, p)
 	a.assertGone(t, "after crictl stopp+rmp")
-	t.Logf("TestRestart body took %v", time.Since(began).Round(time.Millisecond))
+	t.Logf("TestRestart body on %s took %v", containerd.Name(v), time.Since(began).Round(time.Millisecond))
 }
 
 // TestCNIToolCheckStatusGC drives the CNI verbs containerd never calls
@@ -166,9 +175,11 @@ func TestRestart(t *testing.T) {
 // the arguments containerd passed, CHECK after a qdisc was deleted by
 // hand, STATUS, and GC with no valid attachment; then the pod's removal
 // through the CRI must still succeed (DEL after GC).
-func TestCNIToolCheckStatusGC(t *testing.T) {
+func TestCNIToolCheckStatusGC(t *testing.T) { eachContainerd(t, testCNIToolCheckStatusGC) }
+
+func testCNIToolCheckStatusGC(t *testing.T, v int) {
 	began := time.Now()
-	e := newEnv(t, standalone, 4)
+	e := newEnv(t, v, standalone, 4)
 	p := e.runPod(t, shapedPod("checked"))
 	a := e.attachmentOf(t, p, true, hostTCP, hostUDP)
 
@@ -225,5 +236,5 @@ func TestCNIToolCheckStatusGC(t *testing.T) {
 
 	e.removePod(t, p)
 	a.assertGone(t, "after GC, then crictl stopp+rmp")
-	t.Logf("TestCNIToolCheckStatusGC body took %v", time.Since(began).Round(time.Millisecond))
+	t.Logf("TestCNIToolCheckStatusGC body on %s took %v", containerd.Name(v), time.Since(began).Round(time.Millisecond))
 }

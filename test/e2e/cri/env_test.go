@@ -58,11 +58,23 @@ type env struct {
 	ipamDir  string // the IPAM store's dataDir (qoscni's or host-local's)
 }
 
-// newEnv writes a conflist for mode and starts containerd on it. n keeps
-// the tests' networks apart (bridge, subnets, state).
-func newEnv(t *testing.T, m mode, n int) *env {
+// eachContainerd runs test once per containerd version, as a subtest
+// named after it, so that every result line says which runtime it was.
+func eachContainerd(t *testing.T, test func(t *testing.T, version int)) {
+	node.Get(t)
+	for _, v := range containerd.Versions {
+		t.Run(containerd.Name(v), func(t *testing.T) { test(t, v) })
+	}
+}
+
+// newEnv writes a conflist for mode and starts containerd of the given
+// major version on it. n keeps the tests' networks apart (bridge,
+// subnets, state), also those of the two versions: a bridge the plugin
+// made for one stays in the node for the next.
+func newEnv(t *testing.T, version int, m mode, n int) *env {
 	t.Helper()
 	nd := node.Get(t)
+	n += 10 * (version - 1)
 	for _, p := range referencePlugins {
 		if _, err := os.Stat(filepath.Join(referencePluginDir, p)); err != nil {
 			msg := fmt.Sprintf("e2e: %s/%s missing (apt-get install containernetworking-plugins)", referencePluginDir, p)
@@ -97,7 +109,7 @@ func newEnv(t *testing.T, m mode, n int) *env {
 	}
 	e.conflist = filepath.Join(e.confDir, "10-"+e.network+".conflist")
 	writeJSON(t, e.conflist, e.netConfList(cniVersion))
-	e.ctrd = containerd.Start(t, containerd.Options{CNIBinDir: e.binDir, CNIConfDir: e.confDir})
+	e.ctrd = containerd.Start(t, containerd.Options{Version: version, CNIBinDir: e.binDir, CNIConfDir: e.confDir})
 	return e
 }
 
