@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds the control-plane binaries the e2e tests run (etcd, kube-apiserver,
-# later the node components) from the Go module proxy, into a cache keyed by
-# component and version, and skips what is cached. Sources are pinned by the
-# build modules under test/e2e/build/ (their go.mod and go.sum), not by this script.
+# Builds the third-party binaries the e2e tests run (etcd, the Kubernetes
+# components, crictl, CoreDNS, containerd 2) from the Go module proxy, into a
+# cache keyed by component and version, and skips what is cached. Sources are
+# pinned by the build modules under test/e2e/build/ (their go.mod and go.sum),
+# not by this script.
 #
 #   test/e2e/build.sh [COMPONENT...]   build the named components (default: all)
 #   test/e2e/build.sh --path COMPONENT print the cached binary; exit 1 if not built
@@ -10,12 +11,16 @@
 #   test/e2e/build.sh --bump-k8s VER   repin test/e2e/build/k8s to k8s.io/kubernetes VER
 #
 # QOSCNI_E2E_CACHE  cache root (default /var/cache/qoscni-e2e); a binary is
-#                   $QOSCNI_E2E_CACHE/<component>-<version>/<component>
+#                   $QOSCNI_E2E_CACHE/<component>-<version>/<binary>, where
+#                   the binary is named as the component unless the table
+#                   says otherwise
 # GO                the go command (default: go in PATH, then /usr/local/go/bin)
 #
 # First builds on a 2-core machine: etcd about 1.5 min, kube-apiserver about
-# 12 min (kubelet about 2.5 min and kubectl about 1 min after it, sharing the
-# Go build cache). Cached: well under a second.
+# 12 min (kubelet about 2.5 min, kubectl about 1 min and kube-proxy about 20 s
+# after it, sharing the Go build cache); CoreDNS about 3 min and containerd 2
+# about 1.5 min even on an empty Go build cache (its shim and ctr take seconds
+# after it). Cached: well under a second.
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -26,7 +31,10 @@ GO=${GO:-go}
 
 # One line per binary. The build module is a directory under test/e2e/build/, the
 # module is the one whose version keys the cache, the package is what to build.
-# component      build-module  module                      package
+# The binary column, when present, is the file's name where the program
+# cares what it is called (containerd's shim is found, and cleaned up, by its
+# name); the component name keeps containerd 2 apart from Debian's 1.6.
+# component      build-module  module                      package [binary]
 components="
 etcd             etcd          go.etcd.io/etcd/server/v3   go.etcd.io/etcd/server/v3
 kube-apiserver   k8s           k8s.io/kubernetes           k8s.io/kubernetes/cmd/kube-apiserver
@@ -34,7 +42,12 @@ kubelet          k8s           k8s.io/kubernetes           k8s.io/kubernetes/cmd
 kube-controller-manager k8s    k8s.io/kubernetes           k8s.io/kubernetes/cmd/kube-controller-manager
 kube-scheduler   k8s           k8s.io/kubernetes           k8s.io/kubernetes/cmd/kube-scheduler
 kubectl          k8s           k8s.io/kubernetes           k8s.io/kubernetes/cmd/kubectl
+kube-proxy       k8s           k8s.io/kubernetes           k8s.io/kubernetes/cmd/kube-proxy
 crictl           cri-tools     sigs.k8s.io/cri-tools       sigs.k8s.io/cri-tools/cmd/crictl
+coredns          coredns       github.com/coredns/coredns  github.com/coredns/coredns
+containerd2      containerd    github.com/containerd/containerd/v2 github.com/containerd/containerd/v2/cmd/containerd containerd
+containerd2-shim containerd    github.com/containerd/containerd/v2 github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 containerd-shim-runc-v2
+ctr2             containerd    github.com/containerd/containerd/v2 github.com/containerd/containerd/v2/cmd/ctr ctr
 "
 
 die() { echo "test/e2e/build.sh: $*" >&2; exit 1; }
@@ -60,14 +73,21 @@ version() {
 	echo "$v"
 }
 
+# binary COMPONENT: the file name of its binary.
+binary() {
+	local b
+	b=$(awk -v c="$1" '$1 == c { print $5 }' <<<"$components")
+	echo "${b:-$1}"
+}
+
 bin_path() {
 	local v
 	v=$(version "$1")
-	echo "$cache/$1-$v/$1"
+	echo "$cache/$1-$v/$(binary "$1")"
 }
 
 build_one() {
-	local c=$1 dir mod pkg v out tmp ldflags start
+	local c=$1 dir mod pkg v out tmp ldflags tags start
 	dir=$here/build/$(field "$c" 2)
 	mod=$(field "$c" 3)
 	pkg=$(field "$c" 4)
@@ -87,12 +107,23 @@ build_one() {
 		ldflags+=" -X $vp.gitVersion=$v -X $vp.gitMajor=1 -X $vp.gitMinor=$minor -X $vp.gitTreeState=clean"
 		ldflags+=" -X $vp.buildDate=1970-01-01T00:00:00Z"
 	fi
+	tags=""
+	if [ "$mod" = github.com/containerd/containerd/v2 ]; then
+		# What containerd's Makefile stamps and tags (crictl version and
+		# the kubelet's node status show the version). Without cgo the
+		# btrfs snapshotter is left out by its own build constraint
+		# (!no_btrfs && cgo); nothing else containerd or its shim needs
+		# is cgo. The shim has no gRPC server (no_grpc), as upstream builds it.
+		ldflags+=" -X $mod/version.Version=$v -X $mod/version.Package=$mod"
+		tags=urfave_cli_no_docs
+		[ "$(binary "$c")" = containerd-shim-runc-v2 ] && tags+=",no_grpc"
+	fi
 	mkdir -p "$(dirname "$out")"
 	tmp=$(mktemp "$out.XXXXXX")
 	start=$SECONDS
 	echo "$c $v: building $pkg ..."
 	# Renamed into place only when complete: an existing binary is a good one.
-	if ! (cd "$dir" && CGO_ENABLED=0 $GO build -ldflags "$ldflags" -o "$tmp" "$pkg"); then
+	if ! (cd "$dir" && CGO_ENABLED=0 $GO build -tags "$tags" -ldflags "$ldflags" -o "$tmp" "$pkg"); then
 		rm -f "$tmp"
 		die "$c $v: build failed"
 	fi
