@@ -93,6 +93,12 @@ type KubeletOptions struct {
 	NodeName, NodeIP string
 	// RuntimeEndpoint is the CRI socket, unix:///path.
 	RuntimeEndpoint string
+	// Exec is the node's command prefix (node.Node.Exec): nil runs the
+	// kubelet on the test's own node.
+	Exec []string
+	// ClusterDNS is the cluster DNS Service's address pods resolve with
+	// ("" = none).
+	ClusterDNS string
 }
 
 // Kubelet is a running kubelet.
@@ -131,16 +137,24 @@ func (cp *ControlPlane) StartKubelet(t testing.TB, o KubeletOptions) *Kubelet {
 	// Both run after the kubelet's stop, registered below: its volumes
 	// (tmpfs, projected tokens) stay mounted under its root dir.
 	t.Cleanup(removeCgroups)
-	t.Cleanup(func() {
-		if err := node.UnmountUnder(dir); err != nil {
-			t.Errorf("kubelet mounts: %v", err)
-		}
-	})
+	if o.Exec == nil {
+		// Another node's volume mounts live and die in its own mount
+		// namespace.
+		t.Cleanup(func() {
+			if err := node.UnmountUnder(dir); err != nil {
+				t.Errorf("kubelet mounts: %v", err)
+			}
+		})
+	}
+	clusterDNS := ""
+	if o.ClusterDNS != "" {
+		clusterDNS = "clusterDNS: [" + o.ClusterDNS + "]"
+	}
 	config := fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: %[1]s
 readOnlyPort: 0
-healthzBindAddress: 127.0.0.1
+healthzBindAddress: %[1]s
 healthzPort: 10248
 authentication:
   anonymous: {enabled: false}
@@ -167,7 +181,8 @@ serializeImagePulls: false
 syncFrequency: 10s
 nodeStatusUpdateFrequency: 5s
 fileCheckFrequency: 20s
-`, o.NodeIP, cp.CAFile, dir, o.RuntimeEndpoint, k.CgroupRoot)
+%[6]s
+`, o.NodeIP, cp.CAFile, dir, o.RuntimeEndpoint, k.CgroupRoot, clusterDNS)
 	cfgPath := filepath.Join(dir, "config.yaml")
 	if err := os.WriteFile(cfgPath, []byte(config), 0o600); err != nil {
 		t.Fatal(err)
@@ -179,13 +194,14 @@ fileCheckFrequency: 20s
 		"--v=2",
 	}
 	began := time.Now()
-	p, err := cp.sp.Start("kubelet", filepath.Join(dir, "kubelet.log"), bin, args...)
+	cmd := onNode(o.Exec, bin, args)
+	p, err := cp.sp.Start("kubelet", filepath.Join(dir, "kubelet.log"), cmd[0], cmd[1:]...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { p.Stop(t, stopTimeout) })
 	err = waitHTTP(p, startTimeout, func() error {
-		if err := healthz("http://127.0.0.1:10248/healthz"); err != nil {
+		if err := healthz("http://" + net.JoinHostPort(o.NodeIP, "10248") + "/healthz"); err != nil {
 			return err
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -286,4 +302,67 @@ func healthz(url string) error {
 		return fmt.Errorf("%s: %s", url, resp.Status)
 	}
 	return nil
+}
+
+// onNode is the command line that runs bin with args through a node's
+// command prefix (none: the test's own node).
+func onNode(prefix []string, bin string, args []string) []string {
+	return append(append(append([]string{}, prefix...), bin), args...)
+}
+
+// KubeProxyOptions describe the node a kube-proxy serves.
+type KubeProxyOptions struct {
+	NodeName, NodeIP string
+	// Mode is "nftables" or "iptables".
+	Mode string
+	// ClusterCIDRs are the pods' ranges (traffic from outside them to a
+	// Service is masqueraded).
+	ClusterCIDRs []string
+	// Exec is the node's command prefix (node.Node.Exec).
+	Exec []string
+}
+
+// StartKubeProxy starts kube-proxy for one node and returns once it
+// answers its health check (it has synced its rules once). Its conntrack
+// settings are left alone: those sysctls are global on these kernels.
+func (cp *ControlPlane) StartKubeProxy(t testing.TB, o KubeProxyOptions) {
+	t.Helper()
+	bin := Binary(t, "kube-proxy")
+	dir := filepath.Join(cp.Dir, "kube-proxy-"+o.NodeName)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	kc := filepath.Join(dir, "kubeconfig")
+	if err := cp.WriteKubeconfig(kc, "system:kube-proxy"); err != nil {
+		t.Fatal(err)
+	}
+	config := fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection: {kubeconfig: %[1]s}
+hostnameOverride: %[2]s
+bindAddress: %[3]s
+healthzBindAddress: %[3]s:10256
+metricsBindAddress: %[3]s:10249
+mode: %[4]s
+clusterCIDR: %[5]s
+conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s, udpTimeout: 0s, udpStreamTimeout: 0s}
+`, kc, o.NodeName, o.NodeIP, o.Mode, strings.Join(o.ClusterCIDRs, ","))
+	cfgPath := filepath.Join(dir, "config.yaml")
+	if err := os.WriteFile(cfgPath, []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := onNode(o.Exec, bin, []string{"--config=" + cfgPath, "--v=2"})
+	began := time.Now()
+	p, err := cp.sp.Start("kube-proxy", filepath.Join(dir, "kube-proxy.log"), cmd[0], cmd[1:]...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Stop(t, stopTimeout) })
+	err = waitHTTP(p, startTimeout, func() error {
+		return healthz("http://" + net.JoinHostPort(o.NodeIP, "10256") + "/healthz")
+	})
+	if err != nil {
+		t.Fatalf("kube-proxy (%s): %v\nlast lines of %s:\n%s", o.Mode, err, p.Log, node.Tail(p.Log))
+	}
+	t.Logf("kube-proxy (%s) on %s ready in %v (pid %d, log %s)", o.Mode, o.NodeName, time.Since(began).Round(time.Millisecond), p.Cmd.Process.Pid, p.Log)
 }

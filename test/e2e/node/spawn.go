@@ -55,6 +55,11 @@ type Process struct {
 
 // Start runs bin with args, its stdout and stderr appended to logPath.
 func (s *Spawner) Start(name, logPath, bin string, args ...string) (*Process, error) {
+	return s.StartEnv(name, logPath, nil, bin, args...)
+}
+
+// StartEnv is Start with extra environment variables.
+func (s *Spawner) StartEnv(name, logPath string, env []string, bin string, args ...string) (*Process, error) {
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
@@ -62,6 +67,9 @@ func (s *Spawner) Start(name, logPath, bin string, args ...string) (*Process, er
 	defer f.Close() // the child has its own copy
 	fmt.Fprintf(f, "--- %s %s %s\n", time.Now().Format(time.RFC3339Nano), bin, strings.Join(args, " "))
 	cmd := exec.Command(bin, args...)
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	errc := make(chan error)
