@@ -11,8 +11,10 @@
 //
 // The test is expected to run on a node of its own (package test/e2e/node):
 // containerd still writes a few fixed host paths (/run/containerd/s for its
-// shims' sockets, /run/netns for pod namespaces, /var/lib/cni for the CNI
-// result cache), which the node's mount namespace covers.
+// shims' sockets, /run/containerd/runc for runc's state, /run/netns for pod
+// namespaces, /var/lib/cni for the CNI result cache), which the node's
+// mount namespace covers. Options.Exec runs it on another node (the
+// second node's nsenter prefix), in that node's namespaces.
 //
 //	ctrd := containerd.Start(t, containerd.Options{Version: 2, CNIBinDir: bin, CNIConfDir: conf})
 //	ctrd.Import(t, tarball) // with the ctr that matches the daemon
@@ -91,6 +93,11 @@ type Options struct {
 	// CNIMaxConfNum is the number of network configs the CRI plugin
 	// loads from CNIConfDir (max_conf_num); 0 means 1.
 	CNIMaxConfNum int
+	// Exec is the command prefix of the node containerd runs on
+	// (node.Node.Exec): nil for the test's own node. Its shims, pods and
+	// mounts are then that node's; what containerd leaves mounted there
+	// goes with the node's mount namespace at the end of the test.
+	Exec []string
 }
 
 // binaries are the programs of one containerd version.
@@ -415,7 +422,8 @@ func (c *Containerd) start(t testing.TB, wantNetwork bool) {
 	// A socket left by a killed containerd would make the wait below
 	// talk to nothing for a while; containerd replaces it anyway.
 	_ = os.Remove(c.Address)
-	p, err := c.sp.Start("containerd", c.Log, c.bin.containerd, "--config", c.Config)
+	cmd := append(append(append([]string{}, c.opts.Exec...), c.bin.containerd), "--config", c.Config)
+	p, err := c.sp.Start("containerd", c.Log, cmd[0], cmd[1:]...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -51,30 +52,8 @@ func lifecycle(t *testing.T, version int) {
 			t.Fatalf("crictl version of %s: %s", Name(version), v)
 		}
 		t.Logf("crictl version: %s", strings.Join(strings.Fields(v), " "))
-		dir := t.TempDir()
-		podCfg := filepath.Join(dir, "pod.json")
-		ctrCfg := filepath.Join(dir, "ctr.json")
-		writeJSON(t, podCfg, map[string]any{
-			"metadata":      map[string]any{"name": "hostnet", "namespace": "e2e", "uid": "hostnet-uid"},
-			"log_directory": dir,
-			"linux": map[string]any{
-				"cgroup_parent": c.CgroupParent,
-				// network: NODE (2): no CNI.
-				"security_context": map[string]any{"namespace_options": map[string]any{"network": 2, "pid": 1}},
-			},
-		})
-		writeJSON(t, ctrCfg, map[string]any{
-			"metadata": map[string]any{"name": "workload"},
-			"image":    map[string]any{"image": images.Workload},
-			"log_path": "workload.log",
-		})
-		began := time.Now()
-		pod := strings.TrimSpace(c.Crictl(t, "runp", podCfg))
-		ctr := strings.TrimSpace(c.Crictl(t, "create", "--no-pull", pod, ctrCfg, podCfg))
-		c.Crictl(t, "start", ctr)
 		addr := net.JoinHostPort("127.0.0.1", "8080")
-		answer(t, addr)
-		t.Logf("host-network pod answering in %v", time.Since(began).Round(time.Millisecond))
+		pod, ctr := runHostWorkload(t, c, addr)
 		if n := len(shimPIDs(c.Address)); n == 0 {
 			t.Fatal("no containerd-shim-runc-v2 found for this containerd")
 		}
@@ -119,6 +98,90 @@ func lifecycle(t *testing.T, version int) {
 	if conn, err := net.DialTimeout("tcp", "127.0.0.1:8080", time.Second); err == nil {
 		conn.Close()
 		t.Error("the workload still answers after cleanup")
+	}
+}
+
+// runHostWorkload runs the workload in a host-network pod (no CNI
+// involved) and waits until it answers at addr; it returns the sandbox
+// and container IDs.
+func runHostWorkload(t *testing.T, c *Containerd, addr string) (pod, ctr string) {
+	t.Helper()
+	dir := t.TempDir()
+	podCfg := filepath.Join(dir, "pod.json")
+	ctrCfg := filepath.Join(dir, "ctr.json")
+	writeJSON(t, podCfg, map[string]any{
+		"metadata":      map[string]any{"name": "hostnet", "namespace": "e2e", "uid": "hostnet-uid"},
+		"log_directory": dir,
+		"linux": map[string]any{
+			"cgroup_parent": c.CgroupParent,
+			// network: NODE (2): no CNI.
+			"security_context": map[string]any{"namespace_options": map[string]any{"network": 2, "pid": 1}},
+		},
+	})
+	writeJSON(t, ctrCfg, map[string]any{
+		"metadata": map[string]any{"name": "workload"},
+		"image":    map[string]any{"image": images.Workload},
+		"log_path": "workload.log",
+	})
+	began := time.Now()
+	pod = strings.TrimSpace(c.Crictl(t, "runp", podCfg))
+	ctr = strings.TrimSpace(c.Crictl(t, "create", "--no-pull", pod, ctrCfg, podCfg))
+	c.Crictl(t, "start", ctr)
+	answer(t, addr)
+	t.Logf("host-network pod answering at %s in %v", addr, time.Since(began).Round(time.Millisecond))
+	return pod, ctr
+}
+
+// TestSecondNode runs each containerd on the second node (node.Second,
+// through Options.Exec), as the Kubernetes harness's second node runs
+// containerd 2: containerd is in that node's network and mount
+// namespaces, its host-network workload answers on that node's address
+// and not on the first node's, and the cleanup leaves no process.
+func TestSecondNode(t *testing.T) {
+	node.Get(t)
+	for _, v := range Versions {
+		t.Run(Name(v), func(t *testing.T) {
+			var c *Containerd
+			var pid int
+			t.Run("run", func(t *testing.T) {
+				second := node.Second(t, node.NewSpawner(t))
+				c = Start(t, Options{Version: v, Exec: second.Exec, CNIBinDir: t.TempDir(), CNIConfDir: t.TempDir()})
+				pid = c.pid()
+				for _, ns := range []struct{ kind, want string }{{"net", second.NetNS.Path}, {"mnt", ""}} {
+					got, err := os.Readlink(filepath.Join("/proc", strconv.Itoa(pid), "ns", ns.kind))
+					if err != nil {
+						t.Fatal(err)
+					}
+					self, _ := os.Readlink("/proc/self/ns/" + ns.kind)
+					if got == self {
+						t.Fatalf("containerd is in the first node's %s namespace (%s)", ns.kind, got)
+					}
+					if ns.want != "" {
+						var st syscall.Stat_t
+						if err := syscall.Stat(ns.want, &st); err != nil || got != fmt.Sprintf("net:[%d]", st.Ino) {
+							t.Fatalf("containerd's network namespace is %s, not the second node's %s (%v)", got, ns.want, err)
+						}
+					}
+				}
+				runHostWorkload(t, c, net.JoinHostPort(node.Node2IP, "8080"))
+				if conn, err := net.DialTimeout("tcp", "127.0.0.1:8080", time.Second); err == nil {
+					conn.Close()
+					t.Fatal("the second node's host-network workload answers on the first node")
+				}
+			})
+			if c == nil {
+				return
+			}
+			if _, err := os.Stat(filepath.Join("/proc", strconv.Itoa(pid))); err == nil {
+				t.Errorf("containerd (pid %d) still running after cleanup", pid)
+			}
+			if pids := shimPIDs(c.Address); len(pids) > 0 {
+				t.Errorf("shims left after cleanup: %v", pids)
+			}
+			if dirs := cgroupDirs(c.CgroupParent); len(dirs) > 0 {
+				t.Errorf("cgroups left after cleanup: %v", dirs)
+			}
+		})
 	}
 }
 
