@@ -72,10 +72,10 @@ fmt-check:
 deps:
 	scripts/deps.sh
 
-# etcd and kube-apiserver for the tests that need a real control plane
-# (test/e2e/cluster), built from the Go module proxy and cached by version under
-# ${QOSCNI_E2E_CACHE:-/var/cache/qoscni-e2e}: about 14 min the first time,
-# instant after. Without them those tests skip.
+# etcd, the Kubernetes components, crictl, CoreDNS and containerd 2 for the
+# e2e harnesses (test/e2e/README.md), built from the Go module proxy and cached
+# by version under ${QOSCNI_E2E_CACHE:-/var/cache/qoscni-e2e}: 20 to 35 min the
+# first time on 2 cores, instant after. Without them those tests skip.
 e2e-build:
 	test/e2e/build.sh
 
