@@ -41,9 +41,11 @@ func TestMain(m *testing.M) { node.Main(m, "QOSCNI_E2E_K8S") }
 const (
 	nodeName = "e2e-node"
 	// The controller-manager gives the node a /24 and a /64 of these.
-	clusterCIDR4  = "10.244.0.0/16"
-	clusterCIDR6  = "fd00:10:244::/56"
-	networkName   = "qoscni" // deploy/base/config/standalone.json
+	clusterCIDR4 = "10.244.0.0/16"
+	clusterCIDR6 = "fd00:10:244::/56"
+	networkName  = "qoscni" // deploy/base/config/standalone.json
+	// clusterDNS is the kube-dns Service's address, in cluster.ServiceCIDR.
+	clusterDNS    = "10.0.0.10"
 	shapedHostTCP = 30080
 	shapedHostUDP = 30081
 )
@@ -76,12 +78,14 @@ func TestKubernetes(t *testing.T) {
 	e.kubectl = cluster.Binary(t, "kubectl")
 
 	e.cp = cluster.StartControlPlaneWith(t, cluster.Options{AdvertiseAddress: n.IP, BindAddress: "0.0.0.0", ServiceAccounts: true})
-	e.serviceProxy(t)
 	e.cp.StartControllerManager(t, clusterCIDR4, clusterCIDR6)
 	e.cp.StartScheduler(t)
 	e.ctd = containerd.Start(t, containerd.Options{CNIBinDir: install.CNIBinDir, CNIConfDir: install.CNIConfDir})
 	images.Import(t, e.ctd.Address, qoscniImage(t))
-	e.cp.StartKubelet(t, cluster.KubeletOptions{NodeName: nodeName, NodeIP: n.IP, RuntimeEndpoint: "unix://" + e.ctd.Address})
+	e.cp.StartKubelet(t, cluster.KubeletOptions{NodeName: nodeName, NodeIP: n.IP, RuntimeEndpoint: "unix://" + e.ctd.Address,
+		ClusterDNS: clusterDNS})
+	e.cp.StartKubeProxy(t, cluster.KubeProxyOptions{NodeName: nodeName, NodeIP: n.IP, Mode: proxyMode(),
+		ClusterCIDRs: []string{clusterCIDR4, clusterCIDR6}})
 	t.Logf("timing: cluster up in %v", time.Since(began).Round(time.Millisecond))
 
 	steps := []struct {
@@ -105,24 +109,13 @@ func TestKubernetes(t *testing.T) {
 	}
 }
 
-// serviceProxy stands in for kube-proxy, for the one Service the node's
-// own processes use: the agent's in-cluster config dials the kubernetes
-// Service's ClusterIP, here DNATed (node netns, output hook) to the API
-// server on the node's address.
-func (e *env) serviceProxy(t *testing.T) {
-	u, err := url.Parse(e.cp.URL)
-	if err != nil {
-		t.Fatal(err)
+// proxyMode is kube-proxy's mode for the run: nftables unless
+// QOSCNI_E2E_PROXY_MODE says iptables (make e2e-k8s-iptables).
+func proxyMode() string {
+	if m := os.Getenv("QOSCNI_E2E_PROXY_MODE"); m != "" {
+		return m
 	}
-	table := "qoscni-e2e-svc"
-	rules := fmt.Sprintf("table ip %s {\n chain out {\n  type nat hook output priority -100;\n  ip daddr %s tcp dport 443 dnat to %s:%s\n }\n}\n",
-		table, cluster.ServiceIP, e.n.IP, u.Port())
-	cmd := exec.Command("nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(rules)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("nft: %v: %s", err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("nft", "delete", "table", "ip", table).Run() })
+	return "nftables"
 }
 
 // qoscniImage builds the plugin and agent as `make image` does and returns

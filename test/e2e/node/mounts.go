@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -38,11 +39,20 @@ var privateFiles = []string{
 	"/proc/sys/vm/panic_on_oom",
 }
 
+// createdMark marks a host directory an e2e run created to mount over, so
+// that whichever run ends last removes it (runs of several e2e packages can
+// overlap, and a directory removed under another run's mount detaches
+// that mount, emptying its /opt/cni/bin mid-test).
+const createdMark = ".qoscni-e2e-created"
+
 // makeMountpoints creates the private directories that the host does not
-// have (a mount needs its mountpoint), returning them for removal.
+// have (a mount needs its mountpoint), marking each directory it made.
 func makeMountpoints() ([]string, error) {
 	var made []string
 	for _, d := range privateDirs {
+		if _, err := os.Stat(d); err == nil {
+			continue
+		}
 		missing := d
 		for {
 			parent := filepath.Dir(missing)
@@ -51,14 +61,13 @@ func makeMountpoints() ([]string, error) {
 			}
 			missing = parent
 		}
-		if _, err := os.Stat(d); err == nil {
-			continue
-		}
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return made, err
 		}
-		// Remove from the deepest up to the first directory made.
 		for p := d; ; p = filepath.Dir(p) {
+			if err := os.WriteFile(filepath.Join(p, createdMark), nil, 0o644); err != nil {
+				return made, err
+			}
 			made = append(made, p)
 			if p == missing {
 				break
@@ -68,13 +77,56 @@ func makeMountpoints() ([]string, error) {
 	return made, nil
 }
 
-// removeMountpoints removes the directories makeMountpoints created, if
-// still empty on the host (nothing was ever written to them: they were
-// covered).
-func removeMountpoints(made []string) {
-	for _, d := range made {
+// removeMountpoints removes the marked directories (made by this run or an
+// earlier one) that no other mount namespace mounts on or under, deepest
+// first; one in use stays for the run using it to remove.
+func removeMountpoints(_ []string) {
+	var marked []string
+	for _, d := range privateDirs {
+		for p := d; p != "/" && p != "."; p = filepath.Dir(p) {
+			if _, err := os.Stat(filepath.Join(p, createdMark)); err == nil && !slices.Contains(marked, p) {
+				marked = append(marked, p)
+			}
+		}
+	}
+	slices.SortFunc(marked, func(a, b string) int { return strings.Count(b, "/") - strings.Count(a, "/") })
+	used := mountedElsewhere()
+	for _, d := range marked {
+		if slices.ContainsFunc(used, func(m string) bool { return m == d || strings.HasPrefix(m, d+"/") }) {
+			continue
+		}
+		_ = os.Remove(filepath.Join(d, createdMark))
 		_ = os.Remove(d)
 	}
+}
+
+// mountedElsewhere lists the mount points of every mount namespace but
+// this process's.
+func mountedElsewhere() []string {
+	self, _ := os.Readlink("/proc/self/ns/mnt")
+	seen := map[string]bool{self: true}
+	var out []string
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		ns, err := os.Readlink(filepath.Join("/proc", e.Name(), "ns", "mnt"))
+		if err != nil || seen[ns] {
+			continue
+		}
+		seen[ns] = true
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "mountinfo"))
+		if err != nil {
+			continue
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(l); len(f) > 4 {
+				out = append(out, f[4])
+			}
+		}
+	}
+	return out
 }
 
 // coverHostPaths runs in the child, in its own mount namespace (a slave of
