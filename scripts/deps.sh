@@ -28,5 +28,19 @@ if [ ${#missing[@]} -gt 0 ]; then
 	fi
 fi
 
+# br_netfilter: a standalone ADD refuses to wire pods without it (their
+# Services would break, docs/install.md), and the kernel tests, the demo and
+# the e2e harnesses run standalone ADDs. Built into some kernels; Debian's
+# is a module, not loaded at boot.
+if [ ! -e /proc/sys/net/bridge/bridge-nf-call-iptables ]; then
+	[ "$(id -u)" -eq 0 ] || die "br_netfilter is not loaded; run 'make deps' as root, or: modprobe br_netfilter"
+	if ! command -v modprobe >/dev/null; then
+		export DEBIAN_FRONTEND=noninteractive
+		apt-get install -y --no-install-recommends kmod || { apt-get update && apt-get install -y --no-install-recommends kmod; }
+	fi
+	log "loading br_netfilter"
+	modprobe br_netfilter || die "modprobe br_netfilter failed: qoscni's standalone ADD needs it (docs/install.md)"
+fi
+
 command -v go >/dev/null || die "go not found (expected in PATH or /usr/local/go/bin)"
 (cd "$QOSCNI_ROOT" && go mod download)

@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -21,9 +22,12 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/qoscni/qoscni/internal/agent/cniconf"
 	"github.com/qoscni/qoscni/internal/agent/kube"
 	"github.com/qoscni/qoscni/internal/agent/reconcile"
+	"github.com/qoscni/qoscni/internal/cni/podnet"
 	"github.com/qoscni/qoscni/internal/paths"
+	"github.com/qoscni/qoscni/internal/sysctl"
 	"github.com/qoscni/qoscni/metrics"
 )
 
@@ -77,6 +81,9 @@ type Config struct {
 	// Registry, when set, is where /metrics is served from, so that other
 	// parts of the agent (pod routes) add their metrics; nil = a new one.
 	Registry *prometheus.Registry
+	// ProcSys is where /readyz reads the node's br_netfilter settings
+	// ("" = /proc/sys, which shows the node's: hostNetwork).
+	ProcSys sysctl.Tree
 }
 
 // Server is a running agent.
@@ -206,7 +213,9 @@ func (s *Server) Addr() string { return s.ln.Addr().String() }
 func (s *Server) Collector() *metrics.Collector { return s.collector }
 
 // ready says whether a scrape can read what it needs: the state directory
-// (missing is fine: no pod yet) and the node's tc statistics.
+// (missing is fine: no pod yet) and the node's tc statistics; and whether
+// the node passes bridged pod traffic to iptables where qoscni's pods need
+// it.
 func (s *Server) ready(w http.ResponseWriter, _ *http.Request) {
 	if _, err := os.Stat(s.cfg.StateDir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		http.Error(w, "state dir: "+err.Error(), http.StatusServiceUnavailable)
@@ -216,7 +225,26 @@ func (s *Server) ready(w http.ResponseWriter, _ *http.Request) {
 		http.Error(w, "tc: "+err.Error(), http.StatusServiceUnavailable)
 		return
 	}
+	if err := s.bridgeNetfilter(); err != nil {
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+		return
+	}
 	fmt.Fprintln(w, "ok")
+}
+
+// bridgeNetfilter answers what the plugin's STATUS answers about
+// br_netfilter (podnet.BridgeNetfilter), with the same message, for the
+// nodes whose runtime never calls STATUS (containerd before 2.0). Only a
+// standalone qoscni network (qoscni first in its file) puts pods on a
+// bridge of qoscni's; behind another main plugin br_netfilter is that
+// plugin's concern. It only reads: the container's /proc/sys is read only,
+// and the plugin's next ADD or STATUS sets a sysctl found at 0 back to 1.
+func (s *Server) bridgeNetfilter() error {
+	files, _ := cniconf.ReadDir(s.cfg.CNIConfDir)
+	if !slices.ContainsFunc(files, (*cniconf.File).MainIsQoscni) {
+		return nil
+	}
+	return podnet.BridgeNetfilter{ProcSys: s.cfg.ProcSys, NetnsFd: s.nodeNS}.Check()
 }
 
 // Serve runs until ctx is done, then shuts down gracefully.

@@ -205,9 +205,15 @@ func (s scrape) must(t *testing.T, name string, want map[string]string) float64 
 
 func startAgent(t *testing.T, node *testnet.Node, confDir string) *Server {
 	t.Helper()
-	srv, err := New(Config{Listen: "127.0.0.1:0", StateDir: node.StateDir, JournalDir: journal.DirFor(node.StateDir),
-		CNIConfDir: confDir, NetnsPath: node.Path, Version: "test",
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	return startAgentWith(t, node, Config{CNIConfDir: confDir})
+}
+
+// startAgentWith starts the agent of node with cfg's other settings.
+func startAgentWith(t *testing.T, node *testnet.Node, cfg Config) *Server {
+	t.Helper()
+	cfg.Listen, cfg.StateDir, cfg.JournalDir = "127.0.0.1:0", node.StateDir, journal.DirFor(node.StateDir)
+	cfg.NetnsPath, cfg.Version, cfg.Logger = node.Path, "test", slog.New(slog.NewTextHandler(io.Discard, nil))
+	srv, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

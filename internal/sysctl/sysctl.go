@@ -7,6 +7,12 @@
 // Paths are relative to /proc/sys with '/' separators
 // ("net/ipv4/conf/eth0.100/forwarding"), so interface names containing
 // '.' need no escaping.
+//
+// The same holds for the host's /proc/sys/net mounted elsewhere: which
+// namespace a file under it shows is decided when it is opened, not by
+// where it is mounted. A Tree names such a mount: the installer's
+// container reaches the node's settings through one, since runtimes give
+// a container its own /proc/sys read only.
 package sysctl
 
 import (
@@ -23,12 +29,31 @@ import (
 // Current is the nsFd that means the calling thread's own namespace.
 const Current = -1
 
+// Tree is the directory a /proc/sys is seen at.
+type Tree string
+
+// Proc is the process's own /proc/sys.
+const Proc Tree = "/proc/sys"
+
+func (t Tree) file(path string) string {
+	if t == "" {
+		t = Proc
+	}
+	return string(t) + "/" + path
+}
+
+// Get is Tree.Get of Proc.
+func Get(nsFd int, path string) (string, error) { return Proc.Get(nsFd, path) }
+
+// Set is Tree.Set of Proc.
+func Set(nsFd int, path, value string) error { return Proc.Set(nsFd, path, value) }
+
 // Get returns the setting at path, without surrounding white space, as
 // the network namespace nsFd (Current: the calling thread's) has it.
-func Get(nsFd int, path string) (string, error) {
+func (t Tree) Get(nsFd int, path string) (string, error) {
 	var v string
 	err := inNetns(nsFd, func() error {
-		b, err := os.ReadFile("/proc/sys/" + path)
+		b, err := os.ReadFile(t.file(path))
 		v = strings.TrimSpace(string(b))
 		return err
 	})
@@ -42,9 +67,9 @@ func Get(nsFd int, path string) (string, error) {
 // writes only when it holds something else: no write, no side effect
 // (route_localnet flushes the routing cache when it goes to 0), and a
 // setting already right needs no writable /proc/sys.
-func Set(nsFd int, path, value string) error {
+func (t Tree) Set(nsFd int, path, value string) error {
 	return inNetns(nsFd, func() error {
-		full := "/proc/sys/" + path
+		full := t.file(path)
 		cur, err := os.ReadFile(full)
 		if err != nil {
 			return fmt.Errorf("read sysctl %s: %w", path, err)

@@ -237,6 +237,10 @@ type Call struct {
 	Path        string // CNI_PATH; defaults to the binary's directory
 	Config      []byte
 	Env         []string // extra or overriding variables; "CNI_X=" unsets-by-empty
+	// ReadOnlyProcSys runs the plugin in a mount namespace of its own
+	// where /proc/sys is read only, as runtimes give it to a container:
+	// the node's sysctls can be read there but not set.
+	ReadOnlyProcSys bool
 }
 
 // registryEnv mirrors state.RegistryEnv (testnet imports no product code).
@@ -271,6 +275,13 @@ func (n *Node) Invoke(t testing.TB, c Call) Result {
 	set("CNI_PATH", path)
 	env = append(env, c.Env...)
 	cmd := exec.Command("ip", "netns", "exec", n.Name, bin)
+	if c.ReadOnlyProcSys {
+		// ip netns exec makes its own mount namespace from this one, and
+		// keeps /proc as it finds it.
+		cmd = exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-ec",
+			`mount --bind /proc/sys /proc/sys; mount -o remount,bind,ro /proc/sys; exec "$@"`,
+			"sh", "ip", "netns", "exec", n.Name, bin)
+	}
 	cmd.Env = env
 	cmd.Stdin = bytes.NewReader(c.Config)
 	var stdout, stderr bytes.Buffer

@@ -42,6 +42,17 @@ type Options struct {
 	WaitPrimary time.Duration
 	// PodCIDRs gives the ranges when the standalone config has none.
 	PodCIDRs PodCIDRSource
+
+	// Kernel: in standalone mode, also load br_netfilter and set its
+	// sysctls in the node's network namespace (installBridgeNetfilter).
+	Kernel bool
+	// NetnsPath is the node's network namespace ("" = this process's).
+	NetnsPath string
+	// ProcSys is where the node's /proc/sys is seen ("" = ProcSysDir
+	// under Root); ModulesDir its /lib/modules ("" = ModulesDir under
+	// Root).
+	ProcSys    string
+	ModulesDir string
 }
 
 // Action is what happened to one file.
@@ -54,6 +65,7 @@ const (
 	Restored  Action = "restored"
 	Removed   Action = "removed"
 	Absent    Action = "absent"
+	Loaded    Action = "loaded" // a kernel module
 )
 
 // Change is one file's outcome.
@@ -101,7 +113,9 @@ func orDefault(v, def string) string {
 
 // Install puts the plugin binary and the network config in place. The
 // binary goes first, so the runtime never finds a config whose plugin is
-// missing. Running it again with the same inputs changes nothing.
+// missing; in standalone mode br_netfilter comes before the config, so
+// the first pods find it. Running it again with the same inputs changes
+// nothing.
 func Install(ctx context.Context, o Options) (*Report, error) {
 	h := hostPaths{root: orDefault(o.Root, "/")}
 	binDir := orDefault(o.CNIBinDir, CNIBinDir)
@@ -122,6 +136,11 @@ func Install(ctx context.Context, o Options) (*Report, error) {
 
 	switch o.Mode {
 	case Standalone, "":
+		if o.Kernel {
+			if err := installBridgeNetfilter(h, o, rep); err != nil {
+				return rep, err
+			}
+		}
 		return rep, installStandalone(ctx, h, confDir, o, rep)
 	case Chained:
 		return rep, installChained(ctx, h, confDir, o, rep)

@@ -487,3 +487,39 @@ func TestMain_InstallUninstall(t *testing.T) {
 		t.Fatalf("bad command rc %d", rc)
 	}
 }
+
+// Where br_netfilter cannot be loaded (here: no modules for this kernel
+// where the node's /lib/modules should be) the install still puts qoscni
+// in place and warns, with the load's reason and the words the plugin's
+// STATUS uses; where the node's /proc/sys/net is not mounted it leaves
+// br_netfilter alone and says so.
+func TestStandaloneInstallWithoutBridgeNetfilter(t *testing.T) {
+	n := newNode(t)
+	procSys := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(procSys, "net", "core"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	rep := n.install(Options{PodCIDRs: cidrs("10.244.1.0/24"), Kernel: true, ProcSys: procSys, ModulesDir: t.TempDir()})
+	if !n.exists(confPath) || !n.exists(binPath) {
+		t.Fatal("install did not put the plugin in place")
+	}
+	warnings := strings.Join(rep.Warnings, "\n")
+	for _, w := range []string{"find module br_netfilter", "/lib/modules mounted", "net.bridge.bridge-nf-call-iptables", "modprobe br_netfilter"} {
+		if !strings.Contains(warnings, w) {
+			t.Errorf("warnings do not say %q:\n%s", w, warnings)
+		}
+	}
+	t.Logf("warnings:\n%s", warnings)
+
+	// Not mounted: nothing there, or the empty mountpoint.
+	empty := t.TempDir()
+	if err := os.Mkdir(filepath.Join(empty, "net"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, procSys := range []string{filepath.Join(t.TempDir(), "none"), empty} {
+		rep = newNode(t).install(Options{PodCIDRs: cidrs("10.244.1.0/24"), Kernel: true, ProcSys: procSys, ModulesDir: t.TempDir()})
+		if len(rep.Warnings) != 1 || !strings.Contains(rep.Warnings[0], "br_netfilter left alone") || !strings.Contains(rep.Warnings[0], ProcSysNetDir) {
+			t.Errorf("without /proc/sys/net: warnings %q", rep.Warnings)
+		}
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -216,4 +217,61 @@ func TestUninstallResetsRouteLocalnet(t *testing.T) {
 func routeLocalnet(t *testing.T, n *testnet.Node, iface string) string {
 	t.Helper()
 	return strings.TrimSpace(n.Exec(t, "sysctl", "-n", "net.ipv4.conf."+iface+".route_localnet"))
+}
+
+// bridgeNF reads both br_netfilter sysctls of the node.
+func bridgeNF(t *testing.T, n *testnet.Node) string {
+	t.Helper()
+	return strings.Join(strings.Fields(n.Exec(t, "sysctl", "-n", "net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables")), " ")
+}
+
+// TestInstallBridgeNetfilter: in a node namespace where both br_netfilter
+// sysctls are 0 (the module is loaded on these machines: each namespace
+// has its own), a standalone install sets them to 1 and says so; again, it
+// changes nothing; a chained install leaves them to the primary CNI.
+func TestInstallBridgeNetfilter(t *testing.T) {
+	n := testnet.NewNode(t)
+	if _, err := n.Try("test", "-e", "/proc/sys/net/bridge/bridge-nf-call-iptables"); err != nil {
+		t.Fatal("no net.bridge.bridge-nf-call-iptables in the node namespace: br_netfilter is not loaded on this machine (modprobe br_netfilter; make deps does)")
+	}
+	off := func() {
+		n.Exec(t, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0", "net.bridge.bridge-nf-call-ip6tables=0")
+	}
+	off()
+	own := strings.TrimSpace(testnet.Run(t, "sysctl", "-n", "net.bridge.bridge-nf-call-iptables"))
+	chained, standalone := newNode(t), newNode(t)
+	chained.put("10-flannel.conflist")
+	install := func(host *node, mode Mode) *Report {
+		t.Helper()
+		rep := host.install(Options{Mode: mode, PodCIDRs: cidrs("10.244.1.0/24"), Kernel: true, NetnsPath: n.Path, ProcSys: "/proc/sys"})
+		if len(rep.Warnings) > 0 {
+			t.Errorf("warnings: %q", rep.Warnings)
+		}
+		return rep
+	}
+
+	install(chained, Chained)
+	if got := bridgeNF(t, n); got != "0 0" {
+		t.Errorf("chained install changed the br_netfilter sysctls to %s", got)
+	}
+
+	rep := install(standalone, Standalone)
+	if got := bridgeNF(t, n); got != "1 1" {
+		t.Errorf("br_netfilter sysctls after install: %s, want 1 1", got)
+	}
+	for _, s := range []string{"sysctl net.bridge.bridge-nf-call-iptables", "sysctl net.bridge.bridge-nf-call-ip6tables"} {
+		if got := actions(rep)[s]; got != Written {
+			t.Errorf("%s: %q in the report, want %q: %+v", s, got, Written, rep.Changes)
+		}
+	}
+	if !slices.ContainsFunc(rep.Changes, func(c Change) bool { return c.Detail == "1, was 0" }) {
+		t.Errorf("the report does not say what it was: %+v", rep.Changes)
+	}
+	rep = install(standalone, Standalone)
+	if a := actions(rep)["sysctl net.bridge.bridge-nf-call-iptables"]; a != Unchanged {
+		t.Errorf("second install: %q", a)
+	}
+	if got := strings.TrimSpace(testnet.Run(t, "sysctl", "-n", "net.bridge.bridge-nf-call-iptables")); got != own {
+		t.Errorf("the test's own namespace went from %s to %s", own, got)
+	}
 }

@@ -39,6 +39,7 @@ func mainInstall(ctx context.Context, args []string, stdout, stderr io.Writer) i
 	fs.SetOutput(stderr)
 	var o Options
 	var mode, config, podCIDRs, kubeconfig, node string
+	var skipKernel bool
 	fs.StringVar(&o.Root, "root", "/", "host root: every path below is inside it (the DaemonSet mounts the host at "+ContainerHostRoot+")")
 	fs.StringVar(&mode, "mode", string(Standalone), "standalone (qoscni's own conflist) or chained (appended to the primary CNI's conflist)")
 	fs.StringVar(&o.PluginBinary, "plugin-binary", "", "plugin executable to install (default: "+PluginBinary+" next to this program)")
@@ -51,6 +52,8 @@ func mainInstall(ctx context.Context, args []string, stdout, stderr io.Writer) i
 	fs.StringVar(&podCIDRs, "pod-cidrs", "", "standalone: comma-separated pod CIDRs instead of the Node's spec.podCIDRs")
 	fs.StringVar(&node, "node-name", os.Getenv(NodeNameEnv), "node whose spec.podCIDRs to use (env "+NodeNameEnv+")")
 	fs.StringVar(&kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig (default: in-cluster service account)")
+	fs.BoolVar(&skipKernel, "skip-kernel", false, "standalone: leave the br_netfilter module ("+ModulesDir+") and its bridge-nf-call-ip(6)tables sysctls ("+ProcSysDir+") alone")
+	fs.StringVar(&o.NetnsPath, "netns", "", "network namespace of the node (default: this process's)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -59,6 +62,7 @@ func mainInstall(ctx context.Context, args []string, stdout, stderr io.Writer) i
 		return 2
 	}
 	o.Mode = Mode(mode)
+	o.Kernel = !skipKernel
 	if config != "" {
 		data, err := os.ReadFile(config)
 		if err != nil {

@@ -245,7 +245,7 @@ func checkManifests(t *testing.T, r *rendered, mode install.Mode) {
 		t.Error("dashboard ConfigMap differs from deploy/grafana/qoscni.json")
 	}
 
-	checkDaemonSet(t, ds, cm.Name)
+	checkDaemonSet(t, ds, cm.Name, mode)
 	// Pod routes to other nodes: the standalone CNI's job, never the
 	// chained one's (the primary routes).
 	routes := ""
@@ -286,7 +286,7 @@ func checkManifests(t *testing.T, r *rendered, mode install.Mode) {
 	}
 }
 
-func checkDaemonSet(t *testing.T, ds appsv1.DaemonSet, configMap string) {
+func checkDaemonSet(t *testing.T, ds appsv1.DaemonSet, configMap string, mode install.Mode) {
 	spec := ds.Spec.Template.Spec
 	if !spec.HostNetwork {
 		t.Error("not hostNetwork")
@@ -374,6 +374,38 @@ func checkDaemonSet(t *testing.T, ds appsv1.DaemonSet, configMap string) {
 	}
 	checkNodeName(ic)
 	checkLimits(ic)
+	// br_netfilter (standalone only): the node's modules read only, its
+	// /proc/sys/net writable where install looks for them, and SYS_MODULE
+	// as the one capability; chained mode gets neither.
+	var added []corev1.Capability
+	if ic.SecurityContext != nil && ic.SecurityContext.Capabilities != nil {
+		added = ic.SecurityContext.Capabilities.Add
+	}
+	modules, mm := mountedAt(ic, install.ModulesDir)
+	procNet, pm := mountedAt(ic, install.ProcSysNetDir)
+	if mode == install.Standalone {
+		if !slices.Equal(added, []corev1.Capability{"SYS_MODULE"}) {
+			t.Errorf("install container capabilities %v, want exactly SYS_MODULE added (finit_module)", added)
+		}
+		if modules != path.Join(install.ContainerHostRoot, install.ModulesDir) || !mm.ReadOnly {
+			t.Errorf("install container sees %s at %q (read-only %v), install reads %s read only", install.ModulesDir, modules, mm != nil && mm.ReadOnly,
+				path.Join(install.ContainerHostRoot, install.ModulesDir))
+		}
+		if procNet != path.Join(install.ContainerHostRoot, install.ProcSysNetDir) || pm.ReadOnly {
+			t.Errorf("install container sees %s at %q (read-only %v), install writes %s", install.ProcSysNetDir, procNet, pm != nil && pm.ReadOnly,
+				path.Join(install.ContainerHostRoot, install.ProcSysNetDir))
+		}
+		for _, v := range spec.Volumes {
+			// A node without modules (all built in) may have no
+			// /lib/modules; the pod must start there as well.
+			if v.HostPath != nil && v.HostPath.Path == install.ModulesDir && v.HostPath.Type != nil && *v.HostPath.Type == corev1.HostPathDirectory {
+				t.Errorf("volume %s: type Directory keeps the pod from starting on a node without %s", v.Name, install.ModulesDir)
+			}
+		}
+	} else if len(added) > 0 || mm != nil || pm != nil {
+		t.Errorf("chained install container: capabilities %v, %s at %q, %s at %q: br_netfilter is the primary CNI's", added,
+			install.ModulesDir, modules, install.ProcSysNetDir, procNet)
+	}
 
 	// The agent: its default paths at the same place, its port and probes.
 	if len(spec.Containers) != 1 {

@@ -30,6 +30,15 @@ const (
 	// NetnsDir: the agent mounts it with HostToContainer propagation to
 	// see namespaces made after it.
 	NetnsDir = paths.NetnsDir
+	// ModulesDir holds the node's kernel modules: standalone install loads
+	// br_netfilter from there (read only).
+	ModulesDir = "/lib/modules"
+	// ProcSysDir is where install reaches the node's sysctls. A
+	// container's own /proc/sys is read only, so the DaemonSet mounts the
+	// host's ProcSysNetDir under the root, writable: what it shows is the
+	// namespace of the thread reading it, the node's with hostNetwork.
+	ProcSysDir    = "/proc/sys"
+	ProcSysNetDir = ProcSysDir + "/net"
 )
 
 // File names.

@@ -66,6 +66,9 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	if err := a.plan(); err != nil {
 		return nil, err
 	}
+	if err := p.bridgeNetfilter(); err != nil {
+		return nil, err
+	}
 	defer func() {
 		if err != nil {
 			a.rollback.run(p.Log)
@@ -235,9 +238,6 @@ func (a *standaloneAdd) configurePod(br netlink.Link, veth *podnet.Veth, want po
 	}
 	a.st.mark("pod")
 	if err := podnet.EnableForwarding(v4, v6); err != nil {
-		return err
-	}
-	if err := podnet.EnableBridgeNetfilter(); err != nil {
 		return err
 	}
 	a.st.mark("sysctl")

@@ -10,6 +10,7 @@ import (
 	"github.com/containernetworking/cni/pkg/skel"
 
 	"github.com/qoscni/qoscni/internal/cni/netconf"
+	"github.com/qoscni/qoscni/internal/cni/podnet"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/ipam"
 )
@@ -123,9 +124,21 @@ func (p *Plugin) gcBadFile(conf *netconf.NetConf, src *addrSource, store *state.
 	return nil
 }
 
-// Status reports whether ADD can succeed now: error 50 when a range set has
-// no free address (or the delegated IPAM says so).
+// Status reports whether ADD can succeed now: error 51 when br_netfilter
+// cannot be made to pass bridged traffic to iptables (bridgeNetfilter),
+// error 50 when a range set has no free address (or the delegated IPAM
+// says so).
+//
+// STATUS carries no prevResult, so it cannot tell a chained entry by
+// that. A config without IPAM can only run chained (a standalone ADD
+// refuses it), and there the bridge, if any, is the main plugin's, and so
+// is br_netfilter: such a STATUS leaves it alone.
 func (p *Plugin) Status(_ *skel.CmdArgs, conf *netconf.NetConf, _ netconf.PodArgs) error {
+	if conf.BuiltinIPAM() || conf.IPAM.Type != "" {
+		if err := p.bridgeNetfilter(); err != nil {
+			return err
+		}
+	}
 	src, err := newAddrSource(conf)
 	if err != nil {
 		return err
@@ -139,4 +152,31 @@ func (p *Plugin) Status(_ *skel.CmdArgs, conf *netconf.NetConf, _ netconf.PodArg
 	ctx, cancel := context.WithTimeout(context.Background(), delegateTimeout)
 	defer cancel()
 	return ignoreOut(delegate(ctx, "STATUS", conf.IPAM.Type, conf.Raw))
+}
+
+// bridgeNetfilter makes the node pass bridged pod traffic to iptables, as
+// a standalone ADD needs it and before ADD changes anything: without it a
+// pod's Service whose endpoint sits on the same bridge breaks, silently
+// (the reply bypasses conntrack). So where it cannot be done both ADD and
+// STATUS fail with the same error 51, which names the module, the sysctl
+// and the fix: STATUS because it is what runtimes that poll it
+// (containerd 2) turn into the node's NetworkReady condition, ADD because
+// the runtimes that do not poll it (containerd 1.6 and 1.7) would
+// otherwise start pods that cannot use their Services, and because by the
+// spec a failing STATUS means that ADD cannot succeed.
+//
+// STATUS also sets the sysctls back to 1 where it can, as ADD does: one
+// set to 0 by hand (or by a sysctl.d file applied when the module was
+// loaded) breaks the Services of the pods already running, and answering
+// "not available" instead would take the node out of service with
+// nothing left to repair it, since the runtime stops calling ADD.
+func (p *Plugin) bridgeNetfilter() error {
+	found, err := podnet.OwnBridgeNetfilter().Ensure()
+	for _, s := range found {
+		if s.Changed() {
+			p.Log.Warn("set a br_netfilter sysctl back to 1 in the node's namespace: Services whose endpoint is on the same bridge need it",
+				"sysctl", s.Name, "was", s.Was)
+		}
+	}
+	return err
 }

@@ -83,8 +83,7 @@ func EnsureGatewayAddr(h *netlink.Handle, br netlink.Link, gw net.IP, mask net.I
 }
 
 // EnableForwarding turns on routing in the node namespace for the families
-// the bridge is a gateway for, and makes bridged traffic visible to the
-// netfilter hooks kube-proxy relies on when br_netfilter is loaded.
+// the bridge is a gateway for.
 func EnableForwarding(v4, v6 bool) error {
 	if v4 {
 		if err := sysctl.Set(sysctl.Current, "net/ipv4/ip_forward", "1"); err != nil {
@@ -97,13 +96,4 @@ func EnableForwarding(v4, v6 bool) error {
 		}
 	}
 	return nil
-}
-
-// EnableBridgeNetfilter sets bridge-nf-call-iptables/ip6tables when the
-// br_netfilter module is present (its sysctls exist only then).
-func EnableBridgeNetfilter() error {
-	if err := sysctl.SetIfPresent(sysctl.Current, "net/bridge/bridge-nf-call-iptables", "1"); err != nil {
-		return err
-	}
-	return sysctl.SetIfPresent(sysctl.Current, "net/bridge/bridge-nf-call-ip6tables", "1")
 }
