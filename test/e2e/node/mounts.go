@@ -25,6 +25,9 @@ var privateDirs = []string{
 	"/var/lib/kubelet", // written also with another --root-dir
 	"/var/log/pods",
 	"/var/log/containers",
+	// The standalone DaemonSet mounts it (DirectoryOrCreate) to load
+	// br_netfilter; a machine without modules has none.
+	"/lib/modules",
 }
 
 // privateFiles are global (not per network namespace) sysctls the kubelet
