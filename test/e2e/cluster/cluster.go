@@ -90,6 +90,9 @@ type ControlPlane struct {
 	Kubeconfig string
 	// URL is the API server, https://127.0.0.1:<port>.
 	URL string
+	// NodeURL is the API server as other nodes reach it: on the
+	// advertised address (when it listens on more than loopback).
+	NodeURL string
 	// EtcdURL is etcd's client URL (plain HTTP on loopback).
 	EtcdURL string
 	// Dir holds the certificates, keys, data and logs.
@@ -164,6 +167,7 @@ func StartControlPlaneWith(t testing.TB, o Options) *ControlPlane {
 	api := startRetrying(t, sp, "kube-apiserver", func() (*node.Process, error) {
 		port := freePort(t)
 		cp.URL = "https://127.0.0.1:" + port
+		cp.NodeURL = "https://" + net.JoinHostPort(o.AdvertiseAddress, port)
 		if err := cp.writeAdminKubeconfig(); err != nil {
 			return nil, err
 		}
@@ -237,12 +241,22 @@ func sourceDir() string {
 // certificate from the cluster CA; for a kubelet: "system:node:<name>",
 // "system:nodes".
 func (cp *ControlPlane) WriteKubeconfig(path, user string, groups ...string) error {
+	return cp.writeKubeconfig(path, cp.URL, user, groups...)
+}
+
+// WriteNodeKubeconfig is WriteKubeconfig for a program on another node:
+// it reaches the API server on the advertised address.
+func (cp *ControlPlane) WriteNodeKubeconfig(path, user string, groups ...string) error {
+	return cp.writeKubeconfig(path, cp.NodeURL, user, groups...)
+}
+
+func (cp *ControlPlane) writeKubeconfig(path, server, user string, groups ...string) error {
 	cert, key, err := cp.ca.issue(certSpec{commonName: user, orgs: groups, client: true})
 	if err != nil {
 		return err
 	}
 	cfg := clientcmdapi.NewConfig()
-	cfg.Clusters["e2e"] = &clientcmdapi.Cluster{Server: cp.URL, CertificateAuthorityData: cp.ca.certPEM}
+	cfg.Clusters["e2e"] = &clientcmdapi.Cluster{Server: server, CertificateAuthorityData: cp.ca.certPEM}
 	cfg.AuthInfos[user] = &clientcmdapi.AuthInfo{ClientCertificateData: cert, ClientKeyData: key}
 	cfg.Contexts["e2e"] = &clientcmdapi.Context{Cluster: "e2e", AuthInfo: user}
 	cfg.CurrentContext = "e2e"

@@ -122,7 +122,11 @@ func (cp *ControlPlane) StartKubelet(t testing.TB, o KubeletOptions) *Kubelet {
 		t.Fatal(err)
 	}
 	kc := filepath.Join(dir, "kubeconfig")
-	if err := cp.WriteKubeconfig(kc, "system:node:"+o.NodeName, "system:nodes"); err != nil {
+	write := cp.WriteKubeconfig
+	if o.Exec != nil {
+		write = cp.WriteNodeKubeconfig
+	}
+	if err := write(kc, "system:node:"+o.NodeName, "system:nodes"); err != nil {
 		t.Fatal(err)
 	}
 	cert, key, err := cp.ca.issue(certSpec{commonName: "system:node:" + o.NodeName, orgs: []string{"system:nodes"},
@@ -333,7 +337,11 @@ func (cp *ControlPlane) StartKubeProxy(t testing.TB, o KubeProxyOptions) {
 		t.Fatal(err)
 	}
 	kc := filepath.Join(dir, "kubeconfig")
-	if err := cp.WriteKubeconfig(kc, "system:kube-proxy"); err != nil {
+	write := cp.WriteKubeconfig
+	if o.Exec != nil {
+		write = cp.WriteNodeKubeconfig
+	}
+	if err := write(kc, "system:kube-proxy"); err != nil {
 		t.Fatal(err)
 	}
 	config := fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/exec"
@@ -52,12 +53,16 @@ const (
 
 // env is the running cluster the scenarios share, in order.
 type env struct {
-	n       *node.Node
-	cp      *cluster.ControlPlane
-	ctd     *containerd.Containerd
-	kubectl string
-	repo    string
-	store   *state.Store
+	n   *node.Node
+	cp  *cluster.ControlPlane
+	ctd *containerd.Containerd
+	// The second node, on containerd 2.
+	n2         *node.Node
+	ctd2       *containerd.Containerd
+	corednsRef string
+	kubectl    string
+	repo       string
+	store      *state.Store
 	// top is TestKubernetes' own t: what outlives one scenario (the
 	// shaped pod's iperf3 server) is cleaned up with it.
 	top *testing.T
@@ -81,11 +86,15 @@ func TestKubernetes(t *testing.T) {
 	e.cp.StartControllerManager(t, clusterCIDR4, clusterCIDR6)
 	e.cp.StartScheduler(t)
 	e.ctd = containerd.Start(t, containerd.Options{CNIBinDir: install.CNIBinDir, CNIConfDir: install.CNIConfDir})
-	images.Import(t, e.ctd.Address, qoscniImage(t))
+	qoscniTar := qoscniImage(t)
+	corednsTar, corednsRef := images.CoreDNS(t)
+	e.corednsRef = corednsRef
+	e.ctd.Import(t, qoscniTar, corednsTar)
 	e.cp.StartKubelet(t, cluster.KubeletOptions{NodeName: nodeName, NodeIP: n.IP, RuntimeEndpoint: "unix://" + e.ctd.Address,
 		ClusterDNS: clusterDNS})
 	e.cp.StartKubeProxy(t, cluster.KubeProxyOptions{NodeName: nodeName, NodeIP: n.IP, Mode: proxyMode(),
 		ClusterCIDRs: []string{clusterCIDR4, clusterCIDR6}})
+	e.startSecondNode(t, qoscniTar, corednsTar)
 	t.Logf("timing: cluster up in %v", time.Since(began).Round(time.Millisecond))
 
 	steps := []struct {
@@ -93,11 +102,16 @@ func TestKubernetes(t *testing.T) {
 		run  func(*testing.T)
 	}{
 		{"1-install", e.install},
-		{"2-shaped-deployment", e.shapedDeployment},
-		{"3-reshape-live", e.reshape},
-		{"4-prometheus", e.prometheus},
-		{"5-unannotated-not-shaped", e.unshaped},
-		{"6-delete-and-uninstall", e.deleteAndUninstall},
+		{"2-cluster-dns", e.clusterDNSStep},
+		{"3-services", e.servicesStep},
+		{"4-shaped-deployment", e.shapedDeployment},
+		{"5-nodeport", e.nodePortStep},
+		{"6-reshape-live", e.reshape},
+		{"7-prometheus", e.prometheus},
+		{"8-unannotated-not-shaped", e.unshaped},
+		{"9-across-nodes", e.acrossNodesStep},
+		{"10-bridge-netfilter-proof", e.bridgeNetfilterStep},
+		{"11-delete-and-uninstall", e.deleteAndUninstall},
 	}
 	for _, s := range steps {
 		start := time.Now()
@@ -153,6 +167,48 @@ func (e *env) kc(t *testing.T, args ...string) string {
 }
 
 // waitFor polls cond every 250 ms until it returns nil or timeout.
+// nftSetCovers reports whether the elements of an interval set, as `nft
+// list set` prints them (prefixes, ranges, addresses; the kernel merges
+// adjacent ones, so two nodes' /24s show as one /23), cover all of cidr.
+func nftSetCovers(listing, cidr string) bool {
+	want, err := netip.ParsePrefix(cidr)
+	if err != nil {
+		return false
+	}
+	first, last := want.Masked().Addr(), lastAddr(want)
+	_, elems, ok := strings.Cut(listing, "elements = {")
+	if !ok {
+		return false
+	}
+	elems, _, _ = strings.Cut(elems, "}")
+	for _, e := range strings.Split(elems, ",") {
+		e = strings.TrimSpace(e)
+		lo, hi := netip.Addr{}, netip.Addr{}
+		if a, b, isRange := strings.Cut(e, "-"); isRange {
+			lo, _ = netip.ParseAddr(strings.TrimSpace(a))
+			hi, _ = netip.ParseAddr(strings.TrimSpace(b))
+		} else if p, err := netip.ParsePrefix(e); err == nil {
+			lo, hi = p.Masked().Addr(), lastAddr(p)
+		} else if a, err := netip.ParseAddr(e); err == nil {
+			lo, hi = a, a
+		}
+		if lo.IsValid() && hi.IsValid() && lo.Compare(first) <= 0 && hi.Compare(last) >= 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// lastAddr is the highest address of p.
+func lastAddr(p netip.Prefix) netip.Addr {
+	b := p.Masked().Addr().AsSlice()
+	for i := p.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 0x80 >> (i % 8)
+	}
+	a, _ := netip.AddrFromSlice(b)
+	return a
+}
+
 func waitFor(t *testing.T, timeout time.Duration, what string, cond func() error) time.Duration {
 	t.Helper()
 	start := time.Now()
@@ -187,30 +243,33 @@ func (e *env) install(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(install.CNIBinDir, "loopback"), lo, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	e.on(t, "install", "-m", "0755", "/usr/lib/cni/loopback", filepath.Join(install.CNIBinDir, "loopback"))
 	e.kc(t, "apply", "-k", "deploy/")
 	d := waitFor(t, 90*time.Second, "qoscni-agent DaemonSet ready", func() error {
 		ds, err := e.cp.Client.AppsV1().DaemonSets("qoscni").Get(ctx(t), "qoscni-agent", metav1.GetOptions{})
 		if err != nil {
 			return err
 		}
-		if ds.Status.DesiredNumberScheduled != 1 || ds.Status.NumberReady != 1 {
+		if ds.Status.DesiredNumberScheduled != 2 || ds.Status.NumberReady != 2 {
 			return fmt.Errorf("desired %d ready %d", ds.Status.DesiredNumberScheduled, ds.Status.NumberReady)
 		}
 		return nil
 	})
 	t.Logf("timing: agent Ready %v after apply", d.Round(time.Millisecond))
-	waitFor(t, 60*time.Second, "node Ready", func() error {
-		nd, err := e.cp.Client.CoreV1().Nodes().Get(ctx(t), nodeName, metav1.GetOptions{})
-		if err != nil {
-			return err
-		}
-		for _, c := range nd.Status.Conditions {
-			if c.Type == corev1.NodeReady && c.Status == corev1.ConditionTrue {
-				return nil
+	for _, name := range []string{nodeName, node2Name} {
+		waitFor(t, 60*time.Second, name+" Ready", func() error {
+			nd, err := e.cp.Client.CoreV1().Nodes().Get(ctx(t), name, metav1.GetOptions{})
+			if err != nil {
+				return err
 			}
-		}
-		return fmt.Errorf("conditions %v", nd.Status.Conditions)
-	})
+			for _, c := range nd.Status.Conditions {
+				if c.Type == corev1.NodeReady && c.Status == corev1.ConditionTrue {
+					return nil
+				}
+			}
+			return fmt.Errorf("conditions %v", nd.Status.Conditions)
+		})
+	}
 	conf, err := os.ReadFile(filepath.Join(install.CNIConfDir, install.ConflistName))
 	if err != nil {
 		t.Fatalf("installed conflist: %v", err)
@@ -235,7 +294,7 @@ func (e *env) install(t *testing.T) {
 			return fmt.Errorf("%v: %s", err, out)
 		}
 		for _, c := range nd.Spec.PodCIDRs {
-			if ip, _, err := net.ParseCIDR(c); err == nil && ip.To4() != nil && !strings.Contains(string(out), c) {
+			if ip, _, err := net.ParseCIDR(c); err == nil && ip.To4() != nil && !nftSetCovers(string(out), c) {
 				return fmt.Errorf("%s not in %s", c, out)
 			}
 		}
@@ -255,6 +314,9 @@ func deployment(name string, annotations map[string]string, ports []corev1.Conta
 			Template: corev1.PodTemplateSpec{
 				ObjectMeta: metav1.ObjectMeta{Labels: labels, Annotations: annotations},
 				Spec: corev1.PodSpec{
+					// The first node unless deploymentOn says otherwise: the
+					// steps read its records and namespaces directly.
+					NodeSelector:                  map[string]string{corev1.LabelHostname: nodeName},
 					TerminationGracePeriodSeconds: new(int64),
 					AutomountServiceAccountToken:  new(bool),
 					Containers: []corev1.Container{{
@@ -659,33 +721,47 @@ func (e *env) unshaped(t *testing.T) {
 	}
 }
 
-// 6. Delete the pods, then qoscni: nothing of theirs is left.
+// 6. Delete the pods (the tests' and CoreDNS), then qoscni: nothing of
+// theirs is left on either node.
 func (e *env) deleteAndUninstall(t *testing.T) {
-	for _, d := range []string{"shaped", "plain"} {
-		if err := e.cp.Client.AppsV1().Deployments("default").Delete(ctx(t), d, metav1.DeleteOptions{}); err != nil {
+	for _, ns := range []string{"default", "kube-system"} {
+		deps, err := e.cp.Client.AppsV1().Deployments(ns).List(ctx(t), metav1.ListOptions{})
+		if err != nil {
 			t.Fatal(err)
+		}
+		for _, d := range deps.Items {
+			if err := e.cp.Client.AppsV1().Deployments(ns).Delete(ctx(t), d.Name, metav1.DeleteOptions{}); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 	waitFor(t, 60*time.Second, "pods gone", func() error {
-		pods, err := e.cp.Client.CoreV1().Pods("default").List(ctx(t), metav1.ListOptions{})
-		if err != nil {
-			return err
-		}
-		if len(pods.Items) > 0 {
-			return fmt.Errorf("%d pods", len(pods.Items))
+		for _, ns := range []string{"default", "kube-system"} {
+			pods, err := e.cp.Client.CoreV1().Pods(ns).List(ctx(t), metav1.ListOptions{})
+			if err != nil {
+				return err
+			}
+			if len(pods.Items) > 0 {
+				return fmt.Errorf("%d pods in %s", len(pods.Items), ns)
+			}
 		}
 		return nil
 	})
 	// The kubelet's later DELs (sandbox garbage collection, empty netns,
 	// no prevResult) must succeed too, or the sandboxes stay.
 	d := waitFor(t, 150*time.Second, "pod sandboxes removed", func() error {
-		if out := strings.TrimSpace(e.ctd.Crictl(t, "pods", "--namespace", "default", "-q")); out != "" {
-			return fmt.Errorf("sandboxes left: %s", out)
+		for _, c := range []*containerd.Containerd{e.ctd, e.ctd2} {
+			for _, ns := range []string{"default", "kube-system"} {
+				if out := strings.TrimSpace(c.Crictl(t, "pods", "--namespace", ns, "-q")); out != "" {
+					return fmt.Errorf("sandboxes of %s left on %s: %s", ns, containerd.Name(c.Version), out)
+				}
+			}
 		}
 		return nil
 	})
 	t.Logf("timing: sandboxes removed %v after the pods", d.Round(time.Millisecond))
-	e.checkNoPodLeft(t)
+	checkNoPodLeft(t, nodeName, e.tryHere)
+	checkNoPodLeft(t, node2Name, e.tryOn)
 
 	e.kc(t, "delete", "-k", "deploy/", "--wait=true", "--timeout=60s")
 	e.kc(t, "apply", "-k", "deploy/uninstall")
@@ -694,7 +770,7 @@ func (e *env) deleteAndUninstall(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if ds.Status.NumberReady != 1 {
+		if ds.Status.NumberReady != 2 {
 			return fmt.Errorf("ready %d", ds.Status.NumberReady)
 		}
 		return nil
@@ -711,32 +787,53 @@ func (e *env) deleteAndUninstall(t *testing.T) {
 	}
 }
 
-// checkNoPodLeft: no pod veth or IFB, no qdisc on them, no hostPort
-// element, no address reservation, no record.
-func (e *env) checkNoPodLeft(t *testing.T) {
+// checkNoPodLeft: no pod veth or IFB, no hostPort element, no address
+// reservation, no record on the node whose commands try runs.
+func checkNoPodLeft(t *testing.T, node string, try func(args ...string) (string, error)) {
 	t.Helper()
-	links := run(t, "", nil, "ip", "-br", "link")
+	links, err := try("ip", "-br", "link")
+	if err != nil {
+		t.Fatalf("%s: ip link: %v %s", node, err, links)
+	}
 	for _, l := range strings.Split(links, "\n") {
 		if f := strings.Fields(l); len(f) > 0 && (strings.HasPrefix(f[0], "qv") || strings.HasPrefix(f[0], "qi")) {
-			t.Errorf("link left: %s", l)
+			t.Errorf("%s: link left: %s", node, l)
 		}
 	}
-	if out, err := exec.Command("nft", "-j", "list", "table", "inet", "qoscni").CombinedOutput(); err == nil {
+	if out, err := try("nft", "-j", "list", "table", "inet", "qoscni"); err == nil {
 		for _, port := range []int{shapedHostTCP, shapedHostUDP} {
-			if strings.Contains(string(out), strconv.Itoa(port)) {
-				t.Errorf("hostPort %d still in nftables: %s", port, out)
+			if strings.Contains(out, strconv.Itoa(port)) {
+				t.Errorf("%s: hostPort %d still in nftables: %s", node, port, out)
 			}
 		}
 	}
-	recs, bad, err := e.store.List(networkName)
-	if err != nil || len(recs) > 0 || len(bad) > 0 {
-		t.Errorf("state records left: %d (%d bad) %v", len(recs), len(bad), err)
+	for _, dir := range []string{filepath.Join(install.StateDir, networkName), filepath.Join(install.IPAMDir, networkName)} {
+		out, err := try("sh", "-c", "ls -1 "+dir+" 2>/dev/null || true")
+		if err != nil {
+			t.Fatalf("%s: ls %s: %v %s", node, dir, err, out)
+		}
+		for _, name := range strings.Fields(out) {
+			if strings.HasSuffix(name, ".json") || net.ParseIP(name) != nil {
+				t.Errorf("%s: left in %s: %s", node, dir, name)
+			}
+		}
 	}
-	ipamDir := filepath.Join(install.IPAMDir, networkName)
-	entries, _ := os.ReadDir(ipamDir)
-	for _, en := range entries {
-		if net.ParseIP(en.Name()) != nil {
-			t.Errorf("address reservation left: %s", filepath.Join(ipamDir, en.Name()))
+}
+
+// tryHere runs a command on the first node (the test's own namespaces).
+func (e *env) tryHere(args ...string) (string, error) {
+	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	return string(out), err
+}
+
+func TestNftSetCovers(t *testing.T) {
+	listing := "table inet qoscni {\n\tset s {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.244.0.0/23, 10.9.0.1,\n\t\t\t     192.168.1.10-192.168.1.20 }\n\t}\n}"
+	for cidr, want := range map[string]bool{
+		"10.244.0.0/24": true, "10.244.1.0/24": true, "10.244.0.0/23": true, "10.244.2.0/24": false,
+		"10.244.0.0/22": false, "10.9.0.1/32": true, "192.168.1.12/31": true, "192.168.1.16/28": false,
+	} {
+		if got := nftSetCovers(listing, cidr); got != want {
+			t.Errorf("nftSetCovers(%s) = %v, want %v", cidr, got, want)
 		}
 	}
 }
