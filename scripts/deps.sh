@@ -6,9 +6,10 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 # iputils-ping: the demo proves connectivity with ping.
+# iptables: kube-proxy's iptables mode (make e2e-k8s-iptables).
 # containerd, runc: the e2e harnesses (make e2e-cri, e2e-k8s).
 # gcc, libc6-dev: cgo, which go test -race needs (make race).
-PACKAGES=(iproute2 nftables iperf3 containernetworking-plugins conntrack iputils-ping curl python3 prometheus containerd runc gcc libc6-dev)
+PACKAGES=(iproute2 nftables iptables iperf3 containernetworking-plugins conntrack iputils-ping curl python3 prometheus containerd runc gcc libc6-dev)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
