@@ -250,22 +250,19 @@ func (e *env) servicesStep(t *testing.T) {
 		expectFrom(t, "client1 -> its own Service", client1NS, selfIP, servicePort, client1.Name)
 	})
 	t.Run("dns", func(t *testing.T) {
-		for _, name := range []string{"kubernetes.default.svc.cluster.local", "echo1.default.svc.cluster.local"} {
-			want := cluster.ServiceIP
-			if strings.HasPrefix(name, "echo1") {
-				want = echo1IP
-			}
-			got, err := resolveIn(client1NS.Path, name)
+		// The kubelet gave the pod the cluster DNS and its search path;
+		// short names are resolved through it, as the pod's resolver does.
+		resolv := e.podFile(t, client1, "/etc/resolv.conf")
+		if !strings.Contains(resolv, "nameserver "+clusterDNS) || !strings.Contains(resolv, "default.svc.cluster.local") {
+			t.Fatalf("pod resolv.conf:\n%s", resolv)
+		}
+		for name, want := range map[string]string{"kubernetes.default": cluster.ServiceIP, "echo1": echo1IP} {
+			got, fqdn, err := resolveIn(client1NS.Path, resolv, name)
 			if err != nil || got != want {
 				t.Errorf("resolve %s from %s through %s: %q %v, want %s", name, client1.Name, clusterDNS, got, err, want)
 				continue
 			}
-			t.Logf("%s -> %s (CoreDNS at %s, from pod %s)", name, got, clusterDNS, client1.Name)
-		}
-		// The kubelet gave the pod the cluster DNS and its search path.
-		resolv := e.podFile(t, client1, "/etc/resolv.conf")
-		if !strings.Contains(resolv, "nameserver "+clusterDNS) || !strings.Contains(resolv, "default.svc.cluster.local") {
-			t.Errorf("pod resolv.conf:\n%s", resolv)
+			t.Logf("%s (%s) -> %s (CoreDNS at %s, from pod %s)", name, fqdn, got, clusterDNS, client1.Name)
 		}
 	})
 }
@@ -294,24 +291,50 @@ func (e *env) podFile(t *testing.T, pod *corev1.Pod, path string) string {
 }
 
 // resolveIn asks the cluster DNS Service from inside a pod's network
-// namespace, as the pod's resolver does.
-func resolveIn(netnsPath, name string) (string, error) {
-	var got string
-	err := testnet.InNS(netnsPath, func() error {
+// namespace, as the pod's resolver does with its resolv.conf: a name with
+// fewer dots than ndots is tried with each search domain first.
+func resolveIn(netnsPath, resolvConf, name string) (addr, fqdn string, err error) {
+	var search []string
+	ndots := 1
+	for _, l := range strings.Split(resolvConf, "\n") {
+		f := strings.Fields(l)
+		switch {
+		case len(f) > 1 && f[0] == "search":
+			search = f[1:]
+		case len(f) > 1 && f[0] == "options":
+			for _, o := range f[1:] {
+				if v, ok := strings.CutPrefix(o, "ndots:"); ok {
+					ndots, _ = strconv.Atoi(v)
+				}
+			}
+		}
+	}
+	var tries []string
+	if strings.Count(name, ".") < ndots {
+		for _, d := range search {
+			tries = append(tries, name+"."+d+".")
+		}
+	}
+	tries = append(tries, name+".")
+	err = testnet.InNS(netnsPath, func() error {
 		r := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "udp", net.JoinHostPort(clusterDNS, "53"))
 		}}
-		c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		addrs, err := r.LookupHost(c, name)
-		if err != nil {
-			return err
+		var last error
+		for _, q := range tries {
+			c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			addrs, err := r.LookupHost(c, q)
+			cancel()
+			if err == nil {
+				addr, fqdn = strings.Join(addrs, ","), q
+				return nil
+			}
+			last = err
 		}
-		got = strings.Join(addrs, ",")
-		return nil
+		return last
 	})
-	return got, err
+	return addr, fqdn, err
 }
 
 // nodePortStep: a NodePort reached from outside the nodes on both of
