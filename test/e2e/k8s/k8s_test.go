@@ -1,9 +1,11 @@
-// Package k8s_test runs qoscni the way users run it: a single-node
+// Package k8s_test runs qoscni the way users run it: a two-node
 // Kubernetes (etcd, kube-apiserver, kube-controller-manager,
-// kube-scheduler, kubelet over containerd's CRI, all built from the Go
-// module proxy by test/e2e/build.sh) inside a node of its own (test/e2e/node), with
-// qoscni installed by `kubectl apply -k deploy/`. Run with `make e2e-k8s`
-// (QOSCNI_E2E_K8S=1); without it the tests skip.
+// kube-scheduler; per node a kubelet and kube-proxy, over containerd 1.6 on
+// the first and containerd 2 on the second; CoreDNS), all built from the Go
+// module proxy by test/e2e/build.sh, each node in namespaces of its own
+// (test/e2e/node), with qoscni installed by `kubectl apply -k deploy/`.
+// Run with `make e2e-k8s` or `make e2e-k8s-iptables` (QOSCNI_E2E_K8S=1);
+// without it the tests skip.
 package k8s_test
 
 import (
