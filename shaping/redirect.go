@@ -173,7 +173,12 @@ func OwnRedirect(filters []tc.Object, isIFB func(ifindex uint32) bool) (uint32, 
 }
 
 func (s *Shaper) readRedirect(vethIndex, ifbIndex int) (redirectState, error) {
-	filters, err := s.tc.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: uint32(vethIndex), Parent: ingressHook})
+	return s.readRedirectOn(ingressHook, vethIndex, ifbIndex)
+}
+
+// readRedirectOn reads our redirect on one of the veth's clsact hooks.
+func (s *Shaper) readRedirectOn(hook uint32, vethIndex, ifbIndex int) (redirectState, error) {
+	filters, err := s.tc.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: uint32(vethIndex), Parent: hook})
 	if err != nil {
 		return redirectState{}, fmt.Errorf("dump filters of ifindex %d: %w", vethIndex, err)
 	}
@@ -181,6 +186,13 @@ func (s *Shaper) readRedirect(vethIndex, ifbIndex int) (redirectState, error) {
 }
 
 func redirectFilter(vethIndex, ifbIndex int, handle uint32) *tc.Object {
+	return redirectFilterOn(ingressHook, vethIndex, ifbIndex, handle)
+}
+
+// redirectFilterOn is our marked match-all redirect to ifbIndex on one
+// of the veth's clsact hooks: the ingress hook takes traffic out of the
+// pod, the egress hook traffic into it.
+func redirectFilterOn(hook uint32, vethIndex, ifbIndex int, handle uint32) *tc.Object {
 	cookie := append([]byte(nil), redirectCookie...)
 	actions := []*tc.Action{{
 		Kind:   "mirred",
@@ -191,7 +203,7 @@ func redirectFilter(vethIndex, ifbIndex int, handle uint32) *tc.Object {
 			IfIndex: uint32(ifbIndex),
 		}},
 	}}
-	return &tc.Object{Msg: msg(vethIndex, handle, ingressHook, filterInfo(redirectPrio)), Attribute: tc.Attribute{Kind: "u32", U32: &tc.U32{
+	return &tc.Object{Msg: msg(vethIndex, handle, hook, filterInfo(redirectPrio)), Attribute: tc.Attribute{Kind: "u32", U32: &tc.U32{
 		Sel: &tc.U32Sel{
 			Flags: u32Terminal,
 			NKeys: 1,
@@ -223,11 +235,15 @@ func (s *Shaper) retargetRedirect(vethIndex, ifbIndex int, handle uint32) error 
 // classifier when it holds nothing but them (an empty one would stay
 // behind and keep the clsact qdisc), else each by its handle.
 func (s *Shaper) deleteFilters(vethIndex int, prio uint16, handles []uint32, whole bool) error {
+	return s.deleteFiltersOn(ingressHook, vethIndex, prio, handles, whole)
+}
+
+func (s *Shaper) deleteFiltersOn(hook uint32, vethIndex int, prio uint16, handles []uint32, whole bool) error {
 	if whole {
 		handles = []uint32{0}
 	}
 	for _, h := range handles {
-		err := s.tc.Filter().Delete(&tc.Object{Msg: msg(vethIndex, h, ingressHook, filterInfo(prio)), Attribute: tc.Attribute{Kind: "u32"}})
+		err := s.tc.Filter().Delete(&tc.Object{Msg: msg(vethIndex, h, hook, filterInfo(prio)), Attribute: tc.Attribute{Kind: "u32"}})
 		if err != nil && !errors.Is(err, unix.ENOENT) {
 			return fmt.Errorf("delete redirect filter %#x at priority %d on ifindex %d: %w", h, prio, vethIndex, err)
 		}

@@ -1,0 +1,646 @@
+package shaping
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"slices"
+	"sort"
+
+	tc "github.com/florianl/go-tc"
+	"github.com/florianl/go-tc/core"
+	"golang.org/x/sys/unix"
+)
+
+// The node hierarchy: with a node capacity, every pod's traffic in one
+// direction goes through one HTB on a node-wide IFB, where each pod has a
+// class whose rate is its guaranteed request and whose ceil is its limit
+// (or the capacity). HTB lends what a class does not use to the others, so
+// the node's capacity is shared work-conservingly: a pod always gets its
+// request, and idle capacity goes to whoever wants it, higher priority
+// first.
+//
+//	qoscni.in  (traffic into pods)      qoscni.out (traffic out of pods)
+//	1:   htb, unclassified -> 1:3
+//	1:1  rate = ceil = capacity
+//	 |- 1:<m>  a pod with a request: rate = request, ceil = limit or capacity
+//	 '- 1:2    best effort: rate = capacity - sum of requests, ceil = capacity
+//	     |- 1:<m>  a pod without a request: rate = floor, ceil = limit or capacity
+//	     '- 1:3    unclassified (ARP, neighbour discovery, forged sources)
+//
+// Each leaf has a byte FIFO under it (handle <m>:) sized by the pod's
+// queue-delay budget. A pod's host veth hands its packets to the IFBs
+// with the same marked redirect the per-pod pipeline uses: from the egress
+// hook (into the pod) to qoscni.in, from the ingress hook (out of the pod)
+// to qoscni.out. The IFB sends each packet back where it came from.
+//
+// Classification is O(1) in the number of pods: on each IFB one u32
+// classifier per address family hashes the last byte of the pod's address
+// (the destination into pods, the source out of them) into a 256-bucket
+// table whose entries match the whole address and name the pod's class.
+// A bucket holds one entry per pod whose address ends in that byte: one
+// for a /24 of pods, 16 for a /20. Why u32: this kernel has no flower or
+// matchall; cls_bpf would need eBPF maps for a table (classic BPF has
+// none); nftables can set skb->priority, which HTB reads as a class, but
+// only in netfilter hooks the bridged and the routed paths reach at
+// different points, and only when br_netfilter is on. u32 sees every
+// packet on the IFB, whatever path brought it.
+const (
+	// HierarchyIngressIFB and HierarchyEgressIFB are the node-wide IFBs.
+	HierarchyIngressIFB = "qoscni.in"
+	HierarchyEgressIFB  = "qoscni.out"
+	// MinMinor and MaxMinor bound pod class minors: a u32 key node id is
+	// 12 bits, and the entry's node id is the class minor.
+	MinMinor uint16 = 0x10
+	MaxMinor uint16 = 0xFFF
+	// hierFloorBytes is the rate of a class that is guaranteed nothing
+	// (HTB needs one): best-effort leaves, and the best-effort class when
+	// requests take the whole capacity. 1 kbit/s.
+	hierFloorBytes = 125
+	// hierQuantum is every leaf's DRR quantum: a whole GSO packet, so
+	// borrowers share spare capacity by bytes, equally within a priority
+	// (and no class hits HTB's own quantum clamp of rate/r2q).
+	hierQuantum = 65536 + ethHeader
+	// hierIFBMTU: the IFBs carry every pod's packets, whatever its MTU.
+	hierIFBMTU = 65535
+	// u32 tables: one per family, 256 buckets on the address's last byte.
+	hierHT4, hierHT6   = 0x100, 0x101
+	hierPrio4          = 1
+	hierPrio6          = 2
+	hierDivisor        = 256
+	ethPIP, ethPIPv6   = 0x0800, 0x86DD
+	unclassifiedQueue  = 256 << 10
+	hierUnclassifiedTC = 3
+)
+
+var (
+	hierTop       = core.BuildHandle(1, 1)
+	hierBestEff   = core.BuildHandle(1, 2)
+	hierUnclassed = core.BuildHandle(1, hierUnclassifiedTC)
+)
+
+// HierDirection says which way a hierarchy shapes.
+type HierDirection int
+
+const (
+	// IntoPods is traffic to the pods (kubernetes.io/ingress-bandwidth).
+	IntoPods HierDirection = iota
+	// OutOfPods is traffic from the pods (kubernetes.io/egress-bandwidth).
+	OutOfPods
+)
+
+func (d HierDirection) String() string {
+	if d == IntoPods {
+		return "ingress"
+	}
+	return "egress"
+}
+
+// IFB is the direction's node-wide device.
+func (d HierDirection) IFB() string {
+	if d == IntoPods {
+		return HierarchyIngressIFB
+	}
+	return HierarchyEgressIFB
+}
+
+// vethHook is where the host veth hands the direction's packets over.
+func (d HierDirection) vethHook() uint32 {
+	if d == IntoPods {
+		return egressHook
+	}
+	return ingressHook
+}
+
+// addrOffsets are where the classified address sits in the IPv4 and IPv6
+// headers: the destination into pods, the source out of them.
+func (d HierDirection) addrOffsets() (v4, v6 uint32) {
+	if d == IntoPods {
+		return 16, 24
+	}
+	return 12, 8
+}
+
+// HierLeaf is one pod's class in one direction, in the kernel's units.
+type HierLeaf struct {
+	// RateBytes is the guarantee; 0 puts the pod under best effort.
+	RateBytes uint64
+	CeilBytes uint64
+	// Prio: lower borrows first (HTB's class priority, 0 to 7).
+	Prio        uint8
+	BurstBytes  uint64
+	CburstBytes uint64
+	QueueBytes  uint64
+}
+
+// HierMember is one pod in the node hierarchy.
+type HierMember struct {
+	Minor    uint16
+	HostVeth string
+	// IPs are the addresses its classes are found by.
+	IPs []net.IP
+	// Ingress and Egress are nil where that direction has no hierarchy.
+	Ingress, Egress *HierLeaf
+}
+
+func (m HierMember) leaf(d HierDirection) *HierLeaf {
+	if d == IntoPods {
+		return m.Ingress
+	}
+	return m.Egress
+}
+
+// HierCapacity is the node's capacity per direction in bytes/s (0: no
+// hierarchy that way).
+type HierCapacity struct{ IngressBytes, EgressBytes uint64 }
+
+func (c HierCapacity) of(d HierDirection) uint64 {
+	if d == IntoPods {
+		return c.IngressBytes
+	}
+	return c.EgressBytes
+}
+
+// HierClass is a pod class as the kernel has it.
+type HierClass struct {
+	Minor uint16
+	Leaf  HierLeaf
+	// Guaranteed: the class hangs off 1:1 (it has a request), not off
+	// the best-effort class.
+	Guaranteed bool
+}
+
+// HierState is one direction's hierarchy as the kernel has it.
+type HierState struct {
+	// CapacityBytes is 1:1's rate; 0 when there is no hierarchy.
+	CapacityBytes uint64
+	// ReservedBytes sums the rates of the guaranteed classes.
+	ReservedBytes uint64
+	Classes       map[uint16]HierClass
+}
+
+func htbRate(r tc.RateSpec, r64 *uint64) uint64 {
+	if r64 != nil && *r64 != 0 {
+		return *r64
+	}
+	return uint64(r.Rate)
+}
+
+// ReadHierarchy returns the direction's hierarchy (a zero state when its
+// IFB or root is missing).
+func (s *Shaper) ReadHierarchy(d HierDirection) (HierState, error) {
+	st := HierState{Classes: map[uint16]HierClass{}}
+	ifb, err := s.linkOrNil(d.IFB())
+	if err != nil || ifb == nil {
+		return st, err
+	}
+	classes, err := s.tc.Class().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: uint32(ifb.Attrs().Index)})
+	if err != nil {
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+			return st, nil
+		}
+		return st, fmt.Errorf("dump classes of %s: %w", d.IFB(), err)
+	}
+	for _, c := range classes {
+		if c.Kind != "htb" || c.Htb == nil || c.Htb.Parms == nil {
+			continue
+		}
+		p := c.Htb.Parms
+		rate, ceil := htbRate(p.Rate, c.Htb.Rate64), htbRate(p.Ceil, c.Htb.Ceil64)
+		if c.Handle == hierTop {
+			st.CapacityBytes = rate
+			continue
+		}
+		minor := uint16(c.Handle & 0xFFFF)
+		if c.Handle>>16 != 1 || minor < MinMinor || minor > MaxMinor {
+			continue
+		}
+		hc := HierClass{Minor: minor, Guaranteed: c.Parent == hierTop, Leaf: HierLeaf{
+			CeilBytes: ceil, Prio: uint8(p.Prio),
+			BurstBytes: ticksToBytes(p.Buffer, rate), CburstBytes: ticksToBytes(p.Cbuffer, ceil),
+		}}
+		if hc.Guaranteed {
+			hc.Leaf.RateBytes = rate
+			st.ReservedBytes += rate
+		}
+		st.Classes[minor] = hc
+	}
+	return st, nil
+}
+
+// FreeMinor picks the lowest minor no class of either direction uses.
+func FreeMinor(states ...HierState) (uint16, error) {
+	for m := MinMinor; m <= MaxMinor; m++ {
+		used := false
+		for _, st := range states {
+			if _, ok := st.Classes[m]; ok {
+				used = true
+			}
+		}
+		if !used {
+			return m, nil
+		}
+	}
+	return 0, fmt.Errorf("every class of the node hierarchy (%d) is in use", MaxMinor-MinMinor+1)
+}
+
+// EnsureHierarchy creates what is missing of the direction's hierarchy
+// (IFB, HTB root, the capacity, best-effort and unclassified classes, the
+// u32 tables) and sets the capacity and the best-effort share from
+// reservedBytes. Idempotent.
+func (s *Shaper) EnsureHierarchy(d HierDirection, capacityBytes, reservedBytes uint64) error {
+	ifb, err := s.linkOrNil(d.IFB())
+	if err != nil {
+		return err
+	}
+	if ifb == nil {
+		if ifb, err = s.createIFB(d.IFB(), hierIFBMTU); err != nil {
+			return err
+		}
+	}
+	idx := ifb.Attrs().Index
+	qdiscs, err := s.tc.Qdisc().Get()
+	if err != nil {
+		return fmt.Errorf("dump qdiscs: %w", err)
+	}
+	if r := rootQdisc(qdiscs, uint32(idx)); r == nil || r.Kind != "htb" || r.Handle != rootHandle {
+		root := &tc.Object{Msg: msg(idx, rootHandle, tc.HandleRoot, 0), Attribute: tc.Attribute{Kind: "htb", Htb: &tc.Htb{
+			Init: &tc.HtbGlob{Version: 3, Rate2Quantum: 10, Defcls: hierUnclassifiedTC},
+		}}}
+		if err := s.tc.Qdisc().Replace(root); err != nil {
+			return fmt.Errorf("add htb to %s: %w", d.IFB(), err)
+		}
+	}
+	if err := s.setHierClass(idx, hierTop, rootHandle, capacityBytes, capacityBytes, 0, capacityBytes/100, capacityBytes/100); err != nil {
+		return err
+	}
+	if err := s.setBestEffort(d, idx, capacityBytes, reservedBytes); err != nil {
+		return err
+	}
+	if err := s.setHierClass(idx, hierUnclassed, hierBestEff, hierFloorBytes, capacityBytes, 7, 0, capacityBytes/100); err != nil {
+		return err
+	}
+	if err := s.setHierLeafQueue(idx, hierUnclassifiedTC, unclassifiedQueue); err != nil {
+		return err
+	}
+	return s.ensureHashTables(d, idx)
+}
+
+// setBestEffort gives the best-effort class what requests leave.
+func (s *Shaper) setBestEffort(d HierDirection, idx int, capacityBytes, reservedBytes uint64) error {
+	share := uint64(hierFloorBytes)
+	if reservedBytes < capacityBytes {
+		share = max(capacityBytes-reservedBytes, hierFloorBytes)
+	}
+	return s.setHierClass(idx, hierBestEff, hierTop, share, capacityBytes, 0, share/100, capacityBytes/100)
+}
+
+// SetBestEffort updates the direction's best-effort share after a change
+// of the sum of requests.
+func (s *Shaper) SetBestEffort(d HierDirection, capacityBytes, reservedBytes uint64) error {
+	ifb, err := s.linkOrNil(d.IFB())
+	if err != nil || ifb == nil {
+		return err
+	}
+	return s.setBestEffort(d, ifb.Attrs().Index, capacityBytes, reservedBytes)
+}
+
+func (s *Shaper) setHierClass(idx int, handle, parent uint32, rate, ceil uint64, prio uint8, burst, cburst uint64) error {
+	rate, ceil = max(rate, 1), max(ceil, rate, 1)
+	// HTB refuses a bucket that cannot hold one full frame.
+	burst = max(burst, 2*(hierIFBMTU+ethHeader))
+	cburst = max(cburst, 2*(hierIFBMTU+ethHeader))
+	r32, c32 := uint32(min(rate, math.MaxUint32)), uint32(min(ceil, math.MaxUint32))
+	class := &tc.Object{Msg: msg(idx, handle, parent, 0), Attribute: tc.Attribute{Kind: "htb", Htb: &tc.Htb{
+		Parms: &tc.HtbOpt{
+			Rate:    tc.RateSpec{Rate: r32, Linklayer: linkEthernet},
+			Ceil:    tc.RateSpec{Rate: c32, Linklayer: linkEthernet},
+			Buffer:  bytesToTicks(burst, rate),
+			Cbuffer: bytesToTicks(cburst, ceil),
+			Quantum: hierQuantum,
+			Prio:    uint32(prio),
+		},
+		Rate64: &rate,
+		Ceil64: &ceil,
+	}}}
+	if err := s.tc.Class().Replace(class); err != nil {
+		return fmt.Errorf("set htb class %s on ifindex %d: %w", handleString(handle), idx, err)
+	}
+	return nil
+}
+
+func (s *Shaper) setHierLeafQueue(idx int, minor uint16, limit uint64) error {
+	leaf := &tc.Object{Msg: msg(idx, core.BuildHandle(uint32(minor), 0), core.BuildHandle(1, uint32(minor)), 0),
+		Attribute: tc.Attribute{Kind: "bfifo", Bfifo: &tc.FifoOpt{Limit: uint32(min(limit, math.MaxUint32))}}}
+	if err := s.tc.Qdisc().Replace(leaf); err != nil {
+		return fmt.Errorf("set the queue of class 1:%x on ifindex %d: %w", minor, idx, err)
+	}
+	return nil
+}
+
+// u32 handles: table (12 bits), bucket (8), node (12).
+func u32Handle(ht uint32, bucket uint8, node uint16) uint32 {
+	return ht<<20 | uint32(bucket)<<12 | uint32(node)
+}
+
+// hashSel is the selector of the filter that links a family's root table
+// to its hash table, hashing the byte at hoff of the network header.
+//
+// go-tc v0.4.4 packs tc_u32_sel without the pad byte the kernel's layout
+// has after nkeys, so every field from offmask on lands one byte early;
+// the values here are chosen so that the bytes the kernel reads are
+// offmask 0, off 0, offoff 0, hoff = hoff and hmask 0xff000000 (the first
+// byte of the 32-bit word at hoff). TestHierarchyHashKey reads the filter
+// back with tc(8) and fails if go-tc's packing ever changes.
+func hashSel(hoff uint16) *tc.U32Sel {
+	return &tc.U32Sel{
+		Flags: u32Terminal,
+		NKeys: 1,
+		Hoff:  hoff << 8,
+		Hmask: 0x00FF0000,
+		Keys:  []tc.U32Key{{Mask: 0, Val: 0, Off: 0}},
+	}
+}
+
+func (s *Shaper) ensureHashTables(d HierDirection, idx int) error {
+	filters, err := s.tc.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: uint32(idx), Parent: rootHandle})
+	if err != nil {
+		return fmt.Errorf("dump filters of %s: %w", d.IFB(), err)
+	}
+	have := map[uint32]bool{}
+	linked := map[uint16]bool{}
+	for _, f := range filters {
+		if f.Kind != "u32" {
+			continue
+		}
+		have[f.Handle] = true
+		if f.U32 != nil && f.U32.Link != nil {
+			linked[filterPrio(&f)] = true
+		}
+	}
+	off4, off6 := d.addrOffsets()
+	for _, t := range []struct {
+		ht    uint32
+		prio  uint16
+		proto uint16
+		hoff  uint16
+	}{
+		{hierHT4, hierPrio4, ethPIP, uint16(off4 + 3)},
+		{hierHT6, hierPrio6, ethPIPv6, uint16(off6 + 15)},
+	} {
+		info := uint32(t.prio)<<16 | uint32(htons(t.proto))
+		if !have[u32Handle(t.ht, 0, 0)] {
+			div := uint32(hierDivisor)
+			f := &tc.Object{Msg: msg(idx, u32Handle(t.ht, 0, 0), rootHandle, info), Attribute: tc.Attribute{Kind: "u32", U32: &tc.U32{Divisor: &div}}}
+			if err := s.tc.Filter().Add(f); err != nil && !errors.Is(err, unix.EEXIST) {
+				return fmt.Errorf("add u32 hash table %x: on %s: %w", t.ht, d.IFB(), err)
+			}
+		}
+		if !linked[t.prio] {
+			link := u32Handle(t.ht, 0, 0)
+			f := &tc.Object{Msg: msg(idx, 0, rootHandle, info), Attribute: tc.Attribute{Kind: "u32", U32: &tc.U32{
+				Link: &link, Sel: hashSel(t.hoff),
+			}}}
+			if err := s.tc.Filter().Add(f); err != nil {
+				return fmt.Errorf("link u32 hash table %x: on %s: %w", t.ht, d.IFB(), err)
+			}
+		}
+	}
+	return nil
+}
+
+// addrEntry is the u32 key node that sends one address to a class.
+func addrEntry(d HierDirection, idx int, ip net.IP, minor uint16) *tc.Object {
+	off4, off6 := d.addrOffsets()
+	ht, prio, proto, off := uint32(hierHT4), uint16(hierPrio4), uint16(ethPIP), off4
+	b := ip.To4()
+	if b == nil {
+		b = ip.To16()
+		ht, prio, proto, off = hierHT6, hierPrio6, ethPIPv6, off6
+	}
+	keys := make([]tc.U32Key, 0, len(b)/4)
+	for i := 0; i < len(b); i += 4 {
+		// Val and Mask are compared with the packet's bytes as they lie;
+		// go-tc writes them in host order, so give it the bytes as a
+		// host-order word.
+		keys = append(keys, tc.U32Key{Mask: math.MaxUint32, Val: binary.NativeEndian.Uint32(b[i : i+4]), Off: off + uint32(i)})
+	}
+	bucket := b[len(b)-1]
+	hash := u32Handle(ht, bucket, 0)
+	classID := core.BuildHandle(1, uint32(minor))
+	return &tc.Object{Msg: msg(idx, u32Handle(ht, bucket, minor), rootHandle, uint32(prio)<<16|uint32(htons(proto))),
+		Attribute: tc.Attribute{Kind: "u32", U32: &tc.U32{
+			ClassID: &classID,
+			Hash:    &hash,
+			Sel:     &tc.U32Sel{Flags: u32Terminal, NKeys: uint8(len(keys)), Keys: keys},
+		}}}
+}
+
+// Join puts the member into every direction it has a leaf for: its
+// class (created, or changed in place), the queue under it, its address
+// entries and the redirect on its host veth, in that order, so a packet
+// is never sent to a class that does not exist yet. A class whose
+// guarantee appears or goes is moved between 1:1 and best effort (HTB
+// cannot move a class: its entries go to the unclassified class, the
+// class is made again, the entries come back). The caller holds the
+// node's hierarchy lock and has admitted the request; the best-effort
+// share is the caller's to update (SetBestEffort).
+func (s *Shaper) Join(m HierMember, cur map[HierDirection]HierState) error {
+	veth, err := s.linkOrNil(m.HostVeth)
+	if err != nil {
+		return err
+	}
+	if veth == nil {
+		return fmt.Errorf("join %s to the node hierarchy: no such interface", m.HostVeth)
+	}
+	for _, d := range []HierDirection{IntoPods, OutOfPods} {
+		leaf := m.leaf(d)
+		if leaf == nil {
+			continue
+		}
+		if err := s.joinDirection(d, m, *leaf, cur[d], veth.Attrs().Index); err != nil {
+			return fmt.Errorf("join %s to the %s hierarchy: %w", m.HostVeth, d, err)
+		}
+	}
+	return nil
+}
+
+func (s *Shaper) joinDirection(d HierDirection, m HierMember, leaf HierLeaf, cur HierState, vethIdx int) error {
+	ifb, err := s.linkOrNil(d.IFB())
+	if err != nil {
+		return err
+	}
+	if ifb == nil {
+		return fmt.Errorf("%s does not exist", d.IFB())
+	}
+	idx := ifb.Attrs().Index
+	handle := core.BuildHandle(1, uint32(m.Minor))
+	parent := hierBestEff
+	if leaf.RateBytes > 0 {
+		parent = hierTop
+	}
+	rate := max(leaf.RateBytes, hierFloorBytes)
+	if have, ok := cur.Classes[m.Minor]; ok && have.Guaranteed != (leaf.RateBytes > 0) {
+		if err := s.moveClass(d, idx, m); err != nil {
+			return err
+		}
+	}
+	if err := s.setHierClass(idx, handle, parent, rate, leaf.CeilBytes, leaf.Prio, leaf.BurstBytes, leaf.CburstBytes); err != nil {
+		return err
+	}
+	if err := s.setHierLeafQueue(idx, m.Minor, leaf.QueueBytes); err != nil {
+		return err
+	}
+	for _, ip := range m.IPs {
+		if err := s.tc.Filter().Replace(addrEntry(d, idx, ip, m.Minor)); err != nil {
+			return fmt.Errorf("classify %s into 1:%x on %s: %w", ip, m.Minor, d.IFB(), err)
+		}
+	}
+	if err := s.addClsact(vethIdx); err != nil {
+		return err
+	}
+	rs, err := s.readRedirectOn(d.vethHook(), vethIdx, idx)
+	if err != nil {
+		return err
+	}
+	switch {
+	case rs.conflict != "":
+		return fmt.Errorf("priority %d of host veth %s holds %s that qoscni did not create", redirectPrio, m.HostVeth, rs.conflict)
+	case rs.handle == 0:
+		if err := s.tc.Filter().Add(redirectFilterOn(d.vethHook(), vethIdx, idx, redirectNode)); err != nil {
+			return fmt.Errorf("redirect %s to %s: %w", m.HostVeth, d.IFB(), err)
+		}
+	case rs.target != uint32(idx):
+		if err := s.tc.Filter().Replace(redirectFilterOn(d.vethHook(), vethIdx, idx, rs.handle)); err != nil {
+			return fmt.Errorf("redirect %s to %s: %w", m.HostVeth, d.IFB(), err)
+		}
+	}
+	return nil
+}
+
+// moveClass removes a class whose parent must change: its address
+// entries point at the unclassified class meanwhile.
+func (s *Shaper) moveClass(d HierDirection, idx int, m HierMember) error {
+	for _, ip := range m.IPs {
+		e := addrEntry(d, idx, ip, m.Minor)
+		unclassed := hierUnclassed
+		e.U32.ClassID = &unclassed
+		if err := s.tc.Filter().Replace(e); err != nil {
+			return fmt.Errorf("park %s in the unclassified class: %w", ip, err)
+		}
+	}
+	if err := s.deleteEntriesOf(d, idx, m.Minor, true); err != nil {
+		return err
+	}
+	return s.deleteHierClass(idx, m.Minor)
+}
+
+// deleteEntriesOf removes the u32 entries of a minor (found by their
+// node id in every bucket: a dump, so DEL needs no addresses).
+// keepParked leaves the entries that point at the unclassified class.
+func (s *Shaper) deleteEntriesOf(d HierDirection, idx int, minor uint16, keepParked bool) error {
+	filters, err := s.tc.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: uint32(idx), Parent: rootHandle})
+	if err != nil {
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+			return nil
+		}
+		return fmt.Errorf("dump filters of %s: %w", d.IFB(), err)
+	}
+	for _, f := range filters {
+		if f.Kind != "u32" || f.Handle&0xFFF != uint32(minor) || isU32Structure(&f) {
+			continue
+		}
+		ht := f.Handle >> 20
+		if ht != hierHT4 && ht != hierHT6 {
+			continue
+		}
+		if keepParked && f.U32 != nil && f.U32.ClassID != nil && *f.U32.ClassID == hierUnclassed {
+			continue
+		}
+		del := &tc.Object{Msg: msg(idx, f.Handle, rootHandle, f.Info), Attribute: tc.Attribute{Kind: "u32"}}
+		if err := s.tc.Filter().Delete(del); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("delete u32 entry %x on %s: %w", f.Handle, d.IFB(), err)
+		}
+	}
+	return nil
+}
+
+func (s *Shaper) deleteHierClass(idx int, minor uint16) error {
+	leaf := &tc.Object{Msg: msg(idx, core.BuildHandle(uint32(minor), 0), core.BuildHandle(1, uint32(minor)), 0),
+		Attribute: tc.Attribute{Kind: "bfifo", Bfifo: &tc.FifoOpt{}}}
+	if err := s.tc.Qdisc().Delete(leaf); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("delete the queue of class 1:%x: %w", minor, err)
+	}
+	class := &tc.Object{Msg: msg(idx, core.BuildHandle(1, uint32(minor)), 0, 0), Attribute: tc.Attribute{Kind: "htb", Htb: &tc.Htb{Parms: &tc.HtbOpt{}}}}
+	if err := s.tc.Class().Delete(class); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("delete class 1:%x: %w", minor, err)
+	}
+	return nil
+}
+
+// Leave takes a member out of both directions: the redirects off its host
+// veth first (when the veth is still there: chained mode), so no packet
+// is sent to the IFB for a class that is going, then its entries, queue
+// and class. Idempotent; the best-effort share is the caller's to update.
+func (s *Shaper) Leave(minor uint16, hostVeth string) error {
+	var errs []error
+	veth, err := s.linkOrNil(hostVeth)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, d := range []HierDirection{IntoPods, OutOfPods} {
+		ifb, err := s.linkOrNil(d.IFB())
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if veth != nil {
+			errs = append(errs, s.removeHierRedirect(d, veth.Attrs().Index, linkIndex(ifb)))
+		}
+		if ifb == nil {
+			continue
+		}
+		idx := ifb.Attrs().Index
+		errs = append(errs, s.deleteEntriesOf(d, idx, minor, false), s.deleteHierClass(idx, minor))
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Shaper) removeHierRedirect(d HierDirection, vethIdx, ifbIdx int) error {
+	rs, err := s.readRedirectOn(d.vethHook(), vethIdx, ifbIdx)
+	if err != nil {
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+			return nil // no clsact
+		}
+		return err
+	}
+	if rs.handle == 0 {
+		return nil
+	}
+	if err := s.deleteFiltersOn(d.vethHook(), vethIdx, redirectPrio, []uint32{rs.handle}, rs.conflict == ""); err != nil {
+		return err
+	}
+	return s.deleteClsactIfUnused(vethIdx)
+}
+
+// RemoveHierarchy deletes both IFBs (uninstall, or the last member gone
+// for good).
+func (s *Shaper) RemoveHierarchy() error {
+	return errors.Join(s.deleteLink(HierarchyIngressIFB), s.deleteLink(HierarchyEgressIFB))
+}
+
+// HierMinors lists the minors in use in either direction, sorted.
+func HierMinors(states ...HierState) []uint16 {
+	var out []uint16
+	for _, st := range states {
+		for m := range st.Classes {
+			if !slices.Contains(out, m) {
+				out = append(out, m)
+			}
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+	return out
+}
