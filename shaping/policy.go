@@ -179,21 +179,9 @@ func invalid(field string, value any, why string) *types.Error {
 // direction's Clamps.
 func Resolve(in Inputs, mtu int) (Plan, error) {
 	c := in.Ceilings.orDefaults()
-	delay := DefaultMaxQueueDelay
-	if in.ConfigMaxQueueDelay != 0 {
-		delay = in.ConfigMaxQueueDelay
-	}
-	var clamps []Clamp
-	if v, ok := in.Annotations[AnnotationMaxQueueDelay]; ok {
-		d, err := parseDelay("annotation "+AnnotationMaxQueueDelay, v)
-		if err != nil {
-			return Plan{}, err
-		}
-		delay = d
-	}
-	if delay > c.MaxQueueDelay {
-		clamps = append(clamps, Clamp{Setting: SettingQueueDelay, Requested: uint64(delay), Applied: uint64(c.MaxQueueDelay)})
-		delay = c.MaxQueueDelay
+	delay, clamps, err := resolveDelay(in, c)
+	if err != nil {
+		return Plan{}, err
 	}
 	if err := validateConfig(in.Config); err != nil {
 		return Plan{}, err
@@ -214,6 +202,28 @@ func Resolve(in Inputs, mtu int) (Plan, error) {
 	return Plan{Ingress: ing, Egress: eg}, nil
 }
 
+// resolveDelay is the queueing-delay budget both directions share: the
+// annotation, else the config's, else the default, within the ceiling
+// (a clamp is returned for the caller to record).
+func resolveDelay(in Inputs, c Ceilings) (time.Duration, []Clamp, error) {
+	delay := DefaultMaxQueueDelay
+	if in.ConfigMaxQueueDelay != 0 {
+		delay = in.ConfigMaxQueueDelay
+	}
+	if v, ok := in.Annotations[AnnotationMaxQueueDelay]; ok {
+		d, err := parseDelay("annotation "+AnnotationMaxQueueDelay, v)
+		if err != nil {
+			return 0, nil, err
+		}
+		delay = d
+	}
+	if delay > c.MaxQueueDelay {
+		clamp := Clamp{Setting: SettingQueueDelay, Requested: uint64(delay), Applied: uint64(c.MaxQueueDelay)}
+		return c.MaxQueueDelay, []Clamp{clamp}, nil
+	}
+	return delay, nil, nil
+}
+
 type direction struct {
 	name                 string
 	rateAnno, burstAnno  string
@@ -229,39 +239,49 @@ var (
 )
 
 func resolveDirection(in Inputs, d direction, delay time.Duration, mtu int, c Ceilings) (*Params, error) {
+	rate, burst, source, err := pickRate(in, d)
+	if err != nil || rate == 0 {
+		return nil, err
+	}
+	return deriveWithin(c, rate, burst, delay, mtu, source), nil
+}
+
+// pickRate is the direction's rate (0: not shaped), the explicit burst in
+// bits that goes with it (0: the default policy) and their source.
+func pickRate(in Inputs, d direction) (rate, burst uint64, source string, err error) {
 	// An explicit burst annotation is validated even when another source
 	// sets the rate, so a typo never passes silently.
 	var annoBurst uint64
 	if v, ok := in.Annotations[d.burstAnno]; ok {
 		b, err := parseQuantity("annotation "+d.burstAnno, v, false)
 		if err != nil {
-			return nil, err
+			return 0, 0, "", err
 		}
 		annoBurst = b
 	}
 	if v, ok := in.Annotations[d.rateAnno]; ok {
 		rate, err := parseQuantity("annotation "+d.rateAnno, v, true)
 		if err != nil {
-			return nil, err
+			return 0, 0, "", err
 		}
-		return deriveWithin(c, rate, annoBurst, delay, mtu, SourceAnnotation), nil
+		return rate, annoBurst, SourceAnnotation, nil
 	}
 	if in.Runtime != nil {
 		if rate := d.runtimeRate(in.Runtime); rate != 0 {
 			if err := checkRate("runtimeConfig.bandwidth."+d.rateField, rate); err != nil {
-				return nil, err
+				return 0, 0, "", err
 			}
 			burst := d.runBurs(in.Runtime)
 			if burst > rate/runtimeBurstShare {
 				burst = 0
 			}
-			return deriveWithin(c, rate, burst, delay, mtu, SourceRuntimeConfig), nil
+			return rate, burst, SourceRuntimeConfig, nil
 		}
 	}
 	if rate := d.runtimeRate(&in.Config); rate != 0 {
-		return deriveWithin(c, rate, d.runBurs(&in.Config), delay, mtu, SourceConfig), nil
+		return rate, d.runBurs(&in.Config), SourceConfig, nil
 	}
-	return nil, nil
+	return 0, 0, "", nil
 }
 
 // validateConfig applies the reference bandwidth plugin's rules to the
