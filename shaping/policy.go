@@ -311,6 +311,9 @@ func checkRate(field string, rate uint64) error {
 
 // parseQuantity reads a Kubernetes quantity in bits (rates in bit/s).
 func parseQuantity(field, v string, isRate bool) (uint64, error) {
+	if outsizedQuantity(strings.TrimSpace(v)) {
+		return 0, invalid(field, fmt.Sprintf("%.40q", v), fmt.Sprintf("longer than %d characters or an exponent beyond ±99", maxQuantityLen))
+	}
 	q, err := resource.ParseQuantity(strings.TrimSpace(v))
 	if err != nil {
 		return 0, invalid(field, fmt.Sprintf("%q", v), "not a Kubernetes quantity (e.g. 10M, 500k, 1G)")
@@ -335,6 +338,28 @@ func parseQuantity(field, v string, isRate bool) (uint64, error) {
 		n = int64(math.Ceil(f))
 	}
 	return uint64(n), nil
+}
+
+// maxQuantityLen bounds a quantity's text: no rate or burst needs more.
+const maxQuantityLen = 64
+
+// outsizedQuantity reports a quantity that resource.ParseQuantity would
+// spend seconds and gigabytes on: its arbitrary-precision arithmetic grows
+// with the exponent ("1e-9999999" takes a second to parse, "8E8888888"
+// three to compare with 1P). Pods write these values, and the plugin runs
+// in every pod start.
+func outsizedQuantity(v string) bool {
+	if len(v) > maxQuantityLen {
+		return true
+	}
+	i := strings.LastIndexAny(v, "eE")
+	if i < 0 {
+		return false
+	}
+	// "E" alone is the exa suffix and "Ei" exbi; a decimal exponent is
+	// e/E and a signed number.
+	exp := strings.TrimLeft(v[i+1:], "+-")
+	return len(exp) > 2
 }
 
 // parseDelay reads a queueing-delay budget. Only a budget below the
