@@ -86,6 +86,9 @@ type Ceilings struct {
 	MaxBurstBytes uint64
 	// MaxQueueBytes bounds each direction's queue.
 	MaxQueueBytes uint64
+	// MaxRequestBits bounds the guaranteed rate (bit/s) a pod may request
+	// per direction; 0 leaves only the node capacity (see Admit).
+	MaxRequestBits uint64
 }
 
 // Defaults and bounds of the ceilings. The defaults keep the shipped queue
@@ -123,10 +126,13 @@ const (
 	SettingQueueDelay = state.ClampQueueDelay // nanoseconds
 	SettingBurst      = "burst"               // bytes
 	SettingQueueLimit = "queue_limit"         // bytes
+	SettingCburst     = "cburst"              // bytes
+	SettingRequest    = "request"             // bit/s
 )
 
 // Clamp says that a setting was asked above its ceiling and what was used.
-// Units: nanoseconds for SettingQueueDelay, bytes for the others.
+// Units: nanoseconds for SettingQueueDelay, bit/s for SettingRequest,
+// bytes for the others.
 type Clamp struct {
 	Setting   string
 	Requested uint64
@@ -134,8 +140,11 @@ type Clamp struct {
 }
 
 func (c Clamp) String() string {
-	if c.Setting == SettingQueueDelay {
+	switch c.Setting {
+	case SettingQueueDelay:
 		return fmt.Sprintf("%s %v clamped to %v", c.Setting, time.Duration(c.Requested), time.Duration(c.Applied))
+	case SettingRequest:
+		return fmt.Sprintf("%s %s clamped to %s", c.Setting, FormatRate(c.Requested), FormatRate(c.Applied))
 	}
 	return fmt.Sprintf("%s %d B clamped to %d B", c.Setting, c.Requested, c.Applied)
 }
@@ -247,7 +256,8 @@ func resolveDirection(in Inputs, d direction, delay time.Duration, mtu int, c Ce
 }
 
 // pickRate is the direction's rate (0: not shaped), the explicit burst in
-// bits that goes with it (0: the default policy) and their source.
+// bits that goes with it (0: the default policy) and their source. Without
+// a rate the burst is the annotation's, if any.
 func pickRate(in Inputs, d direction) (rate, burst uint64, source string, err error) {
 	// An explicit burst annotation is validated even when another source
 	// sets the rate, so a typo never passes silently.
@@ -281,7 +291,9 @@ func pickRate(in Inputs, d direction) (rate, burst uint64, source string, err er
 	if rate := d.runtimeRate(&in.Config); rate != 0 {
 		return rate, d.runBurs(&in.Config), SourceConfig, nil
 	}
-	return 0, 0, "", nil
+	// No rate: the burst annotation still sizes a guarantee's borrowing
+	// (ResolveGuarantee), up to the node capacity.
+	return 0, annoBurst, "", nil
 }
 
 // validateConfig applies the reference bandwidth plugin's rules to the
