@@ -321,6 +321,11 @@ func checkRate(field string, rate uint64) error {
 	return nil
 }
 
+// ParseBits reads an operator's Kubernetes quantity of bits or bit/s (the
+// node capacity, the request ceiling), rounded up to whole bits: any size
+// from 0, for the caller to bound. Errors are CNI errors 7 naming field.
+func ParseBits(field, v string) (uint64, error) { return parseQuantity(field, v, false) }
+
 // parseQuantity reads a Kubernetes quantity in bits (rates in bit/s).
 func parseQuantity(field, v string, isRate bool) (uint64, error) {
 	if outsizedQuantity(strings.TrimSpace(v)) {
