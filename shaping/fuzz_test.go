@@ -200,3 +200,91 @@ func checkExplicitBurst(t *testing.T, dir string, p *shaping.Params, bits, frame
 		t.Fatalf("%s: burst %d B from %d bits, want %d", dir, p.BurstBytes, bits, want)
 	}
 }
+
+// FuzzResolveGuarantee feeds the guarantee's own inputs (requests,
+// priority, limits, the node capacity and the operator's request ceiling)
+// through Resolve and ResolveGuarantee as the plugin calls them: whatever
+// a pod writes is refused with a CNI error 7 naming an annotation, or
+// gives classes within the capacity, the pod's limit and the ceilings.
+func FuzzResolveGuarantee(f *testing.F) {
+	f.Add("10M", "100M", "1G", "5M", "high", uint8(0xff), uint64(10_000_000_000), uint64(0), uint64(0))
+	f.Add("2G", "", "100M", "", "Low", uint8(0x15), uint64(1_000_000_000), uint64(1_000_000_000), uint64(50_000_000))
+	f.Fuzz(func(t *testing.T, ingressRequest, egressRequest, ingressRate, ingressBurst, priority string, present uint8,
+		ingressCapacity, egressCapacity, maxRequest uint64) {
+		// The config parser takes capacities and the request ceiling as 0
+		// (none) or rates of 1k..1P.
+		fold := func(v uint64) uint64 {
+			if v == 0 {
+				return 0
+			}
+			return shaping.MinRateBits + v%(shaping.MaxRateBits-shaping.MinRateBits+1)
+		}
+		ingressCapacity, egressCapacity, maxRequest = fold(ingressCapacity), fold(egressCapacity), fold(maxRequest)
+		in := shaping.Inputs{Annotations: map[string]string{}, Ceilings: shaping.Ceilings{MaxRequestBits: maxRequest}}
+		for i, kv := range [][2]string{
+			{shaping.AnnotationIngressRequest, ingressRequest}, {shaping.AnnotationEgressRequest, egressRequest},
+			{shaping.AnnotationIngressRate, ingressRate}, {shaping.AnnotationIngressBurst, ingressBurst},
+			{shaping.AnnotationPriority, priority},
+		} {
+			if present&(1<<i) != 0 {
+				in.Annotations[kv[0]] = kv[1]
+			}
+		}
+		limits, err := shaping.Resolve(in, 1500)
+		if err != nil {
+			return // FuzzResolveShaping's business
+		}
+		capacity := shaping.Capacity{IngressBits: ingressCapacity, EgressBits: egressCapacity}
+		g, err := shaping.ResolveGuarantee(in, limits, capacity, 1500)
+		if err != nil {
+			var e *types.Error
+			if !errors.As(err, &e) || e.Code != types.ErrInvalidNetworkConfig ||
+				!strings.HasPrefix(e.Msg, "invalid annotation qoscni.io/") {
+				t.Fatalf("want CNI error 7 naming a qoscni.io annotation, got %v", err)
+			}
+			return
+		}
+		for _, d := range []struct {
+			name      string
+			c         *shaping.Class
+			capacity  uint64
+			limit     *shaping.Params
+			requested bool
+		}{
+			{"ingress", g.Ingress, ingressCapacity, limits.Ingress, present&1 != 0},
+			{"egress", g.Egress, egressCapacity, limits.Egress, present&2 != 0},
+		} {
+			if (d.c == nil) != (d.capacity == 0) {
+				t.Fatalf("%s: class %+v with capacity %d", d.name, d.c, d.capacity)
+			}
+			if d.c == nil {
+				continue
+			}
+			c := d.c
+			if c.CeilBits == 0 || c.CeilBits > d.capacity || (d.limit != nil && c.CeilBits > d.limit.RateBits) {
+				t.Fatalf("%s: ceil %d, capacity %d, limit %+v", d.name, c.CeilBits, d.capacity, d.limit)
+			}
+			if (c.RequestBits != 0) != d.requested {
+				t.Fatalf("%s: request %d, annotation given: %v", d.name, c.RequestBits, d.requested)
+			}
+			if d.limit != nil && c.RequestBits > d.limit.RateBits || maxRequest != 0 && c.RequestBits > maxRequest {
+				t.Fatalf("%s: request %d above the limit %+v or the ceiling %d", d.name, c.RequestBits, d.limit, maxRequest)
+			}
+			if c.Priority > shaping.PriorityLow {
+				t.Fatalf("%s: priority %d", d.name, c.Priority)
+			}
+			frame := shaping.PeakBurst(1500) / 2
+			base := c.RequestBits
+			if base == 0 {
+				base = c.CeilBits
+			}
+			if c.BurstBytes == 0 || c.BurstBytes > shaping.MaxBurstBytesAt(base/8) || c.BurstBytes > max(shaping.DefaultCeilingBurstBytes, frame) ||
+				c.CburstBytes == 0 || c.CburstBytes > shaping.MaxBurstBytesAt(c.CeilBits/8) || c.CburstBytes > max(shaping.DefaultCeilingBurstBytes, frame) {
+				t.Fatalf("%s: buckets %d/%d at %d/%d bit/s", d.name, c.BurstBytes, c.CburstBytes, base, c.CeilBits)
+			}
+			if c.QueueBytes < 2*frame || c.QueueBytes > max(shaping.DefaultCeilingQueueBytes, 2*frame) {
+				t.Fatalf("%s: queue %d", d.name, c.QueueBytes)
+			}
+		}
+	})
+}

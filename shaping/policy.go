@@ -86,6 +86,9 @@ type Ceilings struct {
 	MaxBurstBytes uint64
 	// MaxQueueBytes bounds each direction's queue.
 	MaxQueueBytes uint64
+	// MaxRequestBits bounds the guaranteed rate (bit/s) a pod may request
+	// per direction; 0 leaves only the node capacity (see Admit).
+	MaxRequestBits uint64
 }
 
 // Defaults and bounds of the ceilings. The defaults keep the shipped queue
@@ -123,10 +126,13 @@ const (
 	SettingQueueDelay = state.ClampQueueDelay // nanoseconds
 	SettingBurst      = "burst"               // bytes
 	SettingQueueLimit = "queue_limit"         // bytes
+	SettingCburst     = "cburst"              // bytes
+	SettingRequest    = "request"             // bit/s
 )
 
 // Clamp says that a setting was asked above its ceiling and what was used.
-// Units: nanoseconds for SettingQueueDelay, bytes for the others.
+// Units: nanoseconds for SettingQueueDelay, bit/s for SettingRequest,
+// bytes for the others.
 type Clamp struct {
 	Setting   string
 	Requested uint64
@@ -134,8 +140,11 @@ type Clamp struct {
 }
 
 func (c Clamp) String() string {
-	if c.Setting == SettingQueueDelay {
+	switch c.Setting {
+	case SettingQueueDelay:
 		return fmt.Sprintf("%s %v clamped to %v", c.Setting, time.Duration(c.Requested), time.Duration(c.Applied))
+	case SettingRequest:
+		return fmt.Sprintf("%s %s clamped to %s", c.Setting, FormatRate(c.Requested), FormatRate(c.Applied))
 	}
 	return fmt.Sprintf("%s %d B clamped to %d B", c.Setting, c.Requested, c.Applied)
 }
@@ -179,21 +188,9 @@ func invalid(field string, value any, why string) *types.Error {
 // direction's Clamps.
 func Resolve(in Inputs, mtu int) (Plan, error) {
 	c := in.Ceilings.orDefaults()
-	delay := DefaultMaxQueueDelay
-	if in.ConfigMaxQueueDelay != 0 {
-		delay = in.ConfigMaxQueueDelay
-	}
-	var clamps []Clamp
-	if v, ok := in.Annotations[AnnotationMaxQueueDelay]; ok {
-		d, err := parseDelay("annotation "+AnnotationMaxQueueDelay, v)
-		if err != nil {
-			return Plan{}, err
-		}
-		delay = d
-	}
-	if delay > c.MaxQueueDelay {
-		clamps = append(clamps, Clamp{Setting: SettingQueueDelay, Requested: uint64(delay), Applied: uint64(c.MaxQueueDelay)})
-		delay = c.MaxQueueDelay
+	delay, clamps, err := resolveDelay(in, c)
+	if err != nil {
+		return Plan{}, err
 	}
 	if err := validateConfig(in.Config); err != nil {
 		return Plan{}, err
@@ -214,6 +211,28 @@ func Resolve(in Inputs, mtu int) (Plan, error) {
 	return Plan{Ingress: ing, Egress: eg}, nil
 }
 
+// resolveDelay is the queueing-delay budget both directions share: the
+// annotation, else the config's, else the default, within the ceiling
+// (a clamp is returned for the caller to record).
+func resolveDelay(in Inputs, c Ceilings) (time.Duration, []Clamp, error) {
+	delay := DefaultMaxQueueDelay
+	if in.ConfigMaxQueueDelay != 0 {
+		delay = in.ConfigMaxQueueDelay
+	}
+	if v, ok := in.Annotations[AnnotationMaxQueueDelay]; ok {
+		d, err := parseDelay("annotation "+AnnotationMaxQueueDelay, v)
+		if err != nil {
+			return 0, nil, err
+		}
+		delay = d
+	}
+	if delay > c.MaxQueueDelay {
+		clamp := Clamp{Setting: SettingQueueDelay, Requested: uint64(delay), Applied: uint64(c.MaxQueueDelay)}
+		return c.MaxQueueDelay, []Clamp{clamp}, nil
+	}
+	return delay, nil, nil
+}
+
 type direction struct {
 	name                 string
 	rateAnno, burstAnno  string
@@ -229,39 +248,52 @@ var (
 )
 
 func resolveDirection(in Inputs, d direction, delay time.Duration, mtu int, c Ceilings) (*Params, error) {
+	rate, burst, source, err := pickRate(in, d)
+	if err != nil || rate == 0 {
+		return nil, err
+	}
+	return deriveWithin(c, rate, burst, delay, mtu, source), nil
+}
+
+// pickRate is the direction's rate (0: not shaped), the explicit burst in
+// bits that goes with it (0: the default policy) and their source. Without
+// a rate the burst is the annotation's, if any.
+func pickRate(in Inputs, d direction) (rate, burst uint64, source string, err error) {
 	// An explicit burst annotation is validated even when another source
 	// sets the rate, so a typo never passes silently.
 	var annoBurst uint64
 	if v, ok := in.Annotations[d.burstAnno]; ok {
 		b, err := parseQuantity("annotation "+d.burstAnno, v, false)
 		if err != nil {
-			return nil, err
+			return 0, 0, "", err
 		}
 		annoBurst = b
 	}
 	if v, ok := in.Annotations[d.rateAnno]; ok {
 		rate, err := parseQuantity("annotation "+d.rateAnno, v, true)
 		if err != nil {
-			return nil, err
+			return 0, 0, "", err
 		}
-		return deriveWithin(c, rate, annoBurst, delay, mtu, SourceAnnotation), nil
+		return rate, annoBurst, SourceAnnotation, nil
 	}
 	if in.Runtime != nil {
 		if rate := d.runtimeRate(in.Runtime); rate != 0 {
 			if err := checkRate("runtimeConfig.bandwidth."+d.rateField, rate); err != nil {
-				return nil, err
+				return 0, 0, "", err
 			}
 			burst := d.runBurs(in.Runtime)
 			if burst > rate/runtimeBurstShare {
 				burst = 0
 			}
-			return deriveWithin(c, rate, burst, delay, mtu, SourceRuntimeConfig), nil
+			return rate, burst, SourceRuntimeConfig, nil
 		}
 	}
 	if rate := d.runtimeRate(&in.Config); rate != 0 {
-		return deriveWithin(c, rate, d.runBurs(&in.Config), delay, mtu, SourceConfig), nil
+		return rate, d.runBurs(&in.Config), SourceConfig, nil
 	}
-	return nil, nil
+	// No rate: the burst annotation still sizes a guarantee's borrowing
+	// (ResolveGuarantee), up to the node capacity.
+	return 0, annoBurst, "", nil
 }
 
 // validateConfig applies the reference bandwidth plugin's rules to the
@@ -289,8 +321,16 @@ func checkRate(field string, rate uint64) error {
 	return nil
 }
 
+// ParseBits reads an operator's Kubernetes quantity of bits or bit/s (the
+// node capacity, the request ceiling), rounded up to whole bits: any size
+// from 0, for the caller to bound. Errors are CNI errors 7 naming field.
+func ParseBits(field, v string) (uint64, error) { return parseQuantity(field, v, false) }
+
 // parseQuantity reads a Kubernetes quantity in bits (rates in bit/s).
 func parseQuantity(field, v string, isRate bool) (uint64, error) {
+	if outsizedQuantity(strings.TrimSpace(v)) {
+		return 0, invalid(field, fmt.Sprintf("%.40q", v), fmt.Sprintf("longer than %d characters or an exponent beyond ±99", maxQuantityLen))
+	}
 	q, err := resource.ParseQuantity(strings.TrimSpace(v))
 	if err != nil {
 		return 0, invalid(field, fmt.Sprintf("%q", v), "not a Kubernetes quantity (e.g. 10M, 500k, 1G)")
@@ -315,6 +355,28 @@ func parseQuantity(field, v string, isRate bool) (uint64, error) {
 		n = int64(math.Ceil(f))
 	}
 	return uint64(n), nil
+}
+
+// maxQuantityLen bounds a quantity's text: no rate or burst needs more.
+const maxQuantityLen = 64
+
+// outsizedQuantity reports a quantity that resource.ParseQuantity would
+// spend seconds and gigabytes on: its arbitrary-precision arithmetic grows
+// with the exponent ("1e-9999999" takes a second to parse, "8E8888888"
+// three to compare with 1P). Pods write these values, and the plugin runs
+// in every pod start.
+func outsizedQuantity(v string) bool {
+	if len(v) > maxQuantityLen {
+		return true
+	}
+	i := strings.LastIndexAny(v, "eE")
+	if i < 0 {
+		return false
+	}
+	// "E" alone is the exa suffix and "Ei" exbi; a decimal exponent is
+	// e/E and a signed number.
+	exp := strings.TrimLeft(v[i+1:], "+-")
+	return len(exp) > 2
 }
 
 // parseDelay reads a queueing-delay budget. Only a budget below the

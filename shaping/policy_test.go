@@ -263,3 +263,34 @@ func TestBurstWithinTicks(t *testing.T) {
 		t.Errorf("burst %d B at %d B/s is %.0f ticks, above 32 bits", p.Ingress.BurstBytes, p.Ingress.RateBytes(), ticks)
 	}
 }
+
+// TestOutsizedQuantity: a pod's annotation must not keep the plugin busy.
+// Before the check each of these took seconds (growing with the exponent)
+// in resource.ParseQuantity or its comparisons.
+func TestOutsizedQuantity(t *testing.T) {
+	start := time.Now()
+	for _, v := range []string{"8E88888888", "1e-99999999", "1e+100", "1E100", "1" + strings.Repeat("0", 80)} {
+		for _, isRate := range []bool{true, false} {
+			if _, err := parseQuantity("annotation x", v, isRate); err == nil || !strings.Contains(err.Error(), "annotation x") {
+				t.Errorf("%.20q (rate %v): %v", v, isRate, err)
+			}
+		}
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("refusing took %v", d)
+	}
+	// Exponents a rate can use, and the exa suffixes, still parse.
+	for v, want := range map[string]uint64{"1e6": 1_000_000, "1E+06": 1_000_000, "0.001e18": 1_000_000_000_000_000, "1e99": 0, "1E": 1e18, "1Ei": 1 << 60, "10e-1": 1} {
+		got, err := parseQuantity("x", v, false)
+		if want == 0 {
+			// Above what a burst can be: refused as too large, not as outsized.
+			if err == nil || strings.Contains(err.Error(), "exponent") {
+				t.Errorf("%q: %v", v, err)
+			}
+			continue
+		}
+		if err != nil || got != want {
+			t.Errorf("%q = %d (%v), want %d", v, got, err, want)
+		}
+	}
+}

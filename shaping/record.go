@@ -48,7 +48,8 @@ func CeilingsToRecord(c Ceilings) *state.Ceilings {
 	if c == (Ceilings{}) {
 		return nil
 	}
-	return &state.Ceilings{MaxQueueDelayNs: int64(c.MaxQueueDelay), MaxBurstBits: c.MaxBurstBytes * 8, MaxQueueBytes: c.MaxQueueBytes}
+	return &state.Ceilings{MaxQueueDelayNs: int64(c.MaxQueueDelay), MaxBurstBits: c.MaxBurstBytes * 8, MaxQueueBytes: c.MaxQueueBytes,
+		MaxRequestBits: c.MaxRequestBits}
 }
 
 // CeilingsFromRecord is the inverse of CeilingsToRecord.
@@ -56,7 +57,70 @@ func CeilingsFromRecord(c *state.Ceilings) Ceilings {
 	if c == nil {
 		return Ceilings{}
 	}
-	return Ceilings{MaxQueueDelay: time.Duration(c.MaxQueueDelayNs), MaxBurstBytes: c.MaxBurstBits / 8, MaxQueueBytes: c.MaxQueueBytes}
+	return Ceilings{MaxQueueDelay: time.Duration(c.MaxQueueDelayNs), MaxBurstBytes: c.MaxBurstBits / 8, MaxQueueBytes: c.MaxQueueBytes,
+		MaxRequestBits: c.MaxRequestBits}
+}
+
+// CapacityToRecord is the node capacity as the record's shaping defaults
+// keep it; nil when guarantees are off.
+func CapacityToRecord(c Capacity) *state.NodeCapacity {
+	if c == (Capacity{}) {
+		return nil
+	}
+	return &state.NodeCapacity{IngressBits: c.IngressBits, EgressBits: c.EgressBits}
+}
+
+// CapacityFromRecord is the inverse of CapacityToRecord.
+func CapacityFromRecord(c *state.NodeCapacity) Capacity {
+	if c == nil {
+		return Capacity{}
+	}
+	return Capacity{IngressBits: c.IngressBits, EgressBits: c.EgressBits}
+}
+
+// GuaranteeToRecord is the guarantee as the record keeps it, with the
+// pod's class minor; nil when no direction has a class.
+func GuaranteeToRecord(g Guarantee, minor uint16) *state.Guarantee {
+	if g.Empty() {
+		return nil
+	}
+	return &state.Guarantee{Minor: minor, Ingress: classToRecord(g.Ingress), Egress: classToRecord(g.Egress)}
+}
+
+func classToRecord(c *Class) *state.GuaranteeDirection {
+	if c == nil {
+		return nil
+	}
+	return &state.GuaranteeDirection{
+		RequestBits: c.RequestBits, CeilBits: c.CeilBits, Priority: c.Priority.String(),
+		BurstBytes: c.BurstBytes, CburstBytes: c.CburstBytes, QueueBytes: c.QueueBytes,
+		MaxQueueDelayNs: int64(c.MaxQueueDelay), Clamped: toClamps(c.Clamps),
+	}
+}
+
+// GuaranteeFromRecord is the inverse of GuaranteeToRecord: the classes and
+// the minor (zero values for nil). A priority the record does not name
+// (only a hand-edited record has one) reads as normal, the default.
+func GuaranteeFromRecord(g *state.Guarantee) (Guarantee, uint16) {
+	if g == nil {
+		return Guarantee{}, 0
+	}
+	return Guarantee{Ingress: classFromRecord(g.Ingress), Egress: classFromRecord(g.Egress)}, g.Minor
+}
+
+func classFromRecord(d *state.GuaranteeDirection) *Class {
+	if d == nil {
+		return nil
+	}
+	prio, err := ParsePriority("priority", d.Priority)
+	if err != nil {
+		prio = PriorityNormal
+	}
+	return &Class{
+		RequestBits: d.RequestBits, CeilBits: d.CeilBits, Priority: prio,
+		BurstBytes: d.BurstBytes, CburstBytes: d.CburstBytes, QueueBytes: d.QueueBytes,
+		MaxQueueDelay: time.Duration(d.MaxQueueDelayNs), Clamps: fromClamps(d.Clamped),
+	}
 }
 
 func fromDirection(d *state.Direction) *Params {

@@ -79,6 +79,36 @@ type Shaping struct {
 	Egress *Direction `json:"egress,omitempty"`
 	// IFB is the attachment's IFB device ("" when egress is not shaped).
 	IFB string `json:"ifb,omitempty"`
+	// Guarantee is the pod's share of the node's guaranteed-bandwidth
+	// hierarchies (nil: the node has none, or the record predates them).
+	Guarantee *Guarantee `json:"guarantee,omitempty"`
+}
+
+// Guarantee is a pod's class in each direction's node-wide hierarchy.
+type Guarantee struct {
+	// Minor is the pod's HTB class minor on the node, the same in both
+	// directions.
+	Minor uint16 `json:"minor"`
+	// Ingress and Egress are nil where the node has no capacity.
+	Ingress *GuaranteeDirection `json:"ingress,omitempty"`
+	Egress  *GuaranteeDirection `json:"egress,omitempty"`
+}
+
+// GuaranteeDirection is one class's parameters.
+type GuaranteeDirection struct {
+	// RequestBits is the guaranteed rate in bit/s (0: best effort).
+	RequestBits uint64 `json:"requestBits"`
+	// CeilBits is the most the pod may reach by borrowing, in bit/s.
+	CeilBits uint64 `json:"ceilBits"`
+	// Priority orders borrowing: "high", "normal" or "low".
+	Priority    string `json:"priority"`
+	BurstBytes  uint64 `json:"burstBytes"`
+	CburstBytes uint64 `json:"cburstBytes"`
+	QueueBytes  uint64 `json:"queueBytes"`
+	// MaxQueueDelayNs is the budget QueueBytes was derived from.
+	MaxQueueDelayNs int64 `json:"maxQueueDelayNs"`
+	// Clamped lists the settings a ceiling cut down.
+	Clamped []Clamp `json:"clamped,omitempty"`
 }
 
 // ShapingDefaults mirror the plugin config keys (bit/s, bits), parsed.
@@ -94,6 +124,15 @@ type ShapingDefaults struct {
 	// Ceilings are the config's bounds on pod-supplied sizes (nil: the
 	// defaults of the plugin that reads the record).
 	Ceilings *Ceilings `json:"ceilings,omitempty"`
+	// NodeCapacity is the config's nodeCapacity (nil: no guarantees).
+	NodeCapacity *NodeCapacity `json:"nodeCapacity,omitempty"`
+}
+
+// NodeCapacity mirrors the plugin config's "nodeCapacity", parsed (bit/s,
+// 0: no hierarchy in that direction).
+type NodeCapacity struct {
+	IngressBits uint64 `json:"ingressBits,omitempty"`
+	EgressBits  uint64 `json:"egressBits,omitempty"`
 }
 
 // Ceilings mirror the plugin config's "ceilings" object, parsed.
@@ -101,6 +140,7 @@ type Ceilings struct {
 	MaxQueueDelayNs int64  `json:"maxQueueDelayNs,omitempty"`
 	MaxBurstBits    uint64 `json:"maxBurstBits,omitempty"`
 	MaxQueueBytes   uint64 `json:"maxQueueBytes,omitempty"`
+	MaxRequestBits  uint64 `json:"maxRequestBits,omitempty"`
 }
 
 // ClampQueueDelay is the Clamp.Setting of the queueing-delay budget, the
@@ -108,7 +148,8 @@ type Ceilings struct {
 const ClampQueueDelay = "queue_delay"
 
 // Clamp records a setting a ceiling cut down: what was asked, what the
-// kernel got (nanoseconds for queue_delay, bytes for burst and queue_limit).
+// kernel got (nanoseconds for queue_delay, bit/s for request, bytes for
+// burst, cburst and queue_limit).
 type Clamp struct {
 	Setting   string `json:"setting"`
 	Requested uint64 `json:"requested"`

@@ -63,6 +63,13 @@ func checkAccepted(t *testing.T, c *netconf.NetConf) {
 			t.Fatalf("portMappings[%d]: protocol %q not normalized", i, pm.Protocol)
 		}
 	}
+	// Guarantees take these as 0 (off) or a Kubernetes bandwidth.
+	for field, v := range map[string]uint64{"nodeCapacity.ingress": c.Capacity.IngressBits,
+		"nodeCapacity.egress": c.Capacity.EgressBits, "ceilings.maxRequest": c.ShapingCeilings.MaxRequestBits} {
+		if v != 0 && (v < shaping.MinRateBits || v > shaping.MaxRateBits) {
+			t.Fatalf("accepted %s %d bit/s", field, v)
+		}
+	}
 	builtin := c.IPAM.Type == "" || c.IPAM.Type == "qoscni"
 	if c.BuiltinIPAM() && !builtin {
 		t.Fatalf("built-in IPAM config decoded for ipam.type %q", c.IPAM.Type)

@@ -64,6 +64,11 @@ type NetConf struct {
 	// bytes); ShapingCeilings is the parsed form.
 	Ceilings        CeilingsConfig   `json:"ceilings"`
 	ShapingCeilings shaping.Ceilings `json:"-"`
+	// NodeCapacity is the node's bandwidth per direction that guarantees
+	// share (Kubernetes quantities, bit/s); Capacity is the parsed form, 0
+	// in a direction without a hierarchy.
+	NodeCapacity NodeCapacityConfig `json:"nodeCapacity"`
+	Capacity     shaping.Capacity   `json:"-"`
 
 	RuntimeConfig RuntimeConfig `json:"runtimeConfig"`
 
@@ -99,6 +104,45 @@ type CeilingsConfig struct {
 	MaxBurst uint64 `json:"maxBurst,omitempty"`
 	// MaxQueueBytes is in bytes.
 	MaxQueueBytes uint64 `json:"maxQueueBytes,omitempty"`
+	// MaxRequest bounds a pod's guaranteed rate per direction: a
+	// Kubernetes quantity in bit/s ("" or 0: the node capacity only).
+	MaxRequest string `json:"maxRequest,omitempty"`
+}
+
+// NodeCapacityConfig is the "nodeCapacity" object. Ingress is traffic into
+// pods, egress out of them; "" or 0 turns that direction's guarantees off.
+type NodeCapacityConfig struct {
+	Ingress string `json:"ingress,omitempty"`
+	Egress  string `json:"egress,omitempty"`
+}
+
+// parse checks the capacities.
+func (c NodeCapacityConfig) parse() (shaping.Capacity, error) {
+	in, err := parseOptionalRate("nodeCapacity.ingress", c.Ingress)
+	if err != nil {
+		return shaping.Capacity{}, err
+	}
+	eg, err := parseOptionalRate("nodeCapacity.egress", c.Egress)
+	if err != nil {
+		return shaping.Capacity{}, err
+	}
+	return shaping.Capacity{IngressBits: in, EgressBits: eg}, nil
+}
+
+// parseOptionalRate reads a quantity in bit/s that is either 0 (or
+// absent: off) or within Kubernetes' bandwidth range.
+func parseOptionalRate(field, v string) (uint64, error) {
+	if v == "" {
+		return 0, nil
+	}
+	n, err := shaping.ParseBits(field, v)
+	if err != nil {
+		return 0, err
+	}
+	if n != 0 && (n < shaping.MinRateBits || n > shaping.MaxRateBits) {
+		return 0, InvalidField(field, fmt.Sprintf("%q", v), "must be 0 (off) or between 1k and 1P bit/s")
+	}
+	return n, nil
 }
 
 // parse checks the ceilings.
@@ -124,18 +168,29 @@ func (c CeilingsConfig) parse() (shaping.Ceilings, error) {
 		}
 		out.MaxQueueBytes = c.MaxQueueBytes
 	}
+	r, err := parseOptionalRate("ceilings.maxRequest", c.MaxRequest)
+	if err != nil {
+		return out, err
+	}
+	out.MaxRequestBits = r
 	return out, nil
 }
 
-// parseShaping parses the ceilings, then the config's own delay budget,
-// which must fit under them: the plugin and the agent's reshaping take
-// both from here (the agent through the state record), typed.
+// parseShaping parses the ceilings and the node capacity, then the
+// config's own delay budget, which must fit under the ceilings: the plugin
+// and the agent's reshaping take them from here (the agent through the
+// state record), typed.
 func (c *NetConf) parseShaping() error {
 	ceil, err := c.Ceilings.parse()
 	if err != nil {
 		return err
 	}
 	c.ShapingCeilings = ceil
+	capacity, err := c.NodeCapacity.parse()
+	if err != nil {
+		return err
+	}
+	c.Capacity = capacity
 	if c.MaxQueueDelay == "" {
 		return nil
 	}

@@ -85,6 +85,13 @@ func TestErrors(t *testing.T) {
 		// Parsed here once; shaping and the agent take it typed.
 		{"delay", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","maxQueueDelay":"x"}`, types.ErrInvalidNetworkConfig, `maxQueueDelay "x"`},
 		{"delay above ceiling", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","maxQueueDelay":"200ms"}`, types.ErrInvalidNetworkConfig, "above ceilings.maxQueueDelay 100ms"},
+		{"capacity unparsable", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","nodeCapacity":{"ingress":"10 gig"}}`, types.ErrInvalidNetworkConfig, `nodeCapacity.ingress "10 gig"`},
+		{"capacity negative", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","nodeCapacity":{"egress":"-10G"}}`, types.ErrInvalidNetworkConfig, `nodeCapacity.egress "-10G"`},
+		{"capacity below 1k", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","nodeCapacity":{"ingress":"10G","egress":"999"}}`, types.ErrInvalidNetworkConfig, `nodeCapacity.egress "999"`},
+		{"capacity above 1P", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","nodeCapacity":{"ingress":"2P"}}`, types.ErrInvalidNetworkConfig, `nodeCapacity.ingress "2P"`},
+		{"capacity type", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","nodeCapacity":{"ingress":10000000000}}`, types.ErrInvalidNetworkConfig, "nodeCapacity.ingress"},
+		{"ceiling request", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ceilings":{"maxRequest":"1"}}`, types.ErrInvalidNetworkConfig, `ceilings.maxRequest "1"`},
+		{"ceiling request unparsable", `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ceilings":{"maxRequest":"fast"}}`, types.ErrInvalidNetworkConfig, `ceilings.maxRequest "fast"`},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -171,6 +178,34 @@ func TestCeilingsParsed(t *testing.T) {
 	if c := mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni"}`); c.ShapingCeilings != (shaping.Ceilings{}) || c.QueueDelay != 0 {
 		t.Errorf("no ceilings in the config: %+v, %v, want the zero values (shaping's defaults)", c.ShapingCeilings, c.QueueDelay)
 	}
+	c = mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ceilings":{"maxRequest":"2.5G"}}`)
+	if c.ShapingCeilings != (shaping.Ceilings{MaxRequestBits: 2_500_000_000}) {
+		t.Errorf("maxRequest 2.5G parsed to %+v", c.ShapingCeilings)
+	}
+	if c := mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ceilings":{"maxRequest":"0"}}`); c.ShapingCeilings.MaxRequestBits != 0 {
+		t.Errorf("maxRequest 0 parsed to %d, want none", c.ShapingCeilings.MaxRequestBits)
+	}
+}
+
+func TestNodeCapacityParsed(t *testing.T) {
+	for _, tc := range []struct {
+		json string
+		want shaping.Capacity
+	}{
+		{`"nodeCapacity":{"ingress":"10G","egress":"10G"}`, shaping.Capacity{IngressBits: 10_000_000_000, EgressBits: 10_000_000_000}},
+		{`"nodeCapacity":{"ingress":"1k","egress":" 1.5M "}`, shaping.Capacity{IngressBits: 1_000, EgressBits: 1_500_000}},
+		{`"nodeCapacity":{"INGRESS":"1P"}`, shaping.Capacity{IngressBits: 1_000_000_000_000_000}},
+		// A direction left out or 0 has no hierarchy.
+		{`"nodeCapacity":{"egress":"100M"}`, shaping.Capacity{EgressBits: 100_000_000}},
+		{`"nodeCapacity":{"ingress":"0","egress":"0G"}`, shaping.Capacity{}},
+		{`"nodeCapacity":{}`, shaping.Capacity{}},
+		{`"mtu":1500`, shaping.Capacity{}},
+	} {
+		c := mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni",`+tc.json+`}`)
+		if c.Capacity != tc.want {
+			t.Errorf("%s: %+v, want %+v", tc.json, c.Capacity, tc.want)
+		}
+	}
 }
 
 // TestUnknownKeys: keys qoscni does not read are listed (for one warning),
@@ -180,8 +215,8 @@ func TestUnknownKeys(t *testing.T) {
 	c := mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni","Bridge":"br0","mtu":1500,"args":{},
 		"policy":{"type":"k8s"},"kubernetes":{"kubeconfig":"/x"},"datastore_type":"kubernetes","log_level":"info",
 		"ipam":{"type":"qoscni","ranges":[[{"subnet":"10.1.0.0/24"}]],"assign_ipv4":"true","ipv4_pools":["default"]},
-		"ceilings":{},"runtimeConfig":{},"capabilities":{"bandwidth":true}}`)
-	want := []string{"datastore_type", "ipam.ipv4_pools", "kubernetes", "log_level", "policy"}
+		"ceilings":{},"nodeCapacity":{},"NodeCapacity2":{},"runtimeConfig":{},"capabilities":{"bandwidth":true}}`)
+	want := []string{"NodeCapacity2", "datastore_type", "ipam.ipv4_pools", "kubernetes", "log_level", "policy"}
 	if strings.Join(c.UnknownKeys, ",") != strings.Join(want, ",") {
 		t.Errorf("unknown keys %v, want %v", c.UnknownKeys, want)
 	}
