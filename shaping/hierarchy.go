@@ -332,6 +332,9 @@ func (s *Shaper) setHierClass(idx int, handle, parent uint32, rate, ceil uint64,
 }
 
 func (s *Shaper) setHierLeafQueue(idx int, minor uint16, limit uint64) error {
+	// The FIFO sees whole GSO packets (neither the IFB nor HTB cuts
+	// them): a bound below two of them would drop every one.
+	limit = max(limit, gsoQueue)
 	leaf := &tc.Object{Msg: msg(idx, core.BuildHandle(uint32(minor), 0), core.BuildHandle(1, uint32(minor)), 0),
 		Attribute: tc.Attribute{Kind: "bfifo", Bfifo: &tc.FifoOpt{Limit: uint32(min(limit, math.MaxUint32))}}}
 	if err := s.tc.Qdisc().Replace(leaf); err != nil {

@@ -2,6 +2,7 @@ package shaping
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -11,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/qoscni/qoscni/internal/testnet"
 )
@@ -342,4 +345,67 @@ func iperfOnPort(t *testing.T, ns *testnet.NS, server string, port, secs int, re
 		t.Errorf("iperf3 output: %v", err)
 	}
 	return r.End.SumReceived.BitsPerSecond
+}
+
+func guaranteeOf(requestBits, ceilBits uint64, prio Priority) Guarantee {
+	c := Class{RequestBits: requestBits, CeilBits: ceilBits, Priority: prio, BurstBytes: 16 << 10, CburstBytes: 16 << 10, QueueBytes: 64 << 10}
+	in, eg := c, c
+	return Guarantee{Ingress: &in, Egress: &eg}
+}
+
+// Admission counts every pod's request once: a pod that does not fit is
+// refused with code 101 and nothing changes; a reshape of a pod already
+// in does not count its own request twice; leaving gives it back.
+func TestJoinNodeAdmission(t *testing.T) {
+	h := newHierNode(t, 3)
+	capacity := Capacity{IngressBits: 100_000_000, EgressBits: 100_000_000}
+	a, b, c := h.pods[0], h.pods[1], h.pods[2]
+	ma, err := h.s.JoinNode(capacity, guaranteeOf(60_000_000, 100_000_000, PriorityNormal), 0, a.veth, []net.IP{a.ip})
+	if err != nil || ma != MinMinor {
+		t.Fatalf("join a: minor %#x, %v", ma, err)
+	}
+	mb, err := h.s.JoinNode(capacity, guaranteeOf(30_000_000, 100_000_000, PriorityHigh), 0, b.veth, []net.IP{b.ip})
+	if err != nil || mb != MinMinor+1 {
+		t.Fatalf("join b: minor %#x, %v", mb, err)
+	}
+	before := h.node.Exec(t, "tc", "class", "show", "dev", HierarchyIngressIFB) + h.node.Exec(t, "tc", "qdisc", "show", "dev", c.veth)
+	_, err = h.s.JoinNode(capacity, guaranteeOf(20_000_000, 100_000_000, PriorityNormal), 0, c.veth, []net.IP{c.ip})
+	var cerr *types.Error
+	if !errors.As(err, &cerr) || cerr.Code != ErrBandwidthUnavailable {
+		t.Fatalf("a request over the capacity: %v, want CNI error %d", err, ErrBandwidthUnavailable)
+	}
+	for _, want := range []string{"node capacity 100Mbit/s", "90Mbit/s already reserved", "requests 20Mbit/s"} {
+		if !strings.Contains(cerr.Msg, want) {
+			t.Errorf("refusal %q does not say %q", cerr.Msg, want)
+		}
+	}
+	after := h.node.Exec(t, "tc", "class", "show", "dev", HierarchyIngressIFB) + h.node.Exec(t, "tc", "qdisc", "show", "dev", c.veth)
+	if before != after {
+		t.Errorf("a refused join changed the node:\n%s\n---\n%s", before, after)
+	}
+	// c without a request joins best effort; the best-effort share is
+	// what requests leave.
+	if _, err := h.s.JoinNode(capacity, guaranteeOf(0, 50_000_000, PriorityLow), 0, c.veth, []net.IP{c.ip}); err != nil {
+		t.Fatal(err)
+	}
+	if out := h.node.Exec(t, "tc", "class", "show", "dev", HierarchyEgressIFB, "classid", "1:2"); !strings.Contains(out, "rate 10Mbit") {
+		t.Errorf("best-effort share with 90 of 100 Mbit/s reserved: %s", out)
+	}
+	// a reshapes from 60 to 70: it fits, its own 60 are not counted.
+	if m, err := h.s.JoinNode(capacity, guaranteeOf(70_000_000, 100_000_000, PriorityNormal), ma, a.veth, []net.IP{a.ip}); err != nil || m != ma {
+		t.Fatalf("reshape a to 70M: %#x %v", m, err)
+	}
+	if err := h.s.LeaveNode(mb, b.veth); err != nil {
+		t.Fatal(err)
+	}
+	st, err := h.s.ReadHierarchy(IntoPods)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.ReservedBytes != 70_000_000/8 || len(st.Classes) != 2 {
+		t.Errorf("after b left: reserved %d, classes %v", st.ReservedBytes, st.Classes)
+	}
+	if out := h.node.Exec(t, "tc", "class", "show", "dev", HierarchyIngressIFB, "classid", "1:2"); !strings.Contains(out, "rate 30Mbit") {
+		t.Errorf("best-effort share with 70 of 100 Mbit/s reserved: %s", out)
+	}
 }
