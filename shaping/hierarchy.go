@@ -510,7 +510,7 @@ func (s *Shaper) joinDirection(d HierDirection, m HierMember, leaf HierLeaf, cur
 	}
 	switch {
 	case rs.conflict != "":
-		return fmt.Errorf("priority %d of host veth %s holds %s that qoscni did not create", redirectPrio, m.HostVeth, rs.conflict)
+		return fmt.Errorf("priority %d of host veth %s holds %s that qoscni did not create", hookPrio(d.vethHook()), m.HostVeth, rs.conflict)
 	case rs.handle == 0:
 		if err := s.tc.Filter().Add(redirectFilterOn(d.vethHook(), vethIdx, idx, redirectNode)); err != nil {
 			return fmt.Errorf("redirect %s to %s: %w", m.HostVeth, d.IFB(), err)
@@ -622,16 +622,69 @@ func (s *Shaper) removeHierRedirect(d HierDirection, vethIdx, ifbIdx int) error 
 	if rs.handle == 0 {
 		return nil
 	}
-	if err := s.deleteFiltersOn(d.vethHook(), vethIdx, redirectPrio, []uint32{rs.handle}, rs.conflict == ""); err != nil {
+	if ifbIdx != 0 && rs.target != uint32(ifbIdx) {
+		return nil // the pod's own pipeline's redirect
+	}
+	if ifbIdx == 0 {
+		// The IFB is gone: a redirect to a device that no longer exists
+		// drops every packet; one to a device that does is not ours here.
+		if _, err := s.nl.LinkByIndex(int(rs.target)); err == nil {
+			return nil
+		}
+	}
+	if err := s.deleteFiltersOn(d.vethHook(), vethIdx, hookPrio(d.vethHook()), []uint32{rs.handle}, rs.conflict == ""); err != nil {
 		return err
 	}
 	return s.deleteClsactIfUnused(vethIdx)
 }
 
-// RemoveHierarchy deletes both IFBs (uninstall, or the last member gone
-// for good).
-func (s *Shaper) RemoveHierarchy() error {
-	return errors.Join(s.deleteLink(HierarchyIngressIFB), s.deleteLink(HierarchyEgressIFB))
+// RemoveHierarchy takes the hierarchy off the node (uninstall): every
+// redirect to its IFBs first, from whatever link has one (a pod without
+// a record included), then the IFBs. It returns the links it took a
+// redirect off.
+func (s *Shaper) RemoveHierarchy() ([]string, error) {
+	ifbs := map[HierDirection]int{}
+	for _, d := range []HierDirection{IntoPods, OutOfPods} {
+		l, err := s.linkOrNil(d.IFB())
+		if err != nil {
+			return nil, err
+		}
+		if l != nil {
+			ifbs[d] = l.Attrs().Index
+		}
+	}
+	if len(ifbs) == 0 {
+		return nil, nil
+	}
+	qdiscs, err := s.tc.Qdisc().Get()
+	if err != nil {
+		return nil, fmt.Errorf("dump qdiscs: %w", err)
+	}
+	var errs []error
+	var touched []string
+	for _, q := range qdiscs {
+		if q.Kind != "clsact" {
+			continue
+		}
+		for d, idx := range ifbs {
+			rs, err := s.readRedirectOn(d.vethHook(), int(q.Ifindex), idx)
+			if err != nil || rs.handle == 0 || rs.target != uint32(idx) {
+				continue
+			}
+			if err := s.removeHierRedirect(d, int(q.Ifindex), idx); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if l, err := s.nl.LinkByIndex(int(q.Ifindex)); err == nil {
+				touched = append(touched, l.Attrs().Name)
+			}
+		}
+	}
+	if len(errs) > 0 {
+		// A redirect left to a deleted IFB would drop the pod's packets.
+		return touched, errors.Join(errs...)
+	}
+	return touched, errors.Join(s.deleteLink(HierarchyIngressIFB), s.deleteLink(HierarchyEgressIFB))
 }
 
 // HierMinors lists the minors in use in either direction, sorted.

@@ -201,6 +201,18 @@ func TestHierarchyJoinMoveLeave(t *testing.T) {
 			t.Errorf("%s: guaranteed member read back as %+v", d, c)
 		}
 	}
+	// Each hook holds its own redirect (u32 shares hash tables between
+	// the hooks of one clsact: distinct priorities keep them apart).
+	for hook, want := range map[string]string{"egress": HierarchyIngressIFB, "ingress": HierarchyEgressIFB} {
+		f := h.node.Exec(t, "tc", "filter", "show", "dev", a.veth, hook)
+		other := HierarchyEgressIFB
+		if want == HierarchyEgressIFB {
+			other = HierarchyIngressIFB
+		}
+		if !strings.Contains(f, "device "+want+")") || strings.Contains(f, "device "+other+")") {
+			t.Errorf("%s hook of %s:\n%s", hook, a.veth, f)
+		}
+	}
 	for _, p := range []*hierPod{a, b} {
 		p.ns.Exec(t, "ping", "-c", "3", "-i", "0.2", "-w", "10", "10.70.0.2")
 		p.ns.Exec(t, "ping", "-6", "-c", "3", "-i", "0.2", "-w", "10", "fd70::2")

@@ -6,6 +6,20 @@ import (
 	"github.com/qoscni/qoscni/internal/state"
 )
 
+// RecordOf is the record's shaping: the pod's own pipeline (plan) and its
+// place in the node hierarchy (g, in class minor).
+func RecordOf(plan Plan, g Guarantee, minor uint16, hostVeth, ifb string) *state.Shaping {
+	rec := ToRecord(plan, hostVeth, ifb)
+	if g.Empty() {
+		return rec
+	}
+	if rec == nil {
+		rec = &state.Shaping{}
+	}
+	rec.Guarantee = GuaranteeToRecord(g, minor)
+	return rec
+}
+
 // ToRecord is the plan as the state record keeps it.
 func ToRecord(p Plan, hostVeth, ifb string) *state.Shaping {
 	if p.Empty() {
@@ -147,6 +161,7 @@ func FromRecord(rec *state.Record, ifb string) Desired {
 		if rec.Shaping.IFB != "" {
 			d.IFB = rec.Shaping.IFB
 		}
+		d.HierEgress = rec.Shaping.Guarantee != nil && rec.Shaping.Guarantee.Egress != nil
 	}
 	return d
 }

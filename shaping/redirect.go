@@ -46,6 +46,22 @@ const (
 	legacyRedirectPrio = 1
 )
 
+// intoPodRedirectPrio is the priority of the node hierarchy's redirect on
+// the veth's egress hook (traffic into the pod). Not redirectPrio: u32
+// keeps its hash tables per qdisc, not per hook, so the two hooks of one
+// clsact share them, and a dump of either hook lists every u32 filter of
+// the priority asked for, from both hooks. Distinct priorities keep each
+// hook's dump, and a delete by handle, to its own filter.
+const intoPodRedirectPrio = 0xFFF1
+
+// hookPrio is where our redirect sits on a clsact hook.
+func hookPrio(hook uint32) uint16 {
+	if hook == egressHook {
+		return intoPodRedirectPrio
+	}
+	return redirectPrio
+}
+
 // redirectCookie marks our mirred action (TCA_ACT_COOKIE, at most 16 bytes).
 var redirectCookie = []byte("qoscni/redirect1")
 
@@ -94,8 +110,10 @@ func loneRedirect(f *tc.Object) (target uint32, cookie []byte, ok bool) {
 }
 
 // isOurRedirect: our priority, protocol, node id and cookie.
-func isOurRedirect(f *tc.Object) (uint32, bool) {
-	if filterPrio(f) != redirectPrio || filterProto(f) != ethPAll || f.Handle&0xFFF != redirectNode {
+func isOurRedirect(f *tc.Object) (uint32, bool) { return isOurRedirectAt(f, redirectPrio) }
+
+func isOurRedirectAt(f *tc.Object, prio uint16) (uint32, bool) {
+	if filterPrio(f) != prio || filterProto(f) != ethPAll || f.Handle&0xFFF != redirectNode {
 		return 0, false
 	}
 	target, cookie, ok := loneRedirect(f)
@@ -113,14 +131,19 @@ func isLegacyRedirect(f *tc.Object, legacyTarget func(uint32) bool) (uint32, boo
 // classifyRedirect sorts the ingress hook's filters into ours, our
 // legacy ones (redirects to a device legacyTarget accepts) and others.
 func classifyRedirect(filters []tc.Object, legacyTarget func(uint32) bool) redirectState {
+	return classifyRedirectAt(filters, redirectPrio, legacyTarget)
+}
+
+// classifyRedirectAt is classifyRedirect for our redirect at prio.
+func classifyRedirectAt(filters []tc.Object, prio uint16, legacyTarget func(uint32) bool) redirectState {
 	var rs redirectState
 	var conflict *tc.Object
 	legacyOthers := false
 	for i := range filters {
 		f := &filters[i]
 		switch filterPrio(f) {
-		case redirectPrio:
-			if target, ok := isOurRedirect(f); ok {
+		case prio:
+			if target, ok := isOurRedirectAt(f, prio); ok {
 				rs.handle, rs.target = f.Handle, target
 				continue
 			}
@@ -182,7 +205,7 @@ func (s *Shaper) readRedirectOn(hook uint32, vethIndex, ifbIndex int) (redirectS
 	if err != nil {
 		return redirectState{}, fmt.Errorf("dump filters of ifindex %d: %w", vethIndex, err)
 	}
-	return classifyRedirect(filters, func(i uint32) bool { return ifbIndex != 0 && i == uint32(ifbIndex) }), nil
+	return classifyRedirectAt(filters, hookPrio(hook), func(i uint32) bool { return ifbIndex != 0 && i == uint32(ifbIndex) }), nil
 }
 
 func redirectFilter(vethIndex, ifbIndex int, handle uint32) *tc.Object {
@@ -203,7 +226,7 @@ func redirectFilterOn(hook uint32, vethIndex, ifbIndex int, handle uint32) *tc.O
 			IfIndex: uint32(ifbIndex),
 		}},
 	}}
-	return &tc.Object{Msg: msg(vethIndex, handle, hook, filterInfo(redirectPrio)), Attribute: tc.Attribute{Kind: "u32", U32: &tc.U32{
+	return &tc.Object{Msg: msg(vethIndex, handle, hook, filterInfo(hookPrio(hook))), Attribute: tc.Attribute{Kind: "u32", U32: &tc.U32{
 		Sel: &tc.U32Sel{
 			Flags: u32Terminal,
 			NKeys: 1,

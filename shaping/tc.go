@@ -57,6 +57,10 @@ type Desired struct {
 	IFB      string
 	MTU      int
 	Plan     Plan
+	// HierEgress: the pod's egress goes to the node hierarchy, whose
+	// redirect sits where the pipeline's own would (the veth's ingress
+	// hook): without an egress of its own the pipeline leaves it alone.
+	HierEgress bool
 }
 
 // Shaper reads and changes the pipeline in one network namespace.
@@ -453,7 +457,7 @@ func plan(d Desired, st *kstate) actions {
 
 	eg := wantShape(d.Plan.Egress, d.MTU)
 	if eg == nil {
-		if st.redirect.any() {
+		if st.redirect.any() && !d.HierEgress {
 			acts = append(acts, action{fmt.Sprintf("remove the egress redirect from %s", d.HostVeth), func(s *Shaper, d Desired, st *kstate) error {
 				return s.removeRedirect(st.veth.Attrs().Index, st.redirect)
 			}})

@@ -32,6 +32,11 @@ const (
 // JournalDirOf is the call journal of the networks whose records live in
 // stateDir: its sibling "journal", so that a network with a state
 // directory of its own (tests, a second qoscni network) has its own.
+// HierarchyLock serializes changes to the node's bandwidth hierarchy
+// (admission, class minors) between plugin calls and the agent. It sits
+// beside the registry, so a test node with its own registry has its own.
+func HierarchyLockOf(registryDir string) string { return beside(registryDir, "hierarchy.lock") }
+
 func JournalDirOf(stateDir string) string { return beside(stateDir, "journal") }
 
 // LocalnetDirOf is the localnet marker directory of the networks whose

@@ -51,9 +51,17 @@ func cleanKernel(_ context.Context, stateDirs []string, netnsPath string, rep *R
 	// towards the pod (no IFB, no redirect to recognise it by).
 	errs = append(errs, k.recordedShaping(stateDirs, rep)...)
 	// 2. What the kernel has: every redirect of ours (a record may be
-	// missing), then every IFB left.
+	// missing), then every IFB left; the node's bandwidth hierarchy the
+	// same way.
 	if err := k.leftoverShaping(rep); err != nil {
 		errs = append(errs, err)
+	}
+	touched, err := k.sh.RemoveHierarchy()
+	for _, l := range touched {
+		rep.add("link "+l, Removed, "redirect to the node's bandwidth hierarchy")
+	}
+	if err != nil {
+		errs = append(errs, fmt.Errorf("remove the node's bandwidth hierarchy: %w", err))
 	}
 	// 3. The nftables table: masquerade and hostPorts of qoscni's pods.
 	if err := deleteTable(k.fd, rep); err != nil {

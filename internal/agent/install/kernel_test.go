@@ -275,3 +275,53 @@ func TestInstallBridgeNetfilter(t *testing.T) {
 		t.Errorf("the test's own namespace went from %s to %s", own, got)
 	}
 }
+
+// TestUninstallHierarchy: a pod in the node's bandwidth hierarchy whose
+// record is gone. Uninstall takes its redirects off both hooks before the
+// hierarchy's IFBs go (a redirect to a deleted device would drop the pod's
+// traffic), and the pod still reaches the node afterwards.
+func TestUninstallHierarchy(t *testing.T) {
+	n := testnet.NewNode(t)
+	pod := n.NewPod(t)
+	const qv = "qv00000000beef"
+	n.Exec(t, "ip", "link", "add", qv, "type", "veth", "peer", "name", "eth0", "netns", pod.Name)
+	n.Exec(t, "ip", "addr", "add", "10.79.0.1/24", "dev", qv)
+	n.Exec(t, "ip", "link", "set", qv, "up")
+	pod.Exec(t, "ip", "addr", "add", "10.79.0.2/24", "dev", "eth0")
+	pod.Exec(t, "ip", "link", "set", "eth0", "up")
+	f, err := os.Open(n.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sh, err := shaping.Open(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sh.Close()
+	c := shaping.Class{RequestBits: 10_000_000, CeilBits: 100_000_000, QueueBytes: 64 << 10}
+	in, eg := c, c
+	if _, err := sh.JoinNode(shaping.Capacity{IngressBits: 100_000_000, EgressBits: 100_000_000},
+		shaping.Guarantee{Ingress: &in, Egress: &eg}, 0, qv, []net.IP{net.ParseIP("10.79.0.2")}); err != nil {
+		t.Fatal(err)
+	}
+	pod.Exec(t, "ping", "-c", "1", "-w", "5", "10.79.0.1")
+
+	rep, err := Uninstall(context.Background(), UninstallOptions{Root: t.TempDir(), Kernel: true, NetnsPath: n.Path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	links := n.Exec(t, "ip", "-o", "link", "show")
+	for _, gone := range []string{shaping.HierarchyIngressIFB, shaping.HierarchyEgressIFB} {
+		if strings.Contains(links, gone+":") {
+			t.Errorf("%s left", gone)
+		}
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", qv); strings.Contains(q, "clsact") {
+		t.Errorf("redirects left on %s: %s", qv, q)
+	}
+	if !strings.Contains(fmt.Sprint(rep), qv) {
+		t.Errorf("report does not name %s: %v", qv, rep)
+	}
+	pod.Exec(t, "ping", "-c", "1", "-w", "5", "10.79.0.1")
+}

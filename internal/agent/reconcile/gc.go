@@ -146,6 +146,7 @@ func (r *Reconciler) cleanup(a attachment) error {
 		IPAM:            addrs,
 		SpareReassigned: true,
 		Cleaners:        cleaners,
+		HierarchyLock:   r.hierarchyLock(),
 		Mark:            func(s teardown.Step) { fault.At("gc", points[s]) },
 	})
 	return errors.Join(allocErr, err)

@@ -2,12 +2,17 @@ package reconcile
 
 import (
 	"errors"
+	"net"
 	"reflect"
 	"strings"
 	"time"
 
+	"github.com/containernetworking/cni/pkg/types"
+
 	"github.com/qoscni/qoscni/internal/cni/podnet"
+	"github.com/qoscni/qoscni/internal/cni/teardown"
 	"github.com/qoscni/qoscni/internal/fault"
+	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/shaping"
 )
@@ -31,22 +36,44 @@ func ifbOf(rec *state.Record) string {
 }
 
 // resolve re-derives the attachment's shaping from the pod's annotations
-// and the plugin config defaults the record kept. runtimeConfig.bandwidth
-// is left out on purpose: the runtime derived it from the same annotations
-// at ADD, so the live annotations are the truth now.
+// and the plugin config defaults the record kept: its own pipeline, and
+// its classes in the node hierarchy when the record has a node capacity.
+// runtimeConfig.bandwidth is left out on purpose: the runtime derived it
+// from the same annotations at ADD, so the live annotations are the truth
+// now.
 func resolve(rec *state.Record, pod Pod) (shaping.Plan, bool, error) {
+	plan, _, ok, err := resolveAll(rec, pod)
+	return plan, ok, err
+}
+
+func resolveAll(rec *state.Record, pod Pod) (shaping.Plan, shaping.Guarantee, bool, error) {
 	in := shaping.Inputs{Annotations: pod.Annotations}
+	var capacity shaping.Capacity
 	if d := rec.ShapingDefaults; d != nil {
 		in.Config = shaping.Rates{IngressRate: d.IngressRate, IngressBurst: d.IngressBurst, EgressRate: d.EgressRate, EgressBurst: d.EgressBurst}
 		in.ConfigMaxQueueDelay = time.Duration(d.MaxQueueDelayNs)
 		in.Ceilings = shaping.CeilingsFromRecord(d.Ceilings)
+		capacity = shaping.CapacityFromRecord(d.NodeCapacity)
 	} else if fromConfig(rec.Shaping) {
 		// A record from before ShapingDefaults existed: its config-sourced
 		// shaping cannot be re-derived, so leave it as it is.
-		return shaping.Plan{}, false, nil
+		return shaping.Plan{}, shaping.Guarantee{}, false, nil
 	}
 	plan, err := shaping.Resolve(in, mtuOf(rec))
-	return plan, true, err
+	if err != nil {
+		return shaping.Plan{}, shaping.Guarantee{}, true, err
+	}
+	g, err := shaping.ResolveGuarantee(in, plan, capacity, mtuOf(rec))
+	if err != nil {
+		return shaping.Plan{}, shaping.Guarantee{}, true, err
+	}
+	if g.Ingress != nil {
+		plan.Ingress = nil
+	}
+	if g.Egress != nil {
+		plan.Egress = nil
+	}
+	return plan, g, true, nil
 }
 
 func fromConfig(s *state.Shaping) bool {
@@ -83,7 +110,7 @@ func isShapingKey(k string) bool {
 // keeps the current shaping and is reported once per distinct message.
 func (r *Reconciler) reshape(a attachment, pod Pod) outcome {
 	rec := a.Record
-	plan, ok, err := resolve(rec, pod)
+	plan, g, ok, err := resolveAll(rec, pod)
 	ref := podRef{pod.Namespace, pod.Name, pod.UID}
 	if err != nil {
 		r.invalid(rec, pod, ref, err)
@@ -94,36 +121,45 @@ func (r *Reconciler) reshape(a attachment, pod Pod) outcome {
 	}
 	delete(r.bad, ref)
 	ifb := ifbOf(rec)
-	if reflect.DeepEqual(shaping.ToRecord(plan, rec.HostVeth, ifb), rec.Shaping) {
+	if reflect.DeepEqual(shaping.RecordOf(plan, g, minorOf(rec), rec.HostVeth, ifb), rec.Shaping) {
 		return outcomeNone
 	}
 	var changes []string
 	// Under the record's lock, so the record and the kernel move together
 	// and a DEL that removed the record wins.
 	err = a.store.Update(rec.Key(), func(cur *state.Record) error {
-		want := shaping.ToRecord(plan, cur.HostVeth, ifb)
+		minor := minorOf(cur)
+		want := shaping.RecordOf(plan, g, minor, cur.HostVeth, ifb)
 		if reflect.DeepEqual(want, cur.Shaping) {
 			return errUnchanged
 		}
 		var err error
-		changes, err = r.shaper.Apply(shaping.Desired{HostVeth: cur.HostVeth, IFB: ifb, MTU: cur.MTU, Plan: plan})
+		changes, err = r.shaper.Apply(shaping.Desired{HostVeth: cur.HostVeth, IFB: ifb, MTU: cur.MTU, Plan: plan, HierEgress: g.Egress != nil})
 		if err != nil {
+			return err
+		}
+		if minor, err = r.rejoin(cur, g, minor); err != nil {
 			return err
 		}
 		// Kernel changed, record not yet: the reliability tests kill the
 		// agent here and between the shaping actions (internal/fault).
 		fault.At("reshape", "applied")
-		cur.Shaping = want
+		cur.Shaping = shaping.RecordOf(plan, g, minor, cur.HostVeth, ifb)
 		return nil
 	})
 	if err == nil {
 		fault.At("reshape", "state")
 	}
+	var cerr *types.Error
 	switch {
 	case errors.Is(err, errUnchanged):
 		return outcomeNone
 	case errors.Is(err, state.ErrNoRecord):
 		return outcomeGone
+	case errors.As(err, &cerr) && cerr.Code == shaping.ErrBandwidthUnavailable:
+		// The new request does not fit: the pod keeps what it has.
+		r.invalid(rec, pod, ref, err)
+		return outcomeInvalid
 	case err != nil:
 		r.m.reshapes.WithLabelValues("failed").Inc()
 		r.m.errors.WithLabelValues("reshape").Inc()
@@ -133,6 +169,52 @@ func (r *Reconciler) reshape(a attachment, pod Pod) outcome {
 	r.m.reshapes.WithLabelValues("applied").Inc()
 	r.log.Info("reshaped", "namespace", pod.Namespace, "pod", pod.Name, "container", rec.ContainerID, "ifname", rec.IfName, "changes", changes)
 	return outcomeApplied
+}
+
+func minorOf(rec *state.Record) uint16 {
+	if rec.Shaping == nil || rec.Shaping.Guarantee == nil {
+		return 0
+	}
+	return rec.Shaping.Guarantee.Minor
+}
+
+// rejoin moves the attachment's classes in the node hierarchy to g (its
+// request admitted against the others'), or takes them out when g is
+// empty; it returns the minor the record keeps.
+func (r *Reconciler) rejoin(rec *state.Record, g shaping.Guarantee, minor uint16) (uint16, error) {
+	if g.Empty() && minor == 0 {
+		return 0, nil
+	}
+	l, err := teardown.LockHierarchy(r.hierarchyLock())
+	if err != nil {
+		return minor, err
+	}
+	defer l.Unlock()
+	if g.Empty() {
+		return 0, r.shaper.LeaveNode(minor, rec.HostVeth)
+	}
+	var ips []net.IP
+	for _, c := range rec.IPs {
+		if ip, _, err := net.ParseCIDR(c); err == nil {
+			ips = append(ips, ip)
+		} else if ip := net.ParseIP(c); ip != nil {
+			ips = append(ips, ip)
+		}
+	}
+	var capacity shaping.Capacity
+	if rec.ShapingDefaults != nil {
+		capacity = shaping.CapacityFromRecord(rec.ShapingDefaults.NodeCapacity)
+	}
+	return r.shaper.JoinNode(capacity, g, minor, rec.HostVeth, ips)
+}
+
+// hierarchyLock is the node hierarchy's lock, beside the registry the
+// plugin writes (paths.HierarchyLockOf).
+func (r *Reconciler) hierarchyLock() string {
+	if r.cfg.StateRegistry == "" {
+		return "" // no registry, no lock: a test's own node
+	}
+	return paths.HierarchyLockOf(r.cfg.StateRegistry)
 }
 
 func (r *Reconciler) invalid(rec *state.Record, pod Pod, ref podRef, err error) {

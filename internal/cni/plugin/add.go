@@ -46,6 +46,8 @@ type standaloneAdd struct {
 	host, podH *netlink.Handle
 	mtu        int
 	shape      shaping.Plan
+	guarantee  shaping.Guarantee
+	minor      uint16
 	ports      []portmap.Mapping
 	hostName   string
 	ifb        string
@@ -169,11 +171,11 @@ func (a *standaloneAdd) plan() error {
 	if a.mtu == 0 {
 		a.mtu = podnet.DefaultMTU(a.host)
 	}
-	shape, err := shapingPlan(a.conf, a.mtu)
+	shape, g, err := shapingPlan(a.conf, a.mtu)
 	if err != nil {
 		return err
 	}
-	a.shape = shape
+	a.shape, a.guarantee = shape, g
 	logClamps(a.p.Log, a.args.ContainerID, a.args.IfName, shape)
 	return nil
 }
@@ -257,6 +259,14 @@ func (a *standaloneAdd) shapeAndMap(want podnet.Expected) error {
 			return fmt.Errorf("shape %s/%s: %w", a.args.ContainerID, a.args.IfName, err)
 		}
 	}
+	if !a.guarantee.Empty() {
+		minor, undo, err := a.p.joinHierarchy(a.guarantee, a.conf.Capacity, a.hostName, ipsOf(want.Pod.Addrs))
+		if err != nil {
+			return err
+		}
+		a.minor = minor
+		a.rollback.push(undo)
+	}
 	a.st.mark("shaping")
 	if a.conf.IPMasq {
 		m, err := podnet.NewMasq(-1)
@@ -299,7 +309,7 @@ func (a *standaloneAdd) save(veth *podnet.Veth, want podnet.Expected) (*state.Re
 		PodMAC:          veth.Pod.Attrs().HardwareAddr.String(),
 		MTU:             a.mtu,
 		IPMasq:          a.conf.IPMasq,
-		Shaping:         shaping.ToRecord(a.shape, a.hostName, a.ifb),
+		Shaping:         shaping.RecordOf(a.shape, a.guarantee, a.minor, a.hostName, a.ifb),
 		ShapingDefaults: shapingDefaults(a.conf),
 		Ports:           portmap.ToState(a.ports),
 		Created:         time.Now().UTC(),

@@ -36,7 +36,7 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 	if err != nil {
 		return err
 	}
-	shape, err := shapingPlan(conf, mtu)
+	shape, g, err := shapingPlan(conf, mtu)
 	if err != nil {
 		return err
 	}
@@ -44,6 +44,12 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 	var podIPs []net.IP
 	for _, ipc := range prev.IPs {
 		podIPs = append(podIPs, ipc.Address.IP)
+	}
+	// undo takes back, in reverse, what this ADD did to the kernel.
+	var undo undo
+	fail := func(err error) error {
+		undo.run(p.Log)
+		return err
 	}
 	ports := planPorts(conf, podIPs)
 	ifb := podnet.IFBName(args.ContainerID, args.IfName)
@@ -53,26 +59,32 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 			return err
 		}
 		defer sh.Close()
+		// Leave the main plugin's veth as we found it.
+		undo.push(func() error { return p.removeShapingErr(hostName, ifb) })
 		if _, err := sh.Apply(shaping.Desired{HostVeth: hostName, IFB: ifb, MTU: mtu, Plan: shape}); err != nil {
-			// Leave the main plugin's veth as we found it.
-			p.removeShaping(hostName, ifb)
-			return fmt.Errorf("shape %s/%s on %s: %w", args.ContainerID, args.IfName, hostName, err)
+			return fail(fmt.Errorf("shape %s/%s on %s: %w", args.ContainerID, args.IfName, hostName, err))
 		}
 		if shape.Egress != nil {
 			prev.Interfaces = appendIFB(host, prev.Interfaces, ifb)
 		}
 	}
+	var minor uint16
+	if !g.Empty() {
+		m, undoJoin, err := p.joinHierarchy(g, conf.Capacity, hostName, podIPs)
+		if err != nil {
+			return fail(err)
+		}
+		minor = m
+		undo.push(undoJoin)
+	}
 	st.mark("shaping")
-	var undoPorts func() error
 	if len(ports) > 0 {
 		key := state.Key{Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName}
-		undoPorts, err = addPorts(portOwner(key, pod), conf.StateDir, routeLocalnetIface(host, prev, hostName), ports)
+		undoPorts, err := addPorts(portOwner(key, pod), conf.StateDir, routeLocalnetIface(host, prev, hostName), ports)
 		if err != nil {
-			if !shape.Empty() {
-				p.removeShaping(hostName, ifb)
-			}
-			return err
+			return fail(err)
 		}
+		undo.push(undoPorts)
 	}
 	st.mark("ports")
 	rec := &state.Record{
@@ -84,7 +96,7 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 		Mode:            state.ModeChained,
 		HostVeth:        hostName,
 		MTU:             mtu,
-		Shaping:         shaping.ToRecord(shape, hostName, ifb),
+		Shaping:         shaping.RecordOf(shape, g, minor, hostName, ifb),
 		ShapingDefaults: shapingDefaults(conf),
 		Ports:           portmap.ToState(ports),
 		Created:         time.Now().UTC(),
@@ -94,15 +106,7 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 	}
 	p.registerStateDir(conf.StateDir)
 	if err := state.New(conf.StateDir).Save(rec); err != nil {
-		if undoPorts != nil {
-			if uerr := undoPorts(); uerr != nil {
-				p.Log.Warn("rollback of hostPorts failed", "err", uerr)
-			}
-		}
-		if !shape.Empty() {
-			p.removeShaping(hostName, ifb)
-		}
-		return err
+		return fail(err)
 	}
 	st.mark("state")
 	return types.PrintResult(prev, conf.CNIVersion)
@@ -175,15 +179,13 @@ func hostSideFromResult(host *netlink.Handle, prev *current.Result) (string, boo
 	return found[0], true
 }
 
-func (p *Plugin) removeShaping(hostVeth, ifb string) {
+func (p *Plugin) removeShapingErr(hostVeth, ifb string) error {
 	sh, err := shaping.Open(-1)
-	if err == nil {
-		err = sh.Remove(hostVeth, ifb)
-		sh.Close()
-	}
 	if err != nil {
-		p.Log.Warn("rollback of shaping failed", "err", err)
+		return err
 	}
+	defer sh.Close()
+	return sh.Remove(hostVeth, ifb)
 }
 
 // routeLocalnetIface is where localhost hostPort traffic leaves the node

@@ -70,6 +70,7 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 		Cleaners:        []teardown.Cleaner{portmap.NewCleaner(-1)},
 		ReleaseLocalnet: true,
 		LocalnetDir:     portmap.LocalnetDir(conf.StateDir),
+		HierarchyLock:   p.hierarchyLock(),
 		Mark:            func(s teardown.Step) { st.mark(points[s]) },
 	})
 }

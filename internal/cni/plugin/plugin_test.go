@@ -87,7 +87,7 @@ func TestPlanPortsOnPodAddresses(t *testing.T) {
 func TestShapingFromConfig(t *testing.T) {
 	conf := mustParse(t, `{"cniVersion":"1.0.0","name":"n","type":"qoscni","egressRate":100000000,"egressBurst":800000,
 		"maxQueueDelay":"30ms","ceilings":{"maxQueueDelay":"50ms"}}`)
-	plan, err := shapingPlan(conf, 1500)
+	plan, _, err := shapingPlan(conf, 1500)
 	if err != nil || plan.Egress == nil || plan.Egress.MaxQueueDelay != 30*time.Millisecond || plan.Egress.Source != shaping.SourceConfig {
 		t.Fatalf("plan %+v, %v", plan.Egress, err)
 	}
@@ -95,6 +95,17 @@ func TestShapingFromConfig(t *testing.T) {
 	if d == nil || d.MaxQueueDelayNs != int64(30*time.Millisecond) || d.EgressRate != 100_000_000 || d.Ceilings == nil ||
 		d.Ceilings.MaxQueueDelayNs != int64(50*time.Millisecond) {
 		t.Fatalf("record defaults %+v", d)
+	}
+	// With a node capacity the egress limit becomes the class's ceil, and
+	// the capacity is recorded for the agent.
+	withCap := mustParse(t, `{"cniVersion":"1.0.0","name":"n","type":"qoscni","egressRate":100000000,"egressBurst":800000,
+		"nodeCapacity":{"egress":"1G"}}`)
+	plan, g, err := shapingPlan(withCap, 1500)
+	if err != nil || plan.Egress != nil || g.Egress == nil || g.Egress.CeilBits != 100_000_000 || g.Ingress != nil {
+		t.Fatalf("with a capacity: plan %+v, guarantee %+v, %v", plan.Egress, g, err)
+	}
+	if d := shapingDefaults(withCap); d == nil || d.NodeCapacity == nil || d.NodeCapacity.EgressBits != 1_000_000_000 {
+		t.Errorf("record defaults with a capacity: %+v", d)
 	}
 	if d := shapingDefaults(mustParse(t, `{"cniVersion":"1.0.0","name":"n","type":"qoscni"}`)); d != nil {
 		t.Errorf("a config without shaping keys recorded %+v", d)

@@ -1,9 +1,13 @@
 package plugin
 
 import (
+	"errors"
 	"log/slog"
+	"net"
 
 	"github.com/qoscni/qoscni/internal/cni/netconf"
+	"github.com/qoscni/qoscni/internal/cni/teardown"
+	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/shaping"
 )
@@ -11,7 +15,28 @@ import (
 // shapingPlan resolves the attachment's shaping from the pod annotations,
 // runtimeConfig.bandwidth and the plugin config, before anything changes,
 // so bad input is refused with nothing done.
-func shapingPlan(conf *netconf.NetConf, mtu int) (shaping.Plan, error) {
+func shapingPlan(conf *netconf.NetConf, mtu int) (shaping.Plan, shaping.Guarantee, error) {
+	in := shapingInputs(conf)
+	plan, err := shaping.Resolve(in, mtu)
+	if err != nil {
+		return shaping.Plan{}, shaping.Guarantee{}, err
+	}
+	g, err := shaping.ResolveGuarantee(in, plan, conf.Capacity, mtu)
+	if err != nil {
+		return shaping.Plan{}, shaping.Guarantee{}, err
+	}
+	// A direction with a node capacity is shaped by the node hierarchy
+	// (the limit is its class's ceil), not by a pipeline of its own.
+	if g.Ingress != nil {
+		plan.Ingress = nil
+	}
+	if g.Egress != nil {
+		plan.Egress = nil
+	}
+	return plan, g, nil
+}
+
+func shapingInputs(conf *netconf.NetConf) shaping.Inputs {
 	in := shaping.Inputs{
 		Annotations: conf.RuntimeConfig.PodAnnotations,
 		Config: shaping.Rates{
@@ -27,7 +52,52 @@ func shapingPlan(conf *netconf.NetConf, mtu int) (shaping.Plan, error) {
 			EgressRate: bw.EgressRate, EgressBurst: bw.EgressBurst,
 		}
 	}
-	return shaping.Resolve(in, mtu)
+	return in
+}
+
+// hierarchyLock is the node hierarchy's lock file, beside the registry.
+func (p *Plugin) hierarchyLock() string {
+	if p.StateRegistry == "" {
+		return "" // no registry, no lock: a test's own node
+	}
+	return paths.HierarchyLockOf(p.StateRegistry)
+}
+
+// joinHierarchy admits the pod and puts it in the node hierarchy under the
+// node's lock; it returns the pod's class minor and the undo.
+func (p *Plugin) joinHierarchy(g shaping.Guarantee, capacity shaping.Capacity, hostVeth string, ips []net.IP) (uint16, func() error, error) {
+	l, err := teardown.LockHierarchy(p.hierarchyLock())
+	if err != nil {
+		return 0, nil, err
+	}
+	defer l.Unlock()
+	sh, err := shaping.Open(-1)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer sh.Close()
+	minor, err := sh.JoinNode(capacity, g, 0, hostVeth, ips)
+	undo := func() error {
+		l, err := teardown.LockHierarchy(p.hierarchyLock())
+		if err != nil {
+			return err
+		}
+		defer l.Unlock()
+		sh, err := shaping.Open(-1)
+		if err != nil {
+			return err
+		}
+		defer sh.Close()
+		return sh.LeaveNode(minor, hostVeth)
+	}
+	if err != nil {
+		if minor != 0 {
+			// Joined, but the best-effort share was not updated: leave.
+			return 0, nil, errors.Join(err, undo())
+		}
+		return 0, nil, err
+	}
+	return minor, undo, nil
 }
 
 // shapingDefaults keeps the config's shaping inputs in the record for the
@@ -38,6 +108,7 @@ func shapingDefaults(conf *netconf.NetConf) *state.ShapingDefaults {
 		EgressRate: conf.EgressRate, EgressBurst: conf.EgressBurst,
 		MaxQueueDelayNs: int64(conf.QueueDelay),
 		Ceilings:        shaping.CeilingsToRecord(conf.ShapingCeilings),
+		NodeCapacity:    shaping.CapacityToRecord(conf.Capacity),
 	}
 	if *d == (state.ShapingDefaults{}) {
 		return nil

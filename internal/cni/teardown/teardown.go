@@ -20,11 +20,15 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
 	"github.com/qoscni/qoscni/internal/cni/podnet"
+	"github.com/qoscni/qoscni/internal/flock"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/ipam"
 	"github.com/qoscni/qoscni/portmap"
@@ -128,6 +132,9 @@ type Options struct {
 	SpareReassigned bool
 	// Cleaners run in the Ports step.
 	Cleaners []Cleaner
+	// HierarchyLock is the node hierarchy's lock file (paths.HierarchyLock
+	// on a node), taken around a member's leave.
+	HierarchyLock string
 	// ReleaseLocalnet takes the localnet guard off a chained attachment's
 	// own veth (marker files in LocalnetDir) in the Devices step.
 	ReleaseLocalnet bool
@@ -180,6 +187,10 @@ func (t *run) id() string { return t.key.ContainerID + "/" + t.key.IfName }
 
 func (t *run) chained() bool { return t.rec.Mode == state.ModeChained }
 
+func (t *run) inHierarchy() bool {
+	return t.rec != nil && t.rec.Shaping != nil && t.rec.Shaping.Guarantee != nil
+}
+
 func (t *run) open() error {
 	var links, shaper bool
 	for _, s := range t.o.Order {
@@ -188,6 +199,8 @@ func (t *run) open() error {
 			shaper = true
 		case s == Devices:
 			links = true
+			// A member of the node hierarchy leaves it before its veth goes.
+			shaper = shaper || t.inHierarchy()
 		}
 	}
 	if shaper && t.o.Shaper == nil {
@@ -228,6 +241,9 @@ func (t *run) step(s Step) error {
 	case Devices:
 		return t.devices()
 	case Shaping:
+		if err := t.leaveHierarchy(); err != nil {
+			return err
+		}
 		if err := t.o.Shaper.Remove(t.rec.HostVeth, t.ifb(false)); err != nil {
 			return fmt.Errorf("remove shaping of %s: %w", t.id(), err)
 		}
@@ -273,8 +289,29 @@ func (t *run) ifb(derive bool) string {
 	return podnet.IFBName(t.key.ContainerID, t.key.IfName)
 }
 
+// leaveHierarchy takes the attachment's classes out of the node
+// hierarchy (its record names the minor) and gives its requests back.
+func (t *run) leaveHierarchy() error {
+	if !t.inHierarchy() {
+		return nil
+	}
+	l, err := lockHierarchy(t.o.HierarchyLock)
+	if err != nil {
+		return err
+	}
+	defer l.Unlock()
+	if err := t.o.Shaper.LeaveNode(t.rec.Shaping.Guarantee.Minor, t.rec.HostVeth); err != nil {
+		return fmt.Errorf("take %s out of the node's bandwidth hierarchy: %w", t.id(), err)
+	}
+	return nil
+}
+
 func (t *run) devices() error {
 	var errs []error
+	// Before the veth goes: its redirects to the node's IFBs go first.
+	if err := t.leaveHierarchy(); err != nil {
+		errs = append(errs, err)
+	}
 	if t.chained() {
 		if t.o.ReleaseLocalnet {
 			// Behind a main plugin without a bridge the localnet guard sits
@@ -345,3 +382,21 @@ func (t *run) addrs() ([]net.IP, error) {
 	}
 	return out, nil
 }
+
+// HierarchyLockTimeout bounds the wait for the node hierarchy's lock.
+const HierarchyLockTimeout = 30 * time.Second
+
+// lockHierarchy takes the node hierarchy's lock ("" = none, for tests
+// that own their node).
+func lockHierarchy(path string) (*flock.Lock, error) {
+	if path == "" {
+		return nil, nil
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("lock the node's bandwidth hierarchy: %w", err)
+	}
+	return flock.Exclusive(path, HierarchyLockTimeout, "the node's bandwidth hierarchy")
+}
+
+// LockHierarchy is lockHierarchy for the plugin's ADD and the agent.
+func LockHierarchy(path string) (*flock.Lock, error) { return lockHierarchy(path) }

@@ -1,0 +1,107 @@
+package main
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/qoscni/qoscni/internal/testnet"
+	"github.com/qoscni/qoscni/shaping"
+)
+
+// guaranteeConf is a standalone config with a node capacity, for a pod
+// with these annotations.
+func guaranteeConf(n *testnet.Node, annotations map[string]string) []byte {
+	return netConf(n, "1.1.0", func(c map[string]any) {
+		c["capabilities"] = map[string]any{"io.kubernetes.cri.pod-annotations": true}
+		c["nodeCapacity"] = map[string]any{"ingress": "100M", "egress": "100M"}
+		if annotations != nil {
+			c["runtimeConfig"] = map[string]any{"io.kubernetes.cri.pod-annotations": annotations}
+		}
+	})
+}
+
+func requestOf(bits string, prio string) map[string]string {
+	m := map[string]string{shaping.AnnotationIngressRequest: bits, shaping.AnnotationEgressRequest: bits}
+	if prio != "" {
+		m[shaping.AnnotationPriority] = prio
+	}
+	return m
+}
+
+// With a node capacity every pod joins the node hierarchy: a request is
+// admitted while it fits and refused with code 101 and nothing changed
+// when it does not; best-effort pods join without one; DEL gives the
+// request back; the pods reach each other through it.
+func TestGuaranteedBandwidthThroughPlugin(t *testing.T) {
+	t.Parallel()
+	n := testnet.NewNode(t)
+	a, b, c := n.NewPod(t), n.NewPod(t), n.NewPod(t)
+	ra := add(t, n, guaranteeConf(n, requestOf("60M", "high")), "ga", a)
+	add(t, n, guaranteeConf(n, requestOf("30M", "")), "gb", b)
+
+	recA := readRecord(t, n, "ga")
+	if recA.Shaping == nil || recA.Shaping.Guarantee == nil || recA.Shaping.Ingress != nil || recA.Shaping.Egress != nil {
+		t.Fatalf("record of a: %+v", recA.Shaping)
+	}
+	g := recA.Shaping.Guarantee
+	if g.Minor < shaping.MinMinor || g.Ingress == nil || g.Ingress.RequestBits != 60_000_000 || g.Ingress.CeilBits != 100_000_000 || g.Ingress.Priority != "high" {
+		t.Errorf("guarantee of a: %+v %+v", g, g.Ingress)
+	}
+	classes := n.Exec(t, "tc", "class", "show", "dev", shaping.HierarchyIngressIFB)
+	if !strings.Contains(classes, "rate 60Mbit ceil 100Mbit") || !strings.Contains(classes, "rate 30Mbit ceil 100Mbit") ||
+		!strings.Contains(classes, "class htb 1:2 parent 1:1 rate 10Mbit") {
+		t.Errorf("classes into pods:\n%s", classes)
+	}
+	if strings.Contains(string(n.Exec(t, "ip", "-o", "link")), " qi") {
+		t.Errorf("a pod in the hierarchy got an IFB of its own:\n%s", n.Exec(t, "ip", "-o", "link"))
+	}
+
+	// 20M more does not fit in 100M with 90M reserved: refused, and the
+	// node is as it was.
+	before := n.Exec(t, "tc", "class", "show", "dev", shaping.HierarchyEgressIFB) + n.Exec(t, "ip", "-br", "link")
+	refused := guaranteeConf(n, requestOf("20M", ""))
+	r := n.Invoke(t, testnet.Call{Command: "ADD", ContainerID: "gc", Netns: c.Path, IfName: "eth0", Config: refused})
+	if !r.Failed || r.Err.Code != shaping.ErrBandwidthUnavailable {
+		t.Fatalf("ADD over the capacity: %+v", r.Err)
+	}
+	for _, want := range []string{"node capacity 100Mbit/s", "90Mbit/s already reserved", "requests 20Mbit/s", shaping.AnnotationIngressRequest} {
+		if !strings.Contains(r.Err.Msg, want) {
+			t.Errorf("refusal %q does not say %q", r.Err.Msg, want)
+		}
+	}
+	if after := n.Exec(t, "tc", "class", "show", "dev", shaping.HierarchyEgressIFB) + n.Exec(t, "ip", "-br", "link"); after != before {
+		t.Errorf("the refused ADD changed the node:\n%s\n---\n%s", before, after)
+	}
+	// The runtime DELs what ADD refused.
+	del(t, n, refused, "gc", c.Path)
+	rc := add(t, n, guaranteeConf(n, nil), "gc", c)
+
+	// Pod to pod through both IFBs, over the classes of the two pods.
+	a.Exec(t, "ping", "-c", "2", "-i", "0.2", "-w", "10", rc.IPs[0].Address.IP.String())
+	c.Exec(t, "ping", "-c", "2", "-i", "0.2", "-w", "10", ra.IPs[0].Address.IP.String())
+
+	del(t, n, guaranteeConf(n, nil), "ga", a.Path)
+	classes = n.Exec(t, "tc", "class", "show", "dev", shaping.HierarchyIngressIFB)
+	if strings.Contains(classes, "rate 60Mbit") || !strings.Contains(classes, "class htb 1:2 parent 1:1 rate 70Mbit") {
+		t.Errorf("after DEL of a:\n%s", classes)
+	}
+	// Now the 20M fit.
+	del(t, n, guaranteeConf(n, nil), "gc", c.Path)
+	add(t, n, guaranteeConf(n, requestOf("20M", "low")), "gc", c)
+	for _, cid := range []string{"gb", "gc"} {
+		del(t, n, guaranteeConf(n, nil), cid, "")
+		del(t, n, guaranteeConf(n, nil), cid, "")
+	}
+	for _, dev := range []string{shaping.HierarchyIngressIFB, shaping.HierarchyEgressIFB} {
+		out := n.Exec(t, "tc", "class", "show", "dev", dev) + n.Exec(t, "tc", "filter", "show", "dev", dev)
+		if strings.Contains(out, "flowid 1:1") && strings.Contains(out, "*flowid") {
+			t.Errorf("%s keeps pod entries:\n%s", dev, out)
+		}
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, "class htb 1:") && !strings.HasPrefix(l, "class htb 1:1 ") && !strings.HasPrefix(l, "class htb 1:2 ") && !strings.HasPrefix(l, "class htb 1:3 ") {
+				t.Errorf("%s keeps a pod class: %s", dev, l)
+			}
+		}
+	}
+	assertClean(t, n)
+}

@@ -1,0 +1,74 @@
+package reconcile_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/qoscni/qoscni/internal/agent/reconcile"
+	"github.com/qoscni/qoscni/internal/state"
+	"github.com/qoscni/qoscni/shaping"
+)
+
+func request(r *state.Record) uint64 {
+	if r.Shaping == nil || r.Shaping.Guarantee == nil || r.Shaping.Guarantee.Ingress == nil {
+		return 0
+	}
+	return r.Shaping.Guarantee.Ingress.RequestBits
+}
+
+func requests(bits string) map[string]string {
+	return map[string]string{shaping.AnnotationIngressRequest: bits, shaping.AnnotationEgressRequest: bits}
+}
+
+// A pod's request follows its annotation live, in the node hierarchy: a
+// larger request that still fits is applied in place, one that does not
+// fit keeps the current one and says why (event), and removing the request
+// makes the pod best effort under the same class minor.
+func TestGuaranteeReshapedLive(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{configure: func(e *env, c *reconcile.Config) { c.StateRegistry = e.node.Registry }})
+	e.conf["nodeCapacity"] = map[string]any{"ingress": "100M", "egress": "100M"}
+	_, g1 := e.addPod("g1", requests("30M"))
+	e.addPod("g2", requests("50M"))
+	minor := g1.Shaping.Guarantee.Minor
+	classes := func() string {
+		return e.node.Exec(t, "tc", "class", "show", "dev", shaping.HierarchyIngressIFB)
+	}
+
+	e.annotate("g1", requests("40M"))
+	e.waitRecord(g1.ContainerID, "request 40M applied", func(r *state.Record) bool { return request(r) == 40_000_000 })
+	if c := classes(); !strings.Contains(c, "rate 40Mbit ceil 100Mbit") || !strings.Contains(c, "class htb 1:2 parent 1:1 rate 10Mbit") {
+		t.Errorf("after 40M:\n%s", c)
+	}
+
+	// 60M next to g2's 50M does not fit in 100M: kept at 40M, with an event.
+	e.annotate("g1", requests("60M"))
+	deadline := time.Now().Add(2 * time.Second)
+	for time.Now().Before(deadline) && len(e.events("g1")) == 0 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	evs := e.events("g1")
+	if len(evs) != 1 || !strings.Contains(evs[0].Message, "node capacity 100Mbit/s") || !strings.Contains(evs[0].Message, "50Mbit/s already reserved") {
+		t.Fatalf("events: %+v", evs)
+	}
+	if r := e.record(g1.ContainerID); request(r) != 40_000_000 {
+		t.Errorf("refused request changed the record: %+v", r.Shaping.Guarantee.Ingress)
+	}
+	if c := classes(); !strings.Contains(c, "rate 40Mbit ceil 100Mbit") || strings.Contains(c, "rate 60Mbit") {
+		t.Errorf("refused request changed the kernel:\n%s", c)
+	}
+
+	// No request: best effort, same minor, its 40M go back to best effort.
+	e.annotate("g1", map[string]string{})
+	e.waitRecord(g1.ContainerID, "best effort", func(r *state.Record) bool {
+		return r.Shaping != nil && r.Shaping.Guarantee != nil && request(r) == 0 && r.Shaping.Guarantee.Minor == minor
+	})
+	c := classes()
+	if !strings.Contains(c, "class htb 1:2 parent 1:1 rate 50Mbit") || !strings.Contains(c, "parent 1:2 leaf") {
+		t.Errorf("after the request went:\n%s", c)
+	}
+	if d := e.diff(e.record(g1.ContainerID)); len(d) != 0 {
+		t.Errorf("CHECK differs: %q", d)
+	}
+}
