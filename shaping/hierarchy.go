@@ -179,6 +179,14 @@ type HierState struct {
 	// ReservedBytes sums the rates of the guaranteed classes.
 	ReservedBytes uint64
 	Classes       map[uint16]HierClass
+	// Entries are the addresses classified into each minor (only from
+	// ReadHierarchyFull).
+	Entries map[uint16][]net.IP
+	// BestEffortBytes is the best-effort class's rate.
+	BestEffortBytes uint64
+	// Tables counts the families whose hash table is there and linked
+	// (2 when whole; only from ReadHierarchyFull).
+	Tables int
 }
 
 func htbRate(r tc.RateSpec, r64 *uint64) uint64 {
@@ -211,6 +219,10 @@ func (s *Shaper) ReadHierarchy(d HierDirection) (HierState, error) {
 		rate, ceil := htbRate(p.Rate, c.Htb.Rate64), htbRate(p.Ceil, c.Htb.Ceil64)
 		if c.Handle == hierTop {
 			st.CapacityBytes = rate
+			continue
+		}
+		if c.Handle == hierBestEff {
+			st.BestEffortBytes = rate
 			continue
 		}
 		minor := uint16(c.Handle & 0xFFFF)
@@ -699,4 +711,115 @@ func HierMinors(states ...HierState) []uint16 {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
 	return out
+}
+
+// readEntries fills st.Entries from the IFB's u32 entries: the addresses
+// each class minor is found by.
+func (s *Shaper) readEntries(d HierDirection, st *HierState) error {
+	ifb, err := s.linkOrNil(d.IFB())
+	if err != nil || ifb == nil {
+		return err
+	}
+	filters, err := s.tc.Filter().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: uint32(ifb.Attrs().Index), Parent: rootHandle})
+	if err != nil {
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+			return nil
+		}
+		return fmt.Errorf("dump filters of %s: %w", d.IFB(), err)
+	}
+	st.Entries = map[uint16][]net.IP{}
+	tables, links := map[uint32]bool{}, map[uint32]bool{}
+	defer func() {
+		for _, ht := range []uint32{hierHT4, hierHT6} {
+			if tables[ht] && links[ht] {
+				st.Tables++
+			}
+		}
+	}()
+	for _, f := range filters {
+		ht := f.Handle >> 20
+		if f.Kind == "u32" && f.U32 != nil {
+			if f.U32.Divisor != nil && *f.U32.Divisor == hierDivisor && f.Handle == u32Handle(ht, 0, 0) {
+				tables[ht] = true
+			}
+			if f.U32.Link != nil {
+				links[*f.U32.Link>>20] = true
+			}
+		}
+		if f.Kind != "u32" || isU32Structure(&f) || (ht != hierHT4 && ht != hierHT6) || f.U32 == nil || f.U32.ClassID == nil || f.U32.Sel == nil {
+			continue
+		}
+		var b []byte
+		for _, k := range f.U32.Sel.Keys {
+			b = binary.NativeEndian.AppendUint32(b, k.Val)
+		}
+		if (ht == hierHT4 && len(b) != net.IPv4len) || (ht == hierHT6 && len(b) != net.IPv6len) {
+			continue
+		}
+		minor := uint16(*f.U32.ClassID & 0xFFFF)
+		st.Entries[minor] = append(st.Entries[minor], net.IP(b))
+	}
+	return nil
+}
+
+// ReadHierarchyFull is ReadHierarchy with the address entries.
+func (s *Shaper) ReadHierarchyFull(d HierDirection) (HierState, error) {
+	st, err := s.ReadHierarchy(d)
+	if err != nil {
+		return st, err
+	}
+	return st, s.readEntries(d, &st)
+}
+
+// DiffMember lists what the kernel lacks of a member, read-only: its class
+// in each direction it has one (parent, rate, ceil, priority), the entries
+// of its addresses and the redirects on its host veth. states come from
+// ReadHierarchyFull (one read serves a pass over every member).
+func (s *Shaper) DiffMember(g Guarantee, minor uint16, hostVeth string, ips []net.IP, states map[HierDirection]HierState) ([]string, error) {
+	veth, err := s.linkOrNil(hostVeth)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, d := range []HierDirection{IntoPods, OutOfPods} {
+		want := hierLeafOf(g.class(d))
+		if want == nil {
+			continue
+		}
+		st := states[d]
+		have, ok := st.Classes[minor]
+		switch {
+		case !ok:
+			out = append(out, fmt.Sprintf("%s: class 1:%x of %s is missing", d.IFB(), minor, hostVeth))
+		case have.Guaranteed != (want.RateBytes > 0) || (want.RateBytes > 0 && have.Leaf.RateBytes != want.RateBytes) ||
+			have.Leaf.CeilBytes != want.CeilBytes || have.Leaf.Prio != want.Prio:
+			out = append(out, fmt.Sprintf("%s: class 1:%x of %s has rate %d ceil %d prio %d (guaranteed %v), want rate %d ceil %d prio %d",
+				d.IFB(), minor, hostVeth, have.Leaf.RateBytes*8, have.Leaf.CeilBytes*8, have.Leaf.Prio, have.Guaranteed,
+				want.RateBytes*8, want.CeilBytes*8, want.Prio))
+		}
+		for _, ip := range ips {
+			found := false
+			for _, e := range st.Entries[minor] {
+				found = found || e.Equal(ip)
+			}
+			if !found {
+				out = append(out, fmt.Sprintf("%s: no entry sends %s to class 1:%x", d.IFB(), ip, minor))
+			}
+		}
+		if veth == nil {
+			continue
+		}
+		ifb, err := s.linkOrNil(d.IFB())
+		if err != nil {
+			return nil, err
+		}
+		rs, err := s.readRedirectOn(d.vethHook(), veth.Attrs().Index, linkIndex(ifb))
+		if err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+			return nil, err
+		}
+		if ifb == nil || rs.handle == 0 || rs.target != uint32(ifb.Attrs().Index) {
+			out = append(out, fmt.Sprintf("%s does not hand its packets to %s", hostVeth, d.IFB()))
+		}
+	}
+	return out, nil
 }

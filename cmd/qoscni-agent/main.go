@@ -27,8 +27,10 @@ import (
 	"github.com/qoscni/qoscni/internal/agent/nodenet"
 	"github.com/qoscni/qoscni/internal/agent/reconcile"
 	"github.com/qoscni/qoscni/internal/cni/podnet"
+	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/portmap"
+	"github.com/qoscni/qoscni/shaping"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -190,9 +192,16 @@ func serve(o *options) int {
 	cfg.Cleaners = []reconcile.AttachmentCleaner{portmap.NewCleaner(nsFd)}
 	// An `nft flush ruleset` takes hostPorts, ipMasq and the martian guard
 	// away; every pass brings them back from the records.
+	// The node's bandwidth hierarchy, under the lock the plugin takes
+	// beside the registry.
+	hierLock := ""
+	if o.stateRegistry != "" {
+		hierLock = paths.HierarchyLockOf(o.stateRegistry)
+	}
 	cfg.Repairers = []reconcile.KernelRepairer{
 		portmap.NewRepairer(nsFd, []string{portmap.LocalnetDir(o.stateDir)}, logger),
 		podnet.NewMasqRepairer(nsFd, logger),
+		shaping.NewHierarchyRepairer(nsFd, hierLock, logger),
 	}
 	cfg.Registry = prometheus.NewRegistry()
 	if o.routesMode != nodenet.ModeOff {

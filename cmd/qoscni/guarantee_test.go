@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 
@@ -56,6 +57,19 @@ func TestGuaranteedBandwidthThroughPlugin(t *testing.T) {
 		t.Errorf("a pod in the hierarchy got an IFB of its own:\n%s", n.Exec(t, "ip", "-o", "link"))
 	}
 
+	// CHECK compares the pod's classes, entries and redirects with its
+	// record, and names the drift.
+	chk := withPrev(t, guaranteeConf(n, requestOf("60M", "high")), mustJSON(t, ra))
+	n.Invoke(t, testnet.Call{Command: "CHECK", ContainerID: "ga", Netns: a.Path, IfName: "eth0", Config: chk}).MustSucceed(t, "CHECK")
+	n.Exec(t, "tc", "class", "change", "dev", shaping.HierarchyEgressIFB, "parent", "1:1", "classid", fmt.Sprintf("1:%x", g.Minor),
+		"htb", "rate", "1mbit", "ceil", "100mbit")
+	bad := n.Invoke(t, testnet.Call{Command: "CHECK", ContainerID: "ga", Netns: a.Path, IfName: "eth0", Config: chk})
+	if !bad.Failed || !strings.Contains(bad.Err.Msg, shaping.HierarchyEgressIFB) || !strings.Contains(bad.Err.Msg, fmt.Sprintf("class 1:%x", g.Minor)) {
+		t.Errorf("CHECK after a class drifted: %+v", bad.Err)
+	}
+	n.Exec(t, "tc", "class", "change", "dev", shaping.HierarchyEgressIFB, "parent", "1:1", "classid", fmt.Sprintf("1:%x", g.Minor),
+		"htb", "rate", "60mbit", "ceil", "100mbit", "prio", "0")
+
 	// 20M more does not fit in 100M with 90M reserved: refused, and the
 	// node is as it was.
 	before := n.Exec(t, "tc", "class", "show", "dev", shaping.HierarchyEgressIFB) + n.Exec(t, "ip", "-br", "link")
@@ -105,3 +119,4 @@ func TestGuaranteedBandwidthThroughPlugin(t *testing.T) {
 	}
 	assertClean(t, n)
 }
+

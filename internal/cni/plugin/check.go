@@ -83,10 +83,38 @@ func checkShaping(rec *state.Record) error {
 	if err != nil {
 		return fmt.Errorf("check shaping of %s/%s: %w", rec.ContainerID, rec.IfName, err)
 	}
+	if rec.Shaping != nil && rec.Shaping.Guarantee != nil {
+		hd, err := checkHierarchy(sh, rec)
+		if err != nil {
+			return fmt.Errorf("check shaping of %s/%s: %w", rec.ContainerID, rec.IfName, err)
+		}
+		diff = append(diff, hd...)
+	}
 	if len(diff) > 0 {
 		return fmt.Errorf("shaping of %s/%s differs from its record: %s", rec.ContainerID, rec.IfName, strings.Join(diff, "; "))
 	}
 	return nil
+}
+
+// checkHierarchy compares the attachment's place in the node hierarchy
+// (classes, address entries, redirects) with its record.
+func checkHierarchy(sh *shaping.Shaper, rec *state.Record) ([]string, error) {
+	states := map[shaping.HierDirection]shaping.HierState{}
+	for _, d := range []shaping.HierDirection{shaping.IntoPods, shaping.OutOfPods} {
+		st, err := sh.ReadHierarchyFull(d)
+		if err != nil {
+			return nil, err
+		}
+		states[d] = st
+	}
+	g, minor := shaping.GuaranteeFromRecord(rec.Shaping.Guarantee)
+	var ips []net.IP
+	for _, c := range rec.IPs {
+		if ip, _, err := net.ParseCIDR(c); err == nil {
+			ips = append(ips, ip)
+		}
+	}
+	return sh.DiffMember(g, minor, rec.HostVeth, ips, states)
 }
 
 func (p *Plugin) checkStandalone(args *skel.CmdArgs, conf *netconf.NetConf, prev *current.Result, rec *state.Record) error {
