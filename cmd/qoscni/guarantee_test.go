@@ -119,4 +119,3 @@ func TestGuaranteedBandwidthThroughPlugin(t *testing.T) {
 	}
 	assertClean(t, n)
 }
-
