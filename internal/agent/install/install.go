@@ -42,6 +42,11 @@ type Options struct {
 	WaitPrimary time.Duration
 	// PodCIDRs gives the ranges when the standalone config has none.
 	PodCIDRs PodCIDRSource
+	// NodeCapacity, when set, is written into qoscni's entry as
+	// "nodeCapacity" (guaranteed bandwidth, docs/guarantees.md): "auto"
+	// (the speed of the default route's device), one quantity for both
+	// directions, or "ingress=Q,egress=Q". "" leaves the config's own.
+	NodeCapacity string
 
 	// Kernel: in standalone mode, also load br_netfilter and set its
 	// sysctls in the node's network namespace (installBridgeNetfilter).
@@ -177,12 +182,29 @@ func action(changed bool) Action {
 	return Unchanged
 }
 
+// capacityFor resolves o.NodeCapacity and notes where an automatic one
+// came from.
+func capacityFor(o Options, rep *Report) (*NodeCapacity, error) {
+	c, dev, err := resolveCapacity(o.NodeCapacity, o.NetnsPath)
+	if err != nil {
+		return nil, err
+	}
+	if dev != "" {
+		rep.add("nodeCapacity", Written, fmt.Sprintf("%s bit/s each way: the speed the kernel reports for %s", c.Ingress, dev))
+	}
+	return c, nil
+}
+
 func installStandalone(ctx context.Context, h hostPaths, confDir string, o Options, rep *Report) error {
 	tmpl := o.Config
 	if tmpl == nil {
 		tmpl = DefaultStandaloneConflist
 	}
-	data, err := renderStandalone(tmpl, func() ([]string, error) {
+	capacity, err := capacityFor(o, rep)
+	if err != nil {
+		return err
+	}
+	data, err := renderStandalone(tmpl, capacity, func() ([]string, error) {
 		if o.PodCIDRs == nil {
 			return nil, errors.New("the config sets no ipam.ranges and there is no node to read spec.podCIDRs from (set " + NodeNameEnv + " or --pod-cidrs)")
 		}
@@ -265,6 +287,11 @@ func installChained(ctx context.Context, h hostPaths, confDir string, o Options,
 	if err != nil {
 		return err
 	}
+	capacity, err := capacityFor(o, rep)
+	if err != nil {
+		return err
+	}
+	setCapacity(entry, capacity)
 	name, err := findPrimary(ctx, h, confDir, o)
 	if err != nil {
 		return err

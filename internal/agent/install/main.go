@@ -54,11 +54,17 @@ func mainInstall(ctx context.Context, args []string, stdout, stderr io.Writer) i
 	fs.StringVar(&kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig (default: in-cluster service account)")
 	fs.BoolVar(&skipKernel, "skip-kernel", false, "standalone: leave the br_netfilter module ("+ModulesDir+") and its bridge-nf-call-ip(6)tables sysctls ("+ProcSysDir+") alone")
 	fs.StringVar(&o.NetnsPath, "netns", "", "network namespace of the node (default: this process's)")
+	fs.StringVar(&o.NodeCapacity, "node-capacity", os.Getenv(NodeCapacityEnv), "guaranteed bandwidth: the node's capacity written into qoscni's entry as nodeCapacity: "+
+		"auto (the speed of the default route's device), 10G (both ways) or ingress=10G,egress=5G; \"\" = the config's own (env "+NodeCapacityEnv+")")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "qoscni-agent install: unexpected arguments %q\n", fs.Args())
+		return 2
+	}
+	if _, _, err := ParseNodeCapacity(o.NodeCapacity); err != nil {
+		fmt.Fprintln(stderr, "qoscni-agent install:", err)
 		return 2
 	}
 	o.Mode = Mode(mode)

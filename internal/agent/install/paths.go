@@ -70,6 +70,8 @@ const (
 	ContainerConfigDir = "/etc/qoscni"
 	// NodeNameEnv carries the node's name (downward API spec.nodeName).
 	NodeNameEnv = "NODE_NAME"
+	// NodeCapacityEnv is the default of install's --node-capacity.
+	NodeCapacityEnv = "QOSCNI_NODE_CAPACITY"
 )
 
 // The agent's HTTP endpoints.
