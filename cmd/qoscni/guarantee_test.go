@@ -1,7 +1,10 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -118,4 +121,86 @@ func TestGuaranteedBandwidthThroughPlugin(t *testing.T) {
 		}
 	}
 	assertClean(t, n)
+}
+
+// Chained after the reference bridge: the main plugin's veths join the
+// node hierarchy; a refused request leaves the main plugin's veth as it
+// was; DEL takes only qoscni's classes, entries and redirects away.
+func TestGuaranteedBandwidthChained(t *testing.T) {
+	t.Parallel()
+	n := testnet.NewNode(t)
+	ref := "/usr/lib/cni"
+	if _, err := os.Stat(filepath.Join(ref, "bridge")); err != nil {
+		if os.Getenv(testnet.RequireRootEnv) != "" {
+			t.Fatalf("reference bridge plugin missing (apt-get install containernetworking-plugins): %v", err)
+		}
+		t.Skip("reference plugins not installed")
+	}
+	mainConf, _ := json.Marshal(map[string]any{
+		"cniVersion": "1.0.0", "name": "qtest", "type": "bridge", "bridge": "refbr1", "isGateway": true,
+		"ipam": map[string]any{"type": "host-local", "ranges": []any{[]any{map[string]any{"subnet": "10.82.0.0/24"}}}, "dataDir": filepath.Join(n.Dir, "hl")},
+	})
+	chained := func(prev []byte, annotations map[string]string) []byte {
+		c, _ := json.Marshal(map[string]any{"cniVersion": "1.0.0", "name": "qtest", "type": "qoscni", "stateDir": n.StateDir,
+			"capabilities":  map[string]any{"io.kubernetes.cri.pod-annotations": true},
+			"nodeCapacity":  map[string]any{"ingress": "100M", "egress": "100M"},
+			"runtimeConfig": map[string]any{"io.kubernetes.cri.pod-annotations": annotations}})
+		return withPrev(t, c, prev)
+	}
+	type pod struct {
+		ns   *testnet.NS
+		env  []string
+		prev []byte
+		conf []byte
+	}
+	var pods []*pod
+	for i, req := range []string{"70M", "40M"} {
+		p := &pod{ns: n.NewPod(t)}
+		cid := fmt.Sprintf("gch%d", i)
+		p.env = []string{"CNI_COMMAND=ADD", "CNI_CONTAINERID=" + cid, "CNI_NETNS=" + p.ns.Path, "CNI_IFNAME=eth0", "CNI_PATH=" + ref}
+		p.prev = runRefPlugin(t, n, "bridge", p.env, mainConf)
+		p.conf = chained(p.prev, requestOf(req, ""))
+		pods = append(pods, p)
+	}
+	n.Invoke(t, testnet.Call{Command: "ADD", ContainerID: "gch0", Netns: pods[0].ns.Path, IfName: "eth0", Config: pods[0].conf}).MustSucceed(t, "chained ADD")
+	n.Invoke(t, testnet.Call{Command: "CHECK", ContainerID: "gch0", Netns: pods[0].ns.Path, IfName: "eth0", Config: pods[0].conf}).MustSucceed(t, "chained CHECK")
+	if c := n.Exec(t, "tc", "class", "show", "dev", shaping.HierarchyIngressIFB); !strings.Contains(c, "rate 70Mbit ceil 100Mbit") {
+		t.Errorf("classes:\n%s", c)
+	}
+	veth1 := readRecord(t, n, "gch0").HostVeth
+	// 40M next to 70M does not fit: refused, the main plugin's veth as it was.
+	r := n.Invoke(t, testnet.Call{Command: "ADD", ContainerID: "gch1", Netns: pods[1].ns.Path, IfName: "eth0", Config: pods[1].conf})
+	if !r.Failed || r.Err.Code != shaping.ErrBandwidthUnavailable {
+		t.Fatalf("chained ADD over the capacity: %+v", r.Err)
+	}
+	for _, l := range strings.Split(n.Exec(t, "ip", "-o", "link", "show", "master", "refbr1"), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 2 {
+			continue
+		}
+		dev := strings.SplitN(strings.TrimSuffix(f[1], ":"), "@", 2)[0]
+		if dev == veth1 {
+			continue
+		}
+		if q := n.Exec(t, "tc", "qdisc", "show", "dev", dev); strings.Contains(q, "clsact") {
+			t.Errorf("the refused ADD left a clsact on the main plugin's veth %s: %s", dev, q)
+		}
+	}
+	n.Invoke(t, testnet.Call{Command: "DEL", ContainerID: "gch1", Netns: pods[1].ns.Path, IfName: "eth0", Config: pods[1].conf}).MustSucceed(t, "DEL of the refused")
+	// Pod to pod over the bridge, through the hierarchy.
+	pods[0].ns.Exec(t, "ping", "-c", "2", "-i", "0.2", "-w", "10", "10.82.0.1")
+	n.Invoke(t, testnet.Call{Command: "DEL", ContainerID: "gch0", Netns: pods[0].ns.Path, IfName: "eth0", Config: pods[0].conf}).MustSucceed(t, "chained DEL")
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", veth1); strings.Contains(q, "clsact") {
+		t.Errorf("DEL left qoscni's redirects on %s: %s", veth1, q)
+	}
+	if c := n.Exec(t, "tc", "class", "show", "dev", shaping.HierarchyIngressIFB); strings.Contains(c, "rate 70Mbit") {
+		t.Errorf("DEL left the class:\n%s", c)
+	}
+	if _, err := n.Try("ip", "link", "show", veth1); err != nil {
+		t.Errorf("chained DEL removed the main plugin's veth %s", veth1)
+	}
+	for _, p := range pods {
+		p.env[0] = "CNI_COMMAND=DEL"
+		runRefPlugin(t, n, "bridge", p.env, mainConf)
+	}
 }
