@@ -85,8 +85,8 @@ var (
 	descGPackets    = newDesc("qoscni_guarantee_sent_packets_total", "Packets the pod's class in the node hierarchy sent.", dirLabels)
 	descGDrops      = newDesc("qoscni_guarantee_dropped_packets_total", "Packets the pod's class dropped (its queue was full).", dirLabels)
 	descGOverlimits = newDesc("qoscni_guarantee_overlimits_total", "Times the pod's class reached its limit (HTB ceil) and had to wait.", dirLabels)
-	descGLends      = newDesc("qoscni_guarantee_htb_lends_total", "Packets (not bytes) the pod's class sent within its guaranteed rate: HTB's lends count of a leaf class.", dirLabels)
-	descGBorrows    = newDesc("qoscni_guarantee_htb_borrows_total", "Packets (not bytes) the pod's class sent above its guaranteed rate, on capacity borrowed from its parent: HTB's borrows count (HTB counts no borrowed bytes).", dirLabels)
+	descGLends      = newDesc("qoscni_guarantee_htb_lends_total", "Packets the pod's class sent within its guaranteed rate: HTB's lends count of a leaf class. A count of dequeues, not bytes (a GSO packet of up to 64 KiB counts once, so it is below sent_packets_total).", dirLabels)
+	descGBorrows    = newDesc("qoscni_guarantee_htb_borrows_total", "Packets the pod's class sent above its guaranteed rate, on capacity borrowed from its parent: HTB's borrows count. A count of dequeues, not bytes (HTB counts no borrowed bytes; a GSO packet counts once).", dirLabels)
 	descGBacklog    = newDesc("qoscni_guarantee_backlog_bytes", "Bytes queued in the pod's class now.", dirLabels)
 
 	nodeLabels    = []string{"direction"}

@@ -184,10 +184,11 @@ type HierClassStats struct {
 	Packets    uint32
 	Drops      uint32 // its queue was full
 	Overlimits uint32 // times the class went over its ceil
-	// Lends and Borrows are HTB's per-packet counts, not bytes. On a
-	// leaf, Lends counts the packets it sent on its own rate (its
-	// guarantee) and Borrows those it sent on rate borrowed from its
-	// parent, above its guarantee.
+	// Lends and Borrows are HTB's counts of dequeues, not bytes (a GSO
+	// packet counts once, where Packets counts its segments). On a leaf,
+	// Lends counts the packets it sent on its own rate (its guarantee)
+	// and Borrows those it sent on rate borrowed from its parent, above
+	// its guarantee.
 	Lends   uint32
 	Borrows uint32
 	Backlog uint32 // bytes in its queue now
