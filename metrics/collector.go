@@ -14,6 +14,7 @@ import (
 	"github.com/qoscni/qoscni/internal/agent/cniconf"
 	"github.com/qoscni/qoscni/internal/journal"
 	"github.com/qoscni/qoscni/internal/state"
+	"github.com/qoscni/qoscni/shaping"
 )
 
 // Config says where the collector reads from.
@@ -75,6 +76,24 @@ var (
 		"A setting the pod asked above the config's ceiling, with the value it asked for (seconds for queue_delay, bytes for burst and queue_limit); the kernel got the ceiling. No series: nothing clamped.",
 		append(slices.Clone(dirLabels), "setting"))
 
+	// The pod's class in the node's guaranteed-bandwidth hierarchy.
+	descGRequest    = newDesc("qoscni_guarantee_request_bytes_per_second", "Guaranteed rate of the pod's class in the node hierarchy (its bandwidth request / 8); 0 for a best-effort pod.", dirLabels)
+	descGLimit      = newDesc("qoscni_guarantee_limit_bytes_per_second", "Most the pod's class may reach by borrowing (its limit, else the node capacity, / 8).", dirLabels)
+	descGPriority   = newDesc("qoscni_guarantee_priority", "The pod's borrowing priority in the label priority (high, normal, low); always 1.", append(slices.Clone(dirLabels), "priority"))
+	descGUp         = newDesc("qoscni_guarantee_class_up", "1 when the pod's class was found in the node hierarchy at this scrape, else 0.", dirLabels)
+	descGBytes      = newDesc("qoscni_guarantee_sent_bytes_total", "Bytes the pod's class in the node hierarchy sent (layer 2 size).", dirLabels)
+	descGPackets    = newDesc("qoscni_guarantee_sent_packets_total", "Packets the pod's class in the node hierarchy sent.", dirLabels)
+	descGDrops      = newDesc("qoscni_guarantee_dropped_packets_total", "Packets the pod's class dropped (its queue was full).", dirLabels)
+	descGOverlimits = newDesc("qoscni_guarantee_overlimits_total", "Times the pod's class reached its limit (HTB ceil) and had to wait.", dirLabels)
+	descGLends      = newDesc("qoscni_guarantee_htb_lends_total", "Packets the pod's class sent within its guaranteed rate: HTB's lends count of a leaf class. A count of dequeues, not bytes (a GSO packet of up to 64 KiB counts once, so it is below sent_packets_total).", dirLabels)
+	descGBorrows    = newDesc("qoscni_guarantee_htb_borrows_total", "Packets the pod's class sent above its guaranteed rate, on capacity borrowed from its parent: HTB's borrows count. A count of dequeues, not bytes (HTB counts no borrowed bytes; a GSO packet counts once).", dirLabels)
+	descGBacklog    = newDesc("qoscni_guarantee_backlog_bytes", "Bytes queued in the pod's class now.", dirLabels)
+
+	nodeLabels    = []string{"direction"}
+	descNCapacity = newDesc("qoscni_guarantee_node_capacity_bytes_per_second", "Capacity of the node's guaranteed-bandwidth hierarchy in the direction (its class 1:1).", nodeLabels)
+	descNRequests = newDesc("qoscni_guarantee_node_requests_bytes_per_second", "Sum of the requests of the pods in the direction's hierarchy, as the kernel has them.", nodeLabels)
+	descNHeadroom = newDesc("qoscni_guarantee_node_headroom_bytes_per_second", "Capacity minus the sum of requests: what a new request can still get; negative when the capacity was lowered below what pods hold.", nodeLabels)
+
 	descInfo = newDesc("qoscni_attachment_info", "One series per exported attachment, carrying its identifiers (not on the hot series).",
 		[]string{"namespace", "pod", "interface", "network", "container_id", "host_veth", "ifb", "mode"})
 	descPorts  = newDesc("qoscni_pod_hostports", "hostPort mappings held by the pod.", []string{"namespace", "pod"})
@@ -90,8 +109,10 @@ var (
 
 	// ownDescs is every desc above, in the order Describe sends them.
 	ownDescs = []desc{descLimit, descBurst, descQLimit, descDelay, descClamped, descUp, descBytes, descPackets,
-		descDrops, descOverlimit, descRequeues, descBacklogB, descBacklogP, descInfo, descPorts, descHidden, descBad,
-		descIPAMCap, descIPAMUsed, descBuild, descCollect}
+		descDrops, descOverlimit, descRequeues, descBacklogB, descBacklogP,
+		descGRequest, descGLimit, descGPriority, descGUp, descGBytes, descGPackets, descGDrops, descGOverlimits,
+		descGLends, descGBorrows, descGBacklog, descNCapacity, descNRequests, descNHeadroom,
+		descInfo, descPorts, descHidden, descBad, descIPAMCap, descIPAMUsed, descBuild, descCollect}
 )
 
 // counter indexes into a series' five counters.
@@ -144,6 +165,52 @@ func (m *monotonic) update(s *QdiscStats) [nCounters]uint64 {
 	return out
 }
 
+// A class counter indexes into a hierarchy class's six counters.
+const (
+	gBytes = iota
+	gPackets
+	gDrops
+	gOverlimits
+	gLends
+	gBorrows
+	nClassCounters
+)
+
+// classMonotonic keeps a pod class's exported counters monotonic across
+// the class being made again (a pod gaining or losing its request moves
+// it) and the kernel's 32-bit counts wrapping: every count but bytes is
+// 32 bits in the TCA_STATS and TCA_XSTATS the class is read from.
+type classMonotonic struct {
+	guaranteed bool
+	last       [nClassCounters]uint64
+	offset     [nClassCounters]uint64
+}
+
+func classRaw(c *shaping.HierClass) [nClassCounters]uint64 {
+	s := c.Stats
+	return [nClassCounters]uint64{s.Bytes, uint64(s.Packets), uint64(s.Drops), uint64(s.Overlimits), uint64(s.Lends), uint64(s.Borrows)}
+}
+
+// update folds a new kernel reading in and returns the exported values.
+func (m *classMonotonic) update(c *shaping.HierClass) [nClassCounters]uint64 {
+	now := classRaw(c)
+	reset := c.Guaranteed != m.guaranteed || now[gBytes] < m.last[gBytes]
+	for i := range now {
+		switch {
+		case reset:
+			m.offset[i] += m.last[i]
+		case now[i] < m.last[i]:
+			m.offset[i] += 1 << 32
+		}
+	}
+	m.guaranteed, m.last = c.Guaranteed, now
+	var out [nClassCounters]uint64
+	for i := range now {
+		out[i] = m.offset[i] + now[i]
+	}
+	return out
+}
+
 // Collector is the agent's prometheus.Collector: everything is read at
 // scrape time.
 type Collector struct {
@@ -153,6 +220,7 @@ type Collector struct {
 
 	mu       sync.Mutex // one collection at a time: counters and journal offsets
 	series   map[seriesKey]*monotonic
+	classes  map[seriesKey]*classMonotonic
 	lastTook time.Duration
 
 	ops        *prometheus.CounterVec
@@ -180,10 +248,11 @@ func NewCollector(cfg Config) *Collector {
 		version = "dev"
 	}
 	c := &Collector{
-		cfg:    cfg,
-		store:  NewNodeRecords(cniconf.StateSources{Own: cfg.StateDir, ConfDir: cfg.CNIConfDir, Registry: cfg.StateRegistry}),
-		log:    cfg.Logger,
-		series: map[seriesKey]*monotonic{},
+		cfg:     cfg,
+		store:   NewNodeRecords(cniconf.StateSources{Own: cfg.StateDir, ConfDir: cfg.CNIConfDir, Registry: cfg.StateRegistry}),
+		log:     cfg.Logger,
+		series:  map[seriesKey]*monotonic{},
+		classes: map[seriesKey]*classMonotonic{},
 		ops: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: nameOps,
 			Help: "CNI plugin calls by command and result (code 0 = success, else the CNI error code; 999 = not a CNI error).",
@@ -267,13 +336,23 @@ func (c *Collector) collectAttachments(ch chan<- prometheus.Metric) {
 		// Keep the counter offsets: a failed read is not a pod going away.
 		return
 	}
+	if snap.HierarchyErr != nil {
+		c.errors.WithLabelValues("tc").Inc()
+		c.log.Warn("read the node hierarchy", "err", snap.HierarchyErr)
+	}
 	gauge := func(d desc, v float64, l ...string) {
 		ch <- prometheus.MustNewConstMetric(d.Desc, prometheus.GaugeValue, v, l...)
 	}
 	counter := func(d desc, v uint64, l ...string) {
 		ch <- prometheus.MustNewConstMetric(d.Desc, prometheus.CounterValue, float64(v), l...)
 	}
+	for _, h := range snap.Hierarchy {
+		gauge(descNCapacity, float64(h.CapacityBytes), h.Direction)
+		gauge(descNRequests, float64(h.ReservedBytes), h.Direction)
+		gauge(descNHeadroom, h.HeadroomBytes(), h.Direction)
+	}
 	seen := make(map[seriesKey]bool, 2*len(snap.Attachments))
+	seenClass := make(map[seriesKey]bool, 2*len(snap.Attachments))
 	ports := map[[2]string]int{}
 	for i := range snap.Attachments {
 		a := &snap.Attachments[i]
@@ -319,6 +398,32 @@ func (c *Collector) collectAttachments(ch chan<- prometheus.Metric) {
 			gauge(descBacklogB, float64(d.Stats.Backlog), l...)
 			gauge(descBacklogP, float64(d.Stats.Qlen), l...)
 		}
+		for _, g := range a.Guarantees {
+			l := []string{a.Namespace, a.Pod, a.Interface, g.Direction}
+			gauge(descGRequest, float64(g.Config.RequestBits)/8, l...)
+			gauge(descGLimit, float64(g.Config.CeilBits)/8, l...)
+			gauge(descGPriority, 1, append(slices.Clone(l), g.Config.Priority)...)
+			if g.Class == nil {
+				gauge(descGUp, 0, l...)
+				continue
+			}
+			gauge(descGUp, 1, l...)
+			k := seriesKey{r.Key(), g.Direction}
+			seenClass[k] = true
+			m := c.classes[k]
+			if m == nil {
+				m = &classMonotonic{guaranteed: g.Class.Guaranteed}
+				c.classes[k] = m
+			}
+			v := m.update(g.Class)
+			counter(descGBytes, v[gBytes], l...)
+			counter(descGPackets, v[gPackets], l...)
+			counter(descGDrops, v[gDrops], l...)
+			counter(descGOverlimits, v[gOverlimits], l...)
+			counter(descGLends, v[gLends], l...)
+			counter(descGBorrows, v[gBorrows], l...)
+			gauge(descGBacklog, float64(g.Class.Stats.Backlog), l...)
+		}
 	}
 	for p, n := range ports {
 		gauge(descPorts, float64(n), p[0], p[1])
@@ -335,6 +440,11 @@ func (c *Collector) collectAttachments(ch chan<- prometheus.Metric) {
 	for k := range c.series {
 		if !seen[k] && !live[k.key] {
 			delete(c.series, k)
+		}
+	}
+	for k := range c.classes {
+		if !seenClass[k] && !live[k.key] {
+			delete(c.classes, k)
 		}
 	}
 }

@@ -46,7 +46,7 @@ func TestJoinHidesDuplicateIdentities(t *testing.T) {
 		rec("", "", "0123456789abcdef", "eth0", "vraw", now),
 	}
 	qd := map[string]QdiscStats{"vnew": {Kind: "tbf"}, "vnet1": {Kind: "tbf"}}
-	snap := join(recs, nil, qd)
+	snap := join(recs, nil, qd, nil)
 	if len(snap.Attachments) != 3 || len(snap.Hidden) != 1 || snap.Hidden[0].ContainerID != "old" {
 		t.Fatalf("attachments %d hidden %v", len(snap.Attachments), snap.Hidden)
 	}
@@ -59,7 +59,7 @@ func TestJoinHidesDuplicateIdentities(t *testing.T) {
 		}
 	}
 	// Neither has live devices: the newest wins.
-	snap = join(recs[:2], nil, nil)
+	snap = join(recs[:2], nil, nil, nil)
 	if snap.Attachments[0].Record.ContainerID != "new" {
 		t.Errorf("exported %s, want the newest", snap.Attachments[0].Record.ContainerID)
 	}

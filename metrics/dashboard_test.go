@@ -82,7 +82,9 @@ func TestDashboardUsesExportedMetrics(t *testing.T) {
 	for _, want := range []string{"qoscni_shaping_sent_bytes_total", "qoscni_shaping_rate_limit_bytes_per_second",
 		"qoscni_shaping_dropped_packets_total", "qoscni_shaping_overlimits_total", "qoscni_shaping_backlog_bytes",
 		"qoscni_pod_hostports", "qoscni_ipam_addresses_used", "qoscni_cni_operation_duration_seconds_bucket",
-		"qoscni_cni_operations_total"} {
+		"qoscni_cni_operations_total", "qoscni_guarantee_sent_bytes_total", "qoscni_guarantee_request_bytes_per_second",
+		"qoscni_guarantee_htb_borrows_total", "qoscni_guarantee_dropped_packets_total",
+		"qoscni_guarantee_node_headroom_bytes_per_second"} {
 		if !used[want] {
 			t.Errorf("dashboard does not chart %s", want)
 		}

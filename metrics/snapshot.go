@@ -12,6 +12,7 @@ import (
 
 	"github.com/qoscni/qoscni/internal/agent/cniconf"
 	"github.com/qoscni/qoscni/internal/state"
+	"github.com/qoscni/qoscni/shaping"
 )
 
 // Direction names, also the values of the "direction" label.
@@ -28,13 +29,38 @@ type DirStats struct {
 	Stats *QdiscStats
 }
 
+// GuaranteeStats is one direction of an attachment's class in the node's
+// guaranteed-bandwidth hierarchy.
+type GuaranteeStats struct {
+	Direction string
+	Minor     uint16
+	Config    state.GuaranteeDirection
+	// Class is nil when the direction's hierarchy has no class of Minor.
+	Class *shaping.HierClass
+}
+
 // Attachment is one state record joined with its live statistics.
 type Attachment struct {
-	Record    *state.Record
-	Namespace string
-	Pod       string
-	Interface string
-	Dirs      []DirStats
+	Record     *state.Record
+	Namespace  string
+	Pod        string
+	Interface  string
+	Dirs       []DirStats
+	Guarantees []GuaranteeStats
+}
+
+// NodeHierarchy is one direction of the node's guaranteed-bandwidth
+// hierarchy as the kernel has it.
+type NodeHierarchy struct {
+	Direction     string
+	CapacityBytes uint64 // class 1:1's rate
+	ReservedBytes uint64 // the sum of the pods' requests
+}
+
+// HeadroomBytes is what a new request can still get; negative when the
+// capacity was lowered below what pods hold.
+func (h NodeHierarchy) HeadroomBytes() float64 {
+	return float64(h.CapacityBytes) - float64(h.ReservedBytes)
 }
 
 // Identity is the label set of an attachment on the hot series.
@@ -51,6 +77,11 @@ type Snapshot struct {
 	// two series with one label set, so only the preferred one is exported.
 	Hidden []*state.Record
 	Bad    []state.BadFile
+	// Hierarchy is the node hierarchy, one entry per direction it exists in.
+	Hierarchy []NodeHierarchy
+	// HierarchyErr says the hierarchy could not be read; the rest of the
+	// snapshot stands, without the pods' classes.
+	HierarchyErr error
 }
 
 // podName is the pod label: the Kubernetes name, or for a runtime that
@@ -102,23 +133,64 @@ func (n *NodeRecords) List() ([]*state.Record, []state.BadFile, error) {
 }
 
 // Take reads every record and the root qdiscs of the namespace: one
-// directory walk, one link dump, one qdisc dump.
+// directory walk, one link dump, one qdisc dump, and where the node has
+// a guaranteed-bandwidth hierarchy one class dump per direction.
 func Take(store Records, ns *Netns) (*Snapshot, error) {
 	recs, bad, err := store.List()
 	if err != nil {
 		return nil, fmt.Errorf("read attachment records: %w", err)
 	}
 	var qd map[string]QdiscStats
+	var hier map[string]shaping.HierState
+	var hierErr error
 	if len(recs) > 0 {
 		if qd, err = ReadRootQdiscs(ns); err != nil {
 			return nil, err
 		}
+		hier, hierErr = readHierarchies(ns, qd)
 	}
-	return join(recs, bad, qd), nil
+	snap := join(recs, bad, qd, hier)
+	snap.HierarchyErr = hierErr
+	return snap, nil
 }
 
-func join(recs []*state.Record, bad []state.BadFile, qd map[string]QdiscStats) *Snapshot {
+// readHierarchies reads the directions whose IFB has an HTB root (the
+// qdisc dump says so: a node without the feature opens no more sockets).
+func readHierarchies(ns *Netns, qd map[string]QdiscStats) (map[string]shaping.HierState, error) {
+	var dirs []shaping.HierDirection
+	for _, d := range []shaping.HierDirection{shaping.IntoPods, shaping.OutOfPods} {
+		if q, ok := qd[d.IFB()]; ok && q.Kind == "htb" {
+			dirs = append(dirs, d)
+		}
+	}
+	if len(dirs) == 0 {
+		return nil, nil
+	}
+	sh, err := shaping.Open(ns.shapingFd())
+	if err != nil {
+		return nil, err
+	}
+	defer sh.Close()
+	out := make(map[string]shaping.HierState, len(dirs))
+	for _, d := range dirs {
+		st, err := sh.ReadHierarchy(d)
+		if err != nil {
+			return out, fmt.Errorf("read the node's %s hierarchy: %w", d, err)
+		}
+		if st.CapacityBytes > 0 {
+			out[d.String()] = st
+		}
+	}
+	return out, nil
+}
+
+func join(recs []*state.Record, bad []state.BadFile, qd map[string]QdiscStats, hier map[string]shaping.HierState) *Snapshot {
 	snap := &Snapshot{Bad: bad}
+	for _, d := range []string{DirIngress, DirEgress} {
+		if st, ok := hier[d]; ok {
+			snap.Hierarchy = append(snap.Hierarchy, NodeHierarchy{Direction: d, CapacityBytes: st.CapacityBytes, ReservedBytes: st.ReservedBytes})
+		}
+	}
 	all := make([]Attachment, 0, len(recs))
 	for _, r := range recs {
 		if r.Provisional {
@@ -138,6 +210,21 @@ func join(recs []*state.Record, bad []state.BadFile, qd map[string]QdiscStats) *
 					ds.Stats = &s
 				}
 				a.Dirs = append(a.Dirs, ds)
+			}
+			if g := sh.Guarantee; g != nil {
+				for _, d := range []struct {
+					name string
+					cfg  *state.GuaranteeDirection
+				}{{DirIngress, g.Ingress}, {DirEgress, g.Egress}} {
+					if d.cfg == nil {
+						continue
+					}
+					gs := GuaranteeStats{Direction: d.name, Minor: g.Minor, Config: *d.cfg}
+					if c, ok := hier[d.name].Classes[g.Minor]; ok {
+						gs.Class = &c
+					}
+					a.Guarantees = append(a.Guarantees, gs)
+				}
 			}
 		}
 		all = append(all, a)
@@ -175,6 +262,11 @@ func live(a Attachment) int {
 	n := 0
 	for _, d := range a.Dirs {
 		if d.Stats != nil {
+			n++
+		}
+	}
+	for _, g := range a.Guarantees {
+		if g.Class != nil {
 			n++
 		}
 	}

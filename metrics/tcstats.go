@@ -47,6 +47,14 @@ func (n *Netns) Close() error {
 	return n.f.Close()
 }
 
+// shapingFd is the namespace as shaping.Open takes it (-1: the current one).
+func (n *Netns) shapingFd() int {
+	if n == nil || n.f == nil {
+		return -1
+	}
+	return int(n.f.Fd())
+}
+
 func (n *Netns) fd() int {
 	if n == nil || n.f == nil {
 		return 0 // netlink.Config: 0 means the current namespace

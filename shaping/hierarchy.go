@@ -170,6 +170,41 @@ type HierClass struct {
 	// Guaranteed: the class hangs off 1:1 (it has a request), not off
 	// the best-effort class.
 	Guaranteed bool
+	// Stats are the class's counters since the kernel made it.
+	Stats HierClassStats
+}
+
+// HierClassStats are an HTB class's counters, from the class dump
+// ReadHierarchy takes anyway. They come from TCA_STATS and TCA_XSTATS:
+// go-tc v0.4.4 decodes TCA_STATS2, a nested attribute, as a flat struct
+// (its values are garbage), so the legacy struct is the one go-tc reads
+// right; its packet count is 32 bits and wraps, as the other counts do.
+type HierClassStats struct {
+	Bytes      uint64
+	Packets    uint32
+	Drops      uint32 // its queue was full
+	Overlimits uint32 // times the class went over its ceil
+	// Lends and Borrows are HTB's counts of dequeues, not bytes (a GSO
+	// packet counts once, where Packets counts its segments). On a leaf,
+	// Lends counts the packets it sent on its own rate (its guarantee)
+	// and Borrows those it sent on rate borrowed from its parent, above
+	// its guarantee.
+	Lends   uint32
+	Borrows uint32
+	Backlog uint32 // bytes in its queue now
+	Qlen    uint32 // packets in its queue now
+}
+
+func hierClassStats(c *tc.Object) HierClassStats {
+	var s HierClassStats
+	if st := c.Stats; st != nil {
+		s.Bytes, s.Packets, s.Drops, s.Overlimits = st.Bytes, st.Packets, st.Drops, st.Overlimits
+		s.Backlog, s.Qlen = st.Backlog, st.Qlen
+	}
+	if c.XStats != nil && c.XStats.Htb != nil {
+		s.Lends, s.Borrows = c.XStats.Htb.Lends, c.XStats.Htb.Borrows
+	}
+	return s
 }
 
 // HierState is one direction's hierarchy as the kernel has it.
@@ -196,8 +231,9 @@ func htbRate(r tc.RateSpec, r64 *uint64) uint64 {
 	return uint64(r.Rate)
 }
 
-// ReadHierarchy returns the direction's hierarchy (a zero state when its
-// IFB or root is missing).
+// ReadHierarchy returns the direction's hierarchy with its classes'
+// counters, from one class dump (a zero state when its IFB or root is
+// missing).
 func (s *Shaper) ReadHierarchy(d HierDirection) (HierState, error) {
 	st := HierState{Classes: map[uint16]HierClass{}}
 	ifb, err := s.linkOrNil(d.IFB())
@@ -232,7 +268,7 @@ func (s *Shaper) ReadHierarchy(d HierDirection) (HierState, error) {
 		hc := HierClass{Minor: minor, Guaranteed: c.Parent == hierTop, Leaf: HierLeaf{
 			CeilBytes: ceil, Prio: uint8(p.Prio),
 			BurstBytes: ticksToBytes(p.Buffer, rate), CburstBytes: ticksToBytes(p.Cbuffer, ceil),
-		}}
+		}, Stats: hierClassStats(&c)}
 		if hc.Guaranteed {
 			hc.Leaf.RateBytes = rate
 			st.ReservedBytes += rate
