@@ -113,7 +113,8 @@ func TestKubernetes(t *testing.T) {
 		{"8-unannotated-not-shaped", e.unshaped},
 		{"9-across-nodes", e.acrossNodesStep},
 		{"10-bridge-netfilter-proof", e.bridgeNetfilterStep},
-		{"11-delete-and-uninstall", e.deleteAndUninstall},
+		{"11-guarantees", e.guaranteesStep},
+		{"12-delete-and-uninstall", e.deleteAndUninstall},
 	}
 	for _, s := range steps {
 		start := time.Now()
