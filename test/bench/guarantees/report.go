@@ -109,7 +109,7 @@ const holdIntervals = 3
 // the other event, or the end).
 //
 // held is A's mean rate over its return from 1 s after returnAt to the end
-// of its flow (its first interval under idleShare), over its request: a
+// of its flow (its last interval over idleShare), over its request: a
 // fair-share FIFO may hand a new flow its request for a moment; a
 // guarantee keeps it.
 func Recovery(s []Sample, idleAfter, returnAt, capacity, request float64) (idle, ret, held float64) {
@@ -154,16 +154,19 @@ func Recovery(s []Sample, idleAfter, returnAt, capacity, request float64) (idle,
 	ret = first(returnAt, math.Inf(1), func(iv interval) bool {
 		return iv.bps[0] >= goalRequest*request*tcpEthShare
 	}) - returnAt
+	// A's flow ends with its last interval over idleShare.
+	end := math.Inf(-1)
+	for _, iv := range ivs {
+		if iv.start >= returnAt && iv.bps[0] >= idleShare*request*tcpEthShare {
+			end = iv.end
+		}
+	}
 	var sum, dt float64
 	for _, iv := range ivs {
-		if iv.start < returnAt+1 {
-			continue
+		if iv.start >= returnAt+1 && iv.end <= end {
+			sum += iv.bps[0] * (iv.end - iv.start)
+			dt += iv.end - iv.start
 		}
-		if iv.bps[0] < idleShare*request*tcpEthShare {
-			break
-		}
-		sum += iv.bps[0] * (iv.end - iv.start)
-		dt += iv.end - iv.start
 	}
 	if dt > 0 {
 		held = sum / dt / (request * tcpEthShare)

@@ -41,6 +41,26 @@ func TestParseIperf(t *testing.T) {
 	}
 }
 
+// The server's booking of the omit boundary as iperf3 3.12 writes it at
+// times: a zero-length interval claiming 2 s.
+const iperfMisbooked = `{"intervals":[{"sum":{"start":0,"end":1,"seconds":1,"bytes":9,"bits_per_second":72,"omitted":true,"sender":true}}],
+"end":{},
+"server_output_json":{"intervals":[
+ {"sum":{"start":0,"end":1.000088,"seconds":1.000088,"bytes":2750000,"bits_per_second":22000000,"omitted":true,"sender":false}},
+ {"sum":{"start":1.000007,"end":1.000087,"seconds":2.000094,"bytes":1125000,"bits_per_second":4500000,"omitted":false,"sender":false}},
+ {"sum":{"start":1.000087,"end":2.000087,"seconds":1,"bytes":2250000,"bits_per_second":18000000,"omitted":false,"sender":false}},
+ {"sum":{"start":2.000087,"end":3.000087,"seconds":1,"bytes":2250000,"bits_per_second":18000000,"omitted":false,"sender":false}}]}}`
+
+func TestParseIperfMisbooked(t *testing.T) {
+	r, err := ParseIperf(strings.NewReader(iperfMisbooked))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if math.Abs(r.GoodputBps-18e6) > 1 {
+		t.Errorf("goodput %v, want 18e6 (the misbooked interval left out)", r.GoodputBps)
+	}
+}
+
 func TestParsePing(t *testing.T) {
 	out := `PING 10.61.1.2 (10.61.1.2) 56(84) bytes of data.
 64 bytes from 10.61.1.2: icmp_seq=1 ttl=64 time=0.050 ms
