@@ -13,7 +13,7 @@ ifdef QOSCNI_REQUIRE_ROOT
 export QOSCNI_REQUIRE_ROOT
 endif
 
-.PHONY: all build test unit vet fmt-check tidy-check race deps demo bench-addel bench-shaping bench-portmap bench-agent bench-reshape image clean e2e-build e2e-cri e2e-k8s e2e-k8s-iptables bench-fuzz bench-noderoutes
+.PHONY: all build test unit vet fmt-check tidy-check race deps demo bench-addel bench-shaping bench-guarantees bench-portmap bench-agent bench-reshape image clean e2e-build e2e-cri e2e-k8s e2e-k8s-iptables bench-fuzz bench-noderoutes
 
 all: build
 
@@ -93,6 +93,11 @@ bench-addel: deps build
 
 bench-shaping: deps build
 	test/bench/shaping.sh
+
+# Guaranteed bandwidth (issue 17): three pods behind an emulated uplink,
+# requests 60/20/0 %, against the reference bandwidth plugin.
+bench-guarantees: deps build
+	test/bench/guarantees.sh
 
 bench-portmap: deps build
 	test/bench/portmap.sh
