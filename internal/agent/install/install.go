@@ -190,7 +190,7 @@ func capacityFor(o Options, rep *Report) (*NodeCapacity, error) {
 		return nil, err
 	}
 	if dev != "" {
-		rep.add("nodeCapacity", Written, fmt.Sprintf("%s bit/s each way: the speed the kernel reports for %s", c.Ingress, dev))
+		rep.add("nodeCapacity", Written, fmt.Sprintf("%s bit/s each way: %d %% of the speed the kernel reports for %s", c.Ingress, AutoCapacityPercent, dev))
 	}
 	return c, nil
 }

@@ -55,7 +55,7 @@ func mainInstall(ctx context.Context, args []string, stdout, stderr io.Writer) i
 	fs.BoolVar(&skipKernel, "skip-kernel", false, "standalone: leave the br_netfilter module ("+ModulesDir+") and its bridge-nf-call-ip(6)tables sysctls ("+ProcSysDir+") alone")
 	fs.StringVar(&o.NetnsPath, "netns", "", "network namespace of the node (default: this process's)")
 	fs.StringVar(&o.NodeCapacity, "node-capacity", os.Getenv(NodeCapacityEnv), "guaranteed bandwidth: the node's capacity written into qoscni's entry as nodeCapacity: "+
-		"auto (the speed of the default route's device), 10G (both ways) or ingress=10G,egress=5G; \"\" = the config's own (env "+NodeCapacityEnv+")")
+		"auto (95 % of the speed of the default route's device), 10G (both ways) or ingress=10G,egress=5G; \"\" = the config's own (env "+NodeCapacityEnv+")")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
