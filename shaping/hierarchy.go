@@ -798,6 +798,24 @@ func (s *Shaper) readEntries(d HierDirection, st *HierState) error {
 	return nil
 }
 
+// ReadHierarchies reads both directions (full: with the address entries,
+// ReadHierarchyFull).
+func (s *Shaper) ReadHierarchies(full bool) (map[HierDirection]HierState, error) {
+	out := map[HierDirection]HierState{}
+	for _, d := range []HierDirection{IntoPods, OutOfPods} {
+		read := s.ReadHierarchy
+		if full {
+			read = s.ReadHierarchyFull
+		}
+		st, err := read(d)
+		if err != nil {
+			return nil, err
+		}
+		out[d] = st
+	}
+	return out, nil
+}
+
 // ReadHierarchyFull is ReadHierarchy with the address entries.
 func (s *Shaper) ReadHierarchyFull(d HierDirection) (HierState, error) {
 	st, err := s.ReadHierarchy(d)

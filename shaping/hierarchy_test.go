@@ -89,13 +89,9 @@ func (h *hierNode) ensure(t *testing.T, capBits uint64) {
 
 func (h *hierNode) states(t *testing.T) map[HierDirection]HierState {
 	t.Helper()
-	out := map[HierDirection]HierState{}
-	for _, d := range []HierDirection{IntoPods, OutOfPods} {
-		st, err := h.s.ReadHierarchy(d)
-		if err != nil {
-			t.Fatal(err)
-		}
-		out[d] = st
+	out, err := h.s.ReadHierarchies(false)
+	if err != nil {
+		t.Fatal(err)
 	}
 	return out
 }

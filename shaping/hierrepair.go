@@ -24,6 +24,23 @@ const (
 	RepairHierarchyGC = "hierarchy_gc"
 )
 
+// HierarchyLockTimeout bounds the wait for the node hierarchy's lock.
+const HierarchyLockTimeout = 30 * time.Second
+
+// LockHierarchy takes the node hierarchy's lock file (paths.HierarchyLockOf),
+// which every plugin call and the agent hold around admission, a class
+// minor and any change to the hierarchy; "" takes none (a test's own
+// node). Unlock on the nil lock does nothing.
+func LockHierarchy(path string) (*flock.Lock, error) {
+	if path == "" {
+		return nil, nil
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("lock the node's bandwidth hierarchy: %w", err)
+	}
+	return flock.Exclusive(path, HierarchyLockTimeout, "the node's bandwidth hierarchy")
+}
+
 // HierarchyGCGrace is how long a class may go unclaimed by any record
 // before the agent removes it: an ADD joins the hierarchy before it writes
 // its full record (a chained ADD writes no record before), and takes
@@ -80,13 +97,7 @@ func membersOf(live []*state.Record) ([]member, Capacity) {
 			continue
 		}
 		g, minor := GuaranteeFromRecord(r.Shaping.Guarantee)
-		m := member{rec: r, g: g, minor: minor}
-		for _, c := range r.IPs {
-			if ip, _, err := net.ParseCIDR(c); err == nil {
-				m.ips = append(m.ips, ip)
-			}
-		}
-		out = append(out, m)
+		out = append(out, member{rec: r, g: g, minor: minor, ips: r.Addrs()})
 		// The newest record has the config the plugin runs with now.
 		if r.ShapingDefaults != nil && r.ShapingDefaults.NodeCapacity != nil && !r.Created.Before(newest) {
 			capacity, newest = CapacityFromRecord(r.ShapingDefaults.NodeCapacity), r.Created
@@ -112,25 +123,16 @@ func (h *HierarchyRepairer) Repair(live []*state.Record, _ []string) (map[string
 			}
 		}
 	}
-	if h.lock != "" {
-		if err := os.MkdirAll(filepath.Dir(h.lock), 0o700); err != nil {
-			return nil, err
-		}
-		l, err := flock.Exclusive(h.lock, 30*time.Second, "the node's bandwidth hierarchy")
-		if err != nil {
-			return nil, err
-		}
-		defer l.Unlock()
+	l, err := LockHierarchy(h.lock)
+	if err != nil {
+		return nil, err
 	}
+	defer l.Unlock()
 	out := map[string]int{}
 	var errs []error
-	states := map[HierDirection]HierState{}
-	for _, d := range []HierDirection{IntoPods, OutOfPods} {
-		st, err := s.ReadHierarchyFull(d)
-		if err != nil {
-			return out, err
-		}
-		states[d] = st
+	states, err := s.ReadHierarchies(true)
+	if err != nil {
+		return out, err
 	}
 	// The node: capacity, best-effort share, tables.
 	for _, d := range []HierDirection{IntoPods, OutOfPods} {

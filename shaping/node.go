@@ -45,13 +45,9 @@ func (g Guarantee) class(d HierDirection) *Class {
 // already in (its own current request is not counted against it). It
 // returns the minor. On an admission refusal nothing has changed.
 func (s *Shaper) JoinNode(capacity Capacity, g Guarantee, minor uint16, hostVeth string, ips []net.IP) (uint16, error) {
-	states := map[HierDirection]HierState{}
-	for _, d := range []HierDirection{IntoPods, OutOfPods} {
-		st, err := s.ReadHierarchy(d)
-		if err != nil {
-			return 0, err
-		}
-		states[d] = st
+	states, err := s.ReadHierarchies(false)
+	if err != nil {
+		return 0, err
 	}
 	reserved := map[HierDirection]uint64{}
 	for _, d := range []HierDirection{IntoPods, OutOfPods} {

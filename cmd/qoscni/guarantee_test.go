@@ -3,7 +3,6 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -129,13 +128,7 @@ func TestGuaranteedBandwidthThroughPlugin(t *testing.T) {
 func TestGuaranteedBandwidthChained(t *testing.T) {
 	t.Parallel()
 	n := testnet.NewNode(t)
-	ref := "/usr/lib/cni"
-	if _, err := os.Stat(filepath.Join(ref, "bridge")); err != nil {
-		if os.Getenv(testnet.RequireRootEnv) != "" {
-			t.Fatalf("reference bridge plugin missing (apt-get install containernetworking-plugins): %v", err)
-		}
-		t.Skip("reference plugins not installed")
-	}
+	ref := requireRefPlugins(t, "bridge")
 	mainConf, _ := json.Marshal(map[string]any{
 		"cniVersion": "1.0.0", "name": "qtest", "type": "bridge", "bridge": "refbr1", "isGateway": true,
 		"ipam": map[string]any{"type": "host-local", "ranges": []any{[]any{map[string]any{"subnet": "10.82.0.0/24"}}}, "dataDir": filepath.Join(n.Dir, "hl")},

@@ -87,6 +87,23 @@ func del(t *testing.T, n *testnet.Node, conf []byte, cid, netns string) {
 	n.Invoke(t, testnet.Call{Command: "DEL", ContainerID: cid, Netns: netns, IfName: "eth0", Config: conf}).MustSucceed(t, "DEL "+cid)
 }
 
+// requireRefPlugins returns the reference plugins' directory, skipping
+// (failing, under QOSCNI_REQUIRE_ROOT) when a plugin the test runs is not
+// installed.
+func requireRefPlugins(t *testing.T, plugins ...string) string {
+	t.Helper()
+	const ref = "/usr/lib/cni"
+	for _, p := range plugins {
+		if _, err := os.Stat(filepath.Join(ref, p)); err != nil {
+			if os.Getenv(testnet.RequireRootEnv) != "" {
+				t.Fatalf("reference plugin %s missing (apt-get install containernetworking-plugins): %v", p, err)
+			}
+			t.Skip("reference plugins not installed")
+		}
+	}
+	return ref
+}
+
 // assertClean checks that the node holds nothing of any attachment.
 func assertClean(t *testing.T, n *testnet.Node) {
 	t.Helper()
@@ -677,13 +694,7 @@ var (
 func TestChainedAfterReferenceBridge(t *testing.T) {
 	t.Parallel()
 	n := testnet.NewNode(t)
-	ref := "/usr/lib/cni"
-	if _, err := os.Stat(filepath.Join(ref, "bridge")); err != nil {
-		if os.Getenv(testnet.RequireRootEnv) != "" {
-			t.Fatalf("reference bridge plugin missing (apt-get install containernetworking-plugins): %v", err)
-		}
-		t.Skip("reference plugins not installed")
-	}
+	ref := requireRefPlugins(t, "bridge")
 	pod := n.NewPod(t)
 	mainConf, _ := json.Marshal(map[string]any{
 		"cniVersion": "1.0.0", "name": "qtest", "type": "bridge", "bridge": "refbr0", "isGateway": true,

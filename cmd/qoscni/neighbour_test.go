@@ -20,12 +20,7 @@ import (
 // changed.
 func TestChainedBesideNeighbour(t *testing.T) {
 	t.Parallel()
-	if _, err := os.Stat("/usr/lib/cni/ptp"); err != nil {
-		if os.Getenv(testnet.RequireRootEnv) != "" {
-			t.Fatalf("reference plugins missing (apt-get install containernetworking-plugins): %v", err)
-		}
-		t.Skip("reference plugins not installed")
-	}
+	requireRefPlugins(t, "ptp")
 	n := testnet.NewNode(t)
 	pod := n.NewPod(t)
 	mainConf, _ := json.Marshal(map[string]any{

@@ -203,12 +203,7 @@ func TestShapingBadInput(t *testing.T) {
 // bridge and ptp plugins, with the bandwidth plugin's config keys.
 func TestChainedShapingAfterBridgeAndPtp(t *testing.T) {
 	t.Parallel()
-	if _, err := os.Stat("/usr/lib/cni/ptp"); err != nil {
-		if os.Getenv(testnet.RequireRootEnv) != "" {
-			t.Fatalf("reference plugins missing (apt-get install containernetworking-plugins): %v", err)
-		}
-		t.Skip("reference plugins not installed")
-	}
+	requireRefPlugins(t, "ptp")
 	for i, mainType := range []string{"bridge", "ptp"} {
 		t.Run(mainType, func(t *testing.T) {
 			n := testnet.NewNode(t)

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -191,6 +192,18 @@ type Key struct {
 }
 
 func (r *Record) Key() Key { return Key{r.Network, r.ContainerID, r.IfName} }
+
+// Addrs are the attachment's addresses without their prefixes (an entry
+// that does not parse is left out).
+func (r *Record) Addrs() []net.IP {
+	var out []net.IP
+	for _, c := range r.IPs {
+		if ip, _, err := net.ParseCIDR(c); err == nil {
+			out = append(out, ip)
+		}
+	}
+	return out
+}
 
 // DefaultLockTimeout bounds the wait for a network's lock, as
 // ipam.DefaultLockTimeout does for the address store.

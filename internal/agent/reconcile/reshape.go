@@ -2,7 +2,6 @@ package reconcile
 
 import (
 	"errors"
-	"net"
 	"reflect"
 	"strings"
 	"time"
@@ -10,7 +9,6 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/qoscni/qoscni/internal/cni/podnet"
-	"github.com/qoscni/qoscni/internal/cni/teardown"
 	"github.com/qoscni/qoscni/internal/fault"
 	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/internal/state"
@@ -185,7 +183,7 @@ func (r *Reconciler) rejoin(rec *state.Record, g shaping.Guarantee, minor uint16
 	if g.Empty() && minor == 0 {
 		return 0, nil
 	}
-	l, err := teardown.LockHierarchy(r.hierarchyLock())
+	l, err := shaping.LockHierarchy(r.hierarchyLock())
 	if err != nil {
 		return minor, err
 	}
@@ -193,19 +191,11 @@ func (r *Reconciler) rejoin(rec *state.Record, g shaping.Guarantee, minor uint16
 	if g.Empty() {
 		return 0, r.shaper.LeaveNode(minor, rec.HostVeth)
 	}
-	var ips []net.IP
-	for _, c := range rec.IPs {
-		if ip, _, err := net.ParseCIDR(c); err == nil {
-			ips = append(ips, ip)
-		} else if ip := net.ParseIP(c); ip != nil {
-			ips = append(ips, ip)
-		}
-	}
 	var capacity shaping.Capacity
 	if rec.ShapingDefaults != nil {
 		capacity = shaping.CapacityFromRecord(rec.ShapingDefaults.NodeCapacity)
 	}
-	return r.shaper.JoinNode(capacity, g, minor, rec.HostVeth, ips)
+	return r.shaper.JoinNode(capacity, g, minor, rec.HostVeth, rec.Addrs())
 }
 
 // hierarchyLock is the node hierarchy's lock, beside the registry the

@@ -99,22 +99,12 @@ func checkShaping(rec *state.Record) error {
 // checkHierarchy compares the attachment's place in the node hierarchy
 // (classes, address entries, redirects) with its record.
 func checkHierarchy(sh *shaping.Shaper, rec *state.Record) ([]string, error) {
-	states := map[shaping.HierDirection]shaping.HierState{}
-	for _, d := range []shaping.HierDirection{shaping.IntoPods, shaping.OutOfPods} {
-		st, err := sh.ReadHierarchyFull(d)
-		if err != nil {
-			return nil, err
-		}
-		states[d] = st
+	states, err := sh.ReadHierarchies(true)
+	if err != nil {
+		return nil, err
 	}
 	g, minor := shaping.GuaranteeFromRecord(rec.Shaping.Guarantee)
-	var ips []net.IP
-	for _, c := range rec.IPs {
-		if ip, _, err := net.ParseCIDR(c); err == nil {
-			ips = append(ips, ip)
-		}
-	}
-	return sh.DiffMember(g, minor, rec.HostVeth, ips, states)
+	return sh.DiffMember(g, minor, rec.HostVeth, rec.Addrs(), states)
 }
 
 func (p *Plugin) checkStandalone(args *skel.CmdArgs, conf *netconf.NetConf, prev *current.Result, rec *state.Record) error {

@@ -6,7 +6,6 @@ import (
 	"net"
 
 	"github.com/qoscni/qoscni/internal/cni/netconf"
-	"github.com/qoscni/qoscni/internal/cni/teardown"
 	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/shaping"
@@ -66,7 +65,7 @@ func (p *Plugin) hierarchyLock() string {
 // joinHierarchy admits the pod and puts it in the node hierarchy under the
 // node's lock; it returns the pod's class minor and the undo.
 func (p *Plugin) joinHierarchy(g shaping.Guarantee, capacity shaping.Capacity, hostVeth string, ips []net.IP) (uint16, func() error, error) {
-	l, err := teardown.LockHierarchy(p.hierarchyLock())
+	l, err := shaping.LockHierarchy(p.hierarchyLock())
 	if err != nil {
 		return 0, nil, err
 	}
@@ -78,7 +77,7 @@ func (p *Plugin) joinHierarchy(g shaping.Guarantee, capacity shaping.Capacity, h
 	defer sh.Close()
 	minor, err := sh.JoinNode(capacity, g, 0, hostVeth, ips)
 	undo := func() error {
-		l, err := teardown.LockHierarchy(p.hierarchyLock())
+		l, err := shaping.LockHierarchy(p.hierarchyLock())
 		if err != nil {
 			return err
 		}

@@ -20,15 +20,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
-	"path/filepath"
-	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
 	"github.com/qoscni/qoscni/internal/cni/podnet"
-	"github.com/qoscni/qoscni/internal/flock"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/ipam"
 	"github.com/qoscni/qoscni/portmap"
@@ -295,7 +291,7 @@ func (t *run) leaveHierarchy() error {
 	if !t.inHierarchy() {
 		return nil
 	}
-	l, err := lockHierarchy(t.o.HierarchyLock)
+	l, err := shaping.LockHierarchy(t.o.HierarchyLock)
 	if err != nil {
 		return err
 	}
@@ -368,11 +364,7 @@ func (t *run) addrs() ([]net.IP, error) {
 	}
 	own, _ := t.o.IPAM.(owners)
 	var out []net.IP
-	for _, c := range t.rec.IPs {
-		ip, _, err := net.ParseCIDR(c)
-		if err != nil {
-			continue
-		}
+	for _, ip := range t.rec.Addrs() {
 		if t.o.SpareReassigned && own != nil {
 			if o, ok := own.Owner(ip); ok && (o.ContainerID != t.key.ContainerID || o.IfName != t.key.IfName) {
 				continue
@@ -382,21 +374,3 @@ func (t *run) addrs() ([]net.IP, error) {
 	}
 	return out, nil
 }
-
-// HierarchyLockTimeout bounds the wait for the node hierarchy's lock.
-const HierarchyLockTimeout = 30 * time.Second
-
-// lockHierarchy takes the node hierarchy's lock ("" = none, for tests
-// that own their node).
-func lockHierarchy(path string) (*flock.Lock, error) {
-	if path == "" {
-		return nil, nil
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("lock the node's bandwidth hierarchy: %w", err)
-	}
-	return flock.Exclusive(path, HierarchyLockTimeout, "the node's bandwidth hierarchy")
-}
-
-// LockHierarchy is lockHierarchy for the plugin's ADD and the agent.
-func LockHierarchy(path string) (*flock.Lock, error) { return lockHierarchy(path) }
