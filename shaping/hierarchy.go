@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"math"
 	"net"
-	"slices"
-	"sort"
 
 	tc "github.com/florianl/go-tc"
 	"github.com/florianl/go-tc/core"
@@ -26,7 +24,8 @@ import (
 //	1:   htb, unclassified -> 1:3
 //	1:1  rate = ceil = capacity
 //	 |- 1:<m>  a pod with a request: rate = request, ceil = limit or capacity
-//	 '- 1:2    best effort: rate = capacity - sum of requests, ceil = capacity
+//	 '- 1:2    best effort: rate = capacity - sum of requests + floor
+//	           (the sum reads back from it: hierget.go), ceil = capacity
 //	     |- 1:<m>  a pod without a request: rate = floor, ceil = limit or capacity
 //	     '- 1:3    unclassified (ARP, neighbour discovery, forged sources)
 //
@@ -63,6 +62,12 @@ const (
 	// borrowers share spare capacity by bytes, equally within a priority
 	// (and no class hits HTB's own quantum clamp of rate/r2q).
 	hierQuantum = 65536 + ethHeader
+	// hierLeafFloor is the smallest leaf FIFO: one 64 KiB GSO packet with
+	// the headers the kernel counts for each of its segments (68.4 kB at
+	// a 1500 MTU). Not two (gsoQueue, what the per-pod TBF keeps): a
+	// saturating pod's own packets wait behind its FIFO, and two GSO
+	// packets are 18 ms at 57 Mbit/s, past a 10 ms budget; one is 10.3.
+	hierLeafFloor = 72 << 10
 	// hierIFBMTU: the IFBs carry every pod's packets, whatever its MTU.
 	hierIFBMTU = 65535
 	// u32 tables: one per family, 256 buckets on the address's last byte.
@@ -278,22 +283,6 @@ func (s *Shaper) ReadHierarchy(d HierDirection) (HierState, error) {
 	return st, nil
 }
 
-// FreeMinor picks the lowest minor no class of either direction uses.
-func FreeMinor(states ...HierState) (uint16, error) {
-	for m := MinMinor; m <= MaxMinor; m++ {
-		used := false
-		for _, st := range states {
-			if _, ok := st.Classes[m]; ok {
-				used = true
-			}
-		}
-		if !used {
-			return m, nil
-		}
-	}
-	return 0, fmt.Errorf("every class of the node hierarchy (%d) is in use", MaxMinor-MinMinor+1)
-}
-
 // EnsureHierarchy creates what is missing of the direction's hierarchy
 // (IFB, HTB root, the capacity, best-effort and unclassified classes, the
 // u32 tables) and sets the capacity and the best-effort share from
@@ -338,10 +327,7 @@ func (s *Shaper) EnsureHierarchy(d HierDirection, capacityBytes, reservedBytes u
 
 // setBestEffort gives the best-effort class what requests leave.
 func (s *Shaper) setBestEffort(d HierDirection, idx int, capacityBytes, reservedBytes uint64) error {
-	share := uint64(hierFloorBytes)
-	if reservedBytes < capacityBytes {
-		share = max(capacityBytes-reservedBytes, hierFloorBytes)
-	}
+	share := bestEffortShare(capacityBytes, reservedBytes)
 	return s.setHierClass(idx, hierBestEff, hierTop, share, capacityBytes, 0, share/100, capacityBytes/100)
 }
 
@@ -381,8 +367,8 @@ func (s *Shaper) setHierClass(idx int, handle, parent uint32, rate, ceil uint64,
 
 func (s *Shaper) setHierLeafQueue(idx int, minor uint16, limit uint64) error {
 	// The FIFO sees whole GSO packets (neither the IFB nor HTB cuts
-	// them): a bound below two of them would drop every one.
-	limit = max(limit, gsoQueue)
+	// them): a bound below one would drop every one.
+	limit = max(limit, hierLeafFloor)
 	leaf := &tc.Object{Msg: msg(idx, core.BuildHandle(uint32(minor), 0), core.BuildHandle(1, uint32(minor)), 0),
 		Attribute: tc.Attribute{Kind: "bfifo", Bfifo: &tc.FifoOpt{Limit: uint32(min(limit, math.MaxUint32))}}}
 	if err := s.tc.Qdisc().Replace(leaf); err != nil {
@@ -618,6 +604,19 @@ func (s *Shaper) deleteEntriesOf(d HierDirection, idx int, minor uint16, keepPar
 	return nil
 }
 
+// deleteEntries removes a minor's entries of the given addresses, each
+// by the handle addrEntry gives it (bucket and node id): no dump.
+func (s *Shaper) deleteEntries(d HierDirection, idx int, minor uint16, ips []net.IP) error {
+	for _, ip := range ips {
+		e := addrEntry(d, idx, ip, minor)
+		del := &tc.Object{Msg: e.Msg, Attribute: tc.Attribute{Kind: "u32"}}
+		if err := s.tc.Filter().Delete(del); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
+			return fmt.Errorf("delete the u32 entry of %s on %s: %w", ip, d.IFB(), err)
+		}
+	}
+	return nil
+}
+
 func (s *Shaper) deleteHierClass(idx int, minor uint16) error {
 	leaf := &tc.Object{Msg: msg(idx, core.BuildHandle(uint32(minor), 0), core.BuildHandle(1, uint32(minor)), 0),
 		Attribute: tc.Attribute{Kind: "bfifo", Bfifo: &tc.FifoOpt{}}}
@@ -634,8 +633,11 @@ func (s *Shaper) deleteHierClass(idx int, minor uint16) error {
 // Leave takes a member out of both directions: the redirects off its host
 // veth first (when the veth is still there: chained mode), so no packet
 // is sent to the IFB for a class that is going, then its entries, queue
-// and class. Idempotent; the best-effort share is the caller's to update.
-func (s *Shaper) Leave(minor uint16, hostVeth string) error {
+// and class. ips are the addresses the member joined with: its entries
+// are deleted by handle; without them (a class nobody claims) they are
+// found in a dump of the IFB's filters. Idempotent; the best-effort share
+// is the caller's to update.
+func (s *Shaper) Leave(minor uint16, hostVeth string, ips []net.IP) error {
 	var errs []error
 	veth, err := s.linkOrNil(hostVeth)
 	if err != nil {
@@ -654,7 +656,12 @@ func (s *Shaper) Leave(minor uint16, hostVeth string) error {
 			continue
 		}
 		idx := ifb.Attrs().Index
-		errs = append(errs, s.deleteEntriesOf(d, idx, minor, false), s.deleteHierClass(idx, minor))
+		if len(ips) > 0 {
+			errs = append(errs, s.deleteEntries(d, idx, minor, ips))
+		} else {
+			errs = append(errs, s.deleteEntriesOf(d, idx, minor, false))
+		}
+		errs = append(errs, s.deleteHierClass(idx, minor))
 	}
 	return errors.Join(errs...)
 }
@@ -733,20 +740,6 @@ func (s *Shaper) RemoveHierarchy() ([]string, error) {
 		return touched, errors.Join(errs...)
 	}
 	return touched, errors.Join(s.deleteLink(HierarchyIngressIFB), s.deleteLink(HierarchyEgressIFB))
-}
-
-// HierMinors lists the minors in use in either direction, sorted.
-func HierMinors(states ...HierState) []uint16 {
-	var out []uint16
-	for _, st := range states {
-		for m := range st.Classes {
-			if !slices.Contains(out, m) {
-				out = append(out, m)
-			}
-		}
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
-	return out
 }
 
 // readEntries fills st.Entries from the IFB's u32 entries: the addresses

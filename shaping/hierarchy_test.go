@@ -235,10 +235,12 @@ func TestHierarchyJoinMoveLeave(t *testing.T) {
 		t.Errorf("after the move a's packets do not reach its class (%d -> %d bytes)", before, after)
 	}
 
-	if err := h.s.Leave(0x10, a.veth); err != nil {
+	// By the addresses (entries deleted by handle), then again without
+	// them (found in a dump), as the collector of unclaimed classes does.
+	if err := h.s.Leave(0x10, a.veth, []net.IP{a.ip, a.ip6}); err != nil {
 		t.Fatal(err)
 	}
-	if err := h.s.Leave(0x10, a.veth); err != nil {
+	if err := h.s.Leave(0x10, a.veth, nil); err != nil {
 		t.Fatalf("second Leave: %v", err)
 	}
 	h.rebalance(t, capBits)
@@ -369,12 +371,12 @@ func TestJoinNodeAdmission(t *testing.T) {
 	capacity := Capacity{IngressBits: 100_000_000, EgressBits: 100_000_000}
 	a, b, c := h.pods[0], h.pods[1], h.pods[2]
 	ma, err := h.s.JoinNode(capacity, guaranteeOf(60_000_000, 100_000_000, PriorityNormal), 0, a.veth, []net.IP{a.ip})
-	if err != nil || ma != MinMinor {
+	if err != nil || ma < MinMinor || ma > MaxMinor {
 		t.Fatalf("join a: minor %#x, %v", ma, err)
 	}
 	mb, err := h.s.JoinNode(capacity, guaranteeOf(30_000_000, 100_000_000, PriorityHigh), 0, b.veth, []net.IP{b.ip})
-	if err != nil || mb != MinMinor+1 {
-		t.Fatalf("join b: minor %#x, %v", mb, err)
+	if err != nil || mb < MinMinor || mb > MaxMinor || mb == ma {
+		t.Fatalf("join b: minor %#x (a has %#x), %v", mb, ma, err)
 	}
 	before := h.node.Exec(t, "tc", "class", "show", "dev", HierarchyIngressIFB) + h.node.Exec(t, "tc", "qdisc", "show", "dev", c.veth)
 	_, err = h.s.JoinNode(capacity, guaranteeOf(20_000_000, 100_000_000, PriorityNormal), 0, c.veth, []net.IP{c.ip})
@@ -392,18 +394,18 @@ func TestJoinNodeAdmission(t *testing.T) {
 		t.Errorf("a refused join changed the node:\n%s\n---\n%s", before, after)
 	}
 	// c without a request joins best effort; the best-effort share is
-	// what requests leave.
+	// what requests leave, plus the 1 kbit/s floor (bestEffortShare).
 	if _, err := h.s.JoinNode(capacity, guaranteeOf(0, 50_000_000, PriorityLow), 0, c.veth, []net.IP{c.ip}); err != nil {
 		t.Fatal(err)
 	}
-	if out := h.node.Exec(t, "tc", "class", "show", "dev", HierarchyEgressIFB, "classid", "1:2"); !strings.Contains(out, "rate 10Mbit") {
+	if out := h.node.Exec(t, "tc", "class", "show", "dev", HierarchyEgressIFB, "classid", "1:2"); !strings.Contains(out, "rate 10001Kbit") {
 		t.Errorf("best-effort share with 90 of 100 Mbit/s reserved: %s", out)
 	}
 	// a reshapes from 60 to 70: it fits, its own 60 are not counted.
 	if m, err := h.s.JoinNode(capacity, guaranteeOf(70_000_000, 100_000_000, PriorityNormal), ma, a.veth, []net.IP{a.ip}); err != nil || m != ma {
 		t.Fatalf("reshape a to 70M: %#x %v", m, err)
 	}
-	if err := h.s.LeaveNode(mb, b.veth); err != nil {
+	if err := h.s.LeaveNode(mb, b.veth, []net.IP{b.ip}); err != nil {
 		t.Fatal(err)
 	}
 	st, err := h.s.ReadHierarchy(IntoPods)
@@ -413,7 +415,7 @@ func TestJoinNodeAdmission(t *testing.T) {
 	if st.ReservedBytes != 70_000_000/8 || len(st.Classes) != 2 {
 		t.Errorf("after b left: reserved %d, classes %v", st.ReservedBytes, st.Classes)
 	}
-	if out := h.node.Exec(t, "tc", "class", "show", "dev", HierarchyIngressIFB, "classid", "1:2"); !strings.Contains(out, "rate 30Mbit") {
+	if out := h.node.Exec(t, "tc", "class", "show", "dev", HierarchyIngressIFB, "classid", "1:2"); !strings.Contains(out, "rate 30001Kbit") {
 		t.Errorf("best-effort share with 70 of 100 Mbit/s reserved: %s", out)
 	}
 }

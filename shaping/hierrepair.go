@@ -134,33 +134,20 @@ func (h *HierarchyRepairer) Repair(live []*state.Record, _ []string) (map[string
 	if err != nil {
 		return out, err
 	}
-	// The node: capacity, best-effort share, tables.
+	// The node: capacity and tables.
 	for _, d := range []HierDirection{IntoPods, OutOfPods} {
 		capBytes := capacity.bits(d) / 8
-		if capBytes == 0 {
-			continue
-		}
-		var reserved uint64
-		for _, m := range members {
-			if c := m.g.class(d); c != nil {
-				reserved += c.RequestBits / 8
-			}
-		}
 		st := states[d]
-		share := uint64(hierFloorBytes)
-		if reserved < capBytes {
-			share = max(capBytes-reserved, hierFloorBytes)
-		}
-		if st.CapacityBytes == capBytes && st.BestEffortBytes == share && st.Tables == 2 {
+		if capBytes == 0 || (st.CapacityBytes == capBytes && st.Tables == 2) {
 			continue
 		}
-		if err := s.EnsureHierarchy(d, capBytes, reserved); err != nil {
+		if err := s.EnsureHierarchy(d, capBytes, st.ReservedBytes); err != nil {
 			errs = append(errs, fmt.Errorf("restore the %s hierarchy: %w", d, err))
 			continue
 		}
 		out[RepairHierarchy]++
 		h.log.Warn("restored the node's bandwidth hierarchy", "direction", d.String(), "capacity", capBytes*8,
-			"had", st.CapacityBytes*8, "bestEffort", share*8, "hadBestEffort", st.BestEffortBytes*8, "tables", st.Tables)
+			"had", st.CapacityBytes*8, "tables", st.Tables)
 		if st, err = s.ReadHierarchyFull(d); err == nil {
 			states[d] = st
 		}
@@ -218,13 +205,37 @@ func (h *HierarchyRepairer) Repair(live []*state.Record, _ []string) (map[string
 		if now.Sub(first) < HierarchyGCGrace {
 			continue
 		}
-		if err := s.Leave(minor, ""); err != nil {
+		if err := s.LeaveNode(minor, "", nil); err != nil {
 			errs = append(errs, err)
 			continue
 		}
 		delete(h.unclaimed, minor)
 		out[RepairHierarchyGC]++
 		h.log.Warn("removed a bandwidth class no attachment claims", "minor", minor, "unclaimedFor", now.Sub(first).Round(time.Second))
+	}
+	// The best-effort share, which admission reads the sum of requests
+	// from (hierget.go): from the classes the kernel has now. It is off
+	// after a crash between a share and a class, or a hand's change.
+	for _, d := range []HierDirection{IntoPods, OutOfPods} {
+		if capacity.bits(d) == 0 {
+			continue
+		}
+		st, err := s.ReadHierarchy(d)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		want := bestEffortShare(st.CapacityBytes, st.ReservedBytes)
+		if st.CapacityBytes == 0 || st.BestEffortBytes == want {
+			continue
+		}
+		if err := s.SetBestEffort(d, st.CapacityBytes, st.ReservedBytes); err != nil {
+			errs = append(errs, fmt.Errorf("restore the %s best-effort share: %w", d, err))
+			continue
+		}
+		out[RepairHierarchy]++
+		h.log.Warn("restored the best-effort share of the node's bandwidth hierarchy", "direction", d.String(),
+			"reserved", st.ReservedBytes*8, "bestEffort", want*8, "had", st.BestEffortBytes*8)
 	}
 	return out, errors.Join(errs...)
 }

@@ -43,74 +43,165 @@ func (g Guarantee) class(d HierDirection) *Class {
 // JoinNode admits the pod's requests against the capacity, takes a minor
 // (when minor is 0) and puts the pod in: on ADD, and on a reshape of a pod
 // already in (its own current request is not counted against it). It
-// returns the minor. On an admission refusal nothing has changed.
+// returns the minor. On an admission refusal, or any other failure of a
+// new member, nothing has changed.
+//
+// It reads a few classes by handle (the ledger, hierget.go), not the
+// hierarchy: its cost does not grow with the pods on the node. A direction
+// whose ledger cannot be read exactly (no hierarchy yet, another
+// capacity, requests at or over the capacity) is read whole.
 func (s *Shaper) JoinNode(capacity Capacity, g Guarantee, minor uint16, hostVeth string, ips []net.IP) (uint16, error) {
-	states, err := s.ReadHierarchies(false)
-	if err != nil {
-		return 0, err
+	type side struct {
+		ifb               int
+		ensure            bool   // no hierarchy at this capacity yet
+		reserved, wantRes uint64 // bytes/s, before and after
 	}
-	reserved := map[HierDirection]uint64{}
+	sides := map[HierDirection]*side{}
+	cur := map[HierDirection]HierState{}
 	for _, d := range []HierDirection{IntoPods, OutOfPods} {
 		c := g.class(d)
 		if c == nil {
 			continue
 		}
-		st := states[d]
-		r := st.ReservedBytes * 8
-		if own, ok := st.Classes[minor]; ok && minor != 0 && own.Guaranteed {
-			r -= own.Leaf.RateBytes * 8
+		capBytes := capacity.bits(d) / 8
+		l, err := s.readLedger(d)
+		if err != nil {
+			return 0, err
 		}
+		sd := &side{ifb: l.ifb, reserved: l.reservedBytes, ensure: l.capacityBytes != capBytes}
+		var own HierClass
+		var have bool
+		if l.ok && !sd.ensure {
+			if own, have, err = s.ownClass(l.ifb, minor); err != nil {
+				return 0, err
+			}
+		} else {
+			// The slow path: every class.
+			st, err := s.ReadHierarchy(d)
+			if err != nil {
+				return 0, err
+			}
+			sd.reserved = st.ReservedBytes
+			own, have = st.Classes[minor]
+			have = have && minor != 0
+		}
+		if have {
+			cur[d] = HierState{Classes: map[uint16]HierClass{minor: own}}
+		}
+		r := sd.reserved - min(sd.reserved, own.Leaf.RateBytes)
 		if c.RequestBits > 0 {
-			if err := Admit(d.String(), capacity.bits(d), r, c.RequestBits); err != nil {
+			if err := Admit(d.String(), capacity.bits(d), r*8, c.RequestBits); err != nil {
 				return 0, err
 			}
 		}
-		reserved[d] = r + c.RequestBits
+		sd.wantRes = r + c.RequestBits/8
+		sides[d] = sd
 	}
-	if minor == 0 {
-		m, err := FreeMinor(states[IntoPods], states[OutOfPods])
+	// The hierarchy, at this capacity, before a minor is picked in it.
+	for d, sd := range sides {
+		if !sd.ensure {
+			continue
+		}
+		if err := s.EnsureHierarchy(d, capacity.bits(d)/8, sd.reserved); err != nil {
+			return 0, fmt.Errorf("set up the node's %s hierarchy: %w", d, err)
+		}
+		ifb, err := s.linkOrNil(d.IFB())
+		if err != nil {
+			return 0, err
+		}
+		sd.ifb = linkIndex(ifb)
+	}
+	isNew := minor == 0
+	if isNew {
+		var ifbs []int
+		for _, d := range []HierDirection{IntoPods, OutOfPods} {
+			if ifb, err := s.linkOrNil(d.IFB()); err != nil {
+				return 0, err
+			} else if ifb != nil {
+				ifbs = append(ifbs, ifb.Attrs().Index)
+			}
+		}
+		m, err := s.pickMinor(hostVeth, ifbs...)
 		if err != nil {
 			return 0, err
 		}
 		minor = m
 	}
-	for d, r := range reserved {
-		capBytes := capacity.bits(d) / 8
-		if states[d].CapacityBytes != capBytes {
-			if err := s.EnsureHierarchy(d, capBytes, r/8); err != nil {
-				return 0, fmt.Errorf("set up the node's %s hierarchy: %w", d, err)
+	// More reserved: the share shrinks before the class is made; less:
+	// after it is changed (so the share never says more is free than is).
+	setShares := func(grow bool) error {
+		for d, sd := range sides {
+			if (sd.wantRes > sd.reserved) == grow && sd.wantRes != sd.reserved {
+				if err := s.setBestEffort(d, sd.ifb, capacity.bits(d)/8, sd.wantRes); err != nil {
+					return err
+				}
 			}
-			st, err := s.ReadHierarchy(d)
-			if err != nil {
-				return 0, err
-			}
-			states[d] = st
 		}
+		return nil
 	}
-	if err := s.Join(g.Member(minor, hostVeth, ips), states); err != nil {
+	if err := setShares(true); err != nil {
 		return 0, err
 	}
-	for d, r := range reserved {
-		if err := s.SetBestEffort(d, capacity.bits(d)/8, r/8); err != nil {
-			return minor, err
+	if err := s.Join(g.Member(minor, hostVeth, ips), cur); err != nil {
+		if isNew {
+			// Undo: the classes made so far, and the shares.
+			errs := []error{err, s.Leave(minor, hostVeth, ips)}
+			for d, sd := range sides {
+				errs = append(errs, s.setBestEffort(d, sd.ifb, capacity.bits(d)/8, sd.reserved))
+			}
+			return 0, errors.Join(errs...)
 		}
+		return 0, err
+	}
+	if err := setShares(false); err != nil {
+		return minor, err
 	}
 	return minor, nil
 }
 
 // LeaveNode takes the pod out and gives its request back to best effort.
-// Idempotent.
-func (s *Shaper) LeaveNode(minor uint16, hostVeth string) error {
-	errs := []error{s.Leave(minor, hostVeth)}
+// ips are the addresses it joined with (its entries are deleted by handle;
+// nil: found in a dump). Idempotent.
+func (s *Shaper) LeaveNode(minor uint16, hostVeth string, ips []net.IP) error {
+	var errs []error
+	owns := map[HierDirection]uint64{}
 	for _, d := range []HierDirection{IntoPods, OutOfPods} {
-		st, err := s.ReadHierarchy(d)
+		ifb, err := s.linkOrNil(d.IFB())
+		if err != nil || ifb == nil {
+			errs = append(errs, err)
+			continue
+		}
+		own, ok, err := s.ownClass(ifb.Attrs().Index, minor)
+		if err != nil {
+			errs = append(errs, err)
+		} else if ok {
+			owns[d] = own.Leaf.RateBytes
+		}
+	}
+	errs = append(errs, s.Leave(minor, hostVeth, ips))
+	for d, own := range owns {
+		if own == 0 {
+			continue
+		}
+		l, err := s.readLedger(d)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		if st.CapacityBytes != 0 {
-			errs = append(errs, s.SetBestEffort(d, st.CapacityBytes, st.ReservedBytes))
+		if l.capacityBytes == 0 {
+			continue
 		}
+		reserved := l.reservedBytes - min(l.reservedBytes, own)
+		if !l.ok {
+			// At or over the capacity: count what is left.
+			st, err := s.ReadHierarchy(d)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			reserved = st.ReservedBytes
+		}
+		errs = append(errs, s.setBestEffort(d, l.ifb, l.capacityBytes, reserved))
 	}
 	return errors.Join(errs...)
 }

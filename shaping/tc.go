@@ -13,6 +13,7 @@ import (
 
 	tc "github.com/florianl/go-tc"
 	"github.com/florianl/go-tc/core"
+	mnl "github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -67,6 +68,9 @@ type Desired struct {
 type Shaper struct {
 	tc *tc.Tc
 	nl *netlink.Handle
+	// rt is a plain rtnetlink socket for the requests go-tc does not make
+	// (one class by handle: getHierClass).
+	rt *mnl.Conn
 	// noFqCodel is set once the kernel said it has no fq_codel.
 	noFqCodel bool
 	// pass holds one qdisc dump shared by the Apply calls of a pass over
@@ -110,15 +114,22 @@ func Open(nsFd int) (*Shaper, error) {
 		h.Close()
 		return nil, fmt.Errorf("open tc netlink: %w", err)
 	}
+	rt, err := mnl.Dial(unix.NETLINK_ROUTE, &mnl.Config{NetNS: cfg.NetNS})
+	if err != nil {
+		t.Close()
+		h.Close()
+		return nil, fmt.Errorf("open rtnetlink: %w", err)
+	}
 	// Extended acks carry the kernel's reason for a refusal.
 	_ = t.SetOption(0xb /* NETLINK_EXT_ACK */, true)
-	return &Shaper{tc: t, nl: h}, nil
+	return &Shaper{tc: t, nl: h, rt: rt}, nil
 }
 
 // Close releases the sockets.
 func (s *Shaper) Close() {
 	s.tc.Close()
 	s.nl.Close()
+	s.rt.Close()
 }
 
 // shape is a shaping qdisc: as wanted (wantShape) or as read back from

@@ -52,7 +52,7 @@ func TestGuaranteedBandwidthThroughPlugin(t *testing.T) {
 	}
 	classes := n.Exec(t, "tc", "class", "show", "dev", shaping.HierarchyIngressIFB)
 	if !strings.Contains(classes, "rate 60Mbit ceil 100Mbit") || !strings.Contains(classes, "rate 30Mbit ceil 100Mbit") ||
-		!strings.Contains(classes, "class htb 1:2 parent 1:1 rate 10Mbit") {
+		!strings.Contains(classes, "class htb 1:2 parent 1:1 rate 10001Kbit") {
 		t.Errorf("classes into pods:\n%s", classes)
 	}
 	if strings.Contains(string(n.Exec(t, "ip", "-o", "link")), " qi") {
@@ -98,7 +98,7 @@ func TestGuaranteedBandwidthThroughPlugin(t *testing.T) {
 
 	del(t, n, guaranteeConf(n, nil), "ga", a.Path)
 	classes = n.Exec(t, "tc", "class", "show", "dev", shaping.HierarchyIngressIFB)
-	if strings.Contains(classes, "rate 60Mbit") || !strings.Contains(classes, "class htb 1:2 parent 1:1 rate 70Mbit") {
+	if strings.Contains(classes, "rate 60Mbit") || !strings.Contains(classes, "class htb 1:2 parent 1:1 rate 70001Kbit") {
 		t.Errorf("after DEL of a:\n%s", classes)
 	}
 	// Now the 20M fit.

@@ -42,7 +42,7 @@ func TestGuaranteeReshapedLive(t *testing.T) {
 
 	e.annotate("g1", requests("40M"))
 	e.waitRecord(g1.ContainerID, "request 40M applied", func(r *state.Record) bool { return request(r) == 40_000_000 })
-	if c := classes(); !strings.Contains(c, "rate 40Mbit ceil 100Mbit") || !strings.Contains(c, "class htb 1:2 parent 1:1 rate 10Mbit") {
+	if c := classes(); !strings.Contains(c, "rate 40Mbit ceil 100Mbit") || !strings.Contains(c, "class htb 1:2 parent 1:1 rate 10001Kbit") {
 		t.Errorf("after 40M:\n%s", c)
 	}
 
@@ -69,7 +69,7 @@ func TestGuaranteeReshapedLive(t *testing.T) {
 		return r.Shaping != nil && r.Shaping.Guarantee != nil && request(r) == 0 && r.Shaping.Guarantee.Minor == minor
 	})
 	c := classes()
-	if !strings.Contains(c, "class htb 1:2 parent 1:1 rate 50Mbit") || !strings.Contains(c, "parent 1:2 leaf") {
+	if !strings.Contains(c, "class htb 1:2 parent 1:1 rate 50001Kbit") || !strings.Contains(c, "parent 1:2 leaf") {
 		t.Errorf("after the request went:\n%s", c)
 	}
 	if d := e.diff(e.record(g1.ContainerID)); len(d) != 0 {
@@ -111,7 +111,7 @@ func TestHierarchyDriftRepairedAndCollected(t *testing.T) {
 		}
 	}
 	out := e.node.Exec(t, "tc", "class", "show", "dev", shaping.HierarchyEgressIFB) + e.node.Exec(t, "tc", "class", "show", "dev", shaping.HierarchyIngressIFB)
-	if strings.Count(out, "rate 30Mbit ceil 100Mbit") != 2 || strings.Count(out, "class htb 1:2 parent 1:1 rate 70Mbit") != 2 {
+	if strings.Count(out, "rate 30Mbit ceil 100Mbit") != 2 || strings.Count(out, "class htb 1:2 parent 1:1 rate 70001Kbit") != 2 {
 		t.Errorf("classes after repair:\n%s", out)
 	}
 	if res := e.pass(); res.Repaired != 0 {

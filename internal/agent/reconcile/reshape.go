@@ -189,7 +189,7 @@ func (r *Reconciler) rejoin(rec *state.Record, g shaping.Guarantee, minor uint16
 	}
 	defer l.Unlock()
 	if g.Empty() {
-		return 0, r.shaper.LeaveNode(minor, rec.HostVeth)
+		return 0, r.shaper.LeaveNode(minor, rec.HostVeth, rec.Addrs())
 	}
 	var capacity shaping.Capacity
 	if rec.ShapingDefaults != nil {

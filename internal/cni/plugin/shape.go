@@ -87,7 +87,7 @@ func (p *Plugin) joinHierarchy(g shaping.Guarantee, capacity shaping.Capacity, h
 			return err
 		}
 		defer sh.Close()
-		return sh.LeaveNode(minor, hostVeth)
+		return sh.LeaveNode(minor, hostVeth, ips)
 	}
 	if err != nil {
 		if minor != 0 {

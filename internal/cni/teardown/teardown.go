@@ -296,7 +296,7 @@ func (t *run) leaveHierarchy() error {
 		return err
 	}
 	defer l.Unlock()
-	if err := t.o.Shaper.LeaveNode(t.rec.Shaping.Guarantee.Minor, t.rec.HostVeth); err != nil {
+	if err := t.o.Shaper.LeaveNode(t.rec.Shaping.Guarantee.Minor, t.rec.HostVeth, t.rec.Addrs()); err != nil {
 		return fmt.Errorf("take %s out of the node's bandwidth hierarchy: %w", t.id(), err)
 	}
 	return nil
