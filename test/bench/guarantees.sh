@@ -34,7 +34,9 @@
 #   scale     (SCALE=1, at the last rate of RATES) one flow out of pod C with
 #             SCALE_FEW vs SCALE_MANY qoscni pods in the hierarchy (the
 #             others with small requests), and qoscni-cnitool bench ADD p50
-#             at SCALE_MANY pods with a request vs without nodeCapacity.
+#             at SCALE_MANY pods with a request vs without nodeCapacity,
+#             and the node agent's reconcile pass over those pods (p50, p99
+#             of the passes of AGENT_SECS at AGENT_INTERVAL).
 #
 # Environment:
 #   RATES="100M 1G"   uplink rates = node capacity (Kubernetes quantities)
@@ -47,6 +49,7 @@
 #                     requests and the reference caps are shares of it; rows
 #                     are labelled "RATE,cap=PCT%" when it is not 100)
 #   SCALE=1 SCALE_FEW=10 SCALE_MANY=500 SCALE_CYCLES=30
+#   AGENT_SECS=30 AGENT_INTERVAL=1s
 #   QUICK=1           RATES=100M RUNS=1 DURATION=4 PROBES=60 SCALE=0 unless set
 #   RAW_DIR=DIR       keep the raw iperf3 JSON, samples and ping output there
 set -euo pipefail
@@ -70,6 +73,8 @@ SCALE=${SCALE:-1}
 SCALE_FEW=${SCALE_FEW:-10}
 SCALE_MANY=${SCALE_MANY:-500}
 SCALE_CYCLES=${SCALE_CYCLES:-30}
+AGENT_SECS=${AGENT_SECS:-30}
+AGENT_INTERVAL=${AGENT_INTERVAL:-1s}
 CAPACITY_PCT=${CAPACITY_PCT:-100}
 BUDGET_MS=10 # qoscni's default queue-delay budget (no maxQueueDelay in the config)
 
@@ -111,7 +116,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-build_bins qoscni qoscni-cnitool
+build_bins qoscni qoscni-cnitool qoscni-agent
 G=$WORK/guarantees
 (cd "$QOSCNI_ROOT" && CGO_ENABLED=0 go build -trimpath -o "$G" ./test/bench/guarantees)
 
@@ -340,6 +345,33 @@ rtt() {
 	info "$name RTT sent/received/p50/p99 ms: $(tr '\t' ' ' <<<"$out")"
 }
 
+# agent_passes: the node agent over the qoscni pods in place (AGENT_SECS at
+# --reconcile-interval AGENT_INTERVAL): each pass reads every record, the
+# whole hierarchy (classes and entries of both IFBs) and diffs every member;
+# the p50 and p99 of the "took" of its debug log's "reconcile pass" lines.
+agent_passes() {
+	local log=$RAW/$ROW-agent.log d=$WORK/$LABEL pid took
+	mkdir -p "$d/agent-net.d" "$d/agent-journal"
+	"$QOSCNI_ROOT/bin/qoscni-agent" --listen "127.0.0.1:$((20000 + RANDOM % 20000))" --netns "/run/netns/$NODE" \
+		--state-dir "$d/state" --state-registry "$QOSCNI_STATE_REGISTRY" --journal-dir "$d/agent-journal" \
+		--cni-conf-dir "$d/agent-net.d" --reconcile-interval "$AGENT_INTERVAL" --log-level debug 2>"$log" &
+	pid=$!
+	BG_PIDS+=("$pid")
+	sleep "$AGENT_SECS"
+	kill "$pid" 2>/dev/null || true
+	wait "$pid" 2>/dev/null || true
+	# slog's JSON handler writes a duration in nanoseconds.
+	took=$(jq -r 'select(.msg == "reconcile pass") | "\(.took) \(.records) \(.repaired) \(.errors)"' "$log" 2>/dev/null | sort -g) ||
+		die "agent log $log unreadable"
+	[ -n "$took" ] || die "the agent logged no reconcile pass in ${AGENT_SECS}s (see $log)"
+	info "agent passes (ns records repaired errors): $(tr '\n' ';' <<<"$took")"
+	result scale agent_passes "$(awk 'END { print NR }' <<<"$took")"
+	result scale agent_records "$(awk 'NR == 1 { print $2 }' <<<"$took")"
+	result scale agent_repaired "$(awk '{ s += $3 } END { print s + 0 }' <<<"$took")"
+	result scale agent_p50_ms "$(awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] / 1e6 }' <<<"$took")"
+	result scale agent_p99_ms "$(awk '{ v[NR] = $1 } END { i = int(NR * 0.99 + 0.999); if (i < 1) i = 1; print v[i] / 1e6 }' <<<"$took")"
+}
+
 # scale: at the current rate, with the qoscni pods of this rate in place.
 scale() {
 	local few_n=$SCALE_FEW many_n=$SCALE_MANY req i ns r g dir=egress d=$WORK/$LABEL
@@ -375,6 +407,8 @@ scale() {
 	result scale flow_many "$g"
 	result scale pods_many "$many_n"
 	result scale label "$ROW"
+	agent_passes
+
 
 	# ADD latency at many_n pods: with a request vs without a node capacity.
 	local bn=$P-bench plain=$d/plain.conflist

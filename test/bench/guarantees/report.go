@@ -543,4 +543,12 @@ func (rs *Results) writeScale(w io.Writer) {
 	}
 	fmt.Fprintf(w, "| ADD p50 at %s pods: with a request vs unshaped (no nodeCapacity) | %s ms (unshaped) | %s ms (request) | %s | <= 1.5 (%s) |\n",
 		rs.scale["pods_many"], rs.scale["add_plain_p50"], rs.scale["add_request_p50"], ratio(r), goal)
+	if p99, ok := rs.scale["agent_p99_ms"]; ok {
+		goal = "met"
+		if v := parseNum(p99); math.IsNaN(v) || v >= 1000 {
+			goal = "missed"
+		}
+		fmt.Fprintf(w, "| agent reconcile pass over %s records (%s passes, %s repairs): p50 / p99 | | %s / %s ms | | p99 < 1000 ms (%s) |\n",
+			rs.scale["agent_records"], rs.scale["agent_passes"], rs.scale["agent_repaired"], rs.scale["agent_p50_ms"], p99, goal)
+	}
 }
