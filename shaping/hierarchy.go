@@ -485,6 +485,12 @@ func addrEntry(d HierDirection, idx int, ip net.IP, minor uint16) *tc.Object {
 // node's hierarchy lock and has admitted the request; the best-effort
 // share is the caller's to update (SetBestEffort).
 func (s *Shaper) Join(m HierMember, cur map[HierDirection]HierState) error {
+	return s.join(m, cur, nil)
+}
+
+// join is Join with the IFBs' ifindexes where the caller has them (ifbs;
+// nil or 0: looked up), so a join makes no netlink request twice.
+func (s *Shaper) join(m HierMember, cur map[HierDirection]HierState, ifbs map[HierDirection]int) error {
 	veth, err := s.linkOrNil(m.HostVeth)
 	if err != nil {
 		return err
@@ -492,27 +498,34 @@ func (s *Shaper) Join(m HierMember, cur map[HierDirection]HierState) error {
 	if veth == nil {
 		return fmt.Errorf("join %s to the node hierarchy: no such interface", m.HostVeth)
 	}
+	vethIdx := veth.Attrs().Index
+	if err := s.addClsact(vethIdx); err != nil {
+		return err
+	}
 	for _, d := range []HierDirection{IntoPods, OutOfPods} {
 		leaf := m.leaf(d)
 		if leaf == nil {
 			continue
 		}
-		if err := s.joinDirection(d, m, *leaf, cur[d], veth.Attrs().Index); err != nil {
+		idx := ifbs[d]
+		if idx == 0 {
+			ifb, err := s.linkOrNil(d.IFB())
+			if err != nil {
+				return err
+			}
+			if ifb == nil {
+				return fmt.Errorf("join %s to the %s hierarchy: %s does not exist", m.HostVeth, d, d.IFB())
+			}
+			idx = ifb.Attrs().Index
+		}
+		if err := s.joinDirection(d, m, *leaf, cur[d], vethIdx, idx); err != nil {
 			return fmt.Errorf("join %s to the %s hierarchy: %w", m.HostVeth, d, err)
 		}
 	}
 	return nil
 }
 
-func (s *Shaper) joinDirection(d HierDirection, m HierMember, leaf HierLeaf, cur HierState, vethIdx int) error {
-	ifb, err := s.linkOrNil(d.IFB())
-	if err != nil {
-		return err
-	}
-	if ifb == nil {
-		return fmt.Errorf("%s does not exist", d.IFB())
-	}
-	idx := ifb.Attrs().Index
+func (s *Shaper) joinDirection(d HierDirection, m HierMember, leaf HierLeaf, cur HierState, vethIdx, idx int) error {
 	handle := core.BuildHandle(1, uint32(m.Minor))
 	parent := hierBestEff
 	if leaf.RateBytes > 0 {
@@ -534,9 +547,6 @@ func (s *Shaper) joinDirection(d HierDirection, m HierMember, leaf HierLeaf, cur
 		if err := s.tc.Filter().Replace(addrEntry(d, idx, ip, m.Minor)); err != nil {
 			return fmt.Errorf("classify %s into 1:%x on %s: %w", ip, m.Minor, d.IFB(), err)
 		}
-	}
-	if err := s.addClsact(vethIdx); err != nil {
-		return err
 	}
 	rs, err := s.readRedirectOn(d.vethHook(), vethIdx, idx)
 	if err != nil {

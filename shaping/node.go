@@ -111,17 +111,24 @@ func (s *Shaper) JoinNode(capacity Capacity, g Guarantee, minor uint16, hostVeth
 		}
 		sd.ifb = linkIndex(ifb)
 	}
+	ifbs := map[HierDirection]int{}
+	for d, sd := range sides {
+		ifbs[d] = sd.ifb
+	}
 	isNew := minor == 0
 	if isNew {
-		var ifbs []int
+		// Free in both directions, also one this pod has no class in.
 		for _, d := range []HierDirection{IntoPods, OutOfPods} {
-			if ifb, err := s.linkOrNil(d.IFB()); err != nil {
-				return 0, err
-			} else if ifb != nil {
-				ifbs = append(ifbs, ifb.Attrs().Index)
+			if _, ok := ifbs[d]; ok {
+				continue
 			}
+			ifb, err := s.linkOrNil(d.IFB())
+			if err != nil {
+				return 0, err
+			}
+			ifbs[d] = linkIndex(ifb)
 		}
-		m, err := s.pickMinor(hostVeth, ifbs...)
+		m, err := s.pickMinor(hostVeth, ifbs[IntoPods], ifbs[OutOfPods])
 		if err != nil {
 			return 0, err
 		}
@@ -142,7 +149,7 @@ func (s *Shaper) JoinNode(capacity Capacity, g Guarantee, minor uint16, hostVeth
 	if err := setShares(true); err != nil {
 		return 0, err
 	}
-	if err := s.Join(g.Member(minor, hostVeth, ips), cur); err != nil {
+	if err := s.join(g.Member(minor, hostVeth, ips), cur, ifbs); err != nil {
 		if isNew {
 			// Undo: the classes made so far, and the shares.
 			errs := []error{err, s.Leave(minor, hostVeth, ips)}
