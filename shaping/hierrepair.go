@@ -92,12 +92,32 @@ func membersOf(live []*state.Record) ([]member, Capacity) {
 	var out []member
 	var capacity Capacity
 	var newest time.Time
+	// One pod per host veth and per class minor: where two records claim
+	// one (a stale record of a pod whose namespace name came back), the
+	// newer is the pod; restoring both would flip the class every pass.
+	byVeth, byMinor := map[string]int{}, map[uint16]int{}
 	for _, r := range live {
 		if r.Shaping == nil || r.Shaping.Guarantee == nil {
 			continue
 		}
 		g, minor := GuaranteeFromRecord(r.Shaping.Guarantee)
-		out = append(out, member{rec: r, g: g, minor: minor, ips: r.Addrs()})
+		m := member{rec: r, g: g, minor: minor, ips: r.Addrs()}
+		i, ok := byVeth[r.HostVeth]
+		if !ok || r.HostVeth == "" {
+			i, ok = byMinor[minor]
+		}
+		switch {
+		case !ok:
+			out = append(out, m)
+			i = len(out) - 1
+		case r.Created.After(out[i].rec.Created):
+			delete(byVeth, out[i].rec.HostVeth)
+			delete(byMinor, out[i].minor)
+			out[i] = m
+		default:
+			continue
+		}
+		byVeth[r.HostVeth], byMinor[minor] = i, i
 		// The newest record has the config the plugin runs with now.
 		if r.ShapingDefaults != nil && r.ShapingDefaults.NodeCapacity != nil && !r.Created.Before(newest) {
 			capacity, newest = CapacityFromRecord(r.ShapingDefaults.NodeCapacity), r.Created
