@@ -279,6 +279,7 @@ func runBench(ctx context.Context, args []string) error {
 		label      = fs.String("label", "", "name printed for this run (default: network name)")
 		format     = fs.String("format", "text", "output: text, tsv or json")
 		quiet      = fs.Bool("quiet", false, "no progress logs on stderr")
+		settle     = fs.Duration("settle", 0, "pause between filling and the measured cycles")
 	)
 	// A private cache keeps the benchmark away from a real runtime's cache.
 	fs.Lookup("cache-dir").DefValue = "a temporary directory"
@@ -326,6 +327,7 @@ func runBench(ctx context.Context, args []string) error {
 		NetnsPrefix: *prefix,
 		Args:        rtArgs,
 		CapArgs:     caps,
+		Settle:      *settle,
 		Log:         log,
 	})
 	if err != nil {

@@ -49,6 +49,9 @@
 #                     requests and the reference caps are shares of it; rows
 #                     are labelled "RATE,cap=PCT%" when it is not 100)
 #   SCALE=1 SCALE_FEW=10 SCALE_MANY=500 SCALE_CYCLES=30
+#   SCALE_SETTLE=15s  pause after filling SCALE_MANY pods before the timed
+#                     ADDs (the kernel's IPv6 work for 500 new interfaces
+#                     holds the RTNL lock for seconds and every ADD waits)
 #   AGENT_SECS=30 AGENT_INTERVAL=1s
 #   QUICK=1           RATES=100M RUNS=1 DURATION=4 PROBES=60 SCALE=0 unless set
 #   RAW_DIR=DIR       keep the raw iperf3 JSON, samples and ping output there
@@ -73,6 +76,7 @@ SCALE=${SCALE:-1}
 SCALE_FEW=${SCALE_FEW:-10}
 SCALE_MANY=${SCALE_MANY:-500}
 SCALE_CYCLES=${SCALE_CYCLES:-30}
+SCALE_SETTLE=${SCALE_SETTLE:-15s}
 AGENT_SECS=${AGENT_SECS:-30}
 AGENT_INTERVAL=${AGENT_INTERVAL:-1s}
 CAPACITY_PCT=${CAPACITY_PCT:-100}
@@ -141,6 +145,9 @@ result() { printf '%s\n' "$*" | tr ' ' '\t' >>"$RESULTS"; }
 setup_rate() {
 	local label=$1 bits=$2 burst ns
 	for ns in $(all_netns); do netns_gone "$ns"; done
+	# The records of the rate before: its pods went with their namespaces,
+	# and this rate reuses their names (the agent would take both for one).
+	rm -rf "$WORK"/*/state
 	netns_fresh "$NODE"
 	netns_fresh "$NET"
 	ip netns exec "$NODE" sysctl -qw net.ipv4.ip_forward=1
@@ -421,7 +428,7 @@ scale() {
 			-e "s#\"dataDir\":\"[^\"]*\"#\"dataDir\":\"$d/bench-$kind/ipam\"#" "$conf" >"$d/bench-$kind.conflist"
 		mkdir -p "$d/bench-$kind"
 		r=$(cnitool "$bn" bench --conflist "$d/bench-$kind.conflist" --cni-path "$QOSCNI_ROOT/bin:$REF_CNI_DIR" \
-			--cache-dir "$d/bench-$kind/cache" --population "$many_n" --cycles "$SCALE_CYCLES" --parallel 4 \
+			--cache-dir "$d/bench-$kind/cache" --population "$many_n" --cycles "$SCALE_CYCLES" --parallel 4 --settle "$SCALE_SETTLE" \
 			--prefix "$P-b$kind" --label "$kind" --format tsv --quiet ${caps:+--cap-args "$caps"}) || die "cnitool bench $kind failed"
 		info "bench $kind: $r"
 		result scale "add_${kind}_p50" "$(awk -F'\t' 'NR == 1 { v = $4 } END { print v }' <<<"$r")"

@@ -44,7 +44,12 @@ type Options struct {
 	// identity the benchmark generates.
 	Args    [][2]string
 	CapArgs map[string]interface{}
-	Log     *slog.Logger
+	// Settle is a pause between the fill and the measured cycles: the
+	// kernel's own work for the interfaces just made (IPv6 duplicate
+	// address detection and router solicitations, under the RTNL lock
+	// every netlink request needs) then stops weighing on the cycles.
+	Settle time.Duration
+	Log    *slog.Logger
 }
 
 // Stats summarises a set of latencies.
@@ -131,6 +136,14 @@ func Run(ctx context.Context, o Options) (res Result, err error) {
 		return res, fmt.Errorf("fill to population %d: %w", o.Population, err)
 	}
 	res.Fill = time.Since(start)
+	if o.Settle > 0 {
+		o.Log.Info("settling", "for", o.Settle)
+		select {
+		case <-ctx.Done():
+			return res, ctx.Err()
+		case <-time.After(o.Settle):
+		}
+	}
 
 	o.Log.Info("measuring", "cycles", o.Cycles)
 	adds := make([]time.Duration, 0, o.Cycles)
