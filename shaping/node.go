@@ -43,8 +43,9 @@ func (g Guarantee) class(d HierDirection) *Class {
 // JoinNode admits the pod's requests against the capacity, takes a minor
 // (when minor is 0) and puts the pod in: on ADD, and on a reshape of a pod
 // already in (its own current request is not counted against it). It
-// returns the minor. On an admission refusal, or any other failure of a
-// new member, nothing has changed.
+// returns the minor. On an admission refusal nothing has changed; on any
+// other failure of a new member nothing of it stays (a hierarchy made for
+// it does, empty).
 //
 // It reads a few classes by handle (the ledger, hierget.go), not the
 // hierarchy: its cost does not grow with the pods on the node. A direction
