@@ -66,12 +66,8 @@ func newHierNode(t *testing.T, pods int) *hierNode {
 		p.ns.Exec(t, "ip", "-6", "route", "add", "default", "via", fmt.Sprintf("fd71:0:%d::1", i))
 		h.pods = append(h.pods, p)
 	}
-	f, err := os.Open(n.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	if h.s, err = Open(int(f.Fd())); err != nil {
+	var err error
+	if h.s, err = OpenNetns(n.Path); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(h.s.Close)

@@ -1,7 +1,6 @@
 package shaping
 
 import (
-	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -37,12 +36,7 @@ func requireNoDiff(t *testing.T, s *Shaper, d Desired, step string) {
 // restarted agent has: it knows nothing of earlier fq_codel probes.
 func openShaper(t *testing.T, n *testnet.Node) *Shaper {
 	t.Helper()
-	f, err := os.Open(n.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	s, err := Open(int(f.Fd()))
+	s, err := OpenNetns(n.Path)
 	if err != nil {
 		t.Fatal(err)
 	}

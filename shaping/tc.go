@@ -6,6 +6,7 @@ import (
 	"math"
 	"math/bits"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 
@@ -71,6 +72,8 @@ type Shaper struct {
 	// rt is a plain rtnetlink socket for the requests go-tc does not make
 	// (one class by handle: getHierClass).
 	rt *mnl.Conn
+	// ns is the namespace file OpenNetns opened, closed with the sockets.
+	ns *os.File
 	// noFqCodel is set once the kernel said it has no fq_codel.
 	noFqCodel bool
 	// pass holds one qdisc dump shared by the Apply calls of a pass over
@@ -125,11 +128,30 @@ func Open(nsFd int) (*Shaper, error) {
 	return &Shaper{tc: t, nl: h, rt: rt}, nil
 }
 
+// OpenNetns is Open in the network namespace at path (a bind mount such
+// as /run/netns/NAME, or /proc/PID/ns/net).
+func OpenNetns(path string) (*Shaper, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open network namespace: %w", err)
+	}
+	s, err := Open(int(f.Fd()))
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	s.ns = f
+	return s, nil
+}
+
 // Close releases the sockets.
 func (s *Shaper) Close() {
 	s.tc.Close()
 	s.nl.Close()
 	s.rt.Close()
+	if s.ns != nil {
+		s.ns.Close()
+	}
 }
 
 // shape is a shaping qdisc: as wanted (wantShape) or as read back from

@@ -2,7 +2,6 @@ package shaping
 
 import (
 	"encoding/json"
-	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -22,12 +21,7 @@ func kernelSetup(t *testing.T) (*testnet.Node, *testnet.NS, *Shaper) {
 	n.Exec(t, "ip", "link", "set", "qvtest0", "up")
 	pod.Exec(t, "ip", "addr", "add", "10.66.0.2/24", "dev", "eth0")
 	pod.Exec(t, "ip", "link", "set", "eth0", "up")
-	f, err := os.Open(n.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	s, err := Open(int(f.Fd()))
+	s, err := OpenNetns(n.Path)
 	if err != nil {
 		t.Fatal(err)
 	}

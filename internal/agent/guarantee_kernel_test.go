@@ -3,8 +3,6 @@ package agent
 import (
 	"encoding/json"
 	"fmt"
-	"io"
-	"net"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -91,35 +89,9 @@ func TestAgentGuaranteeMetrics(t *testing.T) {
 	// 4 MB out of gold, to the node: above its 10 Mbit/s request, so it
 	// borrows, and at its 20 Mbit/s limit, so it throttles.
 	gw := strings.SplitN(goldRec.Gateways[0], "/", 2)[0]
-	var ln net.Listener
-	if err := inNetns(node.Path, func() (err error) { ln, err = net.Listen("tcp", gw+":0"); return err }); err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	got := make(chan int64, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			got <- -1
-			return
-		}
-		defer c.Close()
-		n, _ := io.Copy(io.Discard, c)
-		got <- n
-	}()
 	const payload = 4 << 20
 	t0 := time.Now()
-	var c net.Conn
-	if err := inNetns(gold.Path, func() (err error) { c, err = net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second); return err }); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Write(make([]byte, payload)); err != nil {
-		t.Fatal(err)
-	}
-	c.Close()
-	if n := <-got; n != payload {
-		t.Fatalf("node received %d bytes, want %d", n, payload)
-	}
+	transfer(t, node.Path, gw, gold.Path, payload)
 	took := time.Since(t0)
 	// 4 MiB at 20 Mbit/s takes 1.7 s; at 10 (no borrowing) 3.4.
 	t.Logf("4 MiB out of gold in %v (%.1f Mbit/s)", took, payload*8/took.Seconds()/1e6)

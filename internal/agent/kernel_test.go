@@ -103,10 +103,17 @@ func newShapedPod(t *testing.T, node *testnet.Node, subnet int, inBits, outBits 
 // from the pod to the node, and returns when the receiver has them all.
 func push(t *testing.T, node *testnet.Node, p *shapedPod, n int, toPod bool) {
 	t.Helper()
-	srvNS, srvIP, cliNS := p.ns.Path, p.podIP, node.Path
-	if !toPod {
-		srvNS, srvIP, cliNS = node.Path, p.nodeIP, p.ns.Path
+	if toPod {
+		transfer(t, p.ns.Path, p.podIP, node.Path, n)
+	} else {
+		transfer(t, node.Path, p.nodeIP, p.ns.Path, n)
 	}
+}
+
+// transfer sends n bytes over TCP from a client in namespace cliNS to a
+// server on srvIP in srvNS, and returns when the server has them all.
+func transfer(t *testing.T, srvNS, srvIP, cliNS string, n int) {
+	t.Helper()
 	var ln net.Listener
 	if err := inNetns(srvNS, func() (err error) { ln, err = net.Listen("tcp", srvIP+":0"); return err }); err != nil {
 		t.Fatal(err)

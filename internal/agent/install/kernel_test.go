@@ -104,12 +104,7 @@ func TestUninstallKeepsNeighbours(t *testing.T) {
 	n.Exec(t, "tc", "qdisc", "add", "dev", veth, "clsact")
 	n.Exec(t, "tc", "filter", "add", "dev", veth, "ingress", "prio", "1", "protocol", "all",
 		"u32", "match", "ip", "dst", "192.0.2.99/32", "flowid", "1:5")
-	f, err := os.Open(n.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	sh, err := shaping.Open(int(f.Fd()))
+	sh, err := shaping.OpenNetns(n.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -289,12 +284,7 @@ func TestUninstallHierarchy(t *testing.T) {
 	n.Exec(t, "ip", "link", "set", qv, "up")
 	pod.Exec(t, "ip", "addr", "add", "10.79.0.2/24", "dev", "eth0")
 	pod.Exec(t, "ip", "link", "set", "eth0", "up")
-	f, err := os.Open(n.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	sh, err := shaping.Open(int(f.Fd()))
+	sh, err := shaping.OpenNetns(n.Path)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,7 +3,6 @@ package reconcile_test
 import (
 	"fmt"
 	"net"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -120,12 +119,7 @@ func TestHierarchyDriftRepairedAndCollected(t *testing.T) {
 
 	// A class nobody claims (what a chained ADD killed between its join
 	// and its record leaves): kept through the grace, then removed.
-	f, err := os.Open(e.node.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	sh, err := shaping.Open(int(f.Fd()))
+	sh, err := shaping.OpenNetns(e.node.Path)
 	if err != nil {
 		t.Fatal(err)
 	}

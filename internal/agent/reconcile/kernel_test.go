@@ -260,12 +260,7 @@ func egressRate(r *state.Record) uint64 {
 // diff compares the kernel with the record through the CHECK routine.
 func (e *env) diff(rec *state.Record) []string {
 	e.t.Helper()
-	f, err := os.Open(e.node.Path)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	defer f.Close()
-	s, err := shaping.Open(int(f.Fd()))
+	s, err := shaping.OpenNetns(e.node.Path)
 	if err != nil {
 		e.t.Fatal(err)
 	}
