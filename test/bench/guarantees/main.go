@@ -208,7 +208,7 @@ func runRecover(args []string) error {
 		return err
 	}
 	idle, ret, held := Recovery(s, *idleAfter, *returnAt, *capacity, *request)
-	fmt.Printf("%s\t%s\t%s\n", secs(idle), secs(ret), ratio(held))
+	fmt.Printf("%s\t%s\t%s\n", secs(idle), secs(ret), iperfping.Ratio(held))
 	return nil
 }
 

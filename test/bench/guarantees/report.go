@@ -272,7 +272,7 @@ func ReadResults(r io.Reader) (*Results, error) {
 				c.idle = append(c.idle, parseSecs(f[6]))
 				c.ret = append(c.ret, parseSecs(f[7]))
 				if len(f) == 9 {
-					c.held = append(c.held, parseNum(f[8]))
+					c.held = append(c.held, iperfping.ParseNum(f[8]))
 				}
 			case "rtt":
 				sent, err1 := strconv.Atoi(f[5])
@@ -281,7 +281,7 @@ func ReadResults(r io.Reader) (*Results, error) {
 					return nil, bad(err)
 				}
 				c.hasRTT, c.sent, c.received = true, sent, recv
-				c.p50, c.p99 = parseNum(f[7]), parseNum(f[8])
+				c.p50, c.p99 = iperfping.ParseNum(f[7]), iperfping.ParseNum(f[8])
 			}
 		default:
 			return nil, bad(errors.New("unknown result line"))
@@ -309,13 +309,6 @@ func parseSecs(s string) float64 {
 	return math.Inf(1)
 }
 
-func parseNum(s string) float64 {
-	if v, err := strconv.ParseFloat(s, 64); err == nil {
-		return v
-	}
-	return math.NaN()
-}
-
 func (rs *Results) cell(k key, label string) *steadyCell {
 	c, ok := rs.cells[k]
 	if !ok {
@@ -324,27 +317,6 @@ func (rs *Results) cell(k key, label string) *steadyCell {
 		rs.order = append(rs.order, k)
 	}
 	return c
-}
-
-// medianInf is the median where +Inf (never) sorts last.
-func medianInf(v []float64) float64 {
-	if len(v) == 0 {
-		return math.NaN()
-	}
-	s := append([]float64(nil), v...)
-	sort.Float64s(s)
-	if n := len(s); n%2 == 1 {
-		return s[n/2]
-	} else {
-		return (s[n/2-1] + s[n/2]) / 2
-	}
-}
-
-func ratio(v float64) string {
-	if math.IsNaN(v) {
-		return "-"
-	}
-	return strconv.FormatFloat(v, 'f', 3, 64)
 }
 
 func seconds(v []float64) string {
@@ -357,7 +329,7 @@ func seconds(v []float64) string {
 			never++
 		}
 	}
-	m := medianInf(v)
+	m := iperfping.Median(v)
 	s := "never"
 	if !math.IsInf(m, 1) {
 		s = strconv.FormatFloat(m, 'f', 1, 64) + " s"
@@ -366,16 +338,6 @@ func seconds(v []float64) string {
 		s += fmt.Sprintf(" (never in %d of %d)", never, len(v))
 	}
 	return s
-}
-
-func ms(v float64) string {
-	if math.IsNaN(v) {
-		return "-"
-	}
-	if v >= 100 {
-		return strconv.FormatFloat(v, 'f', 0, 64) + " ms"
-	}
-	return strconv.FormatFloat(v, 'f', 1, 64) + " ms"
 }
 
 // variantNames are what the tables call the variants.
@@ -410,13 +372,13 @@ func (c *steadyCell) steadyGoals(rate uint64) string {
 	a, b, _, t := c.steadyRatios(rate)
 	var miss []string
 	if math.IsNaN(a) || a/tcpEthShare < goalRequest {
-		miss = append(miss, "A "+ratio(a/tcpEthShare))
+		miss = append(miss, "A "+iperfping.Ratio(a/tcpEthShare))
 	}
 	if math.IsNaN(b) || b/tcpEthShare < goalRequest {
-		miss = append(miss, "B "+ratio(b/tcpEthShare))
+		miss = append(miss, "B "+iperfping.Ratio(b/tcpEthShare))
 	}
 	if math.IsNaN(t) || t/tcpEthShare < goalTotal {
-		miss = append(miss, "total "+ratio(t/tcpEthShare))
+		miss = append(miss, "total "+iperfping.Ratio(t/tcpEthShare))
 	}
 	if len(miss) == 0 {
 		return "met"
@@ -426,10 +388,10 @@ func (c *steadyCell) steadyGoals(rate uint64) string {
 
 func (c *steadyCell) wcGoals() string {
 	var miss []string
-	if m := medianInf(c.idle); math.IsNaN(m) || m > goalRecoverS {
+	if m := iperfping.Median(c.idle); math.IsNaN(m) || m > goalRecoverS {
 		miss = append(miss, "B+C "+seconds(c.idle))
 	}
-	if m := medianInf(c.ret); math.IsNaN(m) || m > goalRecoverS {
+	if m := iperfping.Median(c.ret); math.IsNaN(m) || m > goalRecoverS {
 		miss = append(miss, "A "+seconds(c.ret))
 	}
 	if len(miss) == 0 {
@@ -466,7 +428,7 @@ func (rs *Results) WriteMarkdown(w io.Writer) {
 			goal = c.steadyGoals(k.rate)
 		}
 		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", c.label, k.dir, variantName(k.variant),
-			ratio(a), ratio(b), ratio(cc), ratio(t), ratio(a/tcpEthShare), ratio(b/tcpEthShare), ratio(t/tcpEthShare), runs, goal)
+			iperfping.Ratio(a), iperfping.Ratio(b), iperfping.Ratio(cc), iperfping.Ratio(t), iperfping.Ratio(a/tcpEthShare), iperfping.Ratio(b/tcpEthShare), iperfping.Ratio(t/tcpEthShare), runs, goal)
 	}
 	fmt.Fprintf(w, "\nRequests: A %.0f %%, B %.0f %% of the capacity, C none; for the reference rows the same numbers are the yardstick.\n"+
 		"Goals (judged on the header-corrected ratios, as the shapers count frames): A and B >= %.2f of their requests, total >= %.2f.\n\n",
@@ -486,7 +448,7 @@ func (rs *Results) WriteMarkdown(w io.Writer) {
 			goal = c.wcGoals()
 		}
 		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %d | %s |\n", c.label, k.dir, variantName(k.variant),
-			seconds(c.idle), seconds(c.ret), ratio(iperfping.Median(c.held)), len(c.idle), goal)
+			seconds(c.idle), seconds(c.ret), iperfping.Ratio(iperfping.Median(c.held)), len(c.idle), goal)
 	}
 	fmt.Fprintf(w, "\nGoal: each within %.0f s.\n\n", goalRecoverS)
 
@@ -508,11 +470,11 @@ func (rs *Results) WriteMarkdown(w io.Writer) {
 			if !math.IsNaN(c.p99) && c.p99 <= budget+goalP99SlackM && c.received > 0 {
 				goal = "met"
 			} else {
-				goal = "missed: p99 " + ms(c.p99)
+				goal = "missed: p99 " + iperfping.Ms(c.p99)
 			}
 		}
 		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %d/%d | %s |\n", c.label, k.dir, variantName(k.variant),
-			ms(c.p50), ms(c.p99), c.received, c.sent, goal)
+			iperfping.Ms(c.p50), iperfping.Ms(c.p99), c.received, c.sent, goal)
 	}
 	fmt.Fprintf(w, "\nGoal: A high's p99 <= queue-delay budget (%.0f ms) + %.0f ms.\n", budget, goalP99SlackM)
 
@@ -522,7 +484,7 @@ func (rs *Results) WriteMarkdown(w io.Writer) {
 }
 
 func (rs *Results) writeScale(w io.Writer) {
-	get := func(k string) float64 { return parseNum(rs.scale[k]) }
+	get := func(k string) float64 { return iperfping.ParseNum(rs.scale[k]) }
 	fmt.Fprintln(w)
 	fmt.Fprintf(w, "Scale (uplink %s): one saturating flow out of a pod, and ADD latency, with many pods in the hierarchy:\n\n", rs.scale["label"])
 	fmt.Fprintln(w, "| measure | few pods | many pods | ratio | goal |")
@@ -534,7 +496,7 @@ func (rs *Results) writeScale(w io.Writer) {
 		goal = "missed"
 	}
 	fmt.Fprintf(w, "| goodput of one flow (%s vs %s pods) | %.1f Mbit/s | %.1f Mbit/s | %s | >= 0.90 (%s) |\n",
-		rs.scale["pods_few"], rs.scale["pods_many"], few/1e6, many/1e6, ratio(r), goal)
+		rs.scale["pods_few"], rs.scale["pods_many"], few/1e6, many/1e6, iperfping.Ratio(r), goal)
 	req, plain := get("add_request_p50"), get("add_plain_p50")
 	r = req / plain
 	goal = "met"
@@ -542,10 +504,10 @@ func (rs *Results) writeScale(w io.Writer) {
 		goal = "missed"
 	}
 	fmt.Fprintf(w, "| ADD p50 at %s pods: with a request vs unshaped (no nodeCapacity) | %s ms (unshaped) | %s ms (request) | %s | <= 1.5 (%s) |\n",
-		rs.scale["pods_many"], rs.scale["add_plain_p50"], rs.scale["add_request_p50"], ratio(r), goal)
+		rs.scale["pods_many"], rs.scale["add_plain_p50"], rs.scale["add_request_p50"], iperfping.Ratio(r), goal)
 	if p99, ok := rs.scale["agent_p99_ms"]; ok {
 		goal = "met"
-		if v := parseNum(p99); math.IsNaN(v) || v >= 1000 {
+		if v := iperfping.ParseNum(p99); math.IsNaN(v) || v >= 1000 {
 			goal = "missed"
 		}
 		fmt.Fprintf(w, "| agent reconcile pass over %s records (%s passes, %s repairs): p50 / p99 | | %s / %s ms | | p99 < 1000 ms (%s) |\n",

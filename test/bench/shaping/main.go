@@ -155,20 +155,12 @@ func ReadResults(r io.Reader) (*Results, error) {
 				return nil, bad(err)
 			}
 			c.sent, c.received, c.hasRTT = sent, recv, true
-			c.p50, c.p99 = parseMs(f[7]), parseMs(f[8])
+			c.p50, c.p99 = iperfping.ParseNum(f[7]), iperfping.ParseNum(f[8])
 		default:
 			return nil, bad(errors.New("unknown result line"))
 		}
 	}
 	return rs, sc.Err()
-}
-
-func parseMs(s string) float64 {
-	v, err := strconv.ParseFloat(s, 64)
-	if err != nil {
-		return math.NaN()
-	}
-	return v
 }
 
 func (rs *Results) cell(k cellKey, label string) *cell {
@@ -203,29 +195,6 @@ func (c *cell) firstRatio(rate uint64) float64 {
 	return c.first[0] / float64(rate)
 }
 
-func ratio(v float64) string {
-	if math.IsNaN(v) {
-		return "-"
-	}
-	if v >= 10 {
-		return strconv.FormatFloat(v, 'f', 1, 64)
-	}
-	return strconv.FormatFloat(v, 'f', 3, 64)
-}
-
-func ms(v float64) string {
-	if math.IsNaN(v) {
-		return "-"
-	}
-	switch {
-	case v >= 100:
-		return strconv.FormatFloat(v, 'f', 0, 64) + " ms"
-	case v >= 1:
-		return strconv.FormatFloat(v, 'f', 1, 64) + " ms"
-	}
-	return strconv.FormatFloat(v, 'f', 2, 64) + " ms"
-}
-
 func (c *cell) loss() string {
 	if !c.hasRTT || c.sent == 0 {
 		return "-"
@@ -247,13 +216,13 @@ func (rs *Results) measurable(k cellKey) (bool, string) {
 func (c *cell) goals(k cellKey) string {
 	var miss []string
 	if g := c.goodputRatio(k.rate); math.IsNaN(g) || g < goalGoodputMin || g > goalGoodputMax {
-		miss = append(miss, "goodput "+ratio(g))
+		miss = append(miss, "goodput "+iperfping.Ratio(g))
 	}
 	if f := c.firstRatio(k.rate); math.IsNaN(f) || f > goalFirstMax {
-		miss = append(miss, "first s "+ratio(f))
+		miss = append(miss, "first s "+iperfping.Ratio(f))
 	}
 	if k.rate >= goalP99MinRate && (!c.hasRTT || math.IsNaN(c.p99) || c.p99 > goalP99Ms) {
-		miss = append(miss, "RTT p99 "+ms(c.p99))
+		miss = append(miss, "RTT p99 "+iperfping.Ms(c.p99))
 	}
 	if len(miss) == 0 {
 		return "met"
@@ -288,7 +257,7 @@ func (rs *Results) WriteMarkdown(w io.Writer) {
 		}
 		_, note := rs.measurable(k)
 		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", c.label, k.dir, k.plugin,
-			ratio(c.goodputRatio(k.rate)), runs, ratio(c.firstRatio(k.rate)), ms(c.p50), ms(c.p99), c.loss(), note)
+			iperfping.Ratio(c.goodputRatio(k.rate)), runs, iperfping.Ratio(c.firstRatio(k.rate)), iperfping.Ms(c.p50), iperfping.Ms(c.p99), c.loss(), note)
 	}
 	fmt.Fprintf(w, "\ngoodput/rate is the raw ratio of TCP goodput to the configured rate; the shaper counts whole Ethernet\n"+
 		"frames, so a perfect shaper gives %.3f (1448/1514). first second/rate is the receiver's first 1 s\n"+
@@ -316,13 +285,13 @@ func (rs *Results) WriteMarkdown(w io.Writer) {
 			}
 			return f(c)
 		}
-		gp := func(c *cell) string { return ratio(c.goodputRatio(k.rate)) }
-		fs := func(c *cell) string { return ratio(c.firstRatio(k.rate)) }
+		gp := func(c *cell) string { return iperfping.Ratio(c.goodputRatio(k.rate)) }
+		fs := func(c *cell) string { return iperfping.Ratio(c.firstRatio(k.rate)) }
 		p99 := func(c *cell) string {
 			if l := c.loss(); l != "-" && l != "0%" {
-				return ms(c.p99) + " (" + l + " unanswered)"
+				return iperfping.Ms(c.p99) + " (" + l + " unanswered)"
 			}
-			return ms(c.p99)
+			return iperfping.Ms(c.p99)
 		}
 		goal := "-"
 		if q != nil {

@@ -168,3 +168,37 @@ func Median(v []float64) float64 {
 		return (s[n/2-1] + s[n/2]) / 2
 	}
 }
+
+// ParseNum reads a number of a results file, NaN for anything else.
+func ParseNum(s string) float64 {
+	if v, err := strconv.ParseFloat(s, 64); err == nil {
+		return v
+	}
+	return math.NaN()
+}
+
+// Ratio formats a ratio for a table: three decimals, one from 10 up, "-"
+// for NaN.
+func Ratio(v float64) string {
+	if math.IsNaN(v) {
+		return "-"
+	}
+	if v >= 10 {
+		return strconv.FormatFloat(v, 'f', 1, 64)
+	}
+	return strconv.FormatFloat(v, 'f', 3, 64)
+}
+
+// Ms formats milliseconds for a table, "-" for NaN.
+func Ms(v float64) string {
+	if math.IsNaN(v) {
+		return "-"
+	}
+	switch {
+	case v >= 100:
+		return strconv.FormatFloat(v, 'f', 0, 64) + " ms"
+	case v >= 1:
+		return strconv.FormatFloat(v, 'f', 1, 64) + " ms"
+	}
+	return strconv.FormatFloat(v, 'f', 2, 64) + " ms"
+}
