@@ -11,6 +11,8 @@ import (
 	"github.com/florianl/go-tc/core"
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/internal/tcdump"
 )
 
 // The localnet guard is the second guard of route_localnet, beside the
@@ -131,7 +133,15 @@ type guardState struct {
 
 func (s guardState) ok() bool { return s.ours && s.current }
 
-func openTC(nsFd int) (*tc.Tc, error) {
+// tcConn is go-tc's socket in a namespace, and the namespace for the
+// qdisc dump, which is tcdump's (go-tc's fails on any qdisc of the node
+// it cannot decode).
+type tcConn struct {
+	*tc.Tc
+	nsFd int
+}
+
+func openTC(nsFd int) (*tcConn, error) {
 	cfg := &tc.Config{}
 	if nsFd >= 0 {
 		cfg.NetNS = nsFd
@@ -140,19 +150,19 @@ func openTC(nsFd int) (*tc.Tc, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open tc netlink: %w", err)
 	}
-	return c, nil
+	return &tcConn{Tc: c, nsFd: nsFd}, nil
 }
 
-func readGuard(c *tc.Tc, ifindex uint32) (guardState, error) {
-	qdiscs, err := c.Qdisc().Get()
+func readGuard(c *tcConn, ifindex uint32) (guardState, error) {
+	qdiscs, err := tcdump.QdiscsAt(c.nsFd)
 	if err != nil {
-		return guardState{}, fmt.Errorf("dump qdiscs: %w", err)
+		return guardState{}, err
 	}
 	return readGuardFilters(c, ifindex, hasHook(qdiscs, ifindex))
 }
 
 // hasHook reports whether the interface has a qdisc with an ingress hook.
-func hasHook(qdiscs []tc.Object, ifindex uint32) bool {
+func hasHook(qdiscs []tcdump.Qdisc, ifindex uint32) bool {
 	for _, q := range qdiscs {
 		if q.Ifindex == ifindex && q.Parent == tc.HandleIngress && (q.Kind == "clsact" || q.Kind == "ingress") {
 			return true
@@ -161,7 +171,7 @@ func hasHook(qdiscs []tc.Object, ifindex uint32) bool {
 	return false
 }
 
-func readGuardFilters(c *tc.Tc, ifindex uint32, hook bool) (guardState, error) {
+func readGuardFilters(c *tcConn, ifindex uint32, hook bool) (guardState, error) {
 	st := guardState{hook: hook}
 	if !hook {
 		return st, nil
@@ -208,7 +218,7 @@ func errGuardForeign(iface, what string) error {
 // installGuard makes the hook hold the current guard, creating the clsact
 // qdisc only when the interface has none. It reports whether it changed
 // anything and whether it created the qdisc.
-func installGuard(c *tc.Tc, iface string, ifindex uint32) (changed, createdHook bool, err error) {
+func installGuard(c *tcConn, iface string, ifindex uint32) (changed, createdHook bool, err error) {
 	st, err := readGuard(c, ifindex)
 	if err != nil || st.ok() {
 		return false, false, err
@@ -250,7 +260,7 @@ func installGuard(c *tc.Tc, iface string, ifindex uint32) (changed, createdHook 
 
 // removeGuard deletes our filter only, and the clsact qdisc when dropHook
 // says qoscni created it and no filter is left on either of its hooks.
-func removeGuard(c *tc.Tc, iface string, ifindex uint32, dropHook bool) (removed bool, err error) {
+func removeGuard(c *tcConn, iface string, ifindex uint32, dropHook bool) (removed bool, err error) {
 	st, err := readGuard(c, ifindex)
 	if err != nil {
 		return false, err

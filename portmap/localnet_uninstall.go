@@ -7,6 +7,8 @@ import (
 	"os"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/internal/tcdump"
 )
 
 // LocalnetUndo is what UninstallLocalnet did on one interface.
@@ -91,9 +93,9 @@ func UninstallLocalnet(nsFd int, dirs ...string) ([]LocalnetUndo, error) {
 	if err != nil {
 		errs = append(errs, fmt.Errorf("list links: %w", err))
 	}
-	qdiscs, err := c.Qdisc().Get()
+	qdiscs, err := tcdump.QdiscsAt(nsFd)
 	if err != nil {
-		errs = append(errs, fmt.Errorf("dump qdiscs: %w", err))
+		errs = append(errs, err)
 	}
 	for _, l := range links {
 		idx := l.Attrs().Index

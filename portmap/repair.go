@@ -8,7 +8,6 @@ import (
 	"os"
 	"slices"
 
-	"github.com/florianl/go-tc"
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -212,7 +211,7 @@ func repairGuards(nsFd int, dirs []string) (guardRepair, error) {
 		return res, err
 	}
 	var h *netlink.Handle
-	var c *tc.Tc
+	var c *tcConn
 	defer func() {
 		if h != nil {
 			h.Close()

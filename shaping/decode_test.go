@@ -8,6 +8,8 @@ import (
 	"github.com/florianl/go-tc/core"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/internal/tcdump"
 )
 
 // kernelFqCodel is what a kernel dumps for the fq_codel leaf qoscni sets
@@ -25,19 +27,20 @@ func kernelFqCodel(p *Params, mtu int) (targetUs, limit, memLimit uint32) {
 
 const testIfindex = 7
 
-// decodeDump runs the dumps through go-tc's decoder and decodeShape.
+// decodeDump runs the dumps through tcdump's decoder, as a Shaper reads
+// them, and decodeShape.
 func decodeDump(t *testing.T, qdiscs, classes []kmsg) (*shape, *qdiscRef) {
 	t.Helper()
-	c, _ := fakeTc(t, qdiscs, classes)
-	q, err := c.Qdisc().Get()
+	_, conn, _ := fakeTc(t, qdiscs, classes)
+	q, err := tcdump.Qdiscs(conn)
 	if err != nil {
-		t.Fatalf("go-tc decode of the qdisc dump: %v", err)
+		t.Fatalf("decode of the qdisc dump: %v", err)
 	}
-	cl, err := c.Class().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: testIfindex})
+	cl, err := tcdump.Classes(conn, testIfindex)
 	if err != nil {
-		t.Fatalf("go-tc decode of the class dump: %v", err)
+		t.Fatalf("decode of the class dump: %v", err)
 	}
-	return decodeShape(q, cl, testIfindex)
+	return decodeShape(tcdump.Objects(q), cl, testIfindex)
 }
 
 // The HTB path (above 34 Gbit/s) with fq_codel under class 1:1, as a
@@ -134,13 +137,13 @@ func TestDecodeRootOwnership(t *testing.T) {
 	}
 }
 
-// kernelDump decodes a dump through go-tc as a Shaper would read it, and
-// returns a Shaper whose changes go to the same fake kernel.
+// kernelDump decodes a dump as a Shaper reads it, and returns a Shaper
+// whose changes go to the same fake kernel.
 func kernelDump(t *testing.T, qdiscs, classes []kmsg) (*Shaper, *shape, *[]tcRequest) {
 	t.Helper()
-	c, changes := fakeTc(t, qdiscs, classes)
-	s := &Shaper{tc: c}
-	q, err := c.Qdisc().Get()
+	c, conn, changes := fakeTc(t, qdiscs, classes)
+	s := &Shaper{tc: c, rt: conn}
+	q, err := s.qdiscs()
 	if err != nil {
 		t.Fatal(err)
 	}

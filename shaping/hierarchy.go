@@ -10,6 +10,8 @@ import (
 	tc "github.com/florianl/go-tc"
 	"github.com/florianl/go-tc/core"
 	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/internal/tcdump"
 )
 
 // The node hierarchy: with a node capacity, every pod's traffic in one
@@ -180,10 +182,8 @@ type HierClass struct {
 }
 
 // HierClassStats are an HTB class's counters, from the class dump
-// ReadHierarchy takes anyway. They come from TCA_STATS and TCA_XSTATS:
-// go-tc v0.4.4 decodes TCA_STATS2, a nested attribute, as a flat struct
-// (its values are garbage), so the legacy struct is the one go-tc reads
-// right; its packet count is 32 bits and wraps, as the other counts do.
+// ReadHierarchy takes anyway (TCA_STATS2 and TCA_XSTATS, read by tcdump).
+// The byte count is 64 bits; the others are 32 and wrap.
 type HierClassStats struct {
 	Bytes      uint64
 	Packets    uint32
@@ -245,12 +245,12 @@ func (s *Shaper) ReadHierarchy(d HierDirection) (HierState, error) {
 	if err != nil || ifb == nil {
 		return st, err
 	}
-	classes, err := s.tc.Class().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: uint32(ifb.Attrs().Index)})
+	classes, err := tcdump.Classes(s.rt, uint32(ifb.Attrs().Index))
 	if err != nil {
 		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
 			return st, nil
 		}
-		return st, fmt.Errorf("dump classes of %s: %w", d.IFB(), err)
+		return st, fmt.Errorf("%s: %w", d.IFB(), err)
 	}
 	for _, c := range classes {
 		if c.Kind != "htb" || c.Htb == nil || c.Htb.Parms == nil {
@@ -298,9 +298,9 @@ func (s *Shaper) EnsureHierarchy(d HierDirection, capacityBytes, reservedBytes u
 		}
 	}
 	idx := ifb.Attrs().Index
-	qdiscs, err := s.tc.Qdisc().Get()
+	qdiscs, err := s.qdiscs()
 	if err != nil {
-		return fmt.Errorf("dump qdiscs: %w", err)
+		return err
 	}
 	if r := rootQdisc(qdiscs, uint32(idx)); r == nil || r.Kind != "htb" || r.Handle != rootHandle {
 		root := &tc.Object{Msg: msg(idx, rootHandle, tc.HandleRoot, 0), Attribute: tc.Attribute{Kind: "htb", Htb: &tc.Htb{
@@ -721,9 +721,9 @@ func (s *Shaper) RemoveHierarchy() ([]string, error) {
 	if len(ifbs) == 0 {
 		return nil, nil
 	}
-	qdiscs, err := s.tc.Qdisc().Get()
+	qdiscs, err := s.qdiscs()
 	if err != nil {
-		return nil, fmt.Errorf("dump qdiscs: %w", err)
+		return nil, err
 	}
 	var errs []error
 	var touched []string

@@ -190,7 +190,7 @@ type tcRequest struct {
 // fakeTc is a go-tc handle whose socket answers every qdisc dump with
 // qdiscs and every class dump with classes, as one multi-part reply, and
 // acknowledges and records every change.
-func fakeTc(t *testing.T, qdiscs, classes []kmsg) (*tc.Tc, *[]tcRequest) {
+func fakeTc(t *testing.T, qdiscs, classes []kmsg) (*tc.Tc, *netlink.Conn, *[]tcRequest) {
 	t.Helper()
 	var changes []tcRequest
 	conn := nltest.Dial(func(req []netlink.Message) ([]netlink.Message, error) {
@@ -198,18 +198,19 @@ func fakeTc(t *testing.T, qdiscs, classes []kmsg) (*tc.Tc, *[]tcRequest) {
 			return nil, nil
 		}
 		var src []kmsg
+		var typ netlink.HeaderType
 		switch req[0].Header.Type {
 		case unix.RTM_GETQDISC:
-			src = qdiscs
+			src, typ = qdiscs, unix.RTM_NEWQDISC
 		case unix.RTM_GETTCLASS:
-			src = classes
+			src, typ = classes, unix.RTM_NEWTCLASS
 		case unix.RTM_NEWQDISC, unix.RTM_NEWTCLASS, unix.RTM_DELQDISC, unix.RTM_DELTCLASS, unix.RTM_NEWTFILTER, unix.RTM_DELTFILTER:
 			changes = append(changes, decodeRequest(t, req[0]))
 			return nltest.Error(0, req)
 		default:
 			t.Errorf("unexpected request type %d", req[0].Header.Type)
 		}
-		hdr := netlink.Header{Flags: netlink.Multi, Sequence: req[0].Header.Sequence, PID: req[0].Header.PID}
+		hdr := netlink.Header{Type: typ, Flags: netlink.Multi, Sequence: req[0].Header.Sequence, PID: req[0].Header.PID}
 		out := make([]netlink.Message, 0, len(src)+1)
 		for _, m := range src {
 			out = append(out, netlink.Message{Header: hdr, Data: m.bytes(t)})
@@ -231,7 +232,7 @@ func fakeTc(t *testing.T, qdiscs, classes []kmsg) (*tc.Tc, *[]tcRequest) {
 		reflect.NewAt(f.Type(), unsafe.Pointer(f.UnsafeAddr())).Elem().Set(reflect.ValueOf(v))
 	}
 	t.Cleanup(func() { _ = conn.Close() })
-	return c, &changes
+	return c, conn, &changes
 }
 
 func decodeRequest(t *testing.T, m netlink.Message) tcRequest {

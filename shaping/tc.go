@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/qoscni/qoscni/internal/fault"
+	"github.com/qoscni/qoscni/internal/tcdump"
 )
 
 // Handles and constants of the pipeline. The shaping qdisc is always 1: at
@@ -87,9 +88,9 @@ type Shaper struct {
 // only changes its own devices, so the shared dump stays right for the
 // others.
 func (s *Shaper) BeginPass() error {
-	q, err := s.tc.Qdisc().Get()
+	q, err := s.qdiscs()
 	if err != nil {
-		return fmt.Errorf("dump qdiscs: %w", err)
+		return err
 	}
 	s.pass = q
 	return nil
@@ -125,6 +126,7 @@ func Open(nsFd int) (*Shaper, error) {
 	}
 	// Extended acks carry the kernel's reason for a refusal.
 	_ = t.SetOption(0xb /* NETLINK_EXT_ACK */, true)
+	_ = rt.SetOption(mnl.ExtendedAcknowledge, true)
 	return &Shaper{tc: t, nl: h, rt: rt}, nil
 }
 
@@ -311,8 +313,8 @@ func (s *Shaper) read(d Desired) (*kstate, error) {
 	}
 	qdiscs := s.pass
 	if qdiscs == nil {
-		if qdiscs, err = s.tc.Qdisc().Get(); err != nil {
-			return nil, fmt.Errorf("dump qdiscs: %w", err)
+		if qdiscs, err = s.qdiscs(); err != nil {
+			return nil, err
 		}
 	}
 	if st.veth != nil {
@@ -372,8 +374,8 @@ func (s *Shaper) readShape(qdiscs []tc.Object, ifindex uint32) (*shape, *qdiscRe
 	var classes []tc.Object
 	if r := rootQdisc(qdiscs, ifindex); r != nil && isOurRoot(r) && r.Kind == "htb" {
 		var err error
-		if classes, err = s.tc.Class().Get(&tc.Msg{Family: unix.AF_UNSPEC, Ifindex: ifindex}); err != nil {
-			return nil, nil, fmt.Errorf("dump classes of ifindex %d: %w", ifindex, err)
+		if classes, err = tcdump.Classes(s.rt, ifindex); err != nil {
+			return nil, nil, err
 		}
 	}
 	sh, foreign := decodeShape(qdiscs, classes, ifindex)
@@ -808,9 +810,9 @@ func (s *Shaper) Remove(hostVeth, ifb string) error {
 }
 
 func (s *Shaper) removeFromVeth(idx, ifbIndex int) error {
-	qdiscs, err := s.tc.Qdisc().Get()
+	qdiscs, err := s.qdiscs()
 	if err != nil {
-		return fmt.Errorf("dump qdiscs: %w", err)
+		return err
 	}
 	var errs []error
 	if sh, _, err := s.readShape(qdiscs, uint32(idx)); err != nil {
@@ -834,4 +836,13 @@ func (s *Shaper) removeFromVeth(idx, ifbIndex int) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// qdiscs dumps the namespace's qdiscs with tcdump: go-tc's dump fails on
+// any qdisc of the node it cannot decode, such as a cutting leaf's TBF,
+// whose rate the kernel sends as a 64-bit attribute (and its class dump
+// on that TBF's class, which has no counters).
+func (s *Shaper) qdiscs() ([]tc.Object, error) {
+	q, err := tcdump.Qdiscs(s.rt)
+	return tcdump.Objects(q), err
 }

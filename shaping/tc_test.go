@@ -143,6 +143,37 @@ func TestForeignRootQdiscUntouched(t *testing.T) {
 	}
 }
 
+// A qdisc anywhere on the node that go-tc v0.4.4 cannot decode (a TBF
+// above 2^32 bytes/s, which the kernel dumps with TCA_TBF_RATE64) failed
+// every qdisc dump, so every ADD, CHECK and DEL. Shaping reads past it and
+// leaves it alone.
+func TestUndecodableForeignQdiscDoesNotStopShaping(t *testing.T) {
+	n, _, s := kernelSetup(t)
+	n.Exec(t, "ip", "link", "add", "qvfast0", "type", "veth", "peer", "name", "qvfast1")
+	n.Exec(t, "tc", "qdisc", "add", "dev", "qvfast0", "root", "handle", "7:", "tbf", "rate", "40gbit", "burst", "64kb", "limit", "1mb")
+	d := desired(derive(10_000_000, 0, false, 10*time.Millisecond, 1500, SourceAnnotation),
+		derive(20_000_000, 0, false, 10*time.Millisecond, 1500, SourceAnnotation))
+	if err := s.ApplyFresh(d); err != nil {
+		t.Fatal(err)
+	}
+	if diff, err := s.Diff(d); err != nil || len(diff) != 0 {
+		t.Fatalf("Diff after Apply: %v %v", diff, err)
+	}
+	if err := s.BeginPass(); err != nil {
+		t.Fatalf("a pass's dump: %v", err)
+	}
+	s.EndPass()
+	if err := s.Remove("qvtest0", "qitest0"); err != nil {
+		t.Fatal(err)
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", "qvtest0"); strings.Contains(q, "tbf 1:") || strings.Contains(q, "clsact") {
+		t.Errorf("Remove left shaping behind: %s", q)
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", "qvfast0"); !strings.Contains(q, "tbf 7: root") || !strings.Contains(q, "40Gbit") {
+		t.Errorf("the other device's TBF changed: %s", q)
+	}
+}
+
 // A running TCP flow keeps its connection while the rate changes under it,
 // and converges to the new rate.
 func TestReshapeInPlaceWithFlow(t *testing.T) {

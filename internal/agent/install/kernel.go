@@ -17,6 +17,7 @@ import (
 	"github.com/qoscni/qoscni/internal/cni/podnet"
 	"github.com/qoscni/qoscni/internal/cni/teardown"
 	"github.com/qoscni/qoscni/internal/state"
+	"github.com/qoscni/qoscni/internal/tcdump"
 	"github.com/qoscni/qoscni/portmap"
 	"github.com/qoscni/qoscni/shaping"
 )
@@ -194,9 +195,9 @@ func (k *kernel) leftoverShaping(rep *Report) error {
 			ifbs[uint32(l.Attrs().Index)] = l.Attrs().Name
 		}
 	}
-	qdiscs, err := k.tcc.Qdisc().Get()
+	qdiscs, err := tcdump.QdiscsAt(k.fd)
 	if err != nil {
-		return fmt.Errorf("dump qdiscs: %w", err)
+		return err
 	}
 	ingressHook := core.BuildHandle(0xFFFF, tc.HandleMinIngress)
 	for _, q := range qdiscs {

@@ -9,6 +9,8 @@ import (
 	"github.com/florianl/go-tc/core"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/internal/tcdump"
 )
 
 // The hooks of clsact (and of the older ingress qdisc, which answers for
@@ -92,9 +94,9 @@ func (r *Reconciler) inUseLinks(unknown []netlink.Link, res *PassResult) map[int
 // mirror) of the node's clsact or ingress filters targets to the links
 // whose filters do.
 func (r *Reconciler) redirectTargets() (map[int][]int, error) {
-	qdiscs, err := r.tc.Qdisc().Get()
+	qdiscs, err := tcdump.QdiscsAt(r.cfg.NetnsFd)
 	if err != nil {
-		return nil, fmt.Errorf("dump qdiscs: %w", err)
+		return nil, err
 	}
 	targets := map[int][]int{}
 	for _, q := range qdiscs {
