@@ -64,14 +64,29 @@ const (
 	// borrowers share spare capacity by bytes, equally within a priority
 	// (and no class hits HTB's own quantum clamp of rate/r2q).
 	hierQuantum = 65536 + ethHeader
-	// hierLeafFloor is the smallest leaf FIFO: one 64 KiB GSO packet with
-	// the headers the kernel counts for each of its segments (68.4 kB at
-	// a 1500 MTU). Not two (gsoQueue, what the per-pod TBF keeps): a
-	// saturating pod's own packets wait behind its FIFO, and two GSO
-	// packets are 18 ms at 57 Mbit/s, past a 10 ms budget; one is 10.3.
+	// hierLeafFloor is the smallest FIFO of a leaf that does not cut (its
+	// queue is at least peakQueueBelow): one 64 KiB GSO packet with the
+	// headers the kernel counts for each of its segments (68.4 kB at a
+	// 1500 MTU), which HTB and the IFB pass whole.
 	hierLeafFloor = 72 << 10
-	// hierIFBMTU: the IFBs carry every pod's packets, whatever its MTU.
-	hierIFBMTU = 65535
+	// hierMaxPacket is the largest packet an IFB passes: a 64 KiB GSO
+	// packet. Each HTB class's bucket holds two.
+	hierMaxPacket = 65535 + ethHeader
+	// hierIFBMTU is the IFBs' MTU. Nothing on a redirect's path checks
+	// it (pods of any MTU, GSO packets of 64 KiB go through), but TBF
+	// warns in the kernel log when its bucket is below the device's
+	// frame, and a cutting leaf's bucket is a few frames.
+	hierIFBMTU = 1500
+	// hierCutRate is a cutting leaf's TBF rate, 2^40 bytes/s (8.8
+	// Tbit/s): it never holds a packet back. At 2^32 - 1 bytes/s, the
+	// most TBF takes without TCA_TBF_RATE64, HTB's back-to-back dequeues
+	// empty its few-frame bucket and the kernel logs the leaf as
+	// non-work-conserving.
+	hierCutRate = 1 << 40
+	// hierCutMajor is added to a pod's minor for the handle of its
+	// cutting TBF: a FIFO leaf is <m>:, a cutting one <0x1000+m>:, so
+	// one replaces the other in one graft whichever was there.
+	hierCutMajor = 0x1000
 	// u32 tables: one per family, 256 buckets on the address's last byte.
 	hierHT4, hierHT6   = 0x100, 0x101
 	hierPrio4          = 1
@@ -296,6 +311,11 @@ func (s *Shaper) EnsureHierarchy(d HierDirection, capacityBytes, reservedBytes u
 		if ifb, err = s.createIFB(d.IFB(), hierIFBMTU); err != nil {
 			return err
 		}
+	} else if ifb.Attrs().MTU != hierIFBMTU {
+		// Made by an earlier version (65535).
+		if err := s.nl.LinkSetMTU(ifb, hierIFBMTU); err != nil {
+			return fmt.Errorf("set the MTU of %s: %w", d.IFB(), err)
+		}
 	}
 	idx := ifb.Attrs().Index
 	qdiscs, err := s.qdiscs()
@@ -344,8 +364,8 @@ func (s *Shaper) SetBestEffort(d HierDirection, capacityBytes, reservedBytes uin
 func (s *Shaper) setHierClass(idx int, handle, parent uint32, rate, ceil uint64, prio uint8, burst, cburst uint64) error {
 	rate, ceil = max(rate, 1), max(ceil, rate, 1)
 	// HTB refuses a bucket that cannot hold one full frame.
-	burst = max(burst, 2*(hierIFBMTU+ethHeader))
-	cburst = max(cburst, 2*(hierIFBMTU+ethHeader))
+	burst = max(burst, 2*hierMaxPacket)
+	cburst = max(cburst, 2*hierMaxPacket)
 	r32, c32 := uint32(min(rate, math.MaxUint32)), uint32(min(ceil, math.MaxUint32))
 	class := &tc.Object{Msg: msg(idx, handle, parent, 0), Attribute: tc.Attribute{Kind: "htb", Htb: &tc.Htb{
 		Parms: &tc.HtbOpt{
@@ -372,6 +392,47 @@ func (s *Shaper) setHierLeafQueue(idx int, minor uint16, limit uint64) error {
 	leaf := &tc.Object{Msg: msg(idx, core.BuildHandle(uint32(minor), 0), core.BuildHandle(1, uint32(minor)), 0),
 		Attribute: tc.Attribute{Kind: "bfifo", Bfifo: &tc.FifoOpt{Limit: uint32(min(limit, math.MaxUint32))}}}
 	if err := s.tc.Qdisc().Replace(leaf); err != nil {
+		return fmt.Errorf("set the queue of class 1:%x on ifindex %d: %w", minor, idx, err)
+	}
+	return nil
+}
+
+// leafQueue is what goes under a pod's class: a byte FIFO of limit bytes,
+// or, when cut is not 0, a TBF that cuts every packet above cut bytes
+// into frames before its FIFO of limit bytes.
+type leafQueue struct{ limit, cut uint64 }
+
+// hierLeafQueue sizes a pod's leaf from its queue-delay budget (queue,
+// bytes) and its device's MTU.
+//
+// HTB sends a GSO packet whole and charges its class for it afterwards.
+// Where the budget holds two GSO packets or more (a queue of at least
+// peakQueueBelow, the same line the per-pod TBF draws for its peak rate),
+// that granularity is within the budget and the FIFO takes the packets
+// whole. Below it a 64 KiB packet is most of the budget (9.2 ms at 57
+// Mbit/s), so a TBF under the class cuts each packet larger than a
+// quarter of the budget into frames first (tbf_segment), at least two
+// frames, and the queue is the budget itself. The TBF never limits the
+// rate (hierCutRate); HTB does.
+func hierLeafQueue(queue uint64, mtu int) leafQueue {
+	if queue >= peakQueueBelow {
+		return leafQueue{limit: max(queue, hierLeafFloor)}
+	}
+	frame := uint64(max(mtu, 68) + ethHeader)
+	cut := max(queue/4, 2*frame, hierIFBMTU+ethHeader)
+	return leafQueue{limit: max(queue, 2*cut), cut: cut}
+}
+
+// cutHandle is the handle of minor's cutting TBF.
+func cutHandle(minor uint16) uint32 { return core.BuildHandle(hierCutMajor+uint32(minor), 0) }
+
+// setPodLeaf puts q under pod class 1:<minor>, replacing whichever
+// leaf was there in one graft.
+func (s *Shaper) setPodLeaf(idx int, minor uint16, q leafQueue) error {
+	if q.cut == 0 {
+		return s.setHierLeafQueue(idx, minor, q.limit)
+	}
+	if err := s.setCutTBF(idx, cutHandle(minor), core.BuildHandle(1, uint32(minor)), q.cut, q.limit); err != nil {
 		return fmt.Errorf("set the queue of class 1:%x on ifindex %d: %w", minor, idx, err)
 	}
 	return nil
@@ -518,14 +579,14 @@ func (s *Shaper) join(m HierMember, cur map[HierDirection]HierState, ifbs map[Hi
 			}
 			idx = ifb.Attrs().Index
 		}
-		if err := s.joinDirection(d, m, *leaf, cur[d], vethIdx, idx); err != nil {
+		if err := s.joinDirection(d, m, *leaf, cur[d], vethIdx, veth.Attrs().MTU, idx); err != nil {
 			return fmt.Errorf("join %s to the %s hierarchy: %w", m.HostVeth, d, err)
 		}
 	}
 	return nil
 }
 
-func (s *Shaper) joinDirection(d HierDirection, m HierMember, leaf HierLeaf, cur HierState, vethIdx, idx int) error {
+func (s *Shaper) joinDirection(d HierDirection, m HierMember, leaf HierLeaf, cur HierState, vethIdx, mtu, idx int) error {
 	handle := core.BuildHandle(1, uint32(m.Minor))
 	parent := hierBestEff
 	if leaf.RateBytes > 0 {
@@ -540,7 +601,7 @@ func (s *Shaper) joinDirection(d HierDirection, m HierMember, leaf HierLeaf, cur
 	if err := s.setHierClass(idx, handle, parent, rate, leaf.CeilBytes, leaf.Prio, leaf.BurstBytes, leaf.CburstBytes); err != nil {
 		return err
 	}
-	if err := s.setHierLeafQueue(idx, m.Minor, leaf.QueueBytes); err != nil {
+	if err := s.setPodLeaf(idx, m.Minor, hierLeafQueue(leaf.QueueBytes, mtu)); err != nil {
 		return err
 	}
 	for _, ip := range m.IPs {
