@@ -83,7 +83,7 @@ var (
 	descGUp         = newDesc("qoscni_guarantee_class_up", "1 when the pod's class was found in the node hierarchy at this scrape, else 0.", dirLabels)
 	descGBytes      = newDesc("qoscni_guarantee_sent_bytes_total", "Bytes the pod's class in the node hierarchy sent (layer 2 size).", dirLabels)
 	descGPackets    = newDesc("qoscni_guarantee_sent_packets_total", "Packets the pod's class in the node hierarchy sent.", dirLabels)
-	descGDrops      = newDesc("qoscni_guarantee_dropped_packets_total", "Packets the pod's class dropped (its queue was full).", dirLabels)
+	descGDrops      = newDesc("qoscni_guarantee_dropped_packets_total", "Packets the pod's class dropped (its queue was full); where its leaf cuts GSO packets (requests under about 100 Mbit/s), frames.", dirLabels)
 	descGOverlimits = newDesc("qoscni_guarantee_overlimits_total", "Times the pod's class reached its limit (HTB ceil) and had to wait.", dirLabels)
 	descGLends      = newDesc("qoscni_guarantee_htb_lends_total", "Packets the pod's class sent within its guaranteed rate: HTB's lends count of a leaf class. A count of dequeues, not bytes (a GSO packet of up to 64 KiB counts once, so it is below sent_packets_total).", dirLabels)
 	descGBorrows    = newDesc("qoscni_guarantee_htb_borrows_total", "Packets the pod's class sent above its guaranteed rate, on capacity borrowed from its parent: HTB's borrows count. A count of dequeues, not bytes (HTB counts no borrowed bytes; a GSO packet counts once).", dirLabels)
@@ -180,8 +180,13 @@ const (
 // the class being made again (a pod gaining or losing its request moves
 // it) and the kernel's 32-bit counts wrapping: every count but bytes is
 // 32 bits in the TCA_STATS and TCA_XSTATS the class is read from.
+//
+// A rejoin that swaps the class's leaf between a FIFO and a cutting TBF
+// keeps the class but changes where its drops are counted (HTB's or the
+// TBF's, which starts at 0): only the drop count restarts then.
 type classMonotonic struct {
 	guaranteed bool
+	cut        bool
 	last       [nClassCounters]uint64
 	offset     [nClassCounters]uint64
 }
@@ -195,6 +200,10 @@ func classRaw(c *shaping.HierClass) [nClassCounters]uint64 {
 func (m *classMonotonic) update(c *shaping.HierClass) [nClassCounters]uint64 {
 	now := classRaw(c)
 	reset := c.Guaranteed != m.guaranteed || now[gBytes] < m.last[gBytes]
+	if !reset && c.Cut != m.cut {
+		m.offset[gDrops] += m.last[gDrops]
+		m.last[gDrops] = 0
+	}
 	for i := range now {
 		switch {
 		case reset:
@@ -203,7 +212,7 @@ func (m *classMonotonic) update(c *shaping.HierClass) [nClassCounters]uint64 {
 			m.offset[i] += 1 << 32
 		}
 	}
-	m.guaranteed, m.last = c.Guaranteed, now
+	m.guaranteed, m.cut, m.last = c.Guaranteed, c.Cut, now
 	var out [nClassCounters]uint64
 	for i := range now {
 		out[i] = m.offset[i] + now[i]

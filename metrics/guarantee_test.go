@@ -27,6 +27,22 @@ func TestClassMonotonicAcrossMoveAndWrap(t *testing.T) {
 	}
 }
 
+// A rejoin that swaps the leaf for a cutting TBF keeps the class and its
+// counts; only the drops, now the TBF's from 0, restart.
+func TestClassMonotonicAcrossLeafSwap(t *testing.T) {
+	c := &shaping.HierClass{Minor: 0x10, Guaranteed: true, Stats: shaping.HierClassStats{Bytes: 5000, Packets: 5, Drops: 40}}
+	m := &classMonotonic{guaranteed: true}
+	m.update(c)
+	c.Cut, c.Stats.Bytes, c.Stats.Packets, c.Stats.Drops = true, 9000, 9, 3
+	if v := m.update(c); v[gDrops] != 43 || v[gBytes] != 9000 || v[gPackets] != 9 {
+		t.Fatalf("after the swap = %v", v)
+	}
+	c.Cut, c.Stats.Bytes, c.Stats.Drops = false, 9500, 1
+	if v := m.update(c); v[gDrops] != 44 || v[gBytes] != 9500 {
+		t.Fatalf("after swapping back = %v", v)
+	}
+}
+
 func TestJoinGuarantees(t *testing.T) {
 	r := rec("a", "web", "c1", "eth0", "", time.Now())
 	r.Shaping = &state.Shaping{Guarantee: &state.Guarantee{Minor: 0x12,

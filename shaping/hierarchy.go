@@ -192,6 +192,9 @@ type HierClass struct {
 	// Guaranteed: the class hangs off 1:1 (it has a request), not off
 	// the best-effort class.
 	Guaranteed bool
+	// Cut: its leaf is a cutting TBF (hierLeafQueue), and Stats.Drops
+	// counts that TBF's dropped frames rather than HTB's whole packets.
+	Cut bool
 	// Stats are the class's counters since the kernel made it.
 	Stats HierClassStats
 }
@@ -295,7 +298,41 @@ func (s *Shaper) ReadHierarchy(d HierDirection) (HierState, error) {
 		}
 		st.Classes[minor] = hc
 	}
-	return st, nil
+	return st, s.addCutDrops(ifb.Attrs().Index, classes, &st)
+}
+
+// addCutDrops counts a cutting leaf's drops as its class's. A TBF that
+// cut a GSO packet reports success to HTB when one of its frames got into
+// the queue, so HTB counts only packets dropped whole; the TBF counts
+// every dropped frame (of a cut packet, or whole), HTB's among them. Its
+// class in the class dump (kind tbf, <0x1000+m>:1) says which leaves cut;
+// only then does this take a qdisc dump.
+func (s *Shaper) addCutDrops(idx int, classes []tc.Object, st *HierState) error {
+	cut := map[uint32]uint16{}
+	for _, c := range classes {
+		major := c.Handle >> 16
+		if c.Kind == "tbf" && major >= hierCutMajor+uint32(MinMinor) && major <= hierCutMajor+uint32(MaxMinor) {
+			cut[major<<16] = uint16(major - hierCutMajor)
+		}
+	}
+	if len(cut) == 0 {
+		return nil
+	}
+	qdiscs, err := s.qdiscs()
+	if err != nil {
+		return err
+	}
+	for _, q := range qdiscs {
+		minor, ok := cut[q.Handle]
+		if !ok || q.Ifindex != uint32(idx) || q.Kind != "tbf" || q.Stats == nil {
+			continue
+		}
+		if hc, ok := st.Classes[minor]; ok {
+			hc.Cut, hc.Stats.Drops = true, q.Stats.Drops
+			st.Classes[minor] = hc
+		}
+	}
+	return nil
 }
 
 // EnsureHierarchy creates what is missing of the direction's hierarchy

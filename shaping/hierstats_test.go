@@ -85,7 +85,7 @@ func TestHierarchyClassStats(t *testing.T) {
 		}
 		after := tcClassCounters(t, h.node, HierarchyEgressIFB, c.minor)
 		got := st.Classes[c.minor].Stats
-		t.Logf("%s: go-tc %+v, tc %+v", c.pod, got, before)
+		t.Logf("%s: read %+v, tc %+v", c.pod, got, before)
 		for _, f := range []struct {
 			name      string
 			lo, v, hi uint64
@@ -100,6 +100,12 @@ func TestHierarchyClassStats(t *testing.T) {
 			if f.v < f.lo || f.v > f.hi {
 				t.Errorf("%s: %s = %d, tc shows %d then %d", c.pod, f.name, f.v, f.lo, f.hi)
 			}
+		}
+		// Both leaves cut (64 KiB budgets): the drops are their TBF's.
+		q := h.node.Exec(t, "tc", "-s", "qdisc", "show", "dev", HierarchyEgressIFB, "parent", fmt.Sprintf("1:%x", c.minor))
+		if !st.Classes[c.minor].Cut || !strings.Contains(q, fmt.Sprintf("qdisc tbf %x: ", hierCutMajor+uint32(c.minor))) ||
+			!strings.Contains(q, fmt.Sprintf("(dropped %d,", got.Drops)) {
+			t.Errorf("%s: cut %v, drops %d, its leaf: %s", c.pod, st.Classes[c.minor].Cut, got.Drops, q)
 		}
 		switch c.pod {
 		case "a":
