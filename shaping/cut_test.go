@@ -37,14 +37,29 @@ func TestHierarchyLeafCutsGSO(t *testing.T) {
 	h.ensure(t, 1_000_000_000)
 	p := h.pods[0]
 	const minor = 0x42
+	ips := []net.IP{p.ip, p.ip6}
+	guarantee := func(queue uint64) Guarantee {
+		c := &Class{RequestBits: 100_000_000, CeilBits: 1_000_000_000, BurstBytes: 16 << 10, CburstBytes: 16 << 10, QueueBytes: queue}
+		return Guarantee{Ingress: c, Egress: c}
+	}
 	join := func(queue uint64) {
 		t.Helper()
-		leaf := leafFor(100_000_000, 1_000_000_000, 0)
-		leaf.QueueBytes = queue
-		m := HierMember{Minor: minor, HostVeth: p.veth, IPs: []net.IP{p.ip, p.ip6}, Ingress: &leaf, Egress: &leaf}
-		if err := h.s.Join(m, h.states(t)); err != nil {
+		if err := h.s.Join(guarantee(queue).Member(minor, p.veth, ips), h.states(t)); err != nil {
 			t.Fatal(err)
 		}
+	}
+	// drift is what CHECK and the repairer see of the member.
+	drift := func(queue uint64) []string {
+		t.Helper()
+		states, err := h.s.ReadHierarchies(true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		diff, err := h.s.DiffMember(guarantee(queue), minor, p.veth, ips, states)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return diff
 	}
 	leafOf := func(ifb string) (kinds []string) {
 		t.Helper()
@@ -99,7 +114,29 @@ func TestHierarchyLeafCutsGSO(t *testing.T) {
 		t.Errorf("%d cutting TBFs, want one per IFB", found)
 	}
 
+	if d := drift(64 << 10); len(d) != 0 {
+		t.Errorf("drift right after the join: %q", d)
+	}
+	// A node upgraded from a version without cutting leaves has FIFOs
+	// there; a leaf deleted by hand leaves HTB's default. Both are drift,
+	// and a rejoin (the repairer's) puts the TBF back.
+	h.node.Exec(t, "tc", "qdisc", "replace", "dev", HierarchyEgressIFB, "parent", "1:42", "handle", "42:", "bfifo", "limit", "73728")
+	h.node.Exec(t, "tc", "qdisc", "del", "dev", HierarchyIngressIFB, "parent", "1:42")
+	if d := drift(64 << 10); len(d) != 2 || !strings.Contains(strings.Join(d, "\n"), "qoscni.out: the queue of class 1:42 of qvh0 is bfifo of 73728 bytes, want tbf of 65536 bytes") {
+		t.Errorf("drift of a FIFO and a missing leaf: %q", d)
+	}
+	join(64 << 10)
+	if d := drift(64 << 10); len(d) != 0 {
+		t.Errorf("drift after the rejoin: %q", d)
+	}
+	if d := drift(256 << 10); len(d) != 2 {
+		t.Errorf("a longer budget wants the FIFO back both ways: %q", d)
+	}
+
 	join(256 << 10)
+	if d := drift(256 << 10); len(d) != 0 {
+		t.Errorf("drift after joining with a FIFO: %q", d)
+	}
 	for _, ifb := range []string{HierarchyIngressIFB, HierarchyEgressIFB} {
 		out := h.node.Exec(t, "tc", "qdisc", "show", "dev", ifb)
 		if !strings.Contains(out, "qdisc bfifo 42: parent 1:42 limit 256Kb") || strings.Contains(out, "tbf 1042:") {

@@ -245,6 +245,35 @@ type HierState struct {
 	// Tables counts the families whose hash table is there and linked
 	// (2 when whole; only from ReadHierarchyFull).
 	Tables int
+	// leaves are the pod classes' queues (only from ReadHierarchyFull).
+	leaves map[uint16]leafRead
+}
+
+// leafRead is the queue under a pod class as the kernel has it: a FIFO at
+// <m>: or a cutting TBF at <0x1000+m>:, or another kind. The kernel does
+// not dump a TBF's cut size (at hierCutRate the bucket is under one 64 ns
+// tick), so the kind and the queue limit are what is compared.
+type leafRead struct {
+	kind  string
+	limit uint64
+}
+
+func (l leafRead) describe(found bool) string {
+	if !found {
+		return "missing"
+	}
+	if l.limit == 0 {
+		return l.kind
+	}
+	return fmt.Sprintf("%s of %d bytes", l.kind, l.limit)
+}
+
+// read is how the kernel shows q.
+func (q leafQueue) read() leafRead {
+	if q.cut == 0 {
+		return leafRead{kind: "bfifo", limit: min(max(q.limit, hierLeafFloor), math.MaxUint32)}
+	}
+	return leafRead{kind: "tbf", limit: min(q.limit, math.MaxUint32)}
 }
 
 func htbRate(r tc.RateSpec, r64 *uint64) uint64 {
@@ -258,6 +287,29 @@ func htbRate(r tc.RateSpec, r64 *uint64) uint64 {
 // counters, from one class dump (a zero state when its IFB or root is
 // missing).
 func (s *Shaper) ReadHierarchy(d HierDirection) (HierState, error) {
+	return s.readHierarchy(d, &qdiscDump{s: s})
+}
+
+// qdiscDump is the namespace's qdiscs, dumped once when first needed: a
+// read of both directions' hierarchies takes at most one.
+type qdiscDump struct {
+	s    *Shaper
+	q    []tc.Object
+	done bool
+}
+
+func (c *qdiscDump) get() ([]tc.Object, error) {
+	if !c.done {
+		q, err := c.s.qdiscs()
+		if err != nil {
+			return nil, err
+		}
+		c.q, c.done = q, true
+	}
+	return c.q, nil
+}
+
+func (s *Shaper) readHierarchy(d HierDirection, qd *qdiscDump) (HierState, error) {
 	st := HierState{Classes: map[uint16]HierClass{}}
 	ifb, err := s.linkOrNil(d.IFB())
 	if err != nil || ifb == nil {
@@ -298,7 +350,7 @@ func (s *Shaper) ReadHierarchy(d HierDirection) (HierState, error) {
 		}
 		st.Classes[minor] = hc
 	}
-	return st, s.addCutDrops(ifb.Attrs().Index, classes, &st)
+	return st, addCutDrops(ifb.Attrs().Index, classes, qd, &st)
 }
 
 // addCutDrops counts a cutting leaf's drops as its class's. A TBF that
@@ -307,7 +359,7 @@ func (s *Shaper) ReadHierarchy(d HierDirection) (HierState, error) {
 // every dropped frame (of a cut packet, or whole), HTB's among them. Its
 // class in the class dump (kind tbf, <0x1000+m>:1) says which leaves cut;
 // only then does this take a qdisc dump.
-func (s *Shaper) addCutDrops(idx int, classes []tc.Object, st *HierState) error {
+func addCutDrops(idx int, classes []tc.Object, qd *qdiscDump, st *HierState) error {
 	cut := map[uint32]uint16{}
 	for _, c := range classes {
 		major := c.Handle >> 16
@@ -318,7 +370,7 @@ func (s *Shaper) addCutDrops(idx int, classes []tc.Object, st *HierState) error 
 	if len(cut) == 0 {
 		return nil
 	}
-	qdiscs, err := s.qdiscs()
+	qdiscs, err := qd.get()
 	if err != nil {
 		return err
 	}
@@ -903,12 +955,13 @@ func (s *Shaper) readEntries(d HierDirection, st *HierState) error {
 // ReadHierarchyFull).
 func (s *Shaper) ReadHierarchies(full bool) (map[HierDirection]HierState, error) {
 	out := map[HierDirection]HierState{}
+	qd := &qdiscDump{s: s}
 	for _, d := range []HierDirection{IntoPods, OutOfPods} {
-		read := s.ReadHierarchy
+		read := s.readHierarchy
 		if full {
-			read = s.ReadHierarchyFull
+			read = s.readHierarchyFull
 		}
-		st, err := read(d)
+		st, err := read(d, qd)
 		if err != nil {
 			return nil, err
 		}
@@ -917,18 +970,57 @@ func (s *Shaper) ReadHierarchies(full bool) (map[HierDirection]HierState, error)
 	return out, nil
 }
 
-// ReadHierarchyFull is ReadHierarchy with the address entries.
+// ReadHierarchyFull is ReadHierarchy with the address entries and the
+// pod classes' queues.
 func (s *Shaper) ReadHierarchyFull(d HierDirection) (HierState, error) {
-	st, err := s.ReadHierarchy(d)
+	return s.readHierarchyFull(d, &qdiscDump{s: s})
+}
+
+func (s *Shaper) readHierarchyFull(d HierDirection, qd *qdiscDump) (HierState, error) {
+	st, err := s.readHierarchy(d, qd)
 	if err != nil {
 		return st, err
 	}
-	return st, s.readEntries(d, &st)
+	if err := s.readEntries(d, &st); err != nil {
+		return st, err
+	}
+	return st, s.readLeaves(d, qd, &st)
+}
+
+// readLeaves reads the queue under each pod class from the qdisc dump.
+func (s *Shaper) readLeaves(d HierDirection, qd *qdiscDump, st *HierState) error {
+	ifb, err := s.linkOrNil(d.IFB())
+	if err != nil || ifb == nil {
+		return err
+	}
+	qdiscs, err := qd.get()
+	if err != nil {
+		return err
+	}
+	st.leaves = map[uint16]leafRead{}
+	for _, q := range qdiscs {
+		minor := uint16(q.Parent & 0xFFFF)
+		if q.Ifindex != uint32(ifb.Attrs().Index) || q.Parent>>16 != 1 || minor < MinMinor || minor > MaxMinor {
+			continue
+		}
+		l := leafRead{kind: q.Kind}
+		switch {
+		case q.Kind == "bfifo" && q.Handle == core.BuildHandle(uint32(minor), 0) && q.Bfifo != nil:
+			l.limit = uint64(q.Bfifo.Limit)
+		case q.Kind == "tbf" && q.Handle == cutHandle(minor) && q.Tbf != nil && q.Tbf.Parms != nil:
+			l.limit = uint64(q.Tbf.Parms.Limit)
+		default:
+			l.kind = fmt.Sprintf("%s %s", q.Kind, handleString(q.Handle))
+		}
+		st.leaves[minor] = l
+	}
+	return nil
 }
 
 // DiffMember lists what the kernel lacks of a member, read-only: its class
-// in each direction it has one (parent, rate, ceil, priority), the entries
-// of its addresses and the redirects on its host veth. states come from
+// in each direction it has one (parent, rate, ceil, priority) and the
+// queue under it, the entries of its addresses and the redirects on its
+// host veth. states come from
 // ReadHierarchyFull (one read serves a pass over every member).
 func (s *Shaper) DiffMember(g Guarantee, minor uint16, hostVeth string, ips []net.IP, states map[HierDirection]HierState) ([]string, error) {
 	veth, err := s.linkOrNil(hostVeth)
@@ -951,6 +1043,13 @@ func (s *Shaper) DiffMember(g Guarantee, minor uint16, hostVeth string, ips []ne
 			out = append(out, fmt.Sprintf("%s: class 1:%x of %s has rate %d ceil %d prio %d (guaranteed %v), want rate %d ceil %d prio %d",
 				d.IFB(), minor, hostVeth, have.Leaf.RateBytes*8, have.Leaf.CeilBytes*8, have.Leaf.Prio, have.Guaranteed,
 				want.RateBytes*8, want.CeilBytes*8, want.Prio))
+		}
+		if ok && veth != nil && st.leaves != nil {
+			want := hierLeafQueue(want.QueueBytes, veth.Attrs().MTU).read()
+			if have, ok := st.leaves[minor]; !ok || have != want {
+				out = append(out, fmt.Sprintf("%s: the queue of class 1:%x of %s is %s, want %s of %d bytes",
+					d.IFB(), minor, hostVeth, have.describe(ok), want.kind, want.limit))
+			}
 		}
 		for _, ip := range ips {
 			found := false

@@ -182,7 +182,7 @@ func DecodeClass(b []byte) (tc.Object, error) {
 	var o tc.Object
 	opts, err := decodeMsg(b, &o)
 	if err == nil && opts != nil && o.Kind == "htb" {
-		o.Htb = decodeHtbClass(opts)
+		o.Htb = decodeHtb(opts)
 	}
 	return o, err
 }
@@ -348,8 +348,10 @@ func decodeFqCodel(b []byte) *tc.FqCodel {
 	return f
 }
 
-// decodeHtbClass reads an HTB class's parameters and 64-bit rates.
-func decodeHtbClass(b []byte) *tc.Htb {
+// decodeHtb reads HTB's options: a qdisc's (TCA_HTB_INIT, the direct
+// queue) or a class's (TCA_HTB_PARMS and the 64-bit rates); the attribute
+// numbers are one space.
+func decodeHtb(b []byte) *tc.Htb {
 	ad, err := nl.NewAttributeDecoder(b)
 	if err != nil {
 		return nil
@@ -362,6 +364,13 @@ func decodeHtbClass(b []byte) *tc.Htb {
 			if readStruct(ad.Bytes(), &p) {
 				h.Parms = &p
 			}
+		case tcaHtbInit:
+			var g tc.HtbGlob
+			if readStruct(ad.Bytes(), &g) {
+				h.Init = &g
+			}
+		case tcaHtbDirectQlen:
+			h.DirectQlen = u32p(ad.Bytes())
 		case tcaHtbRate64:
 			if v := u64(ad.Bytes()); v != 0 {
 				h.Rate64 = &v
@@ -370,30 +379,6 @@ func decodeHtbClass(b []byte) *tc.Htb {
 			if v := u64(ad.Bytes()); v != 0 {
 				h.Ceil64 = &v
 			}
-		}
-	}
-	if ad.Err() != nil {
-		return nil
-	}
-	return h
-}
-
-// decodeHtb reads an HTB qdisc's options.
-func decodeHtb(b []byte) *tc.Htb {
-	ad, err := nl.NewAttributeDecoder(b)
-	if err != nil {
-		return nil
-	}
-	h := &tc.Htb{}
-	for ad.Next() {
-		switch ad.Type() {
-		case tcaHtbInit:
-			var g tc.HtbGlob
-			if readStruct(ad.Bytes(), &g) {
-				h.Init = &g
-			}
-		case tcaHtbDirectQlen:
-			h.DirectQlen = u32p(ad.Bytes())
 		}
 	}
 	if ad.Err() != nil {

@@ -128,14 +128,17 @@ func TestDecodeShortStructsStayNil(t *testing.T) {
 	}
 }
 
-// FuzzDecode: no input makes Decode panic, and what it accepts keeps the
-// header it was given.
+// FuzzDecode: no input makes Decode or DecodeClass panic, and what they
+// accept keeps the header it was given.
 func FuzzDecode(f *testing.F) {
 	f.Add(message(f, 4, 0x20000, 0x10020, "tbf", func(n *nl.AttributeEncoder) { n.Uint64(tcaTbfRate64, 1<<40) }))
 	f.Add(message(f, 5, 0x10000, 0xFFFFFFFF, "fq_codel", func(n *nl.AttributeEncoder) { n.Uint32(tcaFqCodelTarget, 1) }))
 	f.Add(message(f, 6, 0x10000, 0xFFFFFFFF, "htb", func(n *nl.AttributeEncoder) { n.Bytes(tcaHtbInit, make([]byte, 20)) }))
 	f.Add(message(f, 6, 0x10000, 0xFFFFFFFF, "bfifo", nil))
 	f.Fuzz(func(t *testing.T, b []byte) {
+		if c, err := DecodeClass(b); err == nil && c.Handle != binary.NativeEndian.Uint32(b[8:12]) {
+			t.Fatalf("class header not kept: %+v", c.Msg)
+		}
 		q, err := Decode(b)
 		if err != nil {
 			return
@@ -144,4 +147,61 @@ func FuzzDecode(f *testing.F) {
 			t.Fatalf("header not kept: %+v", q.Msg)
 		}
 	})
+}
+
+func TestDecodeClass(t *testing.T) {
+	opt := tc.HtbOpt{Rate: tc.RateSpec{Rate: ^uint32(0)}, Ceil: tc.RateSpec{Rate: 1000}, Buffer: 5, Cbuffer: 6, Quantum: 65550, Prio: 3}
+	hdr := make([]byte, tcmsgLen)
+	binary.NativeEndian.PutUint32(hdr[4:], 9)
+	binary.NativeEndian.PutUint32(hdr[8:], 0x10042)
+	binary.NativeEndian.PutUint32(hdr[12:], 0x10001)
+	ae := nl.NewAttributeEncoder()
+	ae.String(tcaKind, "htb")
+	ae.Nested(tcaOptions, func(n *nl.AttributeEncoder) error {
+		n.Bytes(tcaHtbParms, structBytes(t, opt))
+		n.Uint64(tcaHtbRate64, 6_000_000_000)
+		n.Uint32(9, 1) // TCA_HTB_OFFLOAD, unknown here
+		return nil
+	})
+	ae.Nested(tcaStats2, func(n *nl.AttributeEncoder) error {
+		basic := make([]byte, 16)
+		binary.NativeEndian.PutUint64(basic, 1<<40)
+		binary.NativeEndian.PutUint32(basic[8:], 77)
+		n.Bytes(tcaStatsBasic, basic)
+		queue := make([]byte, 20)
+		for i, v := range []uint32{2, 3000, 4, 5, 6} { // qlen, backlog, drops, requeues, overlimits
+			binary.NativeEndian.PutUint32(queue[4*i:], v)
+		}
+		n.Bytes(tcaStatsQueue, queue)
+		return nil
+	})
+	ae.Bytes(tcaXStats, structBytes(t, tc.HtbXStats{Lends: 8, Borrows: 9}))
+	b, err := ae.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := DecodeClass(append(hdr, b...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Handle != 0x10042 || c.Parent != 0x10001 || c.Htb == nil || c.Htb.Parms == nil || *c.Htb.Parms != opt ||
+		c.Htb.Rate64 == nil || *c.Htb.Rate64 != 6_000_000_000 || c.Htb.Ceil64 != nil {
+		t.Fatalf("htb class: %+v %+v", c.Msg, c.Htb)
+	}
+	if s := c.Stats; s == nil || s.Bytes != 1<<40 || s.Packets != 77 || s.Qlen != 2 || s.Backlog != 3000 || s.Drops != 4 || s.Overlimits != 6 {
+		t.Fatalf("counters: %+v", c.Stats)
+	}
+	if c.XStats == nil || c.XStats.Htb == nil || c.XStats.Htb.Lends != 8 || c.XStats.Htb.Borrows != 9 {
+		t.Fatalf("htb counters: %+v", c.XStats)
+	}
+
+	// A TBF's one class: kind and an empty TCA_STATS2, which go-tc
+	// cannot read.
+	ae = nl.NewAttributeEncoder()
+	ae.String(tcaKind, "tbf")
+	ae.Nested(tcaStats2, func(*nl.AttributeEncoder) error { return nil })
+	b, _ = ae.Encode()
+	if c, err = DecodeClass(append(hdr, b...)); err != nil || c.Kind != "tbf" || c.Stats != nil {
+		t.Fatalf("tbf class: %+v, %v", c, err)
+	}
 }
