@@ -503,8 +503,12 @@ func (rs *Results) writeScale(w io.Writer) {
 	if math.IsNaN(r) || r > 1.5 {
 		goal = "missed"
 	}
-	fmt.Fprintf(w, "| ADD p50 at %s pods: with a request vs unshaped (no nodeCapacity) | %s ms (unshaped) | %s ms (request) | %s | <= 1.5 (%s) |\n",
-		rs.scale["pods_many"], rs.scale["add_plain_p50"], rs.scale["add_request_p50"], iperfping.Ratio(r), goal)
+	pairs := ""
+	if n, ok := rs.scale["add_pairs"]; ok {
+		pairs = fmt.Sprintf(", medians of %s alternating runs", n)
+	}
+	fmt.Fprintf(w, "| ADD p50 at %s pods: with a request vs unshaped (no nodeCapacity%s) | %s ms (unshaped) | %s ms (request) | %s | <= 1.5 (%s) |\n",
+		rs.scale["pods_many"], pairs, rs.scale["add_plain_p50"], rs.scale["add_request_p50"], iperfping.Ratio(r), goal)
 	if p99, ok := rs.scale["agent_p99_ms"]; ok {
 		goal = "met"
 		if v := iperfping.ParseNum(p99); math.IsNaN(v) || v >= 1000 {
