@@ -85,6 +85,8 @@ type Class struct {
 	MaxQueueDelay time.Duration
 	// Clamps lists the settings a ceiling cut down (nil: none).
 	Clamps []Clamp
+	// Claimed: the request is the pod's DRA grant, not its annotation.
+	Claimed bool
 }
 
 // Guarantee is one pod's classes; a direction is nil where the node has
@@ -102,13 +104,16 @@ type guaranteeDirection struct {
 	requestAnno string
 	capacity    func(Capacity) uint64
 	limit       func(Plan) *Params
+	granted     func(Granted) uint64
 }
 
 var (
 	guaranteeIngress = guaranteeDirection{dirIngress, AnnotationIngressRequest,
-		func(c Capacity) uint64 { return c.IngressBits }, func(p Plan) *Params { return p.Ingress }}
+		func(c Capacity) uint64 { return c.IngressBits }, func(p Plan) *Params { return p.Ingress },
+		func(g Granted) uint64 { return g.IngressBits }}
 	guaranteeEgress = guaranteeDirection{dirEgress, AnnotationEgressRequest,
-		func(c Capacity) uint64 { return c.EgressBits }, func(p Plan) *Params { return p.Egress }}
+		func(c Capacity) uint64 { return c.EgressBits }, func(p Plan) *Params { return p.Egress },
+		func(g Granted) uint64 { return g.EgressBits }}
 )
 
 // ResolveGuarantee derives the pod's class in each direction the node has
@@ -165,7 +170,19 @@ func resolveClass(in Inputs, d guaranteeDirection, limits Plan, capacity Capacit
 	}
 	var clamps []Clamp
 	var request uint64
-	if v, ok := in.Annotations[d.requestAnno]; ok {
+	claimed := false
+	if in.Granted != nil && d.granted(*in.Granted) > 0 {
+		// Placed by the scheduler: the request, whatever the annotation
+		// says, and never above the ceiling it is the guarantee under (a
+		// limit below it is raised to it, within the capacity).
+		request = min(d.granted(*in.Granted), capBits)
+		if c.MaxRequestBits != 0 && request > c.MaxRequestBits {
+			clamps = append(clamps, Clamp{Setting: SettingRequest, Requested: request, Applied: c.MaxRequestBits})
+			request = c.MaxRequestBits
+		}
+		ceil = max(ceil, request)
+		claimed = true
+	} else if v, ok := in.Annotations[d.requestAnno]; ok {
 		r, err := parseQuantity("annotation "+d.requestAnno, v, true)
 		if err != nil {
 			return nil, err
@@ -208,7 +225,7 @@ func resolveClass(in Inputs, d guaranteeDirection, limits Plan, capacity Capacit
 	return &Class{
 		RequestBits: request, CeilBits: ceil, Priority: prio,
 		BurstBytes: base.BurstBytes, CburstBytes: top.BurstBytes, QueueBytes: base.LimitBytes,
-		MaxQueueDelay: delay, Clamps: clamps,
+		MaxQueueDelay: delay, Clamps: clamps, Claimed: claimed,
 	}, nil
 }
 
@@ -238,20 +255,31 @@ func (d direction) limitField(source string) string {
 // capacity (a capacity lowered under running pods). The refusal is a CNI
 // error ErrBandwidthUnavailable with every number the operator needs.
 func Admit(direction string, capacityBits, reservedBits, requestBits uint64) error {
+	return admit(direction, capacityBits, reservedBits, requestBits, false)
+}
+
+// admit is Admit for a request from the pod's annotation or, claimed, from
+// its DRA claims, which the error names instead.
+func admit(direction string, capacityBits, reservedBits, requestBits uint64, claimed bool) error {
 	if requestBits == 0 || (requestBits <= capacityBits && reservedBits <= capacityBits-requestBits) {
 		return nil
 	}
-	where := ""
-	switch direction {
-	case dirIngress.name:
+	where, hint := "", "lower the request, or schedule the pod on a node with bandwidth left"
+	switch {
+	case claimed:
+		// The scheduler counted the claim against the node's
+		// ResourceSlice: it and the capacity here disagree, or pods with
+		// request annotations took what the slice says is free.
+		where = " (its DRA claims)"
+		hint = "the node's bandwidth ResourceSlice and its nodeCapacity disagree, or pods with request annotations hold what the scheduler counts as free"
+	case direction == dirIngress.name:
 		where = " (" + AnnotationIngressRequest + ")"
-	case dirEgress.name:
+	case direction == dirEgress.name:
 		where = " (" + AnnotationEgressRequest + ")"
 	}
 	return types.NewError(ErrBandwidthUnavailable,
 		fmt.Sprintf("%s: node capacity %s, %s already reserved by other pods, this pod requests %s%s",
-			direction, FormatRate(capacityBits), FormatRate(reservedBits), FormatRate(requestBits), where),
-		"lower the request, or schedule the pod on a node with bandwidth left")
+			direction, FormatRate(capacityBits), FormatRate(reservedBits), FormatRate(requestBits), where), hint)
 }
 
 // rateUnits are SI prefixes, as Kubernetes quantities and tc use them.

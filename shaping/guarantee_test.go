@@ -75,6 +75,17 @@ func TestResolveGuarantee(t *testing.T) {
 			Inputs{Annotations: annotations(AnnotationIngressRequest, "50M"), Ceilings: Ceilings{MaxRequestBits: 10_000_000}}, Capacity{IngressBits: g1},
 			&Class{RequestBits: 10_000_000, CeilBits: g1, Priority: PriorityNormal, BurstBytes: 62_500, CburstBytes: 1_250_000, QueueBytes: 12_500, MaxQueueDelay: DefaultMaxQueueDelay,
 				Clamps: []Clamp{{SettingRequest, 50_000_000, 10_000_000}}}, nil},
+		{"a DRA grant is the request; that direction's annotation is not read",
+			Inputs{Annotations: annotations(AnnotationIngressRequest, "10M", AnnotationEgressRequest, "lots"), Granted: &Granted{EgressBits: 10_000_000}}, both,
+			&Class{RequestBits: 10_000_000, CeilBits: g1, Priority: PriorityNormal, BurstBytes: 62_500, CburstBytes: 1_250_000, QueueBytes: 12_500, MaxQueueDelay: DefaultMaxQueueDelay},
+			&Class{RequestBits: 10_000_000, CeilBits: g1, Priority: PriorityNormal, BurstBytes: 62_500, CburstBytes: 1_250_000, QueueBytes: 12_500, MaxQueueDelay: DefaultMaxQueueDelay, Claimed: true}},
+		{"a DRA grant above the pod's limit raises its ceiling to the grant",
+			Inputs{Annotations: annotations(AnnotationEgressRate, "5M"), Granted: &Granted{EgressBits: 10_000_000}}, Capacity{EgressBits: g1},
+			nil, &Class{RequestBits: 10_000_000, CeilBits: 10_000_000, Priority: PriorityNormal, BurstBytes: 62_500, CburstBytes: 62_500, QueueBytes: 12_500, MaxQueueDelay: DefaultMaxQueueDelay, Claimed: true}},
+		{"a DRA grant is clamped by the operator's ceiling like a request",
+			Inputs{Granted: &Granted{IngressBits: 50_000_000}, Ceilings: Ceilings{MaxRequestBits: 10_000_000}}, Capacity{IngressBits: g1},
+			&Class{RequestBits: 10_000_000, CeilBits: g1, Priority: PriorityNormal, BurstBytes: 62_500, CburstBytes: 1_250_000, QueueBytes: 12_500, MaxQueueDelay: DefaultMaxQueueDelay,
+				Clamps: []Clamp{{SettingRequest, 50_000_000, 10_000_000}}, Claimed: true}, nil},
 		{"request at the operator's ceiling is untouched",
 			Inputs{Annotations: annotations(AnnotationIngressRequest, "10M"), Ceilings: Ceilings{MaxRequestBits: 10_000_000}}, Capacity{IngressBits: g1},
 			&Class{RequestBits: 10_000_000, CeilBits: g1, Priority: PriorityNormal, BurstBytes: 62_500, CburstBytes: 1_250_000, QueueBytes: 12_500, MaxQueueDelay: DefaultMaxQueueDelay}, nil},
@@ -270,6 +281,9 @@ func TestAdmit(t *testing.T) {
 	var e *types.Error
 	if !errors.As(err, &e) || e.Msg != want {
 		t.Errorf("message %q, want %q", err, want)
+	}
+	if err := admit("egress", 10*m, 10*m, 1_500_000, true); err == nil || !strings.Contains(err.Error(), "1.5Mbit/s (its DRA claims)") {
+		t.Errorf("a claimed request's refusal names the claims: %v", err)
 	}
 	if err := Admit("egress", 10*m, 10*m, 1_500_000); err == nil || !strings.Contains(err.Error(), "1.5Mbit/s ("+AnnotationEgressRequest+")") {
 		t.Errorf("egress message: %v", err)

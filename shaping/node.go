@@ -91,7 +91,7 @@ func (s *Shaper) JoinNode(capacity Capacity, g Guarantee, minor uint16, hostVeth
 		}
 		r := sd.reserved - min(sd.reserved, own.Leaf.RateBytes)
 		if c.RequestBits > 0 {
-			if err := Admit(d.String(), capacity.bits(d), r*8, c.RequestBits); err != nil {
+			if err := admit(d.String(), capacity.bits(d), r*8, c.RequestBits, c.Claimed); err != nil {
 				return 0, err
 			}
 		}

@@ -73,6 +73,17 @@ type Inputs struct {
 	// Ceilings bound what any input can make the kernel hold; the zero
 	// value means DefaultCeilings.
 	Ceilings Ceilings
+	// Granted is the bandwidth the scheduler placed for the pod (its DRA
+	// claims on the node's bandwidth device), nil for none.
+	Granted *Granted
+}
+
+// Granted is a pod's bandwidth from its DRA claims, bit/s per direction.
+// In a direction where it is not 0 it is the pod's request, and the
+// request annotation is not read: the scheduler counted the claim against
+// the node's capacity, not the annotation.
+type Granted struct {
+	IngressBits, EgressBits uint64
 }
 
 // Ceilings are the operator's bounds on the kernel resources a pod's

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/qoscni/qoscni/internal/grant"
+	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/internal/testnet"
 	"github.com/qoscni/qoscni/shaping"
 )
@@ -196,4 +198,43 @@ func TestGuaranteedBandwidthChained(t *testing.T) {
 		p.env[0] = "CNI_COMMAND=DEL"
 		runRefPlugin(t, n, "bridge", p.env, mainConf)
 	}
+}
+
+// A pod whose DRA claim the kubelet prepared (its grant beside the
+// registry, found by the pod UID in CNI_ARGS) gets the claim as its
+// request in that direction, whatever its request annotation says; the
+// other direction keeps the annotation's. A grant over what is left of
+// the capacity is refused as an annotation's would be.
+func TestGuaranteeFromDRAGrant(t *testing.T) {
+	t.Parallel()
+	n := testnet.NewNode(t)
+	a, b := n.NewPod(t), n.NewPod(t)
+	grants := paths.GrantDirOf(n.Registry)
+	if err := grant.Write(grants, "uid-dra1", "claim-1", grant.Grant{Claim: "default/dra1-bw", EgressBits: 40_000_000}); err != nil {
+		t.Fatal(err)
+	}
+	add(t, n, guaranteeConf(n, requestOf("10M", "")), "dra1", a)
+	rec := readRecord(t, n, "dra1")
+	g := rec.Shaping.Guarantee
+	if g == nil || g.Egress == nil || g.Egress.RequestBits != 40_000_000 || g.Ingress == nil || g.Ingress.RequestBits != 10_000_000 {
+		t.Fatalf("guarantee %+v", g)
+	}
+	if out := n.Exec(t, "tc", "class", "show", "dev", shaping.HierarchyEgressIFB); !strings.Contains(out, fmt.Sprintf("class htb 1:%x parent 1:1 ", g.Minor)) ||
+		!strings.Contains(out, "rate 40Mbit ceil 100Mbit") {
+		t.Errorf("egress class of the claimed pod:\n%s", out)
+	}
+	if out := n.Exec(t, "tc", "class", "show", "dev", shaping.HierarchyIngressIFB); !strings.Contains(out, "rate 10Mbit ceil 100Mbit") {
+		t.Errorf("ingress class (the annotation's request):\n%s", out)
+	}
+	// 70M granted on top of 40M does not fit in 100M.
+	if err := grant.Write(grants, "uid-dra2", "claim-2", grant.Grant{Claim: "default/dra2-bw", EgressBits: 70_000_000}); err != nil {
+		t.Fatal(err)
+	}
+	r := n.Invoke(t, testnet.Call{Command: "ADD", ContainerID: "dra2", Netns: b.Path, IfName: "eth0",
+		Args: "K8S_POD_NAMESPACE=default;K8S_POD_NAME=dra2;K8S_POD_UID=uid-dra2", Config: guaranteeConf(n, nil)})
+	if !r.Failed || r.Err.Code != shaping.ErrBandwidthUnavailable || !strings.Contains(r.Err.Msg, "requests 70Mbit/s (its DRA claims)") {
+		t.Fatalf("ADD of a grant over the capacity: %+v", r.Err)
+	}
+	del(t, n, guaranteeConf(n, nil), "dra2", b.Path)
+	del(t, n, guaranteeConf(n, nil), "dra1", a.Path)
 }

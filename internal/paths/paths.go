@@ -25,6 +25,10 @@ const (
 	// RegistryDir is the plugin's registry of the state directories it
 	// wrote records to, beside StateDir so that the same mount covers it.
 	RegistryDir = DataDir + "/statedirs"
+	// GrantDir is where the agent's DRA driver hands the bandwidth the
+	// scheduler placed to the plugin (internal/grant), beside the
+	// registry (GrantDirOf).
+	GrantDir = DataDir + "/dra"
 	// NetnsDir is where named network namespaces live.
 	NetnsDir = "/run/netns"
 )
@@ -38,6 +42,11 @@ const (
 func HierarchyLockOf(registryDir string) string { return beside(registryDir, "hierarchy.lock") }
 
 func JournalDirOf(stateDir string) string { return beside(stateDir, "journal") }
+
+// GrantDirOf is the DRA grant directory of the plugin calls and agent that
+// share registryDir: its sibling "dra", so a test node with a registry of
+// its own has its own grants.
+func GrantDirOf(registryDir string) string { return beside(registryDir, "dra") }
 
 // LocalnetDirOf is the localnet marker directory of the networks whose
 // records live in stateDir: its sibling "localnet", which the DaemonSets

@@ -3,6 +3,9 @@ package paths
 import "testing"
 
 func TestDerivedDefaults(t *testing.T) {
+	if got := GrantDirOf(RegistryDir); got != GrantDir {
+		t.Errorf("GrantDirOf(%s) = %s, want %s", RegistryDir, got, GrantDir)
+	}
 	if got := JournalDirOf(StateDir); got != JournalDir {
 		t.Errorf("JournalDirOf(%s) = %s, want %s", StateDir, got, JournalDir)
 	}

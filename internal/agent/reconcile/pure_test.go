@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qoscni/qoscni/internal/grant"
+	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/shaping"
 )
@@ -125,5 +127,33 @@ func TestReshapeKeepsCeilings(t *testing.T) {
 	}
 	if in := plan.Ingress; in.MaxQueueDelay != 20*time.Millisecond || in.BurstBytes != 1<<20 || in.LimitBytes > 1<<20 || len(in.Clamps) != 3 {
 		t.Errorf("the record's ceilings not applied: %+v", in)
+	}
+}
+
+// TestReshapeTakesDRAGrant: the agent resolves a pod's guarantee as ADD
+// did, its DRA grant beside the registry winning over its annotation, so a
+// pass does not reshape a placed pod back to what the annotation says.
+func TestReshapeTakesDRAGrant(t *testing.T) {
+	reg := filepath.Join(t.TempDir(), "statedirs")
+	r := &Reconciler{cfg: Config{StateRegistry: reg}}
+	pod := Pod{Namespace: "ns", Name: "web", UID: "5f2a9c1e-0d3b-4e7a-8c6f-1b2d3e4f5a6b",
+		Annotations: map[string]string{shaping.AnnotationEgressRequest: "100M"}}
+	rec := &state.Record{MTU: 1500, ShapingDefaults: &state.ShapingDefaults{NodeCapacity: &state.NodeCapacity{EgressBits: 1_000_000_000}}}
+	if g, err := r.granted(pod); err != nil || g != nil {
+		t.Fatalf("no grant yet: %+v %v", g, err)
+	}
+	if err := grant.Write(paths.GrantDirOf(reg), pod.UID, "c1", grant.Grant{Claim: "ns/web-bw", EgressBits: 400_000_000}); err != nil {
+		t.Fatal(err)
+	}
+	granted, err := r.granted(pod)
+	if err != nil || granted == nil || granted.EgressBits != 400_000_000 {
+		t.Fatalf("grant %+v, %v", granted, err)
+	}
+	_, g, ok, err := resolveAll(rec, pod, granted)
+	if err != nil || !ok || g.Egress == nil || g.Egress.RequestBits != 400_000_000 {
+		t.Fatalf("guarantee %+v, %v %v", g.Egress, ok, err)
+	}
+	if _, g, _, _ = resolveAll(rec, pod, nil); g.Egress.RequestBits != 100_000_000 {
+		t.Fatalf("without the grant: %+v", g.Egress)
 	}
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/qoscni/qoscni/internal/cni/podnet"
 	"github.com/qoscni/qoscni/internal/fault"
+	"github.com/qoscni/qoscni/internal/grant"
 	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/shaping"
@@ -40,12 +41,14 @@ func ifbOf(rec *state.Record) string {
 // from the same annotations at ADD, so the live annotations are the truth
 // now.
 func resolve(rec *state.Record, pod Pod) (shaping.Plan, bool, error) {
-	plan, _, ok, err := resolveAll(rec, pod)
+	plan, _, ok, err := resolveAll(rec, pod, nil)
 	return plan, ok, err
 }
 
-func resolveAll(rec *state.Record, pod Pod) (shaping.Plan, shaping.Guarantee, bool, error) {
-	in := shaping.Inputs{Annotations: pod.Annotations}
+// resolveAll is resolve with the guarantee; granted is the pod's DRA
+// grant (nil: none), which wins over its request annotations as at ADD.
+func resolveAll(rec *state.Record, pod Pod, granted *shaping.Granted) (shaping.Plan, shaping.Guarantee, bool, error) {
+	in := shaping.Inputs{Annotations: pod.Annotations, Granted: granted}
 	var capacity shaping.Capacity
 	if d := rec.ShapingDefaults; d != nil {
 		in.Config = shaping.Rates{IngressRate: d.IngressRate, IngressBurst: d.IngressBurst, EgressRate: d.EgressRate, EgressBurst: d.EgressBurst}
@@ -104,12 +107,30 @@ func isShapingKey(k string) bool {
 	return k == shaping.AnnotationIngressRate || k == shaping.AnnotationEgressRate || strings.HasPrefix(k, "qoscni.io/")
 }
 
+// granted reads the pod's DRA grant beside the registry, as the plugin
+// does at ADD (nil: none, or no registry to find it by).
+func (r *Reconciler) granted(pod Pod) (*shaping.Granted, error) {
+	if r.cfg.StateRegistry == "" || pod.UID == "" {
+		return nil, nil
+	}
+	t, err := grant.ForPod(paths.GrantDirOf(r.cfg.StateRegistry), pod.UID)
+	if err != nil || t.Empty() {
+		return nil, err
+	}
+	return &shaping.Granted{IngressBits: t.IngressBits, EgressBits: t.EgressBits}, nil
+}
+
 // reshape makes one attachment follow its pod's annotations. A bad value
 // keeps the current shaping and is reported once per distinct message.
 func (r *Reconciler) reshape(a attachment, pod Pod) outcome {
 	rec := a.Record
-	plan, g, ok, err := resolveAll(rec, pod)
 	ref := podRef{pod.Namespace, pod.Name, pod.UID}
+	granted, err := r.granted(pod)
+	if err != nil {
+		r.invalid(rec, pod, ref, err)
+		return outcomeInvalid
+	}
+	plan, g, ok, err := resolveAll(rec, pod, granted)
 	if err != nil {
 		r.invalid(rec, pod, ref, err)
 		return outcomeInvalid

@@ -171,7 +171,7 @@ func (a *standaloneAdd) plan() error {
 	if a.mtu == 0 {
 		a.mtu = podnet.DefaultMTU(a.host)
 	}
-	shape, g, err := shapingPlan(a.conf, a.mtu)
+	shape, g, err := a.p.shapingPlan(a.conf, a.pod, a.mtu)
 	if err != nil {
 		return err
 	}

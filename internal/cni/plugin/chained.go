@@ -36,7 +36,7 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 	if err != nil {
 		return err
 	}
-	shape, g, err := shapingPlan(conf, mtu)
+	shape, g, err := p.shapingPlan(conf, pod, mtu)
 	if err != nil {
 		return err
 	}

@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -15,7 +16,9 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/qoscni/qoscni/internal/cni/netconf"
+	"github.com/qoscni/qoscni/internal/grant"
 	"github.com/qoscni/qoscni/internal/journal"
+	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/portmap"
 	"github.com/qoscni/qoscni/shaping"
 )
@@ -82,12 +85,42 @@ func TestPlanPortsOnPodAddresses(t *testing.T) {
 	}
 }
 
+// TestShapingPlanTakesDRAGrant: with a node capacity, the pod's DRA
+// grant (found by its UID beside the registry) is its request and wins
+// over its annotation; a grant that does not decode fails ADD naming it.
+func TestShapingPlanTakesDRAGrant(t *testing.T) {
+	reg := filepath.Join(t.TempDir(), "statedirs")
+	p := quiet()
+	p.StateRegistry = reg
+	conf := mustParse(t, `{"cniVersion":"1.0.0","name":"n","type":"qoscni","nodeCapacity":{"egress":"1G","ingress":"1G"},
+		"runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"qoscni.io/egress-bandwidth-request":"100M"}}}`)
+	pod := netconf.PodArgs{Namespace: "ns", Name: "web", UID: "7d0e3a52-5a4c-4b6e-9d55-0c1b2f3e4a5b"}
+	if err := grant.Write(paths.GrantDirOf(reg), pod.UID, "c1", grant.Grant{Claim: "ns/web-bw", EgressBits: 400_000_000}); err != nil {
+		t.Fatal(err)
+	}
+	_, g, err := p.shapingPlan(conf, pod, 1500)
+	if err != nil || g.Egress == nil || g.Egress.RequestBits != 400_000_000 || g.Ingress == nil || g.Ingress.RequestBits != 0 {
+		t.Fatalf("guarantee %+v %+v, %v", g.Egress, g.Ingress, err)
+	}
+	// Another pod, no grant: its annotation.
+	if _, g, err = p.shapingPlan(conf, netconf.PodArgs{UID: "8e1f"}, 1500); err != nil || g.Egress.RequestBits != 100_000_000 {
+		t.Fatalf("without a grant: %+v, %v", g.Egress, err)
+	}
+	bad := filepath.Join(paths.GrantDirOf(reg), pod.UID, "c2.json")
+	if err := os.WriteFile(bad, []byte("{"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err = p.shapingPlan(conf, pod, 1500); err == nil || !strings.Contains(err.Error(), bad) {
+		t.Fatalf("a grant that does not decode: %v", err)
+	}
+}
+
 // TestShapingFromConfig: the config's parsed delay budget and ceilings
 // reach the plan and the record the agent reshapes from, typed.
 func TestShapingFromConfig(t *testing.T) {
 	conf := mustParse(t, `{"cniVersion":"1.0.0","name":"n","type":"qoscni","egressRate":100000000,"egressBurst":800000,
 		"maxQueueDelay":"30ms","ceilings":{"maxQueueDelay":"50ms"}}`)
-	plan, _, err := shapingPlan(conf, 1500)
+	plan, _, err := (&Plugin{}).shapingPlan(conf, netconf.PodArgs{}, 1500)
 	if err != nil || plan.Egress == nil || plan.Egress.MaxQueueDelay != 30*time.Millisecond || plan.Egress.Source != shaping.SourceConfig {
 		t.Fatalf("plan %+v, %v", plan.Egress, err)
 	}
@@ -100,7 +133,7 @@ func TestShapingFromConfig(t *testing.T) {
 	// the capacity is recorded for the agent.
 	withCap := mustParse(t, `{"cniVersion":"1.0.0","name":"n","type":"qoscni","egressRate":100000000,"egressBurst":800000,
 		"nodeCapacity":{"egress":"1G"}}`)
-	plan, g, err := shapingPlan(withCap, 1500)
+	plan, g, err := (&Plugin{}).shapingPlan(withCap, netconf.PodArgs{}, 1500)
 	if err != nil || plan.Egress != nil || g.Egress == nil || g.Egress.CeilBits != 100_000_000 || g.Ingress != nil {
 		t.Fatalf("with a capacity: plan %+v, guarantee %+v, %v", plan.Egress, g, err)
 	}

@@ -5,7 +5,10 @@ import (
 	"log/slog"
 	"net"
 
+	"github.com/containernetworking/cni/pkg/types"
+
 	"github.com/qoscni/qoscni/internal/cni/netconf"
+	"github.com/qoscni/qoscni/internal/grant"
 	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/shaping"
@@ -14,8 +17,15 @@ import (
 // shapingPlan resolves the attachment's shaping from the pod annotations,
 // runtimeConfig.bandwidth and the plugin config, before anything changes,
 // so bad input is refused with nothing done.
-func shapingPlan(conf *netconf.NetConf, mtu int) (shaping.Plan, shaping.Guarantee, error) {
+func (p *Plugin) shapingPlan(conf *netconf.NetConf, pod netconf.PodArgs, mtu int) (shaping.Plan, shaping.Guarantee, error) {
 	in := shapingInputs(conf)
+	if conf.Capacity != (shaping.Capacity{}) {
+		g, err := p.granted(pod)
+		if err != nil {
+			return shaping.Plan{}, shaping.Guarantee{}, err
+		}
+		in.Granted = g
+	}
 	plan, err := shaping.Resolve(in, mtu)
 	if err != nil {
 		return shaping.Plan{}, shaping.Guarantee{}, err
@@ -52,6 +62,26 @@ func shapingInputs(conf *netconf.NetConf) shaping.Inputs {
 		}
 	}
 	return in
+}
+
+// granted reads the bandwidth the scheduler placed for the pod (its DRA
+// claims, which the kubelet prepared before the sandbox, so before ADD),
+// nil for none. A grant that cannot be read fails ADD: the pod's
+// guarantee would otherwise be silently lost.
+func (p *Plugin) granted(pod netconf.PodArgs) (*shaping.Granted, error) {
+	if p.StateRegistry == "" || pod.UID == "" {
+		return nil, nil
+	}
+	t, err := grant.ForPod(paths.GrantDirOf(p.StateRegistry), pod.UID)
+	if err != nil {
+		return nil, types.NewError(types.ErrInternal, err.Error(), "")
+	}
+	if t.Empty() {
+		return nil, nil
+	}
+	p.Log.Info("bandwidth request from DRA claims", "pod", pod.Namespace+"/"+pod.Name, "claims", t.Claims,
+		"ingressBits", t.IngressBits, "egressBits", t.EgressBits)
+	return &shaping.Granted{IngressBits: t.IngressBits, EgressBits: t.EgressBits}, nil
 }
 
 // hierarchyLock is the node hierarchy's lock file, beside the registry.
