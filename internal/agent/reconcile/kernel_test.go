@@ -618,14 +618,22 @@ func TestForeignRootNotReplacedByAgent(t *testing.T) {
 	if v := e.metric("qoscni_agent_reconcile_errors_total", "op", "repair"); v != 2 {
 		t.Errorf("reconcile_errors{repair} = %v, want 2", v)
 	}
+	// The informer sees the change some time after the update: wait for
+	// the reshape it queues (a pass before that sees the old annotation,
+	// and fails its repair as the passes above did).
 	e.annotate("foreign", map[string]string{shaping.AnnotationIngressRate: "20M"})
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if e.metric("qoscni_agent_reshapes_total", "result", "failed") >= 1 {
+			break
+		}
+	}
+	if v := e.metric("qoscni_agent_reshapes_total", "result", "failed"); v < 1 {
+		t.Errorf("reshapes{failed} = %v", v)
+	}
 	if res := e.pass(); res.Reshaped != 0 || res.Errors != 1 {
 		t.Errorf("pass with a reshape over a foreign root: %+v", res)
 	}
 	requireForeign("reshape")
-	if v := e.metric("qoscni_agent_reshapes_total", "result", "failed"); v < 1 {
-		t.Errorf("reshapes{failed} = %v", v)
-	}
 	if r := e.record(rec.ContainerID); ingressRate(r) != 10_000_000 {
 		t.Errorf("record changed although the kernel was not: %+v", r.Shaping)
 	}
