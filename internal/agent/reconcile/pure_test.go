@@ -2,6 +2,7 @@ package reconcile
 
 import (
 	"encoding/json"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"testing"
@@ -135,7 +136,8 @@ func TestReshapeKeepsCeilings(t *testing.T) {
 // pass does not reshape a placed pod back to what the annotation says.
 func TestReshapeTakesDRAGrant(t *testing.T) {
 	reg := filepath.Join(t.TempDir(), "statedirs")
-	r := &Reconciler{cfg: Config{StateRegistry: reg}}
+	events := &eventLog{}
+	r := &Reconciler{cfg: Config{StateRegistry: reg, Events: events}, log: slog.New(slog.DiscardHandler), overridden: map[podRef]string{}}
 	pod := Pod{Namespace: "ns", Name: "web", UID: "5f2a9c1e-0d3b-4e7a-8c6f-1b2d3e4f5a6b",
 		Annotations: map[string]string{shaping.AnnotationEgressRequest: "100M"}}
 	rec := &state.Record{MTU: 1500, ShapingDefaults: &state.ShapingDefaults{NodeCapacity: &state.NodeCapacity{EgressBits: 1_000_000_000}}}
@@ -156,4 +158,22 @@ func TestReshapeTakesDRAGrant(t *testing.T) {
 	if _, g, _, _ = resolveAll(rec, pod, nil); g.Egress.RequestBits != 100_000_000 {
 		t.Fatalf("without the grant: %+v", g.Egress)
 	}
+	// The claim replaced the egress annotation: one Event, not one per
+	// pass; none once the annotation is gone.
+	if _, err := r.granted(pod); err != nil {
+		t.Fatal(err)
+	}
+	want := `the pod's bandwidth claims (ns/web-bw) set its guaranteed request: egress 400Mbit/s instead of qoscni.io/egress-bandwidth-request="100M"`
+	if len(events.got) != 1 || events.got[0] != ReasonClaimOverridesRequest+": "+want {
+		t.Fatalf("events %q", events.got)
+	}
+	delete(pod.Annotations, shaping.AnnotationEgressRequest)
+	if _, err := r.granted(pod); err != nil || len(events.got) != 1 || len(r.overridden) != 0 {
+		t.Fatalf("without the annotation: events %q, remembered %v, %v", events.got, r.overridden, err)
+	}
 }
+
+// eventLog is an EventSink that keeps "reason: message".
+type eventLog struct{ got []string }
+
+func (e *eventLog) Warn(_ Pod, reason, message string) { e.got = append(e.got, reason+": "+message) }

@@ -74,6 +74,12 @@ type AttachmentCleaner interface {
 // that does not parse or is out of range.
 const ReasonInvalidAnnotation = "InvalidBandwidthAnnotation"
 
+// ReasonClaimOverridesRequest is the Event reason for a pod whose DRA
+// bandwidth claims set its request in a direction where it also has a
+// request annotation: the claim wins (the scheduler counted it), and the
+// pod's author should know the annotation is not used.
+const ReasonClaimOverridesRequest = "BandwidthClaimOverridesRequest"
+
 // Config is what the reconciler works on.
 type Config struct {
 	// StateDir, the stateDir of every qoscni entry of CNIConfDir's files
@@ -117,6 +123,9 @@ type Reconciler struct {
 	// bad remembers the last invalid-annotation message per pod, so one
 	// bad value is reported once, not on every pass.
 	bad map[podRef]string
+	// overridden remembers the last "a claim replaces the request
+	// annotation" message per pod, reported once the same way.
+	overridden map[podRef]string
 	// suspects are qoscni-named links without a record seen by the last
 	// pass (name -> ifindex): deleted when the next pass sees them again.
 	suspects map[string]int
@@ -178,7 +187,7 @@ func New(cfg Config) (*Reconciler, error) {
 		cfg: cfg, log: cfg.Logger, m: cfg.Metrics, caches: state.NewCaches(),
 		shaper: sh, nl: h, tc: t,
 		pending: map[podRef]struct{}{}, signal: make(chan struct{}, 1), passReq: make(chan chan PassResult),
-		bad: map[podRef]string{}, suspects: map[string]int{}, inUse: map[string]int{},
+		bad: map[podRef]string{}, overridden: map[podRef]string{}, suspects: map[string]int{}, inUse: map[string]int{},
 	}, nil
 }
 

@@ -2,6 +2,7 @@ package reconcile
 
 import (
 	"errors"
+	"fmt"
 	"reflect"
 	"strings"
 	"time"
@@ -114,10 +115,43 @@ func (r *Reconciler) granted(pod Pod) (*shaping.Granted, error) {
 		return nil, nil
 	}
 	t, err := grant.ForPod(paths.GrantDirOf(r.cfg.StateRegistry), pod.UID)
-	if err != nil || t.Empty() {
+	if err != nil {
 		return nil, err
 	}
+	r.noteOverride(pod, t)
+	if t.Empty() {
+		return nil, nil
+	}
 	return &shaping.Granted{IngressBits: t.IngressBits, EgressBits: t.EgressBits}, nil
+}
+
+// noteOverride reports, once per pod and message, a request annotation
+// that the pod's DRA claims replace.
+func (r *Reconciler) noteOverride(pod Pod, t grant.Total) {
+	ref := podRef{pod.Namespace, pod.Name, pod.UID}
+	var parts []string
+	for _, d := range []struct {
+		name string
+		bits uint64
+		key  string
+	}{{"ingress", t.IngressBits, shaping.AnnotationIngressRequest}, {"egress", t.EgressBits, shaping.AnnotationEgressRequest}} {
+		if v, ok := pod.Annotations[d.key]; ok && d.bits > 0 {
+			parts = append(parts, fmt.Sprintf("%s %s instead of %s=%q", d.name, shaping.FormatRate(d.bits), d.key, v))
+		}
+	}
+	if len(parts) == 0 {
+		delete(r.overridden, ref)
+		return
+	}
+	msg := "the pod's bandwidth claims (" + strings.Join(t.Claims, ", ") + ") set its guaranteed request: " + strings.Join(parts, "; ")
+	if r.overridden[ref] == msg {
+		return
+	}
+	r.overridden[ref] = msg
+	r.log.Info("bandwidth claims replace a request annotation", "namespace", pod.Namespace, "pod", pod.Name, "message", msg)
+	if r.cfg.Events != nil {
+		r.cfg.Events.Warn(pod, ReasonClaimOverridesRequest, msg)
+	}
 }
 
 // reshape makes one attachment follow its pod's annotations. A bad value
