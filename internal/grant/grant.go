@@ -107,6 +107,18 @@ func Remove(dir, podUID, claimUID string) error {
 	return nil
 }
 
+// RemovePod deletes every grant of pod podUID (its pod is gone, and the
+// kubelet will not unprepare its claims any more).
+func RemovePod(dir, podUID string) error {
+	if err := check("pod UID", podUID); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(filepath.Join(dir, podUID)); err != nil {
+		return fmt.Errorf("grant: %w", err)
+	}
+	return atomicfile.SyncDir(dir)
+}
+
 // ForPod sums pod podUID's grants. No directory, or an empty podUID (a
 // runtime that sends none), is no grant. A file that does not decode is
 // an error naming it: guessing a pod's guarantee is worse than failing.

@@ -54,6 +54,24 @@ func TestWriteSumRemove(t *testing.T) {
 	}
 }
 
+func TestRemovePod(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []string{"c1", "c2"} {
+		if err := Write(dir, pod, c, Grant{EgressBits: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := RemovePod(dir, pod); err != nil {
+		t.Fatal(err)
+	}
+	if pods, err := Pods(dir); err != nil || len(pods) != 0 {
+		t.Fatalf("after RemovePod: %v %v", pods, err)
+	}
+	if err := RemovePod(dir, "../x"); err == nil {
+		t.Fatal("RemovePod climbed out of its directory")
+	}
+}
+
 func TestRefusals(t *testing.T) {
 	dir := t.TempDir()
 	for _, bad := range []string{"", "..", "../etc", "a/b", ".hidden", strings.Repeat("a", 129)} {

@@ -14,6 +14,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
@@ -159,6 +160,21 @@ func (w *PodWatcher) Pod(namespace, name string) (reconcile.Pod, bool) {
 		return reconcile.Pod{}, false
 	}
 	return reconcile.Pod{Namespace: p.Namespace, Name: p.Name, UID: string(p.UID), Annotations: p.Annotations}, true
+}
+
+// UIDs implements reconcile.PodSource.
+func (w *PodWatcher) UIDs() map[string]bool {
+	out := map[string]bool{}
+	pods, err := w.lister.List(labels.Everything())
+	if err != nil {
+		return out
+	}
+	for _, p := range pods {
+		if w.mine(p) {
+			out[string(p.UID)] = true
+		}
+	}
+	return out
 }
 
 // Events creates core/v1 Events on pods. It writes them directly rather

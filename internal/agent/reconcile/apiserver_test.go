@@ -185,6 +185,10 @@ func TestAPIServerAnnotationChange(t *testing.T) {
 	if _, ok := a.watcher.Pod("default", "elsewhere"); ok {
 		t.Error("watcher sees a pod of another node")
 	}
+	// The UIDs the DRA grant GC keeps grants for: this node's pods only.
+	if uids := a.watcher.UIDs(); !uids[string(pod.UID)] || len(uids) != 1 {
+		t.Errorf("watcher UIDs %v, want only web's %s", uids, pod.UID)
+	}
 
 	// The change: Update to 5M, kernel and record within 2 s.
 	a.annotateAPI("web", map[string]string{shaping.AnnotationIngressRate: "5M", shaping.AnnotationEgressRate: "10M"})

@@ -177,3 +177,58 @@ func TestReshapeTakesDRAGrant(t *testing.T) {
 type eventLog struct{ got []string }
 
 func (e *eventLog) Warn(_ Pod, reason, message string) { e.got = append(e.got, reason+": "+message) }
+
+// fakePods is a PodSource of UIDs only.
+type fakePods map[string]bool
+
+func (fakePods) Synced() bool                { return true }
+func (fakePods) Pod(_, _ string) (Pod, bool) { return Pod{}, false }
+func (f fakePods) UIDs() map[string]bool     { return f }
+
+// TestGrantGC: the DRA grants of a pod the node no longer has go after
+// GrantGCGrace of it being missing; a present pod's stay, and a pod seen
+// again restarts the grace.
+func TestGrantGC(t *testing.T) {
+	reg := filepath.Join(t.TempDir(), "statedirs")
+	dir := paths.GrantDirOf(reg)
+	const here, gone = "1a2b3c4d-0000-4000-8000-000000000001", "1a2b3c4d-0000-4000-8000-000000000002"
+	for _, uid := range []string{here, gone} {
+		if err := grant.Write(dir, uid, "c1", grant.Grant{EgressBits: 1e6}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	clock := time.Unix(1_800_000_000, 0)
+	pods := fakePods{here: true}
+	r := &Reconciler{cfg: Config{StateRegistry: reg, Pods: pods}, log: slog.New(slog.DiscardHandler),
+		grantGone: map[string]time.Time{}, now: func() time.Time { return clock }}
+	left := func() []string {
+		t.Helper()
+		p, err := grant.Pods(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	var res PassResult
+	r.gcGrants(&res)
+	clock = clock.Add(GrantGCGrace - time.Second)
+	r.gcGrants(&res)
+	if l := left(); len(l) != 2 || res.GCed != 0 {
+		t.Fatalf("within the grace: %v, %+v", l, res)
+	}
+	// Back in the informer (late), then missing again: the grace restarts.
+	pods[gone] = true
+	r.gcGrants(&res)
+	delete(pods, gone)
+	r.gcGrants(&res)
+	clock = clock.Add(GrantGCGrace - time.Second)
+	r.gcGrants(&res)
+	if l := left(); len(l) != 2 {
+		t.Fatalf("the grace did not restart: %v", l)
+	}
+	clock = clock.Add(2 * time.Second)
+	r.gcGrants(&res)
+	if l := left(); len(l) != 1 || l[0] != here || res.GCed != 1 {
+		t.Fatalf("after the grace: %v, %+v", l, res)
+	}
+}

@@ -46,6 +46,8 @@ type PodSource interface {
 	Synced() bool
 	// Pod returns the node's pod of that name, false when there is none.
 	Pod(namespace, name string) (Pod, bool)
+	// UIDs are the UIDs of the node's pods.
+	UIDs() map[string]bool
 }
 
 // EventSink reports a problem on a pod (a Kubernetes Event).
@@ -126,6 +128,9 @@ type Reconciler struct {
 	// overridden remembers the last "a claim replaces the request
 	// annotation" message per pod, reported once the same way.
 	overridden map[podRef]string
+	// grantGone is when each DRA grant's pod was first seen missing.
+	grantGone map[string]time.Time
+	now       func() time.Time
 	// suspects are qoscni-named links without a record seen by the last
 	// pass (name -> ifindex): deleted when the next pass sees them again.
 	suspects map[string]int
@@ -188,6 +193,7 @@ func New(cfg Config) (*Reconciler, error) {
 		shaper: sh, nl: h, tc: t,
 		pending: map[podRef]struct{}{}, signal: make(chan struct{}, 1), passReq: make(chan chan PassResult),
 		bad: map[podRef]string{}, overridden: map[podRef]string{}, suspects: map[string]int{}, inUse: map[string]int{},
+		grantGone: map[string]time.Time{}, now: time.Now,
 	}, nil
 }
 
@@ -388,6 +394,7 @@ func (r *Reconciler) Pass() PassResult {
 		}
 	}
 	r.repairKernel(live, &res)
+	r.gcGrants(&res)
 	res.Duration = time.Since(start)
 	r.m.passDuration.Observe(res.Duration.Seconds())
 	r.log.Debug("reconcile pass", "records", res.Records, "reshaped", res.Reshaped, "repaired", res.Repaired,
