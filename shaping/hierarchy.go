@@ -290,6 +290,13 @@ func (s *Shaper) ReadHierarchy(d HierDirection) (HierState, error) {
 	return s.readHierarchy(d, &qdiscDump{s: s})
 }
 
+// readClasses is ReadHierarchy for a reader of rates and parents only
+// (admission's slow path, the best-effort share): a cutting leaf's drops
+// would cost a dump of every qdisc of the node, so they stay HTB's.
+func (s *Shaper) readClasses(d HierDirection) (HierState, error) {
+	return s.readHierarchy(d, nil)
+}
+
 // qdiscDump is the namespace's qdiscs, dumped once when first needed: a
 // read of both directions' hierarchies takes at most one.
 type qdiscDump struct {
@@ -309,6 +316,8 @@ func (c *qdiscDump) get() ([]tc.Object, error) {
 	return c.q, nil
 }
 
+// readHierarchy reads the direction's classes; qd, when not nil, gives the
+// cutting leaves' drops (addCutDrops).
 func (s *Shaper) readHierarchy(d HierDirection, qd *qdiscDump) (HierState, error) {
 	st := HierState{Classes: map[uint16]HierClass{}}
 	ifb, err := s.linkOrNil(d.IFB())
@@ -349,6 +358,9 @@ func (s *Shaper) readHierarchy(d HierDirection, qd *qdiscDump) (HierState, error
 			st.ReservedBytes += rate
 		}
 		st.Classes[minor] = hc
+	}
+	if qd == nil {
+		return st, nil
 	}
 	return st, addCutDrops(ifb.Attrs().Index, classes, qd, &st)
 }

@@ -240,7 +240,7 @@ func (h *HierarchyRepairer) Repair(live []*state.Record, _ []string) (map[string
 		if capacity.bits(d) == 0 {
 			continue
 		}
-		st, err := s.ReadHierarchy(d)
+		st, err := s.readClasses(d)
 		if err != nil {
 			errs = append(errs, err)
 			continue

@@ -78,7 +78,7 @@ func (s *Shaper) JoinNode(capacity Capacity, g Guarantee, minor uint16, hostVeth
 			}
 		} else {
 			// The slow path: every class.
-			st, err := s.ReadHierarchy(d)
+			st, err := s.readClasses(d)
 			if err != nil {
 				return 0, err
 			}
@@ -202,7 +202,7 @@ func (s *Shaper) LeaveNode(minor uint16, hostVeth string, ips []net.IP) error {
 		reserved := l.reservedBytes - min(l.reservedBytes, own)
 		if !l.ok {
 			// At or over the capacity: count what is left.
-			st, err := s.ReadHierarchy(d)
+			st, err := s.readClasses(d)
 			if err != nil {
 				errs = append(errs, err)
 				continue
