@@ -44,6 +44,7 @@ const (
 
 	tcaStatsBasic = 1
 	tcaStatsQueue = 3
+	tcaStatsPkt64 = 8
 
 	tcaTbfParms  = 1
 	tcaTbfRate64 = 4
@@ -75,6 +76,16 @@ type Qdisc struct {
 	tc.Object
 	Rate64     uint64
 	PeakRate64 uint64
+	// Counters are its statistics from TCA_STATS2 (nil: none sent).
+	Counters *Counters
+}
+
+// Counters are a qdisc's or class's statistics as TCA_STATS2 carries
+// them: 64-bit bytes and packets (TCA_STATS_PKT64 once the packets no
+// longer fit in 32 bits), and requeues, which the legacy TCA_STATS lacks.
+type Counters struct {
+	Bytes, Packets                             uint64
+	Drops, Overlimits, Requeues, Backlog, Qlen uint32
 }
 
 // Dial opens a route netlink socket in the namespace nsFd (< 0: the
@@ -168,7 +179,8 @@ func Objects(qs []Qdisc) []tc.Object {
 // that do not decode leave that kind's field nil.
 func Decode(b []byte) (Qdisc, error) {
 	var q Qdisc
-	opts, err := decodeMsg(b, &q.Object)
+	opts, c, err := decodeMsg(b, &q.Object)
+	q.Counters = c
 	if err == nil && opts != nil {
 		q.decodeOptions(opts)
 	}
@@ -180,7 +192,7 @@ func Decode(b []byte) (Qdisc, error) {
 // else the legacy TCA_STATS) and HTB's extended counters.
 func DecodeClass(b []byte) (tc.Object, error) {
 	var o tc.Object
-	opts, err := decodeMsg(b, &o)
+	opts, _, err := decodeMsg(b, &o)
 	if err == nil && opts != nil && o.Kind == "htb" {
 		o.Htb = decodeHtb(opts)
 	}
@@ -188,10 +200,11 @@ func DecodeClass(b []byte) (tc.Object, error) {
 }
 
 // decodeMsg reads the header, kind and counters of a qdisc or class
-// message into o and returns its options, undecoded.
-func decodeMsg(b []byte, o *tc.Object) ([]byte, error) {
+// message into o (Stats: TCA_STATS2's, or else the legacy TCA_STATS) and
+// returns its options, undecoded, and TCA_STATS2's counters.
+func decodeMsg(b []byte, o *tc.Object) ([]byte, *Counters, error) {
 	if len(b) < tcmsgLen {
-		return nil, fmt.Errorf("tc message of %d bytes, want at least %d", len(b), tcmsgLen)
+		return nil, nil, fmt.Errorf("tc message of %d bytes, want at least %d", len(b), tcmsgLen)
 	}
 	o.Family = uint32(b[0])
 	o.Ifindex = binary.NativeEndian.Uint32(b[4:8])
@@ -200,10 +213,11 @@ func decodeMsg(b []byte, o *tc.Object) ([]byte, error) {
 	o.Info = binary.NativeEndian.Uint32(b[16:20])
 	ad, err := nl.NewAttributeDecoder(b[tcmsgLen:])
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var opts, xstats []byte
-	var legacy, stats2 *tc.Stats
+	var legacy *tc.Stats
+	var counters *Counters
 	for ad.Next() {
 		switch ad.Type() {
 		case tcaKind:
@@ -216,17 +230,18 @@ func decodeMsg(b []byte, o *tc.Object) ([]byte, error) {
 				legacy = &st
 			}
 		case tcaStats2:
-			stats2 = decodeStats2(ad.Bytes())
+			counters = decodeStats2(ad.Bytes())
 		case tcaXStats:
 			xstats = ad.Bytes()
 		}
 	}
 	if err := ad.Err(); err != nil {
-		return nil, fmt.Errorf("tc object of ifindex %d: %w", o.Ifindex, err)
+		return nil, nil, fmt.Errorf("tc object of ifindex %d: %w", o.Ifindex, err)
 	}
 	o.Stats = legacy
-	if stats2 != nil {
-		o.Stats = stats2
+	if c := counters; c != nil {
+		o.Stats = &tc.Stats{Bytes: c.Bytes, Packets: uint32(c.Packets), Drops: c.Drops, Overlimits: c.Overlimits,
+			Qlen: c.Qlen, Backlog: c.Backlog}
 	}
 	if o.Kind == "htb" && xstats != nil {
 		var x tc.HtbXStats
@@ -234,33 +249,40 @@ func decodeMsg(b []byte, o *tc.Object) ([]byte, error) {
 			o.XStats = &tc.XStats{Htb: &x}
 		}
 	}
-	return opts, nil
+	return opts, counters, nil
 }
 
 // decodeStats2 reads the basic and queue counters of TCA_STATS2 (nil
 // when it holds neither, as a TBF's class does).
-func decodeStats2(b []byte) *tc.Stats {
+func decodeStats2(b []byte) *Counters {
 	ad, err := nl.NewAttributeDecoder(b)
 	if err != nil {
 		return nil
 	}
-	var st tc.Stats
-	found := false
+	var c Counters
+	found, pkt64 := false, false
 	for ad.Next() {
 		v := ad.Bytes()
 		switch ad.Type() {
 		case tcaStatsBasic: // u64 bytes, u32 packets
 			if len(v) >= 12 {
-				st.Bytes = binary.NativeEndian.Uint64(v[0:8])
-				st.Packets = binary.NativeEndian.Uint32(v[8:12])
+				c.Bytes = binary.NativeEndian.Uint64(v[0:8])
+				if !pkt64 {
+					c.Packets = uint64(binary.NativeEndian.Uint32(v[8:12]))
+				}
 				found = true
+			}
+		case tcaStatsPkt64: // sent instead of a wrapped 32-bit count
+			if len(v) >= 8 {
+				c.Packets, pkt64 = binary.NativeEndian.Uint64(v[0:8]), true
 			}
 		case tcaStatsQueue: // u32 qlen, backlog, drops, requeues, overlimits
 			if len(v) >= 20 {
-				st.Qlen = binary.NativeEndian.Uint32(v[0:4])
-				st.Backlog = binary.NativeEndian.Uint32(v[4:8])
-				st.Drops = binary.NativeEndian.Uint32(v[8:12])
-				st.Overlimits = binary.NativeEndian.Uint32(v[16:20])
+				c.Qlen = binary.NativeEndian.Uint32(v[0:4])
+				c.Backlog = binary.NativeEndian.Uint32(v[4:8])
+				c.Drops = binary.NativeEndian.Uint32(v[8:12])
+				c.Requeues = binary.NativeEndian.Uint32(v[12:16])
+				c.Overlimits = binary.NativeEndian.Uint32(v[16:20])
 				found = true
 			}
 		}
@@ -268,7 +290,7 @@ func decodeStats2(b []byte) *tc.Stats {
 	if ad.Err() != nil || !found {
 		return nil
 	}
-	return &st
+	return &c
 }
 
 // decodeOptions fills the kind's options; a malformed one stays nil.

@@ -205,3 +205,30 @@ func TestDecodeClass(t *testing.T) {
 		t.Fatalf("tbf class: %+v, %v", c, err)
 	}
 }
+
+func TestDecodeQdiscCounters(t *testing.T) {
+	b := message(t, 4, 0x10000, 0xFFFFFFFF, "tbf", nil)
+	ae := nl.NewAttributeEncoder()
+	ae.Nested(tcaStats2, func(n *nl.AttributeEncoder) error {
+		basic := make([]byte, 16)
+		binary.NativeEndian.PutUint64(basic, 1<<40)
+		binary.NativeEndian.PutUint32(basic[8:], 5) // wrapped
+		n.Bytes(tcaStatsBasic, basic)
+		n.Uint64(tcaStatsPkt64, 1<<32+5)
+		queue := make([]byte, 20)
+		for i, v := range []uint32{2, 3000, 4, 7, 6} { // qlen, backlog, drops, requeues, overlimits
+			binary.NativeEndian.PutUint32(queue[4*i:], v)
+		}
+		n.Bytes(tcaStatsQueue, queue)
+		return nil
+	})
+	rest, _ := ae.Encode()
+	q, err := Decode(append(b, rest...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Counters{Bytes: 1 << 40, Packets: 1<<32 + 5, Drops: 4, Overlimits: 6, Requeues: 7, Backlog: 3000, Qlen: 2}
+	if q.Counters == nil || *q.Counters != want {
+		t.Fatalf("counters %+v, want %+v", q.Counters, want)
+	}
+}
