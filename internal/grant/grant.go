@@ -107,6 +107,30 @@ func Remove(dir, podUID, claimUID string) error {
 	return nil
 }
 
+// RemoveClaim deletes claim claimUID's grants to whichever pods hold
+// them (the kubelet unprepares a claim by its UID alone) and returns how
+// many it removed; none is not an error.
+func RemoveClaim(dir, claimUID string) (int, error) {
+	if err := check("claim UID", claimUID); err != nil {
+		return 0, err
+	}
+	pods, err := Pods(dir)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, p := range pods {
+		if _, err := os.Lstat(filepath.Join(dir, p, claimUID+".json")); errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err := Remove(dir, p, claimUID); err != nil {
+			return n, err
+		}
+		n++
+	}
+	return n, nil
+}
+
 // RemovePod deletes every grant of pod podUID (its pod is gone, and the
 // kubelet will not unprepare its claims any more).
 func RemovePod(dir, podUID string) error {

@@ -111,3 +111,31 @@ func TestTooManyClaims(t *testing.T) {
 		t.Fatal("more than maxClaims read")
 	}
 }
+
+func TestRemoveClaim(t *testing.T) {
+	dir := t.TempDir()
+	other := "7a1d9e52-0c1b-4d8e-8f3a-5b2c6d9e0f12"
+	for _, w := range []struct{ pod, claim string }{{pod, "c1"}, {pod, "c2"}, {other, "c1"}} {
+		if err := Write(dir, w.pod, w.claim, Grant{EgressBits: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n, err := RemoveClaim(dir, "c1"); err != nil || n != 2 {
+		t.Fatalf("RemoveClaim c1: %d %v", n, err)
+	}
+	if tot, _ := ForPod(dir, pod); !slices.Equal(tot.Claims, []string{"c2"}) {
+		t.Fatalf("pod kept %v, want only c2", tot.Claims)
+	}
+	if _, err := os.Stat(filepath.Join(dir, other)); !os.IsNotExist(err) {
+		t.Fatalf("the other pod's directory stayed after its only claim went: %v", err)
+	}
+	if n, err := RemoveClaim(dir, "c1"); err != nil || n != 0 {
+		t.Fatalf("removing again: %d %v", n, err)
+	}
+	if _, err := RemoveClaim(dir, "../c2"); err == nil {
+		t.Fatal("a claim UID that climbs out was accepted")
+	}
+	if n, err := RemoveClaim(filepath.Join(dir, "none"), "c1"); err != nil || n != 0 {
+		t.Fatalf("no directory: %d %v", n, err)
+	}
+}
