@@ -22,6 +22,7 @@ import (
 
 	"github.com/qoscni/qoscni/internal/agent"
 	"github.com/qoscni/qoscni/internal/agent/cniconf"
+	"github.com/qoscni/qoscni/internal/agent/dra"
 	"github.com/qoscni/qoscni/internal/agent/install"
 	"github.com/qoscni/qoscni/internal/agent/kube"
 	"github.com/qoscni/qoscni/internal/agent/nodenet"
@@ -88,12 +89,25 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return serve(o)
 }
 
+// draDriverEnv is the default of --dra-driver.
+const draDriverEnv = "QOSCNI_DRA_DRIVER"
+
+// envOr is the environment variable k, or def where it is unset.
+func envOr(k, def string) string {
+	if v, ok := os.LookupEnv(k); ok {
+		return v
+	}
+	return def
+}
+
 // options are serve's and status's flags, checked.
 type options struct {
 	listen, stateDir, stateRegistry, journalDir, cniConfDir, netnsPath string
 	output, kubeconfig, nodeName                                       string
 	interval, reconcileInterval                                        time.Duration
 	routesMode                                                         nodenet.Mode
+	draDriver, kubeletDir                                              string
+	draPolicy                                                          dra.Policy
 	logger                                                             *slog.Logger
 }
 
@@ -123,6 +137,12 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (*options, int) {
 	fs.StringVar(&o.nodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name, whose pods are watched (env NODE_NAME, from spec.nodeName)")
 	fs.DurationVar(&o.reconcileInterval, "reconcile-interval", reconcile.DefaultInterval, "period of drift repair and garbage collection")
 	podRoutes := fs.String("pod-routes", os.Getenv(nodenet.ModeEnv), "routes to the pods of other nodes (standalone mode): off, hostgw, vxlan or auto (host-gw to on-link nodes, VXLAN to the others) (env "+nodenet.ModeEnv+"; default off)")
+	fs.StringVar(&o.draDriver, "dra-driver", envOr(draDriverEnv, dra.DefaultDriverName), "DRA driver name under which the node's guaranteed bandwidth is offered to the scheduler (\"\" = no DRA driver) (env "+draDriverEnv+")")
+	fs.StringVar(&o.kubeletDir, "kubelet-dir", dra.DefaultKubeletDir, "the kubelet's --root-dir: the DRA driver registers in its plugins_registry")
+	draDefault := fs.String("dra-default-request", "10M", "DRA: the bandwidth a claim that names no amount consumes, bit/s")
+	draMin := fs.String("dra-min-request", "1M", "DRA: the smallest bandwidth a claim consumes, bit/s")
+	draStep := fs.String("dra-request-step", "1M", "DRA: claims are rounded up to the minimum plus a multiple of this, bit/s")
+	draMax := fs.String("dra-max-request", "", "DRA: the largest bandwidth one claim may take, bit/s (\"\" = the node capacity, or the network's ceilings.maxRequest)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil, 0
@@ -136,6 +156,23 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (*options, int) {
 	var err error
 	if o.routesMode, err = nodenet.ParseMode(*podRoutes); err != nil {
 		fmt.Fprintln(stderr, "qoscni-agent: -pod-routes:", err)
+		return nil, 2
+	}
+	for _, f := range []struct {
+		flag, v string
+		out     *uint64
+	}{{"-dra-default-request", *draDefault, &o.draPolicy.DefaultBits}, {"-dra-min-request", *draMin, &o.draPolicy.MinBits},
+		{"-dra-request-step", *draStep, &o.draPolicy.StepBits}, {"-dra-max-request", *draMax, &o.draPolicy.MaxBits}} {
+		if f.v == "" {
+			continue
+		}
+		if *f.out, err = shaping.ParseBits(f.flag, f.v); err != nil {
+			fmt.Fprintln(stderr, "qoscni-agent:", err)
+			return nil, 2
+		}
+	}
+	if err := o.draPolicy.Check(); err != nil {
+		fmt.Fprintln(stderr, "qoscni-agent: -dra-*-request:", err)
 		return nil, 2
 	}
 	if o.output != "table" && o.output != "json" {
@@ -215,6 +252,23 @@ func serve(o *options) int {
 				return 1
 			}
 			defer stopRoutes()
+		}
+	}
+	if client != nil && o.draDriver != "" {
+		grantDir := paths.GrantDir
+		if o.stateRegistry != "" {
+			grantDir = paths.GrantDirOf(o.stateRegistry)
+		}
+		d, err := dra.Start(ctx, dra.Config{DriverName: o.draDriver, NodeName: o.nodeName, Client: client,
+			KubeletDir: o.kubeletDir, GrantDir: grantDir, CNIConfDir: o.cniConfDir, Policy: o.draPolicy, Logger: logger})
+		switch {
+		case errors.Is(err, dra.ErrNoAPI):
+			logger.Warn("no DRA driver: pods cannot claim bandwidth through the scheduler", "err", err)
+		case err != nil:
+			// The agent's other work goes on: shaping does not need DRA.
+			logger.Error("no DRA driver: pods cannot claim bandwidth through the scheduler", "err", err)
+		default:
+			defer d.Stop()
 		}
 	}
 	srv, err := agent.New(cfg)

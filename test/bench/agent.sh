@@ -8,7 +8,7 @@ export PATH="/usr/local/go/bin:$PATH"
 [ "$(id -u)" -eq 0 ] || { echo "test/bench/agent.sh: must run as root" >&2; exit 1; }
 
 mkdir -p bin
-CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o bin/qoscni-agent ./cmd/qoscni-agent
+CGO_ENABLED=0 go build -tags grpcnotrace -trimpath -ldflags "-s -w" -o bin/qoscni-agent ./cmd/qoscni-agent
 echo "## Agent scrape ($(nproc) cores, $(uname -r))"
 echo
 go run ./test/bench/agent -agent bin/qoscni-agent -pods "${POPULATIONS:-1,100,500}" -scrapes "${SCRAPES:-50}"
