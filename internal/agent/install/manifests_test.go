@@ -15,10 +15,12 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	resourcev1 "k8s.io/api/resource/v1"
 	"sigs.k8s.io/kustomize/api/krusty"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 
 	"github.com/qoscni/qoscni/internal/agent"
+	"github.com/qoscni/qoscni/internal/agent/dra"
 	"github.com/qoscni/qoscni/internal/agent/install"
 	"github.com/qoscni/qoscni/internal/agent/nodenet"
 	"github.com/qoscni/qoscni/internal/cni/netconf"
@@ -69,6 +71,7 @@ type rendered struct {
 	daemonSets   []appsv1.DaemonSet
 	services     []corev1.Service
 	monitors     []serviceMonitor
+	classes      []resourcev1.DeviceClass
 	allResources []string
 }
 
@@ -124,6 +127,9 @@ func render(t *testing.T, dir string) *rendered {
 		case "Service":
 			r.services = append(r.services, corev1.Service{})
 			into = &r.services[len(r.services)-1]
+		case "DeviceClass":
+			r.classes = append(r.classes, resourcev1.DeviceClass{})
+			into = &r.classes[len(r.classes)-1]
 		case "ServiceMonitor":
 			r.monitors = append(r.monitors, serviceMonitor{})
 			into = &r.monitors[len(r.monitors)-1]
@@ -188,17 +194,25 @@ func checkManifests(t *testing.T, r *rendered, mode install.Mode) {
 	}
 
 	// RBAC: exactly pods get/list/watch, nodes get/list/watch (pod routes)
-	// and patch (the agent's VTEP annotation), events create.
-	wantRules := map[string][]string{"pods": {"get", "list", "watch"}, "nodes": {"get", "list", "watch", "patch"}, "events": {"create"}}
+	// and patch (the agent's VTEP annotation), events create; the DRA
+	// driver's ResourceSlices (what the slice controller does) and claims
+	// (get, what the kubelet plugin helper does).
+	wantRules := map[string][]string{"pods": {"get", "list", "watch"}, "nodes": {"get", "list", "watch", "patch"}, "events": {"create"},
+		"resource.k8s.io/resourceslices": {"get", "list", "watch", "create", "update", "delete"}, "resource.k8s.io/resourceclaims": {"get"}}
 	gotRules := map[string][]string{}
 	for _, rule := range r.roles[0].Rules {
-		if !slices.Equal(rule.APIGroups, []string{""}) || len(rule.ResourceNames) > 0 || len(rule.NonResourceURLs) > 0 {
+		if len(rule.APIGroups) != 1 || len(rule.ResourceNames) > 0 || len(rule.NonResourceURLs) > 0 {
 			t.Errorf("unexpected rule %+v", rule)
+			continue
 		}
 		for _, res := range rule.Resources {
+			if g := rule.APIGroups[0]; g != "" {
+				res = g + "/" + res
+			}
 			gotRules[res] = append(gotRules[res], rule.Verbs...)
 		}
 	}
+	checkDeviceClasses(t, r.classes)
 	if fmt.Sprint(gotRules) != fmt.Sprint(wantRules) {
 		t.Errorf("ClusterRole rules %v, want %v", gotRules, wantRules)
 	}
@@ -428,6 +442,13 @@ func checkDaemonSet(t *testing.T, ds appsv1.DaemonSet, configMap string, mode in
 			t.Errorf("agent cannot write %s", p)
 		}
 	}
+	// The DRA driver's kubelet directories, writable, at the host's paths
+	// (a kubelet plugin's socket paths are the same inside and out).
+	for _, p := range []string{path.Join(dra.DefaultKubeletDir, "plugins_registry"), path.Join(dra.DefaultKubeletDir, "plugins", dra.DefaultDriverName)} {
+		if got, m := mountedAt(c, p); got != p || m.ReadOnly {
+			t.Errorf("agent sees host %s at %q (read-only %v)", p, got, m != nil && m.ReadOnly)
+		}
+	}
 	if len(c.Ports) != 1 || c.Ports[0].ContainerPort != install.ListenPort || c.Ports[0].HostPort != install.ListenPort {
 		t.Errorf("agent ports %+v, want %d", c.Ports, install.ListenPort)
 	}
@@ -535,5 +556,32 @@ func checkServiceMonitor(t *testing.T, r *rendered, ns string, svc corev1.Servic
 	}
 	if len(sm.Spec.Endpoints) != 1 || sm.Spec.Endpoints[0].Port != svc.Spec.Ports[0].Name || sm.Spec.Endpoints[0].Path != install.MetricsPath {
 		t.Errorf("ServiceMonitor endpoints %+v", sm.Spec.Endpoints)
+	}
+}
+
+// checkDeviceClasses: one class per direction, cluster-scoped, selecting
+// the driver's device of that direction by the names the agent publishes.
+func checkDeviceClasses(t *testing.T, classes []resourcev1.DeviceClass) {
+	t.Helper()
+	got := map[string]string{}
+	for _, c := range classes {
+		if c.Namespace != "" {
+			t.Errorf("DeviceClass %s has namespace %q: it is cluster-scoped", c.Name, c.Namespace)
+		}
+		if len(c.Spec.Selectors) != 1 || c.Spec.Selectors[0].CEL == nil {
+			t.Errorf("DeviceClass %s: selectors %+v", c.Name, c.Spec.Selectors)
+			continue
+		}
+		got[c.Name] = strings.Join(strings.Fields(c.Spec.Selectors[0].CEL.Expression), " ")
+	}
+	for _, dir := range []string{dra.Egress, dra.Ingress} {
+		name := dir + "." + dra.DefaultDriverName
+		want := fmt.Sprintf(`device.driver == %q && device.attributes[%q].%s == %q`, dra.DefaultDriverName, dra.DefaultDriverName, dra.DirectionAttribute, dir)
+		if got[name] != want {
+			t.Errorf("DeviceClass %s selects %q, want %q", name, got[name], want)
+		}
+	}
+	if len(classes) != 2 {
+		t.Errorf("%d DeviceClasses, want 2", len(classes))
 	}
 }
