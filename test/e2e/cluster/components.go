@@ -103,7 +103,7 @@ type KubeletOptions struct {
 
 // Kubelet is a running kubelet.
 type Kubelet struct {
-	Dir        string // its root dir, config and logs
+	Dir        string // its config, certificates and log (its --root-dir is kubeletRoot)
 	CgroupRoot string // the cgroup every pod lives under
 }
 
@@ -145,8 +145,10 @@ func (cp *ControlPlane) StartKubelet(t testing.TB, o KubeletOptions) *Kubelet {
 		// Another node's volume mounts live and die in its own mount
 		// namespace.
 		t.Cleanup(func() {
-			if err := node.UnmountUnder(dir); err != nil {
-				t.Errorf("kubelet mounts: %v", err)
+			for _, d := range []string{dir, kubeletRoot} {
+				if err := node.UnmountUnder(d); err != nil {
+					t.Errorf("kubelet mounts: %v", err)
+				}
 			}
 		})
 	}
@@ -193,7 +195,7 @@ fileCheckFrequency: 20s
 	}
 	args := []string{
 		"--config=" + cfgPath, "--kubeconfig=" + kc,
-		"--root-dir=" + filepath.Join(dir, "root"),
+		"--root-dir=" + kubeletRoot,
 		"--hostname-override=" + o.NodeName, "--node-ip=" + o.NodeIP,
 		"--v=2",
 	}
@@ -219,6 +221,12 @@ fileCheckFrequency: 20s
 	t.Logf("kubelet registered node %s in %v (pid %d, log %s)", o.NodeName, time.Since(began).Round(time.Millisecond), p.Cmd.Process.Pid, p.Log)
 	return k
 }
+
+// kubeletRoot is every kubelet's --root-dir: the default, so that the
+// DaemonSet's hostPaths under it (the DRA driver's plugin registration and
+// socket directories) are where the kubelet looks. Each node covers it
+// with a tmpfs of its own (test/e2e/node), so two kubelets do not share it.
+const kubeletRoot = "/var/lib/kubelet"
 
 // makeCgroupRoot creates root in every cgroup v1 hierarchy (the kubelet
 // refuses a cgroup root that does not exist) and returns the function that

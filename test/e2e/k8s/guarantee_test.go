@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/qoscni/qoscni/internal/agent/install"
@@ -26,25 +25,7 @@ const guaranteeCapacity = 100e6
 // pod saturating the same direction; a request that no longer fits is
 // refused at sandbox creation with the CNI error naming the capacity.
 func (e *env) guaranteesStep(t *testing.T) {
-	cms, err := e.cp.Client.CoreV1().ConfigMaps("qoscni").List(ctx(t), metav1.ListOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var cm *corev1.ConfigMap
-	for i := range cms.Items {
-		if strings.HasPrefix(cms.Items[i].Name, "qoscni-config") {
-			cm = &cms.Items[i]
-		}
-	}
-	if cm == nil {
-		t.Fatal("no qoscni-config ConfigMap")
-	}
-	cm.Data["nodeCapacity"] = "100M"
-	if _, err := e.cp.Client.CoreV1().ConfigMaps("qoscni").Update(ctx(t), cm, metav1.UpdateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	e.kc(t, "-n", "qoscni", "rollout", "restart", "daemonset/qoscni-agent")
-	e.kc(t, "-n", "qoscni", "rollout", "status", "daemonset/qoscni-agent", "--timeout=120s")
+	e.setNodeCapacity(t, "100M")
 	waitFor(t, 30*time.Second, "conflist with nodeCapacity", func() error {
 		b, err := os.ReadFile(filepath.Join(install.CNIConfDir, install.ConflistName))
 		if err != nil || !strings.Contains(string(b), `"nodeCapacity"`) {

@@ -31,6 +31,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/qoscni/qoscni/internal/agent/install"
+	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/internal/testnet"
 	"github.com/qoscni/qoscni/test/e2e/cluster"
@@ -114,7 +115,8 @@ func TestKubernetes(t *testing.T) {
 		{"9-across-nodes", e.acrossNodesStep},
 		{"10-bridge-netfilter-proof", e.bridgeNetfilterStep},
 		{"11-guarantees", e.guaranteesStep},
-		{"12-delete-and-uninstall", e.deleteAndUninstall},
+		{"12-dra", e.draStep},
+		{"13-delete-and-uninstall", e.deleteAndUninstall},
 	}
 	for _, s := range steps {
 		start := time.Now()
@@ -140,11 +142,12 @@ func proxyMode() string {
 func qoscniImage(t *testing.T) string {
 	dir := t.TempDir()
 	root := repoRoot()
-	for _, c := range []struct{ out, pkg string }{
-		{install.PluginBinary, "./cmd/qoscni"},
-		{install.AgentBinary, "./cmd/qoscni-agent"},
+	// The agent's tags are the Makefile's AGENT_TAGS.
+	for _, c := range []struct{ out, pkg, tags string }{
+		{install.PluginBinary, "./cmd/qoscni", ""},
+		{install.AgentBinary, "./cmd/qoscni-agent", "grpcnotrace"},
 	} {
-		run(t, root, []string{"CGO_ENABLED=0"}, "go", "build", "-trimpath", "-ldflags", "-s -w", "-o", filepath.Join(dir, c.out), c.pkg)
+		run(t, root, []string{"CGO_ENABLED=0"}, "go", "build", "-tags", c.tags, "-trimpath", "-ldflags", "-s -w", "-o", filepath.Join(dir, c.out), c.pkg)
 	}
 	tar := filepath.Join(dir, "qoscni-image.tar")
 	run(t, root, nil, "go", "run", "./cmd/qoscni-image", "-o", tar, "--tag", "qoscni/qoscni:dev",
@@ -809,6 +812,10 @@ func checkNoPodLeft(t *testing.T, node string, try func(args ...string) (string,
 				t.Errorf("%s: hostPort %d still in nftables: %s", node, port, out)
 			}
 		}
+	}
+	// No DRA grant either: the pods' claims were unprepared.
+	if out, err := try("sh", "-c", "ls -1 "+paths.GrantDir+" 2>/dev/null || true"); err != nil || strings.TrimSpace(out) != "" {
+		t.Errorf("%s: DRA grants left in %s: %v %s", node, paths.GrantDir, err, out)
 	}
 	for _, dir := range []string{filepath.Join(install.StateDir, networkName), filepath.Join(install.IPAMDir, networkName)} {
 		out, err := try("sh", "-c", "ls -1 "+dir+" 2>/dev/null || true")
