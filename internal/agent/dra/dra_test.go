@@ -223,6 +223,9 @@ func TestStartPublishesAndRegisters(t *testing.T) {
 	writeConf := func(egress string) {
 		t.Helper()
 		conf := `{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"qoscni","nodeCapacity":{"egress":"` + egress + `"}}]}`
+		if egress == "" {
+			conf = `{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"qoscni"}]}`
+		}
 		if err := os.WriteFile(filepath.Join(confDir, "10-qoscni.conflist"), []byte(conf), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -279,4 +282,7 @@ func TestStartPublishesAndRegisters(t *testing.T) {
 	waitSlice("egress=1G")
 	writeConf("2G")
 	waitSlice("egress=2G")
+	// Guarantees turned off: the node offers nothing any more.
+	writeConf("")
+	waitSlice("")
 }

@@ -145,6 +145,9 @@ func (d *Driver) refresh(ctx context.Context) error {
 		return fmt.Errorf("dra: %w", err)
 	}
 	devs := Devices(b.Capacity, b.MaxRequestBits, d.cfg.Policy)
+	if devs == nil {
+		devs = []resourceapi.Device{} // published: none, as opposed to not yet
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.published != nil && reflect.DeepEqual(devs, d.published) {
@@ -158,9 +161,6 @@ func (d *Driver) refresh(ctx context.Context) error {
 	}}
 	if err := d.helper.PublishResources(ctx, res); err != nil {
 		return fmt.Errorf("dra: publish: %w", err)
-	}
-	if devs == nil {
-		devs = []resourceapi.Device{}
 	}
 	d.published = devs
 	d.cfg.Logger.Info("DRA: published the node's bandwidth", "devices", d.deviceNamesLocked(), "file", b.File)
