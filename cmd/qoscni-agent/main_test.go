@@ -24,6 +24,10 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"status", "-o", "yaml"}, 2, "", `-o "yaml"`},
 		{[]string{"serve", "-h"}, 0, "", "-reconcile-interval"},
 		{[]string{"install", "--no-such-flag"}, 2, "", "no-such-flag"},
+		{[]string{"serve", "--dra-default-request", "fast"}, 2, "", "-dra-default-request"},
+		{[]string{"serve", "--dra-request-step", "0"}, 2, "", "step must be above 0"},
+		{[]string{"serve", "--dra-default-request", "1500k"}, 2, "", "not the minimum"},
+		{[]string{"serve", "--dra-max-request", "5M"}, 2, "", "below the default"},
 	} {
 		var stdout, stderr bytes.Buffer
 		code := run(tc.args, &stdout, &stderr)

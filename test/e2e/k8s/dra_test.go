@@ -4,12 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -139,26 +136,10 @@ func (e *env) draStep(t *testing.T) {
 		}
 		_, neighbour := e.runningPod(t, "neighbour")
 		claimedRec := e.record(t, claimed.Name)
-		var wg sync.WaitGroup
-		outs := make([]string, 2)
-		errs := make([]error, 2)
-		for i, rec := range []*state.Record{claimedRec, neighbour} {
-			startIperf3Port(t, podNS(t, rec), 5210+i)
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				// -R: the pod sends, out of it (its egress).
-				outs[i], errs[i] = e.n.NetNS.Try("iperf3", "-c", podIPv4(t, rec), "-p", strconv.Itoa(5210+i), "-t", "6", "-R", "-J")
-			}()
-		}
-		wg.Wait()
-		var got [2]float64
-		for i := range outs {
-			if errs[i] != nil {
-				t.Fatalf("iperf3: %v %s", errs[i], outs[i])
-			}
-			got[i] = parseIperf3(t, []byte(outs[i])).steady
-		}
+		testnet.StartIperf3(t, podNS(t, claimedRec))
+		testnet.StartIperf3(t, podNS(t, neighbour))
+		// -R: the pods send, out of them (their egress).
+		got := e.concurrentIperf3(t, []string{podIPv4(t, claimedRec), podIPv4(t, neighbour)}, 6, true)
 		t.Logf("out of pods on %s, capacity %.0f Mbit/s: %s (claim 400M) %.1f, neighbour (none) %.1f, total %.1f Mbit/s",
 			nodeName, draCapacity/1e6, claimed.Name, got[0]/1e6, got[1]/1e6, (got[0]+got[1])/1e6)
 		if got[0] < 0.95*draClaim {
@@ -448,24 +429,6 @@ func (e *env) deleteClaimed(t *testing.T, names []string) {
 	waitFor(t, 90*time.Second, "every grant released", func() error {
 		if g := e.grants(t); len(g[nodeName])+len(g[node2Name]) > 0 {
 			return fmt.Errorf("grants %v", g)
-		}
-		return nil
-	})
-}
-
-// startIperf3Port runs an iperf3 server on port in ns until the test ends.
-func startIperf3Port(t *testing.T, ns *testnet.NS, port int) {
-	t.Helper()
-	p := strconv.Itoa(port)
-	cmd := exec.Command("ip", "netns", "exec", ns.Name, "iperf3", "-s", "-p", p, "--bind", "0.0.0.0")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	waitFor(t, 5*time.Second, "iperf3 server on "+p, func() error {
-		out, err := ns.Try("ss", "-ltn", "sport = :"+p)
-		if err != nil || !strings.Contains(out, p) {
-			return fmt.Errorf("%v %s", err, out)
 		}
 		return nil
 	})

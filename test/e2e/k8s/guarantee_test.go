@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -49,24 +50,7 @@ func (e *env) guaranteesStep(t *testing.T) {
 
 	t.Run("request-kept-under-contention", func(t *testing.T) {
 		// Both saturate traffic into their pods, sent from the node.
-		var wg sync.WaitGroup
-		outs := make([]string, 2)
-		errs := make([]error, 2)
-		for i, rec := range []string{podIPv4(t, gold), podIPv4(t, bronze)} {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				outs[i], errs[i] = e.n.NetNS.Try("iperf3", "-c", rec, "-t", "5", "-J")
-			}()
-		}
-		wg.Wait()
-		var got [2]float64
-		for i := range outs {
-			if errs[i] != nil {
-				t.Fatalf("iperf3: %v %s", errs[i], outs[i])
-			}
-			got[i] = parseIperf3(t, []byte(outs[i])).steady
-		}
+		got := e.concurrentIperf3(t, []string{podIPv4(t, gold), podIPv4(t, bronze)}, 5, false)
 		t.Logf("into pods, capacity %.0f Mbit/s: gold (request 60M) %.1f, bronze (none) %.1f, total %.1f Mbit/s",
 			guaranteeCapacity/1e6, got[0]/1e6, got[1]/1e6, (got[0]+got[1])/1e6)
 		if got[0] < 0.9*60e6 {
@@ -98,4 +82,34 @@ func (e *env) guaranteesStep(t *testing.T) {
 		}
 		e.runningPod(t, "platinum")
 	})
+}
+
+// concurrentIperf3 runs one iperf3 client from the node against each
+// address at once (an iperf3 server in each pod) for secs seconds and
+// returns each steady rate; reverse makes the pods send.
+func (e *env) concurrentIperf3(t *testing.T, addrs []string, secs int, reverse bool) []float64 {
+	t.Helper()
+	var wg sync.WaitGroup
+	outs := make([]string, len(addrs))
+	errs := make([]error, len(addrs))
+	for i, a := range addrs {
+		args := []string{"-c", a, "-t", strconv.Itoa(secs), "-J"}
+		if reverse {
+			args = append(args, "-R")
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			outs[i], errs[i] = e.n.NetNS.Try("iperf3", args...)
+		}()
+	}
+	wg.Wait()
+	got := make([]float64, len(addrs))
+	for i := range outs {
+		if errs[i] != nil {
+			t.Fatalf("iperf3 -c %s: %v %s", addrs[i], errs[i], outs[i])
+		}
+		got[i] = parseIperf3(t, []byte(outs[i])).steady
+	}
+	return got
 }
