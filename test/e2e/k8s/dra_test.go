@@ -159,7 +159,21 @@ func (e *env) draStep(t *testing.T) {
 		if len(before[nodeName]) != 2 || len(before[node2Name]) != 2 {
 			t.Fatalf("grants before: %v", before)
 		}
+		// The kernel's sum of the node's egress requests: the two claims
+		// on it, before the kill and after (nothing double counted).
+		nodeRequests := func(when string) {
+			t.Helper()
+			waitFor(t, 30*time.Second, "node egress requests "+when, func() error {
+				v, err := scrape(e.n.Client, e.n.IP, "qoscni_guarantee_node_requests_bytes_per_second", "", "egress")
+				if err == nil && v != 2*draClaim/8 {
+					err = fmt.Errorf("%.0f bytes/s, want %.0f", v, 2*draClaim/8)
+				}
+				return err
+			})
+		}
+		nodeRequests("before the kill")
 		e.killAgent(t)
+		nodeRequests("after the restart")
 		if after := e.grants(t); fmt.Sprint(after) != fmt.Sprint(before) {
 			t.Errorf("grants after the agent's restart %v, before %v", after, before)
 		}

@@ -610,13 +610,15 @@ func mbits(v []float64) []float64 {
 }
 
 // scrape reads one series of the agent's /metrics from ns.
+// scrape reads one sample of the node agent's metric for the pod ("" =
+// a node metric) and direction.
 func scrape(ns *testnet.NS, nodeIP, metric, pod, direction string) (float64, error) {
 	out, err := ns.Try("curl", "-sf", "--max-time", "5", fmt.Sprintf("http://%s:%d%s", nodeIP, install.ListenPort, install.MetricsPath))
 	if err != nil {
 		return 0, fmt.Errorf("curl: %v %s", err, out)
 	}
 	for _, line := range strings.Split(out, "\n") {
-		if !strings.HasPrefix(line, metric+"{") || !strings.Contains(line, `pod="`+pod+`"`) || !strings.Contains(line, `direction="`+direction+`"`) {
+		if !strings.HasPrefix(line, metric+"{") || (pod != "" && !strings.Contains(line, `pod="`+pod+`"`)) || !strings.Contains(line, `direction="`+direction+`"`) {
 			continue
 		}
 		f := strings.Fields(line)
