@@ -72,6 +72,7 @@ type rendered struct {
 	services     []corev1.Service
 	monitors     []serviceMonitor
 	classes      []resourcev1.DeviceClass
+	promRules    []map[string]any // checked against alerts.yml by internal/agent TestAlertRules
 	allResources []string
 }
 
@@ -127,6 +128,13 @@ func render(t *testing.T, dir string) *rendered {
 		case "Service":
 			r.services = append(r.services, corev1.Service{})
 			into = &r.services[len(r.services)-1]
+		case "PrometheusRule":
+			var m map[string]any
+			if err := json.Unmarshal(data, &m); err != nil {
+				t.Fatal(err)
+			}
+			r.promRules = append(r.promRules, m)
+			continue
 		case "DeviceClass":
 			r.classes = append(r.classes, resourcev1.DeviceClass{})
 			into = &r.classes[len(r.classes)-1]
@@ -158,6 +166,23 @@ func TestAgentAndPluginDefaultsAgree(t *testing.T) {
 		if c.got != c.want {
 			t.Errorf("%s = %q, install says %q", c.what, c.got, c.want)
 		}
+	}
+}
+
+// TestPrometheusRuleManifest: deploy/prometheusrule renders one
+// PrometheusRule in the agent's namespace, apart from deploy/ (whose apply
+// would fail without the Operator's CRDs).
+func TestPrometheusRuleManifest(t *testing.T) {
+	r := render(t, filepath.Join(deployDir, "prometheusrule"))
+	if len(r.promRules) != 1 || len(r.allResources) != 1 {
+		t.Fatalf("rendered %v", r.allResources)
+	}
+	md, _ := r.promRules[0]["metadata"].(map[string]any)
+	if md["namespace"] != "qoscni" {
+		t.Errorf("PrometheusRule in namespace %v", md["namespace"])
+	}
+	if base := render(t, deployDir); len(base.promRules) != 0 {
+		t.Error("a PrometheusRule in deploy/ itself")
 	}
 }
 
