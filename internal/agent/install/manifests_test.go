@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	admissionv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -73,6 +74,8 @@ type rendered struct {
 	monitors     []serviceMonitor
 	classes      []resourcev1.DeviceClass
 	promRules    []map[string]any // checked against alerts.yml by internal/agent TestAlertRules
+	policies     []admissionv1.ValidatingAdmissionPolicy
+	vapBindings  []admissionv1.ValidatingAdmissionPolicyBinding
 	allResources []string
 }
 
@@ -135,6 +138,12 @@ func render(t *testing.T, dir string) *rendered {
 			}
 			r.promRules = append(r.promRules, m)
 			continue
+		case "ValidatingAdmissionPolicy":
+			r.policies = append(r.policies, admissionv1.ValidatingAdmissionPolicy{})
+			into = &r.policies[len(r.policies)-1]
+		case "ValidatingAdmissionPolicyBinding":
+			r.vapBindings = append(r.vapBindings, admissionv1.ValidatingAdmissionPolicyBinding{})
+			into = &r.vapBindings[len(r.vapBindings)-1]
 		case "DeviceClass":
 			r.classes = append(r.classes, resourcev1.DeviceClass{})
 			into = &r.classes[len(r.classes)-1]
@@ -238,6 +247,12 @@ func checkManifests(t *testing.T, r *rendered, mode install.Mode) {
 		}
 	}
 	checkDeviceClasses(t, r.classes)
+	// The annotation guardrail (test/e2e/admission runs it in an API
+	// server): cluster-scoped, bound, denying.
+	if len(r.policies) != 1 || len(r.vapBindings) != 1 || r.policies[0].Namespace != "" ||
+		r.vapBindings[0].Spec.PolicyName != r.policies[0].Name || !slices.Equal(r.vapBindings[0].Spec.ValidationActions, []admissionv1.ValidationAction{admissionv1.Deny}) {
+		t.Errorf("admission policy %d, bindings %d: want one bound Deny policy", len(r.policies), len(r.vapBindings))
+	}
 	if fmt.Sprint(gotRules) != fmt.Sprint(wantRules) {
 		t.Errorf("ClusterRole rules %v, want %v", gotRules, wantRules)
 	}
