@@ -27,6 +27,31 @@ const (
 	AnnotationMaxQueueDelay = "qoscni.io/max-queue-delay"
 )
 
+// Calico's names for the rate and burst (qos.projectcalico.org, same
+// units: bit/s and bits), accepted so that a pod moved from Calico keeps
+// its limits. Where a pod has both names, qoscni's own wins.
+const (
+	CalicoIngressBandwidth = "qos.projectcalico.org/ingressBandwidth"
+	CalicoEgressBandwidth  = "qos.projectcalico.org/egressBandwidth"
+	CalicoIngressBurst     = "qos.projectcalico.org/ingressBurst"
+	CalicoEgressBurst      = "qos.projectcalico.org/egressBurst"
+)
+
+// CalicoPrefix starts every Calico QoS annotation.
+const CalicoPrefix = "qos.projectcalico.org/"
+
+// annotation is the value of key, else of its alias ("" = none), and the
+// key it was read from.
+func annotation(a map[string]string, key, alias string) (v, from string, ok bool) {
+	if v, ok := a[key]; ok {
+		return v, key, true
+	}
+	if v, ok := a[alias]; ok && alias != "" {
+		return v, alias, true
+	}
+	return "", "", false
+}
+
 // Sources of a direction's rate, in precedence order.
 const (
 	SourceAnnotation    = "annotation"
@@ -245,16 +270,19 @@ func resolveDelay(in Inputs, c Ceilings) (time.Duration, []Clamp, error) {
 }
 
 type direction struct {
-	name                 string
-	rateAnno, burstAnno  string
-	rateField, burstFld  string
-	runtimeRate, runBurs func(*Rates) uint64
+	name                  string
+	rateAnno, burstAnno   string
+	rateAlias, burstAlias string // Calico's names
+	rateField, burstFld   string
+	runtimeRate, runBurs  func(*Rates) uint64
 }
 
 var (
-	dirIngress = direction{"ingress", AnnotationIngressRate, AnnotationIngressBurst, "ingressRate", "ingressBurst",
+	dirIngress = direction{"ingress", AnnotationIngressRate, AnnotationIngressBurst, CalicoIngressBandwidth, CalicoIngressBurst,
+		"ingressRate", "ingressBurst",
 		func(r *Rates) uint64 { return r.IngressRate }, func(r *Rates) uint64 { return r.IngressBurst }}
-	dirEgress = direction{"egress", AnnotationEgressRate, AnnotationEgressBurst, "egressRate", "egressBurst",
+	dirEgress = direction{"egress", AnnotationEgressRate, AnnotationEgressBurst, CalicoEgressBandwidth, CalicoEgressBurst,
+		"egressRate", "egressBurst",
 		func(r *Rates) uint64 { return r.EgressRate }, func(r *Rates) uint64 { return r.EgressBurst }}
 )
 
@@ -273,15 +301,15 @@ func pickRate(in Inputs, d direction) (rate, burst uint64, source string, err er
 	// An explicit burst annotation is validated even when another source
 	// sets the rate, so a typo never passes silently.
 	var annoBurst uint64
-	if v, ok := in.Annotations[d.burstAnno]; ok {
-		b, err := parseQuantity("annotation "+d.burstAnno, v, false)
+	if v, key, ok := annotation(in.Annotations, d.burstAnno, d.burstAlias); ok {
+		b, err := parseQuantity("annotation "+key, v, false)
 		if err != nil {
 			return 0, 0, "", err
 		}
 		annoBurst = b
 	}
-	if v, ok := in.Annotations[d.rateAnno]; ok {
-		rate, err := parseQuantity("annotation "+d.rateAnno, v, true)
+	if v, key, ok := annotation(in.Annotations, d.rateAnno, d.rateAlias); ok {
+		rate, err := parseQuantity("annotation "+key, v, true)
 		if err != nil {
 			return 0, 0, "", err
 		}

@@ -120,6 +120,36 @@ func TestKubernetesRange(t *testing.T) {
 	}
 }
 
+// Calico's names stand for qoscni's where a pod has only them; where it
+// has both, qoscni's win; a bad Calico value is refused naming Calico's key.
+func TestCalicoAliases(t *testing.T) {
+	p, err := Resolve(Inputs{Annotations: map[string]string{CalicoIngressBandwidth: "10M", CalicoIngressBurst: "800k", CalicoEgressBandwidth: "2M"}}, 1500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Ingress == nil || p.Ingress.RateBits != 10e6 || p.Ingress.Source != SourceAnnotation || p.Ingress.BurstBytes != 100e3 {
+		t.Errorf("ingress from Calico's names: %+v", p.Ingress)
+	}
+	if p.Egress == nil || p.Egress.RateBits != 2e6 {
+		t.Errorf("egress from Calico's name: %+v", p.Egress)
+	}
+	p, err = Resolve(Inputs{Annotations: map[string]string{AnnotationIngressRate: "20M", CalicoIngressBandwidth: "10M",
+		AnnotationIngressBurst: "400k", CalicoIngressBurst: "800k"}}, 1500)
+	if err != nil || p.Ingress.RateBits != 20e6 || p.Ingress.BurstBytes != 50e3 {
+		t.Errorf("both names: qoscni's must win: %+v %v", p.Ingress, err)
+	}
+	// qoscni's value wins even where Calico's is bad: it is not read.
+	if _, err := Resolve(Inputs{Annotations: map[string]string{AnnotationEgressRate: "1M", CalicoEgressBandwidth: "fast"}}, 1500); err != nil {
+		t.Errorf("an unread Calico value failed the pod: %v", err)
+	}
+	for k, v := range map[string]string{CalicoEgressBandwidth: "999", CalicoIngressBurst: "-1"} {
+		_, err := Resolve(Inputs{Annotations: map[string]string{k: v}}, 1500)
+		if err == nil || !strings.Contains(err.Error(), "annotation "+k) {
+			t.Errorf("%s=%s: %v, want an error naming it", k, v, err)
+		}
+	}
+}
+
 func TestBadInput(t *testing.T) {
 	cases := []struct {
 		name string

@@ -390,6 +390,26 @@ func TestAnnotationRemovalRemovesShaping(t *testing.T) {
 	}
 }
 
+// Calico's annotation names shape a pod from ADD and reshape it live;
+// qoscni's name, once added, wins over Calico's.
+func TestCalicoAnnotationsReshapeLive(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	_, rec := e.addPod("calico", map[string]string{shaping.CalicoEgressBandwidth: "20M"})
+	if egressRate(rec) != 20_000_000 {
+		t.Fatalf("ADD from Calico's name: %+v", rec.Shaping)
+	}
+	e.annotate("calico", map[string]string{shaping.CalicoEgressBandwidth: "5M"})
+	e.waitRecord(rec.ContainerID, "reshaped to Calico's 5M", func(r *state.Record) bool { return egressRate(r) == 5_000_000 })
+	if q := e.node.Exec(t, "tc", "qdisc", "show", "dev", rec.Shaping.IFB); !strings.Contains(q, "rate 5Mbit") {
+		t.Errorf("IFB after Calico's change: %s", q)
+	}
+	e.annotate("calico", map[string]string{shaping.CalicoEgressBandwidth: "5M", shaping.AnnotationEgressRate: "8M"})
+	e.waitRecord(rec.ContainerID, "qoscni's name wins", func(r *state.Record) bool { return egressRate(r) == 8_000_000 })
+	e.annotate("calico", map[string]string{"unrelated": "x"})
+	e.waitRecord(rec.ContainerID, "shaping removed with both names", func(r *state.Record) bool { return r.Shaping == nil })
+}
+
 func (e *env) events(name string) []corev1.Event {
 	e.t.Helper()
 	l, err := e.client.CoreV1().Events("default").List(context.Background(), metav1.ListOptions{})

@@ -26,6 +26,7 @@ func TestShapingAnnotationsEqual(t *testing.T) {
 		{map[string]string{shaping.AnnotationIngressRate: "10M", shaping.AnnotationEgressRate: "1M"}, false},      // added
 		{map[string]string{shaping.AnnotationIngressRate: "10M", "qoscni.io/anything-new": ""}, false},            // any qoscni.io key
 		{map[string]string{shaping.AnnotationIngressRate: "10M", "kubernetes.io/other": "x", "app": "web"}, true}, // not ours
+		{map[string]string{shaping.AnnotationIngressRate: "10M", shaping.CalicoEgressBandwidth: "5M"}, false},     // Calico's alias
 	}
 	for i, c := range cases {
 		if got := ShapingAnnotationsEqual(base, c.b); got != c.want {

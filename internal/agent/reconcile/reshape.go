@@ -105,7 +105,8 @@ func shapingSubset(a, b map[string]string) bool {
 }
 
 func isShapingKey(k string) bool {
-	return k == shaping.AnnotationIngressRate || k == shaping.AnnotationEgressRate || strings.HasPrefix(k, "qoscni.io/")
+	return k == shaping.AnnotationIngressRate || k == shaping.AnnotationEgressRate || strings.HasPrefix(k, "qoscni.io/") ||
+		strings.HasPrefix(k, shaping.CalicoPrefix)
 }
 
 // granted reads the pod's DRA grant beside the registry, as the plugin
