@@ -96,12 +96,13 @@ func TestAnnotationPolicy(t *testing.T) {
 
 	long := strings.Repeat("1", 70)
 	cases := []map[string]string{}
-	for _, k := range []string{shaping.AnnotationIngressRate, shaping.AnnotationEgressRate, shaping.AnnotationIngressRequest, shaping.AnnotationEgressRequest} {
+	for _, k := range []string{shaping.AnnotationIngressRate, shaping.AnnotationEgressRate, shaping.AnnotationIngressRequest, shaping.AnnotationEgressRequest,
+		shaping.CalicoIngressBandwidth, shaping.CalicoEgressBandwidth} {
 		for _, v := range []string{"10M", "1k", "999", "1.5k", "1Ki", "1P", "1.1P", "10Q", "", " 10M ", "-5M", "1e3", "1e100", long, "0", "fast"} {
 			cases = append(cases, map[string]string{k: v})
 		}
 	}
-	for _, k := range []string{shaping.AnnotationIngressBurst, shaping.AnnotationEgressBurst} {
+	for _, k := range []string{shaping.AnnotationIngressBurst, shaping.AnnotationEgressBurst, shaping.CalicoIngressBurst, shaping.CalicoEgressBurst} {
 		for _, v := range []string{"512k", "0", "-1", "abc", "9E", "10E", "1.5", "1e99", "1e100"} {
 			cases = append(cases, map[string]string{k: v})
 		}
@@ -117,6 +118,11 @@ func TestAnnotationPolicy(t *testing.T) {
 		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressRequest: "5M"},
 		map[string]string{shaping.AnnotationIngressRate: "1G", shaping.AnnotationIngressRequest: "1G"},
 		map[string]string{shaping.AnnotationIngressRate: "bad", shaping.AnnotationIngressRequest: "1G"},
+		// Calico's names: read where qoscni's is absent, ignored where it is set.
+		map[string]string{shaping.CalicoEgressBandwidth: "10M", shaping.AnnotationEgressRequest: "20M"},
+		map[string]string{shaping.AnnotationEgressRate: "30M", shaping.CalicoEgressBandwidth: "10M", shaping.AnnotationEgressRequest: "20M"},
+		map[string]string{shaping.AnnotationEgressRate: "30M", shaping.CalicoEgressBandwidth: "fast"},
+		map[string]string{shaping.AnnotationIngressBurst: "1k", shaping.CalicoIngressBurst: "-5"},
 	)
 	refused := 0
 	for i, ann := range cases {
