@@ -37,6 +37,28 @@ const (
 	CalicoEgressBurst      = "qos.projectcalico.org/egressBurst"
 )
 
+// A token bucket's peak rate (bit/s) and the bucket it is measured with
+// (bytes): a pod may send its burst no faster than the peak. qoscni's
+// names, and Calico's (same units) where a pod has none of qoscni's.
+const (
+	AnnotationIngressPeakRate = "qoscni.io/ingress-peak-rate"
+	AnnotationEgressPeakRate  = "qoscni.io/egress-peak-rate"
+	AnnotationIngressMinBurst = "qoscni.io/ingress-minburst"
+	AnnotationEgressMinBurst  = "qoscni.io/egress-minburst"
+	CalicoIngressPeakrate     = "qos.projectcalico.org/ingressPeakrate"
+	CalicoEgressPeakrate      = "qos.projectcalico.org/egressPeakrate"
+	CalicoIngressMinburst     = "qos.projectcalico.org/ingressMinburst"
+	CalicoEgressMinburst      = "qos.projectcalico.org/egressMinburst"
+)
+
+// Bounds of the peak settings: TBF keeps the peak rate in 32 bits of
+// bytes/s (34 Gbit/s); the minburst range is Calico's, 1k to 100M bytes.
+const (
+	MaxPeakBits     = math.MaxUint32 * 8
+	MinMinBurstByte = 1000
+	MaxMinBurstByte = 100_000_000
+)
+
 // CalicoPrefix starts every Calico QoS annotation.
 const CalicoPrefix = "qos.projectcalico.org/"
 
@@ -197,6 +219,11 @@ type Params struct {
 	LimitBytes    uint64
 	MaxQueueDelay time.Duration
 	Source        string
+	// PeakBits is the pod's own peak rate (0: none; qoscni may still use
+	// one of its own to cut GSO packets, see UsesPeak), and MinBurstBytes
+	// the bucket it is measured with (0: one frame of the device).
+	PeakBits      uint64
+	MinBurstBytes uint64
 	// Clamps lists the settings a ceiling cut down (nil: none).
 	Clamps []Clamp
 }
@@ -270,28 +297,93 @@ func resolveDelay(in Inputs, c Ceilings) (time.Duration, []Clamp, error) {
 }
 
 type direction struct {
-	name                  string
-	rateAnno, burstAnno   string
-	rateAlias, burstAlias string // Calico's names
-	rateField, burstFld   string
-	runtimeRate, runBurs  func(*Rates) uint64
+	name                     string
+	rateAnno, burstAnno      string
+	rateAlias, burstAlias    string // Calico's names
+	peakAnno, minBurstAnno   string
+	peakAlias, minBurstAlias string
+	rateField, burstFld      string
+	runtimeRate, runBurs     func(*Rates) uint64
 }
 
 var (
 	dirIngress = direction{"ingress", AnnotationIngressRate, AnnotationIngressBurst, CalicoIngressBandwidth, CalicoIngressBurst,
+		AnnotationIngressPeakRate, AnnotationIngressMinBurst, CalicoIngressPeakrate, CalicoIngressMinburst,
 		"ingressRate", "ingressBurst",
 		func(r *Rates) uint64 { return r.IngressRate }, func(r *Rates) uint64 { return r.IngressBurst }}
 	dirEgress = direction{"egress", AnnotationEgressRate, AnnotationEgressBurst, CalicoEgressBandwidth, CalicoEgressBurst,
+		AnnotationEgressPeakRate, AnnotationEgressMinBurst, CalicoEgressPeakrate, CalicoEgressMinburst,
 		"egressRate", "egressBurst",
 		func(r *Rates) uint64 { return r.EgressRate }, func(r *Rates) uint64 { return r.EgressBurst }}
 )
 
 func resolveDirection(in Inputs, d direction, delay time.Duration, mtu int, c Ceilings) (*Params, error) {
 	rate, burst, source, err := pickRate(in, d)
+	if err != nil {
+		return nil, err
+	}
+	peak, minBurst, err := pickPeak(in, d, rate)
 	if err != nil || rate == 0 {
 		return nil, err
 	}
-	return deriveWithin(c, rate, burst, delay, mtu, source), nil
+	p := deriveWithin(c, rate, burst, delay, mtu, source)
+	p.PeakBits, p.MinBurstBytes = peak, minBurst
+	return p, nil
+}
+
+// pickPeak reads the direction's peak rate and minburst annotations: a
+// peak above the rate and within TBF's 32 bits, a minburst only with a
+// peak.
+func pickPeak(in Inputs, d direction, rate uint64) (peak, minBurst uint64, err error) {
+	pv, pkey, hasPeak := annotation(in.Annotations, d.peakAnno, d.peakAlias)
+	if hasPeak {
+		field := "annotation " + pkey
+		if peak, err = parseQuantity(field, pv, false); err != nil {
+			return 0, 0, err
+		}
+		switch {
+		case rate == 0:
+			return 0, 0, invalid(field, fmt.Sprintf("%q", pv), "needs a rate for the "+d.name+" direction ("+d.rateAnno+")")
+		case peak <= rate:
+			return 0, 0, invalid(field, fmt.Sprintf("%q", pv), "must be above the rate "+FormatRate(rate))
+		case peak > MaxPeakBits:
+			return 0, 0, invalid(field, fmt.Sprintf("%q", pv), "must be at most "+FormatRate(MaxPeakBits)+" (TBF's peak rate)")
+		}
+	}
+	if mv, mkey, ok := annotation(in.Annotations, d.minBurstAnno, d.minBurstAlias); ok {
+		field := "annotation " + mkey
+		if !hasPeak {
+			return 0, 0, invalid(field, fmt.Sprintf("%q", mv), "needs a peak rate ("+d.peakAnno+")")
+		}
+		if minBurst, err = parseQuantity(field, mv, false); err != nil {
+			return 0, 0, err
+		}
+		if minBurst < MinMinBurstByte || minBurst > MaxMinBurstByte {
+			return 0, 0, invalid(field, fmt.Sprintf("%q", mv), "must be between 1k and 100M bytes")
+		}
+	}
+	return peak, minBurst, nil
+}
+
+// Split takes out of plan the directions the node's guarantee hierarchy
+// shapes (g), whose limit is their class's ceil, not a token bucket of
+// their own. A peak rate asked for there is refused: HTB has none.
+func Split(plan Plan, g Guarantee) (Plan, error) {
+	for _, d := range []struct {
+		p    **Params
+		hier bool
+		dir  direction
+	}{{&plan.Ingress, g.Ingress != nil, dirIngress}, {&plan.Egress, g.Egress != nil, dirEgress}} {
+		if !d.hier {
+			continue
+		}
+		if *d.p != nil && (*d.p).PeakBits != 0 {
+			return Plan{}, invalid("annotation "+d.dir.peakAnno, FormatRate((*d.p).PeakBits),
+				"this node shares its "+d.dir.name+" bandwidth through its guarantee hierarchy (nodeCapacity), whose classes have no peak rate")
+		}
+		*d.p = nil
+	}
+	return plan, nil
 }
 
 // pickRate is the direction's rate (0: not shaped), the explicit burst in

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/qoscni/qoscni/internal/state"
 )
 
 const containerdBurst = 4294967295
@@ -322,5 +324,46 @@ func TestOutsizedQuantity(t *testing.T) {
 		if err != nil || got != want {
 			t.Errorf("%q = %d (%v), want %d", v, got, err, want)
 		}
+	}
+}
+
+func TestPeakRate(t *testing.T) {
+	p, err := Resolve(Inputs{Annotations: map[string]string{AnnotationEgressRate: "10M", AnnotationEgressPeakRate: "15M", AnnotationEgressMinBurst: "3k",
+		CalicoIngressBandwidth: "1M", CalicoIngressPeakrate: "2M", CalicoIngressMinburst: "2000"}}, 1500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Egress.PeakBits != 15e6 || p.Egress.MinBurstBytes != 3000 || p.Ingress.PeakBits != 2e6 || p.Ingress.MinBurstBytes != 2000 {
+		t.Errorf("peaks: %+v %+v", p.Egress, p.Ingress)
+	}
+	// The record keeps them.
+	back := FromRecord(&state.Record{Shaping: ToRecord(p, "qv", "qi")}, "qi").Plan
+	if back.Egress.PeakBits != 15e6 || back.Ingress.MinBurstBytes != 2000 {
+		t.Errorf("record round trip: %+v %+v", back.Egress, back.Ingress)
+	}
+	for _, c := range []struct {
+		ann  map[string]string
+		want string
+	}{
+		{map[string]string{AnnotationEgressPeakRate: "15M"}, "needs a rate"},
+		{map[string]string{AnnotationEgressRate: "10M", AnnotationEgressPeakRate: "10M"}, "must be above the rate 10Mbit/s"},
+		{map[string]string{AnnotationEgressRate: "10M", AnnotationEgressPeakRate: "40G"}, "TBF's peak rate"},
+		{map[string]string{AnnotationEgressRate: "10M", AnnotationEgressMinBurst: "3k"}, "needs a peak rate"},
+		{map[string]string{AnnotationEgressRate: "10M", AnnotationEgressPeakRate: "15M", CalicoEgressMinburst: "999"}, "annotation " + CalicoEgressMinburst},
+		{map[string]string{AnnotationEgressRate: "10M", AnnotationEgressPeakRate: "15M", AnnotationEgressMinBurst: "101M"}, "between 1k and 100M bytes"},
+		{map[string]string{CalicoIngressBandwidth: "1M", CalicoIngressPeakrate: "soon"}, "annotation " + CalicoIngressPeakrate},
+	} {
+		if _, err := Resolve(Inputs{Annotations: c.ann}, 1500); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%v: %v, want %q", c.ann, err, c.want)
+		}
+	}
+	// In the node's hierarchy a direction has no token bucket of its own.
+	g := Guarantee{Egress: &Class{RequestBits: 1e6}}
+	if _, err := Split(p, g); err == nil || !strings.Contains(err.Error(), AnnotationEgressPeakRate) {
+		t.Errorf("a peak in the hierarchy: %v", err)
+	}
+	p.Egress.PeakBits = 0
+	if s, err := Split(p, g); err != nil || s.Egress != nil || s.Ingress == nil {
+		t.Errorf("Split: %+v %v", s, err)
 	}
 }

@@ -45,6 +45,8 @@ func toDirection(p *Params, dev string) *state.Direction {
 		MaxQueueDelayNs: int64(p.MaxQueueDelay),
 		Source:          p.Source,
 		Clamped:         toClamps(p.Clamps),
+		PeakBits:        p.PeakBits,
+		MinBurstBytes:   p.MinBurstBytes,
 	}
 }
 
@@ -148,6 +150,8 @@ func fromDirection(d *state.Direction) *Params {
 		MaxQueueDelay: time.Duration(d.MaxQueueDelayNs),
 		Source:        d.Source,
 		Clamps:        fromClamps(d.Clamped),
+		PeakBits:      d.PeakBits,
+		MinBurstBytes: d.MinBurstBytes,
 	}
 }
 

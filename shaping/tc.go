@@ -201,7 +201,13 @@ func wantShape(p *Params, mtu int) *shape {
 	sh := &shape{kind: kind, rateBytes: rate, burstBytes: burst,
 		burstTicks: bytesToTicks(burst, rate), limitBytes: p.LimitBytes,
 		fq: fqCodelFor(rate, p.LimitBytes, mtu)}
-	if kind == "tbf" && UsesPeak(sh.rateBytes, sh.limitBytes) {
+	switch {
+	case kind == "tbf" && p.PeakBits != 0:
+		// The pod's own peak, measured over its minburst: at least a frame
+		// of the device, or TBF could send no full frame at all.
+		sh.peakBytes = p.PeakBits / 8
+		sh.peakTicks = bytesToTicks(max(p.MinBurstBytes, uint64(mtu+ethHeader)), sh.peakBytes)
+	case kind == "tbf" && UsesPeak(sh.rateBytes, sh.limitBytes):
 		sh.peakBytes = PeakBytes(sh.rateBytes)
 		sh.peakTicks = bytesToTicks(PeakBurst(mtu), sh.peakBytes)
 	}

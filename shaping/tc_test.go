@@ -220,3 +220,80 @@ func TestReshapeInPlaceWithFlow(t *testing.T) {
 		t.Errorf("rate did not follow the reshape: %.2f then %.2f Mbit/s", first/1e6, last/1e6)
 	}
 }
+
+// A pod's own peak rate and minburst reach TBF, CHECK sees a peak changed
+// by hand, and a rate with a long queue (no peak of qoscni's own) gets
+// the pod's peak too; the peak rate holds a flow to it over the first
+// burst.
+func TestPodPeakRate(t *testing.T) {
+	n, pod, s := kernelSetup(t)
+	plan, err := Resolve(Inputs{Annotations: map[string]string{
+		AnnotationIngressRate: "20M", AnnotationIngressBurst: "8M", AnnotationIngressPeakRate: "40M", AnnotationIngressMinBurst: "3028",
+		CalicoEgressBandwidth: "500M", CalicoEgressPeakrate: "800M"}}, 1500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := desired(plan.Ingress, plan.Egress)
+	if err := s.ApplyFresh(d); err != nil {
+		t.Fatal(err)
+	}
+	if diff, err := s.Diff(d); err != nil || len(diff) != 0 {
+		t.Fatalf("Diff after Apply: %q %v", diff, err)
+	}
+	// tc prints the minburst back from the kernel's ticks (3028 B shows
+	// as about 3025).
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", "qvtest0"); !strings.Contains(q, "peakrate 40Mbit") || !strings.Contains(q, "minburst 30") {
+		t.Errorf("veth: %s", q)
+	}
+	// 500M has a queue of its own above 128 KiB: qoscni would use no peak;
+	// the pod's is there, over one frame.
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", "qitest0"); !strings.Contains(q, "peakrate 800Mbit") || !strings.Contains(q, "minburst 15") {
+		t.Errorf("ifb: %s", q)
+	}
+	// A peak changed by hand is drift.
+	n.Exec(t, "tc", "qdisc", "change", "dev", "qvtest0", "root", "handle", "1:", "tbf", "rate", "20mbit", "burst", "1000000", "limit", "65536",
+		"peakrate", "60mbit", "minburst", "3028")
+	if diff, _ := s.Diff(d); len(diff) != 1 {
+		t.Errorf("changed peak not seen: %q", diff)
+	}
+	if _, err := s.Apply(d); err != nil {
+		t.Fatal(err)
+	}
+	if q := n.Exec(t, "tc", "qdisc", "show", "dev", "qvtest0"); !strings.Contains(q, "peakrate 40Mbit") {
+		t.Errorf("peak not restored: %s", q)
+	}
+	// Traffic into the pod, in 100 ms intervals: the 8 Mbit bucket lets
+	// the flow run above its 20M rate at first, but never above the 40M
+	// peak (without a peak the bucket drains at the speed of the veth);
+	// then the 20M rate.
+	// Measured where it arrives: the pod's client receives (-R).
+	testnet.StartIperf3(t, n.NS)
+	out := pod.Exec(t, "iperf3", "-c", "10.66.0.1", "-t", "3", "-i", "0.1", "-R", "-J")
+	var r struct {
+		Intervals []struct {
+			Sum struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum"`
+		} `json:"intervals"`
+	}
+	if err := json.Unmarshal([]byte(out), &r); err != nil || len(r.Intervals) < 20 {
+		t.Fatalf("iperf3: %v %s", err, out)
+	}
+	top, tail := 0.0, 0.0
+	for i, iv := range r.Intervals {
+		top = max(top, iv.Sum.BitsPerSecond)
+		if i >= len(r.Intervals)-10 {
+			tail += iv.Sum.BitsPerSecond / 10
+		}
+	}
+	t.Logf("highest 100 ms %.1f Mbit/s, last second %.1f Mbit/s", top/1e6, tail/1e6)
+	// Without the peak the 1 MB bucket would put about 100 Mbit/s into
+	// the first 100 ms; 1.3x the peak leaves room for the receiver's
+	// scheduling on a loaded machine.
+	if top > 1.3*40e6 || top < 1.2*20e6 {
+		t.Errorf("highest 100 ms at %.1f Mbit/s: want above the 20M rate (the bucket) and near the 40M peak", top/1e6)
+	}
+	if tail > 1.05*20e6 || tail < 0.8*20e6 {
+		t.Errorf("last second %.1f Mbit/s, want the 20M rate", tail/1e6)
+	}
+}

@@ -173,6 +173,10 @@ type Direction struct {
 	Source string `json:"source"`
 	// Clamped lists the settings a ceiling cut down.
 	Clamped []Clamp `json:"clamped,omitempty"`
+	// PeakBits and MinBurstBytes are the pod's own token-bucket peak rate
+	// and its bucket (0: none / one frame).
+	PeakBits      uint64 `json:"peakBits,omitempty"`
+	MinBurstBytes uint64 `json:"minBurstBytes,omitempty"`
 }
 
 // Port is one hostPort mapping held by an attachment.

@@ -406,6 +406,18 @@ func TestCalicoAnnotationsReshapeLive(t *testing.T) {
 	}
 	e.annotate("calico", map[string]string{shaping.CalicoEgressBandwidth: "5M", shaping.AnnotationEgressRate: "8M"})
 	e.waitRecord(rec.ContainerID, "qoscni's name wins", func(r *state.Record) bool { return egressRate(r) == 8_000_000 })
+	// A peak rate, added live, then Calico's name for it.
+	e.annotate("calico", map[string]string{shaping.AnnotationEgressRate: "8M", shaping.AnnotationEgressPeakRate: "16M"})
+	e.waitRecord(rec.ContainerID, "peak rate 16M", func(r *state.Record) bool {
+		return r.Shaping != nil && r.Shaping.Egress != nil && r.Shaping.Egress.PeakBits == 16_000_000
+	})
+	if q := e.node.Exec(t, "tc", "qdisc", "show", "dev", rec.Shaping.IFB); !strings.Contains(q, "peakrate 16Mbit") {
+		t.Errorf("IFB after the peak: %s", q)
+	}
+	e.annotate("calico", map[string]string{shaping.AnnotationEgressRate: "8M", shaping.CalicoEgressPeakrate: "12M"})
+	e.waitRecord(rec.ContainerID, "Calico's peak rate 12M", func(r *state.Record) bool {
+		return r.Shaping != nil && r.Shaping.Egress != nil && r.Shaping.Egress.PeakBits == 12_000_000
+	})
 	e.annotate("calico", map[string]string{"unrelated": "x"})
 	e.waitRecord(rec.ContainerID, "shaping removed with both names", func(r *state.Record) bool { return r.Shaping == nil })
 }

@@ -69,11 +69,8 @@ func resolveAll(rec *state.Record, pod Pod, granted *shaping.Granted) (shaping.P
 	if err != nil {
 		return shaping.Plan{}, shaping.Guarantee{}, true, err
 	}
-	if g.Ingress != nil {
-		plan.Ingress = nil
-	}
-	if g.Egress != nil {
-		plan.Egress = nil
+	if plan, err = shaping.Split(plan, g); err != nil {
+		return shaping.Plan{}, shaping.Guarantee{}, true, err
 	}
 	return plan, g, true, nil
 }

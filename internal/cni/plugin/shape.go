@@ -36,11 +36,8 @@ func (p *Plugin) shapingPlan(conf *netconf.NetConf, pod netconf.PodArgs, mtu int
 	}
 	// A direction with a node capacity is shaped by the node hierarchy
 	// (the limit is its class's ceil), not by a pipeline of its own.
-	if g.Ingress != nil {
-		plan.Ingress = nil
-	}
-	if g.Egress != nil {
-		plan.Egress = nil
+	if plan, err = shaping.Split(plan, g); err != nil {
+		return shaping.Plan{}, shaping.Guarantee{}, err
 	}
 	return plan, g, nil
 }

@@ -118,6 +118,23 @@ func TestAnnotationPolicy(t *testing.T) {
 		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressRequest: "5M"},
 		map[string]string{shaping.AnnotationIngressRate: "1G", shaping.AnnotationIngressRequest: "1G"},
 		map[string]string{shaping.AnnotationIngressRate: "bad", shaping.AnnotationIngressRequest: "1G"},
+		// Peak rates and minbursts, with a rate (without one, whether the
+		// plugin accepts depends on the node's config: not checked here).
+		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressPeakRate: "15M"},
+		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressPeakRate: "10M"},
+		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressPeakRate: "5M"},
+		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressPeakRate: "34359738360"},
+		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressPeakRate: "34359738361"},
+		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressPeakRate: "40G"},
+		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressPeakRate: "fast"},
+		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressPeakRate: "15M", shaping.AnnotationEgressMinBurst: "3k"},
+		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressPeakRate: "15M", shaping.AnnotationEgressMinBurst: "999"},
+		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressPeakRate: "15M", shaping.AnnotationEgressMinBurst: "100M"},
+		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressPeakRate: "15M", shaping.AnnotationEgressMinBurst: "101M"},
+		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressMinBurst: "3k"},
+		map[string]string{shaping.CalicoIngressBandwidth: "1M", shaping.CalicoIngressPeakrate: "2M", shaping.CalicoIngressMinburst: "2000"},
+		map[string]string{shaping.CalicoIngressBandwidth: "1M", shaping.CalicoIngressPeakrate: "1M"},
+		map[string]string{shaping.AnnotationIngressRate: "1M", shaping.CalicoIngressPeakrate: "2M", shaping.CalicoIngressMinburst: "99"},
 		// Calico's names: read where qoscni's is absent, ignored where it is set.
 		map[string]string{shaping.CalicoEgressBandwidth: "10M", shaping.AnnotationEgressRequest: "20M"},
 		map[string]string{shaping.AnnotationEgressRate: "30M", shaping.CalicoEgressBandwidth: "10M", shaping.AnnotationEgressRequest: "20M"},
