@@ -79,6 +79,13 @@ type rendered struct {
 	allResources []string
 }
 
+// grow appends a zero T to *s and returns it, to decode into.
+func grow[T any](s *[]T) *T {
+	var zero T
+	*s = append(*s, zero)
+	return &(*s)[len(*s)-1]
+}
+
 func strict(data []byte, into any) error {
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
@@ -103,17 +110,13 @@ func render(t *testing.T, dir string) *rendered {
 		var into any
 		switch kind {
 		case "Namespace":
-			r.namespaces = append(r.namespaces, corev1.Namespace{})
-			into = &r.namespaces[len(r.namespaces)-1]
+			into = grow(&r.namespaces)
 		case "ServiceAccount":
-			r.accounts = append(r.accounts, corev1.ServiceAccount{})
-			into = &r.accounts[len(r.accounts)-1]
+			into = grow(&r.accounts)
 		case "ClusterRole":
-			r.roles = append(r.roles, rbacv1.ClusterRole{})
-			into = &r.roles[len(r.roles)-1]
+			into = grow(&r.roles)
 		case "ClusterRoleBinding":
-			r.bindings = append(r.bindings, rbacv1.ClusterRoleBinding{})
-			into = &r.bindings[len(r.bindings)-1]
+			into = grow(&r.bindings)
 		case "ConfigMap":
 			var cm corev1.ConfigMap
 			if err := strict(data, &cm); err != nil {
@@ -126,11 +129,9 @@ func render(t *testing.T, dir string) *rendered {
 			r.configMaps[base] = cm
 			continue
 		case "DaemonSet":
-			r.daemonSets = append(r.daemonSets, appsv1.DaemonSet{})
-			into = &r.daemonSets[len(r.daemonSets)-1]
+			into = grow(&r.daemonSets)
 		case "Service":
-			r.services = append(r.services, corev1.Service{})
-			into = &r.services[len(r.services)-1]
+			into = grow(&r.services)
 		case "PrometheusRule":
 			var m map[string]any
 			if err := json.Unmarshal(data, &m); err != nil {
@@ -139,17 +140,13 @@ func render(t *testing.T, dir string) *rendered {
 			r.promRules = append(r.promRules, m)
 			continue
 		case "ValidatingAdmissionPolicy":
-			r.policies = append(r.policies, admissionv1.ValidatingAdmissionPolicy{})
-			into = &r.policies[len(r.policies)-1]
+			into = grow(&r.policies)
 		case "ValidatingAdmissionPolicyBinding":
-			r.vapBindings = append(r.vapBindings, admissionv1.ValidatingAdmissionPolicyBinding{})
-			into = &r.vapBindings[len(r.vapBindings)-1]
+			into = grow(&r.vapBindings)
 		case "DeviceClass":
-			r.classes = append(r.classes, resourcev1.DeviceClass{})
-			into = &r.classes[len(r.classes)-1]
+			into = grow(&r.classes)
 		case "ServiceMonitor":
-			r.monitors = append(r.monitors, serviceMonitor{})
-			into = &r.monitors[len(r.monitors)-1]
+			into = grow(&r.monitors)
 		default:
 			t.Fatalf("%s: unexpected kind %s/%s", dir, kind, name)
 		}
