@@ -259,17 +259,15 @@ func serve(o *options) int {
 		if o.stateRegistry != "" {
 			grantDir = paths.GrantDirOf(o.stateRegistry)
 		}
-		d, err := dra.Start(ctx, dra.Config{DriverName: o.draDriver, NodeName: o.nodeName, Client: client,
-			KubeletDir: o.kubeletDir, GrantDir: grantDir, CNIConfDir: o.cniConfDir, Policy: o.draPolicy, Logger: logger})
-		switch {
-		case errors.Is(err, dra.ErrNoAPI):
-			logger.Warn("no DRA driver: pods cannot claim bandwidth through the scheduler", "err", err)
-		case err != nil:
-			// The agent's other work goes on: shaping does not need DRA.
-			logger.Error("no DRA driver: pods cannot claim bandwidth through the scheduler", "err", err)
-		default:
-			defer d.Stop()
-		}
+		// In the background: the agent's other work does not wait for, or
+		// need, DRA; on SIGTERM the driver unregisters before exit.
+		draDone := make(chan struct{})
+		go func() {
+			defer close(draDone)
+			dra.Run(ctx, dra.Config{DriverName: o.draDriver, NodeName: o.nodeName, Client: client,
+				KubeletDir: o.kubeletDir, GrantDir: grantDir, CNIConfDir: o.cniConfDir, Policy: o.draPolicy, Logger: logger}, 30*time.Second)
+		}()
+		defer func() { stop(); <-draDone }()
 	}
 	srv, err := agent.New(cfg)
 	if err != nil {

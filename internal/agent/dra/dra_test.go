@@ -286,3 +286,51 @@ func TestStartPublishesAndRegisters(t *testing.T) {
 	writeConf("")
 	waitSlice("")
 }
+
+// Run retries a start that may succeed later (here: the kubelet has not
+// made its plugin registry yet), gives up at once on a cluster without
+// DRA, and unregisters when its context ends.
+func TestRunRetries(t *testing.T) {
+	kubelet := t.TempDir()
+	confDir := t.TempDir()
+	client := fake.NewClientset(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node}})
+	cfg := Config{NodeName: node, Client: client, KubeletDir: kubelet, GrantDir: t.TempDir(), CNIConfDir: confDir,
+		Policy: DefaultPolicy, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+
+	done := make(chan struct{})
+	go func() { Run(context.Background(), cfg, time.Hour); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run kept trying on a cluster without resource.k8s.io/v1")
+	}
+
+	client.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{
+		{GroupVersion: "resource.k8s.io/v1", APIResources: []metav1.APIResource{{Name: "resourceslices", Kind: "ResourceSlice"}}},
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done = make(chan struct{})
+	go func() { Run(ctx, cfg, 50*time.Millisecond); close(done) }()
+	time.Sleep(200 * time.Millisecond)
+	reg := filepath.Join(kubelet, "plugins_registry")
+	sock := filepath.Join(reg, DefaultDriverName+"-reg.sock")
+	if _, err := os.Stat(sock); err == nil {
+		t.Fatal("registered without a plugin registry")
+	}
+	if err := os.MkdirAll(reg, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for _, err := os.Stat(sock); err != nil; _, err = os.Stat(sock) {
+		if time.Now().After(deadline) {
+			t.Fatalf("not registered after the registry appeared: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return after its context ended")
+	}
+}

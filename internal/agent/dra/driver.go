@@ -13,6 +13,7 @@ import (
 
 	"github.com/go-logr/logr"
 	resourceapi "k8s.io/api/resource/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
@@ -61,7 +62,8 @@ type Driver struct {
 var ErrNoAPI = errors.New("the API server does not serve resource.k8s.io/v1")
 
 // Start registers the driver with the kubelet, publishes the node's
-// devices and keeps them current until ctx ends or Stop.
+// devices and keeps them current until ctx ends or Stop. ErrNoAPI says
+// the cluster has no DRA; any other error may pass (Run retries).
 func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	if cfg.DriverName == "" {
 		cfg.DriverName = DefaultDriverName
@@ -78,8 +80,10 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	if err := cfg.Policy.Check(); err != nil {
 		return nil, fmt.Errorf("dra: %w", err)
 	}
-	if _, err := cfg.Client.Discovery().ServerResourcesForGroupVersion(resourceapi.SchemeGroupVersion.String()); err != nil {
+	if _, err := cfg.Client.Discovery().ServerResourcesForGroupVersion(resourceapi.SchemeGroupVersion.String()); apierrors.IsNotFound(err) {
 		return nil, fmt.Errorf("dra: %w (%v)", ErrNoAPI, err)
+	} else if err != nil {
+		return nil, fmt.Errorf("dra: API discovery: %w", err)
 	}
 	// The helper logs through klog: into the agent's JSON log.
 	klog.SetLogger(logr.FromSlogHandler(cfg.Logger.With("component", "dra").Handler()))
@@ -237,4 +241,33 @@ func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 // report.
 func (d *Driver) WatchHealthStatus(context.Context, chan<- kubeletplugin.DeviceHealthReport) error {
 	return kubeletplugin.ErrHealthNotSupported
+}
+
+// Run starts the driver and keeps it until ctx ends, then stops it. A
+// start that fails for a reason that may pass (the API server or the
+// kubelet's directory not there yet) is retried every retry; a cluster
+// without DRA ends it at once. It returns when the driver is stopped.
+func Run(ctx context.Context, cfg Config, retry time.Duration) {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	for {
+		d, err := Start(ctx, cfg)
+		switch {
+		case err == nil:
+			<-ctx.Done()
+			d.Stop()
+			return
+		case errors.Is(err, ErrNoAPI):
+			log.Warn("no DRA driver: pods cannot claim bandwidth through the scheduler", "err", err)
+			return
+		}
+		log.Error("DRA driver not started; retrying", "err", err, "in", retry)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(retry):
+		}
+	}
 }
