@@ -365,6 +365,25 @@ func pickPeak(in Inputs, d direction, rate uint64) (peak, minBurst uint64, err e
 	return peak, minBurst, nil
 }
 
+// ResolveAttachment is an attachment's whole shaping, as ADD and the
+// agent's reshape both derive it: the limits (Resolve), the classes in the
+// node's guarantee hierarchy where there is a capacity (ResolveGuarantee),
+// and the limits left to a pipeline of the attachment's own (Split).
+func ResolveAttachment(in Inputs, capacity Capacity, mtu int) (Plan, Guarantee, error) {
+	plan, err := Resolve(in, mtu)
+	if err != nil {
+		return Plan{}, Guarantee{}, err
+	}
+	g, err := ResolveGuarantee(in, plan, capacity, mtu)
+	if err != nil {
+		return Plan{}, Guarantee{}, err
+	}
+	if plan, err = Split(plan, g); err != nil {
+		return Plan{}, Guarantee{}, err
+	}
+	return plan, g, nil
+}
+
 // Split takes out of plan the directions the node's guarantee hierarchy
 // shapes (g), whose limit is their class's ceil, not a token bucket of
 // their own. A peak rate asked for there is refused: HTB has none.

@@ -54,7 +54,6 @@ type Driver struct {
 	mu     sync.Mutex
 	// published is the last device list handed to the slice controller.
 	published []resourceapi.Device
-	done      chan struct{}
 }
 
 // ErrNoAPI says the cluster serves no resource.k8s.io/v1 (Kubernetes
@@ -95,7 +94,7 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	if _, err := os.Stat(registry); err != nil {
 		return nil, fmt.Errorf("dra: the kubelet's plugin registry (is --kubelet-dir its --root-dir?): %w", err)
 	}
-	d := &Driver{cfg: cfg, done: make(chan struct{})}
+	d := &Driver{cfg: cfg}
 	var nodeUID types.UID
 	if n, err := cfg.Client.CoreV1().Nodes().Get(ctx, cfg.NodeName, metav1.GetOptions{}); err == nil {
 		nodeUID = n.UID
@@ -125,7 +124,6 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 // loop republishes the devices when qoscni's network changes its
 // capacity (a new nodeCapacity in the ConfigMap, rewritten by install).
 func (d *Driver) loop(ctx context.Context) {
-	defer close(d.done)
 	t := time.NewTicker(d.cfg.RefreshInterval)
 	defer t.Stop()
 	for {

@@ -61,18 +61,8 @@ func resolveAll(rec *state.Record, pod Pod, granted *shaping.Granted) (shaping.P
 		// shaping cannot be re-derived, so leave it as it is.
 		return shaping.Plan{}, shaping.Guarantee{}, false, nil
 	}
-	plan, err := shaping.Resolve(in, mtuOf(rec))
-	if err != nil {
-		return shaping.Plan{}, shaping.Guarantee{}, true, err
-	}
-	g, err := shaping.ResolveGuarantee(in, plan, capacity, mtuOf(rec))
-	if err != nil {
-		return shaping.Plan{}, shaping.Guarantee{}, true, err
-	}
-	if plan, err = shaping.Split(plan, g); err != nil {
-		return shaping.Plan{}, shaping.Guarantee{}, true, err
-	}
-	return plan, g, true, nil
+	plan, g, err := shaping.ResolveAttachment(in, capacity, mtuOf(rec))
+	return plan, g, true, err
 }
 
 func fromConfig(s *state.Shaping) bool {

@@ -26,20 +26,9 @@ func (p *Plugin) shapingPlan(conf *netconf.NetConf, pod netconf.PodArgs, mtu int
 		}
 		in.Granted = g
 	}
-	plan, err := shaping.Resolve(in, mtu)
-	if err != nil {
-		return shaping.Plan{}, shaping.Guarantee{}, err
-	}
-	g, err := shaping.ResolveGuarantee(in, plan, conf.Capacity, mtu)
-	if err != nil {
-		return shaping.Plan{}, shaping.Guarantee{}, err
-	}
 	// A direction with a node capacity is shaped by the node hierarchy
 	// (the limit is its class's ceil), not by a pipeline of its own.
-	if plan, err = shaping.Split(plan, g); err != nil {
-		return shaping.Plan{}, shaping.Guarantee{}, err
-	}
-	return plan, g, nil
+	return shaping.ResolveAttachment(in, conf.Capacity, mtu)
 }
 
 func shapingInputs(conf *netconf.NetConf) shaping.Inputs {
