@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/qoscni/qoscni/internal/cni/netconf"
+	"github.com/qoscni/qoscni/internal/nfraw"
 )
 
 func plan(t *testing.T, p *pod, in ...netconf.PortMapping) []Mapping {
@@ -324,7 +325,7 @@ func TestCheckGCAndRepair(t *testing.T) {
 	mustTCP(t, w.client.Path, nodeAddr4+":8080", "pod1")
 
 	// GC: only p2 is still valid.
-	removed, err := w.m.GC(func(o Owner) bool { return o.same(p2.owner) })
+	removed, err := w.m.GC(func(o Owner) bool { return o.Same(p2.owner) })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -363,7 +364,7 @@ func TestRuleCountConstant(t *testing.T) {
 	if err := w.m.Check(p2.owner, m2); err != nil {
 		t.Fatal(err)
 	}
-	removed, err := w.m.GC(func(o Owner) bool { return o.same(p.owner) })
+	removed, err := w.m.GC(func(o Owner) bool { return o.Same(p.owner) })
 	if err != nil || removed != len(m2)+2 {
 		t.Fatalf("GC of %d mappings: removed %d, %v", len(m2), removed, err)
 	}
@@ -380,7 +381,7 @@ func TestKernelRefusesClashingElement(t *testing.T) {
 	p1, p2 := w.addPod(t), w.addPod(t)
 	w.add(t, p1, plan(t, p1, tcp(8080, 80)))
 	theirs := Mapping{HostPort: 8080, ContainerPort: 80, Protocol: "tcp", PodIP: p2.ip4}
-	if err := w.m.conn.SetAddElements(w.m.l.any4, []nftables.SetElement{{Key: elemKey(theirs), Val: elemValue(theirs), Comment: encodeOwner(p2.owner)}}); err != nil {
+	if err := w.m.conn.SetAddElements(w.m.l.any4, []nftables.SetElement{{Key: elemKey(theirs), Val: elemValue(theirs), Comment: nfraw.EncodeOwner(p2.owner)}}); err != nil {
 		t.Fatal(err)
 	}
 	if err := w.m.conn.Flush(); !errors.Is(err, unix.EEXIST) {

@@ -10,75 +10,20 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/google/nftables"
+
+	"github.com/qoscni/qoscni/internal/nfraw"
 	"golang.org/x/sys/unix"
 )
 
-// Owner identifies the attachment holding a mapping. ContainerID and IfName
-// are the identity; the pod name is carried for error messages.
-type Owner struct {
-	ContainerID, IfName, PodNamespace, PodName string
-}
-
-func (o Owner) same(p Owner) bool { return o.ContainerID == p.ContainerID && o.IfName == p.IfName }
-
-// String names the owner for humans: the pod if known, else the container.
-func (o Owner) String() string {
-	if o.ContainerID == "" {
-		return "an element without a qoscni owner tag (added by hand?)"
-	}
-	if o.PodName != "" {
-		ns := o.PodNamespace
-		if ns == "" {
-			ns = "default"
-		}
-		return fmt.Sprintf("pod %s/%s (container %s, %s)", ns, o.PodName, shortID(o.ContainerID), o.IfName)
-	}
-	return fmt.Sprintf("container %s (%s)", o.ContainerID, o.IfName)
-}
-
-func shortID(id string) string {
-	if len(id) > 12 {
-		return id[:12]
-	}
-	return id
-}
-
-// The owner is stored in each element's comment (userdata), so a conflict
-// names the owner from one exact-key lookup, and GC needs nothing but the
-// kernel. Format: containerID/ifname/namespace/name; none of these can hold
-// a '/' (CNI container IDs are [A-Za-z0-9_.-], ifnames exclude '/', pod
-// names are DNS names).
-const maxComment = 200 // kernel: NFT_USERDATA_MAXLEN 256, TLV length is 1 byte
-
-func encodeOwner(o Owner) string {
-	s := o.ContainerID + "/" + o.IfName
-	if rest := "/" + o.PodNamespace + "/" + o.PodName; len(s)+len(rest) <= maxComment {
-		s += rest
-	}
-	if len(s) > maxComment {
-		s = s[:maxComment]
-	}
-	return s
-}
-
-func decodeOwner(s string) (Owner, bool) {
-	parts := strings.SplitN(s, "/", 4)
-	if len(parts) < 2 || parts[0] == "" || parts[1] == "" {
-		return Owner{}, false
-	}
-	o := Owner{ContainerID: parts[0], IfName: parts[1]}
-	if len(parts) == 4 {
-		o.PodNamespace, o.PodName = parts[2], parts[3]
-	}
-	return o, true
-}
+// Owner identifies the attachment holding a mapping; see nfraw.Owner.
+type Owner = nfraw.Owner
 
 // Manager programs hostPort mappings in one network namespace. It keeps
 // two netlink sockets open; Close them.
 type Manager struct {
 	nsFd int
 	conn *nftables.Conn
-	raw  *rawConn
+	raw  *nfraw.Conn
 	l    *layout
 	// localnetDir keeps the markers of where route_localnet is relied on
 	// ("" = none: nothing will restore the localnet guard or reset the
@@ -104,7 +49,7 @@ func New(nsFd int, options ...Option) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open nftables: %w", err)
 	}
-	raw, err := dialRaw(nsFd)
+	raw, err := nfraw.Dial(nsFd)
 	if err != nil {
 		c.CloseLasting()
 		return nil, err
@@ -124,7 +69,7 @@ func (m *Manager) Close() error {
 // baseReady reports whether every chain holds exactly our rules, with one
 // dump of the table's rules.
 func (m *Manager) baseReady() (bool, error) {
-	have, err := m.raw.ruleComments(m.l.table.Name)
+	have, err := m.raw.RuleComments(m.l.table.Name)
 	if err != nil {
 		return false, err
 	}
@@ -227,7 +172,7 @@ type observed struct {
 func (m *Manager) compare(owner Owner, want []desired) ([]observed, error) {
 	out := make([]observed, 0, len(want))
 	for _, d := range want {
-		el, found, err := m.raw.getElem(m.l.table.Name, d.set.Name, d.key)
+		el, found, err := m.raw.GetElem(m.l.table.Name, d.set.Name, d.key)
 		if err != nil {
 			return nil, err
 		}
@@ -236,13 +181,13 @@ func (m *Manager) compare(owner Owner, want []desired) ([]observed, error) {
 		case !found:
 			o.state = elemMissing
 		default:
-			got, parsed := decodeOwner(el.Comment)
+			got, parsed := nfraw.DecodeOwner(el.Comment)
 			o.owner = got
 			switch {
-			case parsed && got.same(owner):
+			case parsed && got.Same(owner):
 				o.valDiff = !d.hairp && !bytes.Equal(el.Val, d.val)
 				o.state = elemOK
-				if o.valDiff || el.Comment != encodeOwner(owner) {
+				if o.valDiff || el.Comment != nfraw.EncodeOwner(owner) {
 					o.state = elemStale
 				}
 			case d.hairp:
@@ -294,7 +239,7 @@ func (m *Manager) Add(owner Owner, hostIface string, maps []Mapping) error {
 				b.del(o.set, nftables.SetElement{Key: o.key})
 				fallthrough
 			case elemMissing:
-				b.add(o.set, nftables.SetElement{Key: o.key, Val: o.desired.val, Comment: encodeOwner(owner)})
+				b.add(o.set, nftables.SetElement{Key: o.key, Val: o.desired.val, Comment: nfraw.EncodeOwner(owner)})
 			}
 		}
 		n, err := b.queue(m.conn)
@@ -505,12 +450,12 @@ func (m *Manager) GC(valid func(Owner) bool) (int, error) {
 		var gone []Mapping
 		var b batch
 		for _, s := range m.l.sets() {
-			els, err := m.raw.dumpElems(m.l.table.Name, s.Name)
+			els, err := m.raw.DumpElems(m.l.table.Name, s.Name)
 			if err != nil {
 				return 0, err
 			}
 			for _, el := range els {
-				if o, ok := decodeOwner(el.Comment); ok && valid(o) {
+				if o, ok := nfraw.DecodeOwner(el.Comment); ok && valid(o) {
 					continue
 				}
 				b.del(s, nftables.SetElement{Key: el.Key})
@@ -578,7 +523,7 @@ func mappingOf(s *nftables.Set, k []byte) (Mapping, bool) {
 func (m *Manager) Count() (int, error) {
 	n := 0
 	for _, s := range m.l.sets() {
-		els, err := m.raw.dumpElems(m.l.table.Name, s.Name)
+		els, err := m.raw.DumpElems(m.l.table.Name, s.Name)
 		if err != nil {
 			return 0, err
 		}

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"net"
 	"reflect"
-	"strings"
 	"testing"
 
 	"github.com/qoscni/qoscni/internal/cni/netconf"
@@ -112,26 +111,6 @@ func TestKeyEncoding(t *testing.T) {
 		if !ok || back.Protocol != "tcp" || back.IPv6() != tc.m.IPv6() || (tc.m.HostIP != nil) != (back.HostIP != nil) {
 			t.Errorf("mappingOf(%s) = %v, %v", s.Name, back, ok)
 		}
-	}
-}
-
-func TestOwnerEncoding(t *testing.T) {
-	o := Owner{ContainerID: "abc", IfName: "eth0", PodNamespace: "ns", PodName: "web-0"}
-	got, ok := decodeOwner(encodeOwner(o))
-	if !ok || got != o {
-		t.Fatalf("round trip %+v -> %+v", o, got)
-	}
-	long := Owner{ContainerID: strings.Repeat("a", 64), IfName: "eth0", PodNamespace: strings.Repeat("n", 63), PodName: strings.Repeat("p", 253)}
-	enc := encodeOwner(long)
-	got, ok = decodeOwner(enc)
-	if len(enc) > maxComment || !ok || !got.same(long) {
-		t.Fatalf("long owner: %d bytes, %+v", len(enc), got)
-	}
-	if _, ok := decodeOwner("garbage"); ok {
-		t.Fatal("garbage decoded as an owner")
-	}
-	if s := o.String(); !strings.Contains(s, "ns/web-0") {
-		t.Errorf("owner string %q", s)
 	}
 }
 

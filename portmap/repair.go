@@ -12,6 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/qoscni/qoscni/internal/nfraw"
 	"github.com/qoscni/qoscni/internal/state"
 )
 
@@ -64,7 +65,7 @@ func (m *Manager) repair(atts []attachment, needBase bool) (repairResult, error)
 					b.del(o.set, nftables.SetElement{Key: o.key})
 					fallthrough
 				case elemMissing:
-					b.add(o.set, nftables.SetElement{Key: o.key, Val: o.desired.val, Comment: encodeOwner(a.owner)})
+					b.add(o.set, nftables.SetElement{Key: o.key, Val: o.desired.val, Comment: nfraw.EncodeOwner(a.owner)})
 					res.elems++
 				case elemForeign:
 					res.conflicts = append(res.conflicts, fmt.Sprintf("%s of %s is held by %s", o.what, a.owner, o.owner))

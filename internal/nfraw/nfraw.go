@@ -1,26 +1,30 @@
-package portmap
+package nfraw
 
 import (
 	"encoding/binary"
 	"errors"
 	"fmt"
 
+	"github.com/google/nftables/expr"
 	"github.com/google/nftables/userdata"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
-// google/nftables v0.3.0 can only dump a whole set and dump rules chain by
-// chain. An ADD must not cost O(mappings), so the two queries it needs are
-// done here on a raw nfnetlink socket: GETSETELEM of one exact key (a hash
-// lookup in the kernel; what `nft get element` does) and one GETRULE dump
-// of the whole table for the base check.
+// Package nfraw speaks nf_tables netlink directly where google/nftables
+// v0.3.0 cannot: it dumps a whole set and rules chain by chain only, and
+// it neither writes nor reads stateful expressions on set elements. An ADD
+// must not cost O(pods), so the queries it needs are done here: GETSETELEM
+// of one exact key (a hash lookup in the kernel; what `nft get element`
+// does), one GETRULE dump of a whole table for a base check, and element
+// batches whose elements carry their own limit, connlimit and counter.
 
-type rawConn struct {
+type Conn struct {
 	c *netlink.Conn
 }
 
-func dialRaw(nsFd int) (*rawConn, error) {
+// Dial opens an nfnetlink socket in the namespace nsFd (-1: the current one).
+func Dial(nsFd int) (*Conn, error) {
 	cfg := &netlink.Config{}
 	if nsFd >= 0 {
 		cfg.NetNS = nsFd
@@ -29,10 +33,11 @@ func dialRaw(nsFd int) (*rawConn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open nfnetlink socket: %w", err)
 	}
-	return &rawConn{c: c}, nil
+	return &Conn{c: c}, nil
 }
 
-func (r *rawConn) Close() error { return r.c.Close() }
+// Close closes the socket.
+func (r *Conn) Close() error { return r.c.Close() }
 
 func nfgen(family byte) []byte { return []byte{family, unix.NFNETLINK_V0, 0, 0} }
 
@@ -40,15 +45,53 @@ func msgType(t int) netlink.HeaderType {
 	return netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | t)
 }
 
-// element is what the kernel holds for one key.
-type element struct {
+// Element is what the kernel holds for one key.
+type Element struct {
 	Key, Val []byte
-	Comment  string
+	// Jump is the chain of a verdict map element.
+	Jump    string
+	Comment string
+	// Exprs are the element's stateful expressions: *expr.Limit,
+	// *expr.Connlimit and *expr.Counter are decoded, others left out.
+	Exprs []expr.Any
 }
 
-// getElem fetches the element with exactly this key; found is false when
+// decodeExpr reads one expression (name and data attributes).
+func decodeExpr(b []byte) expr.Any {
+	ad, err := netlink.NewAttributeDecoder(b)
+	if err != nil {
+		return nil
+	}
+	var name string
+	var data []byte
+	for ad.Next() {
+		switch ad.Type() {
+		case unix.NFTA_EXPR_NAME:
+			name = ad.String()
+		case unix.NFTA_EXPR_DATA:
+			data = ad.Bytes()
+		}
+	}
+	var x expr.Any
+	switch name {
+	case "limit":
+		x = &expr.Limit{}
+	case "connlimit":
+		x = &expr.Connlimit{}
+	case "counter":
+		x = &expr.Counter{}
+	default:
+		return nil
+	}
+	if expr.Unmarshal(unix.NFPROTO_INET, data, x) != nil {
+		return nil
+	}
+	return x
+}
+
+// GetElem fetches the element with exactly this key; found is false when
 // the key, the set or the table does not exist.
-func (r *rawConn) getElem(table, set string, key []byte) (el element, found bool, err error) {
+func (r *Conn) GetElem(table, set string, key []byte) (el Element, found bool, err error) {
 	keyAttr, err := netlink.MarshalAttributes([]netlink.Attribute{{Type: unix.NFTA_DATA_VALUE, Data: key}})
 	if err != nil {
 		return el, false, err
@@ -93,7 +136,7 @@ func (r *rawConn) getElem(table, set string, key []byte) (el element, found bool
 	return el, false, nil
 }
 
-func decodeElems(data []byte) ([]element, error) {
+func decodeElems(data []byte) ([]Element, error) {
 	if len(data) < 4 {
 		return nil, errors.New("short message")
 	}
@@ -101,7 +144,7 @@ func decodeElems(data []byte) ([]element, error) {
 	if err != nil {
 		return nil, err
 	}
-	var out []element
+	var out []Element
 	for ad.Next() {
 		if ad.Type() != unix.NFTA_SET_ELEM_LIST_ELEMENTS {
 			continue
@@ -111,7 +154,7 @@ func decodeElems(data []byte) ([]element, error) {
 				if list.Type() != unix.NFTA_LIST_ELEM {
 					continue
 				}
-				var el element
+				var el Element
 				list.Nested(func(e *netlink.AttributeDecoder) error {
 					for e.Next() {
 						switch e.Type() {
@@ -127,14 +170,37 @@ func decodeElems(data []byte) ([]element, error) {
 						case unix.NFTA_SET_ELEM_DATA:
 							e.Nested(func(v *netlink.AttributeDecoder) error {
 								for v.Next() {
-									if v.Type() == unix.NFTA_DATA_VALUE {
+									switch v.Type() {
+									case unix.NFTA_DATA_VALUE:
 										el.Val = v.Bytes()
+									case unix.NFTA_DATA_VERDICT:
+										v.Nested(func(d *netlink.AttributeDecoder) error {
+											for d.Next() {
+												if d.Type() == unix.NFTA_VERDICT_CHAIN {
+													el.Jump = d.String()
+												}
+											}
+											return nil
+										})
 									}
 								}
 								return nil
 							})
 						case unix.NFTA_SET_ELEM_USERDATA:
 							el.Comment, _ = userdata.GetString(e.Bytes(), userdata.NFTNL_UDATA_SET_ELEM_COMMENT)
+						case unix.NFTA_SET_ELEM_EXPR:
+							if x := decodeExpr(e.Bytes()); x != nil {
+								el.Exprs = append(el.Exprs, x)
+							}
+						case attrSetElemExpressions:
+							e.Nested(func(l *netlink.AttributeDecoder) error {
+								for l.Next() {
+									if x := decodeExpr(l.Bytes()); x != nil {
+										el.Exprs = append(el.Exprs, x)
+									}
+								}
+								return nil
+							})
 						}
 					}
 					return nil
@@ -147,8 +213,8 @@ func decodeElems(data []byte) ([]element, error) {
 	return out, ad.Err()
 }
 
-// dumpElems lists every element of a set; a missing table or set is empty.
-func (r *rawConn) dumpElems(table, set string) ([]element, error) {
+// DumpElems lists every element of a set; a missing table or set is empty.
+func (r *Conn) DumpElems(table, set string) ([]Element, error) {
 	attrs, err := netlink.MarshalAttributes([]netlink.Attribute{
 		{Type: unix.NFTA_SET_ELEM_LIST_TABLE, Data: []byte(table + "\x00")},
 		{Type: unix.NFTA_SET_ELEM_LIST_SET, Data: []byte(set + "\x00")},
@@ -166,7 +232,7 @@ func (r *rawConn) dumpElems(table, set string) ([]element, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list set %s: %w", set, err)
 	}
-	var out []element
+	var out []Element
 	for _, m := range msgs {
 		els, err := decodeElems(m.Data)
 		if err != nil {
@@ -177,9 +243,9 @@ func (r *rawConn) dumpElems(table, set string) ([]element, error) {
 	return out, nil
 }
 
-// ruleComments dumps every rule of the table once and returns, per chain,
+// RuleComments dumps every rule of the table once and returns, per chain,
 // the rule comments in order.
-func (r *rawConn) ruleComments(table string) (map[string][]string, error) {
+func (r *Conn) RuleComments(table string) (map[string][]string, error) {
 	attrs, err := netlink.MarshalAttributes([]netlink.Attribute{
 		{Type: unix.NFTA_RULE_TABLE, Data: []byte(table + "\x00")},
 	})
