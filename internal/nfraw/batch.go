@@ -16,8 +16,13 @@ const (
 	// msgDestroySetElem deletes an element and, unlike DELSETELEM, is not
 	// an error when the element is already gone (Linux 6.3).
 	msgDestroySetElem = 30
-	// attrSetElemExpressions lists an element's stateful expressions.
-	attrSetElemExpressions = 0x11
+	// attrSetElemExpressions (NFTA_SET_ELEM_EXPRESSIONS) lists an element's
+	// stateful expressions. google/nftables names 0x11 so, which is the
+	// set attribute NFTA_SET_EXPR.
+	attrSetElemExpressions = 11
+	// NFTA_FLOWTABLE_TABLE and NFTA_FLOWTABLE_NAME.
+	attrFlowtableTable = 1
+	attrFlowtableName  = 2
 )
 
 // Batch is one nf_tables transaction of element changes: the kernel
@@ -26,7 +31,7 @@ type Batch struct {
 	msgs []netlink.Message
 }
 
-// Len is the number of changes queued.
+// Len is the number of messages queued (each up to elemsPerMsg changes).
 func (b *Batch) Len() int { return len(b.msgs) }
 
 // Add queues the elements for set; each carries its key, its data (Val,
@@ -46,7 +51,18 @@ func (b *Batch) Destroy(table, set string, keys ...[]byte) error {
 	return b.queue(msgDestroySetElem, 0, table, set, els)
 }
 
+// elemsPerMsg bounds one message's element list, a netlink attribute
+// whose length is 16 bits: an element with an owner comment and two
+// expressions takes < 320 bytes.
+const elemsPerMsg = 150
+
 func (b *Batch) queue(typ int, flags netlink.HeaderFlags, table, set string, els []Element) error {
+	for len(els) > elemsPerMsg {
+		if err := b.queue(typ, flags, table, set, els[:elemsPerMsg]); err != nil {
+			return err
+		}
+		els = els[elemsPerMsg:]
+	}
 	if len(els) == 0 {
 		return nil
 	}
@@ -168,4 +184,40 @@ func (r *Conn) Send(b *Batch) error {
 		got += len(replies)
 	}
 	return first
+}
+
+// Flowtables lists the namespace's nftables flowtables as
+// "table/flowtable", in every family.
+func (r *Conn) Flowtables() ([]string, error) {
+	msgs, err := r.c.Execute(netlink.Message{
+		Header: netlink.Header{Type: msgType(unix.NFT_MSG_GETFLOWTABLE), Flags: netlink.Request | netlink.Dump},
+		Data:   nfgen(unix.NFPROTO_UNSPEC),
+	})
+	if errors.Is(err, unix.ENOENT) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, m := range msgs {
+		if len(m.Data) < 4 {
+			continue
+		}
+		ad, err := netlink.NewAttributeDecoder(m.Data[4:])
+		if err != nil {
+			return nil, err
+		}
+		var table, name string
+		for ad.Next() {
+			switch ad.Type() {
+			case attrFlowtableTable:
+				table = ad.String()
+			case attrFlowtableName:
+				name = ad.String()
+			}
+		}
+		out = append(out, table+"/"+name)
+	}
+	return out, nil
 }

@@ -59,8 +59,11 @@ type Record struct {
 	// agent can re-resolve a pod's shaping when its annotations change.
 	ShapingDefaults *ShapingDefaults `json:"shapingDefaults,omitempty"`
 	Ports           []Port           `json:"ports,omitempty"`
-	Created         time.Time        `json:"created"`
-	Updated         time.Time        `json:"updated,omitempty"`
+	// Controls are the pod's packet-rate, connection and DSCP controls,
+	// kept in nftables by pod address (nil: none).
+	Controls *Controls `json:"controls,omitempty"`
+	Created  time.Time `json:"created"`
+	Updated  time.Time `json:"updated,omitempty"`
 	// Provisional marks the record a standalone ADD writes before its first
 	// change to the kernel or the IPAM store, replaced by the full record
 	// when it succeeds. One left behind is an ADD that was killed half
@@ -68,6 +71,37 @@ type Record struct {
 	// record (addresses from the IPAM store, hostPorts by owner), and
 	// nothing else acts on it.
 	Provisional bool `json:"provisional,omitempty"`
+}
+
+// Controls are per-pod controls that tc cannot express: packet rate and
+// concurrent connections per direction, and DSCP marking of the egress.
+type Controls struct {
+	Ingress *ControlDirection `json:"ingress,omitempty"`
+	Egress  *ControlDirection `json:"egress,omitempty"`
+	// DSCP is the code point written into every packet the pod sends
+	// (nil: left as the pod set it).
+	DSCP *uint8 `json:"dscp,omitempty"`
+}
+
+// Empty reports whether no control is set.
+func (c *Controls) Empty() bool {
+	return c == nil || (c.Ingress.Empty() && c.Egress.Empty() && c.DSCP == nil)
+}
+
+// ControlDirection is one direction's controls; 0 means unset.
+type ControlDirection struct {
+	// PacketRate in packets per second, with a bucket of PacketBurst
+	// packets.
+	PacketRate  uint64 `json:"packetRate,omitempty"`
+	PacketBurst uint32 `json:"packetBurst,omitempty"`
+	// MaxConnections bounds the connections open at once: opened by the
+	// pod (egress) or to it (ingress).
+	MaxConnections uint32 `json:"maxConnections,omitempty"`
+}
+
+// Empty reports whether the direction has no control.
+func (d *ControlDirection) Empty() bool {
+	return d == nil || (d.PacketRate == 0 && d.MaxConnections == 0)
 }
 
 // Shaping is the traffic shaping applied to an attachment; nil or an empty

@@ -1,0 +1,355 @@
+package controls
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+
+	"github.com/qoscni/qoscni/internal/nfraw"
+	"github.com/qoscni/qoscni/internal/state"
+)
+
+// Owner is the attachment an element belongs to; see nfraw.Owner.
+type Owner = nfraw.Owner
+
+// Manager programs the controls in one network namespace; Close it.
+type Manager struct {
+	conn *nftables.Conn
+	raw  *nfraw.Conn
+	l    *layout
+}
+
+// New opens the netlink sockets in the namespace nsFd (-1: the current).
+func New(nsFd int) (*Manager, error) {
+	var opts []nftables.ConnOption
+	if nsFd >= 0 {
+		opts = append(opts, nftables.WithNetNSFd(nsFd))
+	}
+	conn, err := nftables.New(append(opts, nftables.AsLasting())...)
+	if err != nil {
+		return nil, fmt.Errorf("open nftables: %w", err)
+	}
+	raw, err := nfraw.Dial(nsFd)
+	if err != nil {
+		conn.CloseLasting()
+		return nil, err
+	}
+	return &Manager{conn: conn, raw: raw, l: newLayout()}, nil
+}
+
+// Close closes the sockets.
+func (m *Manager) Close() error { return errors.Join(m.conn.CloseLasting(), m.raw.Close()) }
+
+// baseReady reports whether both chains hold exactly our rules.
+func (m *Manager) baseReady() (bool, error) {
+	have, err := m.raw.RuleComments(m.l.table.Name)
+	if err != nil {
+		return false, err
+	}
+	want := map[string][]string{}
+	for _, r := range m.l.rules() {
+		want[r.chain.Name] = append(want[r.chain.Name], ruleTag+r.comment)
+	}
+	for chain, w := range want {
+		if !slices.Equal(have[chain], w) {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// EnsureBase creates or repairs the table's sets, chains and rules (one
+// dump when they are in place). Existing elements are kept.
+func (m *Manager) EnsureBase() (repaired bool, err error) {
+	ok, err := m.baseReady()
+	if err != nil || ok {
+		return false, err
+	}
+	m.conn.AddTable(m.l.table)
+	for _, s := range m.l.sets {
+		if err := m.conn.AddSet(s, nil); err != nil {
+			return false, fmt.Errorf("add set %s: %w", s.Name, err)
+		}
+	}
+	for _, c := range []*nftables.Chain{m.l.prerouting, m.l.output} {
+		m.conn.AddChain(c)
+		m.conn.FlushChain(c)
+	}
+	for _, r := range m.l.rules() {
+		m.conn.AddRule(&nftables.Rule{Table: m.l.table, Chain: r.chain, Exprs: r.exprs, UserData: comment(r.comment)})
+	}
+	if err := m.conn.Flush(); err != nil {
+		return false, fmt.Errorf("create control chains in table inet %s: %w", m.l.table.Name, err)
+	}
+	return true, nil
+}
+
+// ensureDSCPChain (re)writes the chain that marks code point d; a pod's
+// verdict map element jumps to it.
+func (m *Manager) ensureDSCPChain(d uint8) error {
+	c := &nftables.Chain{Name: dscpChain(d), Table: m.l.table}
+	m.conn.AddChain(c)
+	m.conn.FlushChain(c)
+	for _, ex := range dscpRules(d) {
+		m.conn.AddRule(&nftables.Rule{Table: m.l.table, Chain: c, Exprs: ex, UserData: comment("dscp " + itoa(int(d)))})
+	}
+	if err := m.conn.Flush(); err != nil {
+		return fmt.Errorf("create chain %s in table inet %s: %w", c.Name, m.l.table.Name, err)
+	}
+	return nil
+}
+
+// want is one element an attachment should hold.
+type want struct {
+	set string
+	el  nfraw.Element
+}
+
+// desired lists the elements of c for the pod's addresses.
+func desired(owner Owner, ips []net.IP, c *state.Controls) []want {
+	if c.Empty() {
+		return nil
+	}
+	tag := nfraw.EncodeOwner(owner)
+	var out []want
+	for _, ip := range ips {
+		key, v6 := addrKey(ip)
+		for k := Kind(0); k < numCounted; k++ {
+			d := c.Ingress
+			if k.egress() {
+				d = c.Egress
+			}
+			if d == nil {
+				continue
+			}
+			var stateful expr.Any
+			switch {
+			case !k.connections() && d.PacketRate != 0:
+				stateful = &expr.Limit{Type: expr.LimitTypePkts, Rate: d.PacketRate, Unit: expr.LimitTimeSecond, Burst: d.PacketBurst, Over: true}
+			case k.connections() && d.MaxConnections != 0:
+				stateful = &expr.Connlimit{Count: d.MaxConnections, Flags: connlimitOver}
+			default:
+				continue
+			}
+			out = append(out, want{k.setName(v6), nfraw.Element{Key: key, Comment: tag, Exprs: []expr.Any{stateful, &expr.Counter{}}}})
+		}
+		if c.DSCP != nil {
+			out = append(out, want{dscpSet(v6), nfraw.Element{Key: key, Comment: tag, Jump: dscpChain(*c.DSCP)}})
+		}
+	}
+	return out
+}
+
+// connlimitOver is NFT_CONNLIMIT_F_INV: match when the count is over.
+const connlimitOver = 1
+
+// Set gives the attachment exactly the controls c on its addresses, in
+// one transaction: the addresses' elements in every control set are
+// replaced, so a control the pod no longer has is lifted. Elements of
+// another owner on these addresses are taken over: an address belongs to
+// one pod at a time, and a stale element is a dead pod's.
+func (m *Manager) Set(owner Owner, ips []net.IP, c *state.Controls) error {
+	if !c.Empty() {
+		if err := refuseFlowtables(m.raw); err != nil {
+			return err
+		}
+	}
+	if _, err := m.EnsureBase(); err != nil {
+		return err
+	}
+	if c != nil && c.DSCP != nil {
+		if err := m.ensureDSCPChain(*c.DSCP); err != nil {
+			return err
+		}
+	}
+	b := &nfraw.Batch{}
+	for _, ip := range ips {
+		key, v6 := addrKey(ip)
+		for _, s := range m.l.sets {
+			if (s.KeyType == nftables.TypeIP6Addr) == v6 {
+				if err := b.Destroy(m.l.table.Name, s.Name, key); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	for _, w := range desired(owner, ips, c) {
+		if err := b.Add(m.l.table.Name, w.set, w.el); err != nil {
+			return err
+		}
+	}
+	if err := m.raw.Send(b); err != nil {
+		return fmt.Errorf("set controls of %s on %v: %w", owner, ips, err)
+	}
+	return nil
+}
+
+// refuseFlowtables fails when the node offloads flows: a flow in a
+// flowtable skips the IP hooks, so its packets would escape every control.
+func refuseFlowtables(raw *nfraw.Conn) error {
+	fts, err := raw.Flowtables()
+	if err != nil {
+		return fmt.Errorf("list nftables flowtables: %w", err)
+	}
+	if len(fts) > 0 {
+		return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf(
+			"packet-rate, connection and DSCP controls cannot be enforced on this node: flows offloaded to nftables flowtable %v bypass them; remove the flowtable or the pod's controls", fts), "")
+	}
+	return nil
+}
+
+// Del removes the attachment's elements from its addresses, leaving an
+// element another attachment holds (a later pod with the address, before
+// this DEL is retried). Missing elements, sets or table are no error.
+func (m *Manager) Del(owner Owner, ips []net.IP) error {
+	b := &nfraw.Batch{}
+	for _, ip := range ips {
+		key, v6 := addrKey(ip)
+		for _, s := range m.l.sets {
+			if (s.KeyType == nftables.TypeIP6Addr) != v6 {
+				continue
+			}
+			el, found, err := m.raw.GetElem(m.l.table.Name, s.Name, key)
+			if err != nil {
+				return err
+			}
+			if o, ok := nfraw.DecodeOwner(el.Comment); found && ok && o.Same(owner) {
+				if err := b.Destroy(m.l.table.Name, s.Name, key); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	if err := m.raw.Send(b); err != nil {
+		return fmt.Errorf("remove controls of %s: %w", owner, err)
+	}
+	return nil
+}
+
+// Check compares the kernel with c: the base rules, and each address's
+// element in every control set present (owned, same parameters) or absent
+// as c says. The errors name what differs.
+func (m *Manager) Check(owner Owner, ips []net.IP, c *state.Controls) error {
+	if c.Empty() {
+		return nil
+	}
+	ok, err := m.baseReady()
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("control chains of table inet %s missing or changed", m.l.table.Name)
+	}
+	wanted := map[string]map[string]nfraw.Element{}
+	for _, w := range desired(owner, ips, c) {
+		if wanted[w.set] == nil {
+			wanted[w.set] = map[string]nfraw.Element{}
+		}
+		wanted[w.set][string(w.el.Key)] = w.el
+	}
+	var errs []error
+	for _, ip := range ips {
+		key, v6 := addrKey(ip)
+		for _, s := range m.l.sets {
+			if (s.KeyType == nftables.TypeIP6Addr) != v6 {
+				continue
+			}
+			have, found, err := m.raw.GetElem(m.l.table.Name, s.Name, key)
+			if err != nil {
+				return err
+			}
+			w, want := wanted[s.Name][string(key)]
+			switch {
+			case want && !found:
+				errs = append(errs, fmt.Errorf("%s element for %s missing", s.Name, ip))
+			case !want && found:
+				errs = append(errs, fmt.Errorf("%s element for %s present but not configured", s.Name, ip))
+			case want && !sameElem(have, w):
+				errs = append(errs, fmt.Errorf("%s element for %s differs from the configured controls", s.Name, ip))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func sameElem(have, want nfraw.Element) bool {
+	if have.Comment != want.Comment || have.Jump != want.Jump || len(have.Exprs) != len(want.Exprs) {
+		return false
+	}
+	for i := range want.Exprs {
+		switch w := want.Exprs[i].(type) {
+		case *expr.Limit:
+			h, ok := have.Exprs[i].(*expr.Limit)
+			if !ok || h.Rate != w.Rate || h.Burst != w.Burst || h.Over != w.Over || h.Type != w.Type {
+				return false
+			}
+		case *expr.Connlimit:
+			h, ok := have.Exprs[i].(*expr.Connlimit)
+			if !ok || h.Count != w.Count || h.Flags != w.Flags {
+				return false
+			}
+		case *expr.Counter:
+			if _, ok := have.Exprs[i].(*expr.Counter); !ok {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// Drops returns, per counted control, what the pod's elements refused:
+// packets dropped over the packet rate, connections refused over the
+// bound. Controls the pod does not have read 0.
+func (m *Manager) Drops(ips []net.IP) ([numCounted]uint64, error) {
+	var out [numCounted]uint64
+	for _, ip := range ips {
+		key, v6 := addrKey(ip)
+		for k := Kind(0); k < numCounted; k++ {
+			el, found, err := m.raw.GetElem(m.l.table.Name, k.setName(v6), key)
+			if err != nil {
+				return out, err
+			}
+			if !found {
+				continue
+			}
+			for _, x := range el.Exprs {
+				if c, ok := x.(*expr.Counter); ok {
+					out[k] += c.Packets
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
+// GC removes every element whose owner valid rejects, in one batch, and
+// returns how many.
+func (m *Manager) GC(valid func(Owner) bool) (int, error) {
+	b := &nfraw.Batch{}
+	n := 0
+	for _, s := range m.l.sets {
+		els, err := m.raw.DumpElems(m.l.table.Name, s.Name)
+		if err != nil {
+			return 0, err
+		}
+		var stale [][]byte
+		for _, el := range els {
+			if o, ok := nfraw.DecodeOwner(el.Comment); !ok || !valid(o) {
+				stale = append(stale, el.Key)
+			}
+		}
+		if err := b.Destroy(m.l.table.Name, s.Name, stale...); err != nil {
+			return 0, err
+		}
+		n += len(stale)
+	}
+	if err := m.raw.Send(b); err != nil {
+		return 0, fmt.Errorf("remove stale controls: %w", err)
+	}
+	return n, nil
+}
