@@ -163,23 +163,23 @@ func TestPacketRate(t *testing.T) {
 		{"ingress v6", w.peer, w.pod, pod6.String(), IngressPackets},
 		{"egress v6", w.pod, w.peer, peer6, EgressPackets},
 	} {
-		before, err := w.m.Drops(w.ips)
+		before, err := w.m.Read(w.ips)
 		if err != nil {
 			t.Fatal(err)
 		}
 		sent, got := flood(t, tc.from, tc.to, tc.addr, 4*time.Second)
-		after, err := w.m.Drops(w.ips)
+		after, err := w.m.Read(w.ips)
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("%s: sent %.0f/s, received %.0f/s, dropped %d", tc.name, sent, got, after[tc.kind]-before[tc.kind])
+		t.Logf("%s: sent %.0f/s, received %.0f/s, dropped %d", tc.name, sent, got, after.Count[tc.kind]-before.Count[tc.kind])
 		if sent < 5000 {
 			t.Fatalf("%s: the flood reached only %.0f packets/s, too few to test a limit of 1000", tc.name, sent)
 		}
 		if got < 950 || got > 1050 {
 			t.Errorf("%s: %.0f packets/s received, want 950 to 1050", tc.name, got)
 		}
-		if d := after[tc.kind] - before[tc.kind]; float64(d) < (sent-got)*4*0.9 {
+		if d := after.Count[tc.kind] - before.Count[tc.kind]; float64(d) < (sent-got)*4*0.9 {
 			t.Errorf("%s: %s counted %d drops, want about %.0f", tc.name, tc.kind, d, (sent-got)*4)
 		}
 	}
@@ -289,9 +289,9 @@ func TestMaxConnections(t *testing.T) {
 		if err := alive(conns); err != nil {
 			t.Errorf("%s: the 10 allowed connections: %v", tc.name, err)
 		}
-		drops, err := w.m.Drops(w.ips)
-		if err != nil || drops[tc.kind] == 0 {
-			t.Errorf("%s: %s refused count %d (%v)", tc.name, tc.kind, drops[tc.kind], err)
+		got, err := w.m.Read(w.ips)
+		if err != nil || !got.Present[tc.kind] || got.Count[tc.kind] == 0 {
+			t.Errorf("%s: %s refused count %d (%v)", tc.name, tc.kind, got.Count[tc.kind], err)
 		}
 		for _, c := range conns {
 			c.Close()

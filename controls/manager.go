@@ -302,11 +302,18 @@ func sameElem(have, want nfraw.Element) bool {
 	return true
 }
 
-// Drops returns, per counted control, what the pod's elements refused:
-// packets dropped over the packet rate, connections refused over the
-// bound. Controls the pod does not have read 0.
-func (m *Manager) Drops(ips []net.IP) ([numCounted]uint64, error) {
-	var out [numCounted]uint64
+// Reading is what the kernel holds for one attachment's counted
+// controls: whether each element is there, and its counter (packets
+// dropped over the packet rate, connections refused over the bound),
+// summed over the pod's addresses.
+type Reading struct {
+	Present [numCounted]bool
+	Count   [numCounted]uint64
+}
+
+// Read reads the counters of the pod's elements.
+func (m *Manager) Read(ips []net.IP) (Reading, error) {
+	var out Reading
 	for _, ip := range ips {
 		key, v6 := addrKey(ip)
 		for k := Kind(0); k < numCounted; k++ {
@@ -317,14 +324,20 @@ func (m *Manager) Drops(ips []net.IP) ([numCounted]uint64, error) {
 			if !found {
 				continue
 			}
+			out.Present[k] = true
 			for _, x := range el.Exprs {
 				if c, ok := x.(*expr.Counter); ok {
-					out[k] += c.Packets
+					out.Count[k] += c.Packets
 				}
 			}
 		}
 	}
 	return out, nil
+}
+
+// Kinds lists the counted controls.
+func Kinds() []Kind {
+	return []Kind{EgressPackets, IngressPackets, EgressConnections, IngressConnections}
 }
 
 // GC removes every element whose owner valid rejects, in one batch, and

@@ -3,6 +3,7 @@ package portmap
 import (
 	"fmt"
 
+	"github.com/qoscni/qoscni/internal/nfraw"
 	"github.com/qoscni/qoscni/internal/state"
 )
 
@@ -11,13 +12,11 @@ import (
 // elements whose attachment has no record at all (GC).
 type Cleaner struct {
 	nsFd int
-	// prev are the record-less owners the last GC saw: an ADD writes its
-	// elements before its record, so only owners seen twice are removed.
-	prev map[string]bool
+	seen nfraw.Sightings
 }
 
 // NewCleaner works in the namespace nsFd (-1 = the current one).
-func NewCleaner(nsFd int) *Cleaner { return &Cleaner{nsFd: nsFd, prev: map[string]bool{}} }
+func NewCleaner(nsFd int) *Cleaner { return &Cleaner{nsFd: nsFd} }
 
 // Name labels the step in logs and metrics.
 func (c *Cleaner) Name() string { return "hostport" }
@@ -67,15 +66,5 @@ func (c *Cleaner) GC(live []*state.Record) (int, error) {
 		return 0, err
 	}
 	defer m.Close()
-	seen := map[string]bool{}
-	n, err := m.GC(func(o Owner) bool {
-		k := o.ContainerID + "/" + o.IfName
-		if alive[k] {
-			return true
-		}
-		seen[k] = true
-		return !c.prev[k]
-	})
-	c.prev = seen
-	return n, err
+	return m.GC(c.seen.Pass(alive))
 }

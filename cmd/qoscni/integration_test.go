@@ -131,6 +131,15 @@ func assertClean(t *testing.T, n *testnet.Node) {
 			t.Errorf("left in %s: %s", dir, name)
 		}
 	}
+	for _, set := range []string{"pkt-egress4", "pkt-ingress4", "conn-egress4", "conn-ingress4", "pkt-egress6", "pkt-ingress6", "conn-egress6", "conn-ingress6", "dscp4", "dscp6"} {
+		kind := "set"
+		if strings.HasPrefix(set, "dscp") {
+			kind = "map"
+		}
+		if out, err := n.Try("nft", "list", kind, "inet", "qoscni", set); err == nil && strings.Contains(out, "elements") {
+			t.Errorf("control elements left: %s", out)
+		}
+	}
 	if out, err := n.Try("nft", "list", "set", "inet", "qoscni", "masq-src4"); err == nil && strings.Contains(out, "elements") {
 		t.Errorf("masquerade elements left: %s", out)
 	}

@@ -177,6 +177,9 @@ func TestShapingBadInput(t *testing.T) {
 		{"runtime rate too big", shapedConf(n, nil, map[string]any{"ingressRate": uint64(2_000_000_000_000_000), "ingressBurst": 1}), "runtimeConfig.bandwidth.ingressRate"},
 		{"config rate without burst", netConf(n, "1.1.0", func(c map[string]any) { c["ingressRate"] = 1_000_000 }), "ingressBurst"},
 		{"negative runtime burst", shapedConf(n, nil, map[string]any{"egressRate": 1_000_000, "egressBurst": -1}), "egressBurst"},
+		{"dscp out of range", shapedConf(n, map[string]string{"qoscni.io/dscp": "64"}, nil), "qoscni.io/dscp"},
+		{"calico packet burst without rate", shapedConf(n, map[string]string{"qos.projectcalico.org/egressPacketBurst": "10"}, nil), "qos.projectcalico.org/egressPacketBurst"},
+		{"connections beyond 32 bits", shapedConf(n, map[string]string{"qoscni.io/ingress-max-connections": "5G"}, nil), "qoscni.io/ingress-max-connections"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -67,3 +67,27 @@ func DecodeOwner(s string) (Owner, bool) {
 	}
 	return o, true
 }
+
+// Sightings decides which record-less owners a periodic GC may remove. An
+// ADD writes its elements before its record, so an owner without a record
+// is removed only when two passes in a row found it so.
+type Sightings struct {
+	prev map[string]bool
+}
+
+// Pass starts a GC pass: alive holds "containerID/ifname" of every
+// attachment with a record. The returned function says whether an owner's
+// element stays, and remembers those it spared for lack of a record.
+func (s *Sightings) Pass(alive map[string]bool) func(Owner) bool {
+	seen := map[string]bool{}
+	prev := s.prev
+	s.prev = seen
+	return func(o Owner) bool {
+		k := o.ContainerID + "/" + o.IfName
+		if alive[k] {
+			return true
+		}
+		seen[k] = true
+		return !prev[k]
+	}
+}

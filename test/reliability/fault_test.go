@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/qoscni/qoscni/internal/testnet"
+	"github.com/qoscni/qoscni/shaping"
 	"github.com/qoscni/qoscni/test/reliability/reltest"
 )
 
@@ -36,7 +37,7 @@ func (p point) String() string {
 // The steps of internal/cni/plugin/add.go and internal/cni/plugin/del.go (steps.mark), in order.
 var (
 	addStepsBeforeShaping = []string{"open", "provisional", "ipam", "bridge", "veth-created", "veth", "pod", "sysctl"}
-	addStepsAfterShaping  = []string{"shaping", "masq", "ports", "state"}
+	addStepsAfterShaping  = []string{"shaping", "masq", "ports", "controls", "state"}
 	delSteps              = []string{"veth", "masq", "ports", "state", "ipam"}
 )
 
@@ -423,11 +424,14 @@ func refBridgeConf(node *testnet.Node) []byte {
 // containerd's second DEL (no cached result).
 func chainedConf(node *testnet.Node, runtime bool, prev []byte) []byte {
 	c := map[string]any{"cniVersion": "1.0.0", "name": network, "type": "qoscni", "stateDir": node.StateDir,
-		"capabilities": map[string]any{"bandwidth": true, "portMappings": true}}
+		"capabilities": map[string]any{"bandwidth": true, "portMappings": true, "io.kubernetes.cri.pod-annotations": true}}
 	if runtime {
 		c["runtimeConfig"] = map[string]any{
 			"bandwidth":    map[string]any{"ingressRate": 10_000_000, "ingressBurst": 4294967295, "egressRate": 20_000_000, "egressBurst": 4294967295},
 			"portMappings": []any{profFull.ports[0], profFull.ports[1]},
+			"io.kubernetes.cri.pod-annotations": map[string]string{
+				shaping.AnnotationIngressPacketRate: "5k", shaping.AnnotationEgressMaxConnections: "100", shaping.AnnotationDSCP: "AF41",
+			},
 		}
 	}
 	if prev != nil {
@@ -502,7 +506,7 @@ func chainedPoints(t *testing.T, node *testnet.Node) []point {
 	for i := 1; i <= shapes; i++ {
 		pts = append(pts, point{op: "shape", step: fmt.Sprint(i)})
 	}
-	for _, s := range []string{"shaping", "ports", "state"} {
+	for _, s := range []string{"shaping", "ports", "controls", "state"} {
 		pts = append(pts, point{op: "ADD-chained", step: s})
 	}
 	for _, s := range []string{"veth", "masq", "ports", "state"} {

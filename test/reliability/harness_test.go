@@ -28,6 +28,7 @@ import (
 	"github.com/qoscni/qoscni/internal/cni/podnet"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/internal/testnet"
+	"github.com/qoscni/qoscni/shaping"
 	"github.com/qoscni/qoscni/test/reliability/reltest"
 )
 
@@ -275,13 +276,15 @@ type profile struct {
 	ingress bool
 	egress  bool
 	ports   []map[string]any
+	// controls: packet-rate, connection and DSCP annotations.
+	controls bool
 }
 
 var (
 	profFull = profile{name: "full", ingress: true, egress: true, ports: []map[string]any{
 		{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"},
 		{"hostPort": 18053, "containerPort": 53, "protocol": "udp"},
-	}}
+	}, controls: true}
 	profEgress = profile{name: "egress", egress: true, ports: []map[string]any{
 		{"HostPort": 18081, "ContainerPort": 81, "Protocol": "UDP"}, // containerd's spelling
 	}}
@@ -316,6 +319,11 @@ func addConf(node *testnet.Node, p profile) []byte {
 			list = append(list, m)
 		}
 		rc["portMappings"] = list
+	}
+	if p.controls {
+		rc["io.kubernetes.cri.pod-annotations"] = map[string]string{
+			shaping.AnnotationIngressPacketRate: "5k", shaping.AnnotationEgressMaxConnections: "100", shaping.AnnotationDSCP: "AF41",
+		}
 	}
 	c["runtimeConfig"] = rc
 	return reltest.Marshal(c)

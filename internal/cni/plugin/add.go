@@ -49,6 +49,7 @@ type standaloneAdd struct {
 	guarantee  shaping.Guarantee
 	minor      uint16
 	ports      []portmap.Mapping
+	controls   *state.Controls
 	hostName   string
 	ifb        string
 }
@@ -177,7 +178,8 @@ func (a *standaloneAdd) plan() error {
 	}
 	a.shape, a.guarantee = shape, g
 	logClamps(a.p.Log, a.args.ContainerID, a.args.IfName, shape)
-	return nil
+	a.controls, err = planControls(a.conf)
+	return err
 }
 
 // provisional writes, before the first change, a record saying this ADD
@@ -292,6 +294,14 @@ func (a *standaloneAdd) shapeAndMap(want podnet.Expected) error {
 		a.rollback.push(undoPorts)
 	}
 	a.st.mark("ports")
+	if !a.controls.Empty() {
+		undo, err := addControls(portOwner(a.key, a.pod), ipsOf(want.Pod.Addrs), a.controls)
+		if err != nil {
+			return err
+		}
+		a.rollback.push(undo)
+	}
+	a.st.mark("controls")
 	return nil
 }
 
@@ -312,6 +322,7 @@ func (a *standaloneAdd) save(veth *podnet.Veth, want podnet.Expected) (*state.Re
 		Shaping:         shaping.RecordOf(a.shape, a.guarantee, a.minor, a.hostName, a.ifb),
 		ShapingDefaults: shapingDefaults(a.conf),
 		Ports:           portmap.ToState(a.ports),
+		Controls:        a.controls,
 		Created:         time.Now().UTC(),
 	}
 	for _, ad := range want.Pod.Addrs {

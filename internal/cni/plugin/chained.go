@@ -41,6 +41,10 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 		return err
 	}
 	logClamps(p.Log, args.ContainerID, args.IfName, shape)
+	ctl, err := planControls(conf)
+	if err != nil {
+		return err
+	}
 	var podIPs []net.IP
 	for _, ipc := range prev.IPs {
 		podIPs = append(podIPs, ipc.Address.IP)
@@ -87,6 +91,15 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 		undo.push(undoPorts)
 	}
 	st.mark("ports")
+	if !ctl.Empty() {
+		key := state.Key{Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName}
+		undoControls, err := addControls(portOwner(key, pod), podIPs, ctl)
+		if err != nil {
+			return fail(err)
+		}
+		undo.push(undoControls)
+	}
+	st.mark("controls")
 	rec := &state.Record{
 		Network:         conf.Name,
 		ContainerID:     args.ContainerID,
@@ -99,6 +112,7 @@ func (p *Plugin) addChained(args *skel.CmdArgs, conf *netconf.NetConf, pod netco
 		Shaping:         shaping.RecordOf(shape, g, minor, hostName, ifb),
 		ShapingDefaults: shapingDefaults(conf),
 		Ports:           portmap.ToState(ports),
+		Controls:        ctl,
 		Created:         time.Now().UTC(),
 	}
 	for _, ipc := range prev.IPs {

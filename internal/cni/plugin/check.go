@@ -55,6 +55,9 @@ func (p *Plugin) Check(args *skel.CmdArgs, conf *netconf.NetConf, _ netconf.PodA
 	if err := checkPorts(rec, localnetIface(prev, rec)); err != nil {
 		errs = append(errs, err)
 	}
+	if err := checkControls(rec); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 

@@ -3,6 +3,7 @@ package plugin
 import (
 	"github.com/containernetworking/cni/pkg/skel"
 
+	"github.com/qoscni/qoscni/controls"
 	"github.com/qoscni/qoscni/internal/cni/netconf"
 	"github.com/qoscni/qoscni/internal/cni/teardown"
 	"github.com/qoscni/qoscni/internal/state"
@@ -66,8 +67,8 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 		// a record whose addresses another pod may hold by now: their
 		// masquerade is that pod's.
 		SpareReassigned: true,
-		// With a provisional record (or none) the hostPorts go by owner.
-		Cleaners:        []teardown.Cleaner{portmap.NewCleaner(-1)},
+		// With a provisional record (or none) the elements go by owner.
+		Cleaners:        []teardown.Cleaner{portmap.NewCleaner(-1), controls.NewCleaner(-1)},
 		ReleaseLocalnet: true,
 		LocalnetDir:     portmap.LocalnetDir(conf.StateDir),
 		HierarchyLock:   p.hierarchyLock(),

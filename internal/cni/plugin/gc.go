@@ -77,6 +77,9 @@ func (p *Plugin) GC(args *skel.CmdArgs, conf *netconf.NetConf, _ netconf.PodArgs
 	if err := gcPorts(valid, conf.Name, store); err != nil {
 		errs = append(errs, fmt.Errorf("gc hostPorts: %w", err))
 	}
+	if err := gcControls(valid, conf.Name, store); err != nil {
+		errs = append(errs, fmt.Errorf("gc controls: %w", err))
+	}
 	if src.alloc != nil {
 		if _, err := src.alloc.GC(validIPAM); err != nil {
 			errs = append(errs, fmt.Errorf("gc addresses: %w", err))

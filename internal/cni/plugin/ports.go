@@ -6,6 +6,7 @@ import (
 	"net"
 
 	"github.com/qoscni/qoscni/internal/cni/netconf"
+	"github.com/qoscni/qoscni/internal/nfraw"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/portmap"
 )
@@ -73,27 +74,37 @@ func checkPorts(rec *state.Record, hostIface string) error {
 }
 
 // gcPorts removes the elements of every attachment of this network that
-// is not in valid. The table is shared by all qoscni networks of the node
-// and elements do not name their network, so attachments another network
-// still has a record for are left to that network's GC.
+// is not in valid.
 func gcPorts(valid map[state.Key]bool, network string, store *state.Store) error {
-	others := map[[2]string]bool{}
-	recs, _, err := store.List("")
+	keep, err := keepOwner(valid, network, store)
 	if err != nil {
 		return err
-	}
-	for _, r := range recs {
-		if r.Network != network {
-			others[[2]string{r.ContainerID, r.IfName}] = true
-		}
 	}
 	m, err := portmap.New(-1)
 	if err != nil {
 		return err
 	}
 	defer m.Close()
-	_, err = m.GC(func(o portmap.Owner) bool {
-		return valid[state.Key{Network: network, ContainerID: o.ContainerID, IfName: o.IfName}] || others[[2]string{o.ContainerID, o.IfName}]
-	})
+	_, err = m.GC(keep)
 	return err
+}
+
+// keepOwner says which element owners a CNI GC of network keeps: the
+// attachments in valid. qoscni's table is shared by all qoscni networks of
+// the node and elements do not name their network, so attachments another
+// network still has a record for are left to that network's GC.
+func keepOwner(valid map[state.Key]bool, network string, store *state.Store) (func(nfraw.Owner) bool, error) {
+	others := map[[2]string]bool{}
+	recs, _, err := store.List("")
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range recs {
+		if r.Network != network {
+			others[[2]string{r.ContainerID, r.IfName}] = true
+		}
+	}
+	return func(o nfraw.Owner) bool {
+		return valid[state.Key{Network: network, ContainerID: o.ContainerID, IfName: o.IfName}] || others[[2]string{o.ContainerID, o.IfName}]
+	}, nil
 }

@@ -1,0 +1,79 @@
+package controls
+
+import (
+	"fmt"
+	"net"
+
+	"github.com/qoscni/qoscni/internal/nfraw"
+	"github.com/qoscni/qoscni/internal/state"
+)
+
+// Cleaner is the controls step of an attachment's teardown (the plugin's
+// DEL, the agent's GC: teardown.Cleaner), and the agent's removal of
+// elements whose attachment has no record at all.
+type Cleaner struct {
+	nsFd int
+	seen nfraw.Sightings
+}
+
+// NewCleaner works in the namespace nsFd (-1 = the current one).
+func NewCleaner(nsFd int) *Cleaner { return &Cleaner{nsFd: nsFd} }
+
+// Name labels the step in logs and metrics.
+func (c *Cleaner) Name() string { return "controls" }
+
+// OwnerOf is the owner of an attachment's elements, from its record.
+func OwnerOf(rec *state.Record) Owner {
+	return Owner{ContainerID: rec.ContainerID, IfName: rec.IfName, PodNamespace: rec.Pod.Namespace, PodName: rec.Pod.Name}
+}
+
+// IPsOf are the record's pod addresses.
+func IPsOf(rec *state.Record) ([]net.IP, error) {
+	var out []net.IP
+	for _, s := range rec.IPs {
+		ip, _, err := net.ParseCIDR(s)
+		if err != nil {
+			return nil, fmt.Errorf("address %q of %s/%s: %w", s, rec.ContainerID, rec.IfName, err)
+		}
+		out = append(out, ip)
+	}
+	return out, nil
+}
+
+// Del removes the elements of a stale attachment: by its addresses when
+// its record lists controls, by owner when an ADD was killed before its
+// full record (any element it added carries its owner).
+func (c *Cleaner) Del(rec *state.Record) error {
+	if !rec.Provisional && rec.Controls.Empty() {
+		return nil
+	}
+	m, err := New(c.nsFd)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	if rec.Provisional {
+		_, err = m.GC(func(o Owner) bool { return o.ContainerID != rec.ContainerID || o.IfName != rec.IfName })
+		return err
+	}
+	ips, err := IPsOf(rec)
+	if err != nil {
+		return err
+	}
+	return m.Del(OwnerOf(rec), ips)
+}
+
+// GC removes elements whose owner has no record, once two calls in a row
+// found them so.
+func (c *Cleaner) GC(live []*state.Record) (int, error) {
+	alive := make(map[string]bool, len(live))
+	for _, r := range live {
+		alive[r.ContainerID+"/"+r.IfName] = true
+	}
+	m, err := New(c.nsFd)
+	if err != nil {
+		return 0, err
+	}
+	defer m.Close()
+	return m.GC(c.seen.Pass(alive))
+}
