@@ -20,6 +20,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/qoscni/qoscni/controls"
 	"github.com/qoscni/qoscni/internal/agent"
 	"github.com/qoscni/qoscni/internal/agent/cniconf"
 	"github.com/qoscni/qoscni/internal/agent/dra"
@@ -215,7 +216,8 @@ func serve(o *options) int {
 	if client != nil {
 		cfg.Kube = client
 	}
-	// hostPort elements are cleaned with the attachments, in the node netns.
+	// hostPort and control elements are cleaned with the attachments, in
+	// the node netns.
 	nsFd := -1
 	if o.netnsPath != "" {
 		f, err := os.Open(o.netnsPath)
@@ -226,7 +228,7 @@ func serve(o *options) int {
 		defer f.Close()
 		nsFd = int(f.Fd())
 	}
-	cfg.Cleaners = []reconcile.AttachmentCleaner{portmap.NewCleaner(nsFd)}
+	cfg.Cleaners = []reconcile.AttachmentCleaner{portmap.NewCleaner(nsFd), controls.NewCleaner(nsFd)}
 	// An `nft flush ruleset` takes hostPorts, ipMasq and the martian guard
 	// away; every pass brings them back from the records.
 	// The node's bandwidth hierarchy, under the lock the plugin takes
@@ -239,6 +241,7 @@ func serve(o *options) int {
 		portmap.NewRepairer(nsFd, []string{portmap.LocalnetDir(o.stateDir)}, logger),
 		podnet.NewMasqRepairer(nsFd, logger),
 		shaping.NewHierarchyRepairer(nsFd, hierLock, logger),
+		controls.NewRepairer(nsFd, logger),
 	}
 	cfg.Registry = prometheus.NewRegistry()
 	if o.routesMode != nodenet.ModeOff {

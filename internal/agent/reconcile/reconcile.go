@@ -125,6 +125,9 @@ type Reconciler struct {
 	// bad remembers the last invalid-annotation message per pod, so one
 	// bad value is reported once, not on every pass.
 	bad map[podRef]string
+	// badControls is bad for the packet-rate, connection and DSCP
+	// annotations.
+	badControls map[podRef]string
 	// overridden remembers the last "a claim replaces the request
 	// annotation" message per pod, reported once the same way.
 	overridden map[podRef]string
@@ -192,7 +195,7 @@ func New(cfg Config) (*Reconciler, error) {
 		cfg: cfg, log: cfg.Logger, m: cfg.Metrics, caches: state.NewCaches(),
 		shaper: sh, nl: h, tc: t,
 		pending: map[podRef]struct{}{}, signal: make(chan struct{}, 1), passReq: make(chan chan PassResult),
-		bad: map[podRef]string{}, overridden: map[podRef]string{}, suspects: map[string]int{}, inUse: map[string]int{},
+		bad: map[podRef]string{}, badControls: map[podRef]string{}, overridden: map[podRef]string{}, suspects: map[string]int{}, inUse: map[string]int{},
 		grantGone: map[string]time.Time{}, now: time.Now,
 	}, nil
 }

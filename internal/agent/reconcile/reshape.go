@@ -9,6 +9,7 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 
+	"github.com/qoscni/qoscni/controls"
 	"github.com/qoscni/qoscni/internal/cni/podnet"
 	"github.com/qoscni/qoscni/internal/fault"
 	"github.com/qoscni/qoscni/internal/grant"
@@ -142,9 +143,28 @@ func (r *Reconciler) noteOverride(pod Pod, t grant.Total) {
 	}
 }
 
-// reshape makes one attachment follow its pod's annotations. A bad value
-// keeps the current shaping and is reported once per distinct message.
+// reshape makes one attachment follow its pod's annotations: its shaping,
+// then its controls. A bad value keeps what the attachment has and is
+// reported once per distinct message.
 func (r *Reconciler) reshape(a attachment, pod Pod) outcome {
+	s := r.reshapeShaping(a, pod)
+	if s == outcomeGone {
+		return s
+	}
+	return worse(s, r.reshapeControls(a, pod))
+}
+
+// worse is the outcome to report for two steps of one attachment.
+func worse(a, b outcome) outcome {
+	rank := map[outcome]int{outcomeNone: 0, outcomeInvalid: 1, outcomeApplied: 2, outcomeFailed: 3, outcomeGone: 4}
+	if rank[b] > rank[a] {
+		return b
+	}
+	return a
+}
+
+// reshapeShaping makes the attachment's shaping follow the annotations.
+func (r *Reconciler) reshapeShaping(a attachment, pod Pod) outcome {
 	rec := a.Record
 	ref := podRef{pod.Namespace, pod.Name, pod.UID}
 	granted, err := r.granted(pod)
@@ -251,17 +271,98 @@ func (r *Reconciler) hierarchyLock() string {
 }
 
 func (r *Reconciler) invalid(rec *state.Record, pod Pod, ref podRef, err error) {
-	msg := "qoscni keeps the current shaping: " + err.Error()
-	if r.bad[ref] == msg {
+	r.report(r.bad, rec, pod, ref, "qoscni keeps the current shaping: "+err.Error(), err)
+}
+
+// report sends an invalid-annotation message once per pod and message:
+// seen is the step's memory (shaping's and controls' are apart, so each
+// step's valid pass does not forget the other's bad value).
+func (r *Reconciler) report(seen map[podRef]string, rec *state.Record, pod Pod, ref podRef, msg string, err error) {
+	if seen[ref] == msg {
 		return
 	}
-	r.bad[ref] = msg
+	seen[ref] = msg
 	r.m.reshapes.WithLabelValues("invalid").Inc()
-	r.log.Warn("invalid bandwidth annotation; shaping unchanged", "namespace", pod.Namespace, "pod", pod.Name,
+	r.log.Warn("invalid annotation; kept what the pod has", "namespace", pod.Namespace, "pod", pod.Name,
 		"container", rec.ContainerID, "ifname", rec.IfName, "err", err)
 	if r.cfg.Events != nil {
 		r.cfg.Events.Warn(pod, ReasonInvalidAnnotation, msg)
 	}
+}
+
+// reshapeControls makes the attachment's packet-rate, connection and DSCP
+// controls follow the annotations, under the record's lock like shaping.
+func (r *Reconciler) reshapeControls(a attachment, pod Pod) outcome {
+	rec := a.Record
+	ref := podRef{pod.Namespace, pod.Name, pod.UID}
+	want, err := shaping.ParseControls(pod.Annotations)
+	if err != nil {
+		r.report(r.badControls, rec, pod, ref, "qoscni keeps the current controls: "+err.Error(), err)
+		return outcomeInvalid
+	}
+	delete(r.badControls, ref)
+	if reflect.DeepEqual(want, rec.Controls) {
+		return outcomeNone
+	}
+	err = a.store.Update(rec.Key(), func(cur *state.Record) error {
+		if reflect.DeepEqual(want, cur.Controls) {
+			return errUnchanged
+		}
+		ips, err := controls.IPsOf(cur)
+		if err != nil {
+			return err
+		}
+		m, err := controls.New(r.cfg.NetnsFd)
+		if err != nil {
+			return err
+		}
+		defer m.Close()
+		if err := m.Set(controls.OwnerOf(cur), ips, want); err != nil {
+			return err
+		}
+		cur.Controls = want
+		return nil
+	})
+	switch {
+	case errors.Is(err, errUnchanged):
+		return outcomeNone
+	case errors.Is(err, state.ErrNoRecord):
+		return outcomeGone
+	case err != nil:
+		r.m.reshapes.WithLabelValues("failed").Inc()
+		r.m.errors.WithLabelValues("reshape").Inc()
+		r.log.Error("set controls", "namespace", pod.Namespace, "pod", pod.Name, "container", rec.ContainerID, "ifname", rec.IfName, "err", err)
+		return outcomeFailed
+	}
+	r.m.reshapes.WithLabelValues("applied").Inc()
+	r.log.Info("controls changed", "namespace", pod.Namespace, "pod", pod.Name, "container", rec.ContainerID, "ifname", rec.IfName, "controls", describeControls(want))
+	return outcomeApplied
+}
+
+// describeControls is a log line's view of c.
+func describeControls(c *state.Controls) string {
+	if c.Empty() {
+		return "none"
+	}
+	var parts []string
+	for _, d := range []struct {
+		name string
+		d    *state.ControlDirection
+	}{{"ingress", c.Ingress}, {"egress", c.Egress}} {
+		if d.d == nil {
+			continue
+		}
+		if d.d.PacketRate != 0 {
+			parts = append(parts, fmt.Sprintf("%s %d packets/s burst %d", d.name, d.d.PacketRate, d.d.PacketBurst))
+		}
+		if d.d.MaxConnections != 0 {
+			parts = append(parts, fmt.Sprintf("%s at most %d connections", d.name, d.d.MaxConnections))
+		}
+	}
+	if c.DSCP != nil {
+		parts = append(parts, fmt.Sprintf("DSCP %d", *c.DSCP))
+	}
+	return strings.Join(parts, ", ")
 }
 
 // repair makes the kernel match the record again.
