@@ -112,7 +112,8 @@ var (
 		descDrops, descOverlimit, descRequeues, descBacklogB, descBacklogP,
 		descGRequest, descGLimit, descGPriority, descGUp, descGBytes, descGPackets, descGDrops, descGOverlimits,
 		descGLends, descGBorrows, descGBacklog, descNCapacity, descNRequests, descNHeadroom,
-		descInfo, descPorts, descHidden, descBad, descIPAMCap, descIPAMUsed, descBuild, descCollect}
+		descInfo, descPorts, descHidden, descBad, descIPAMCap, descIPAMUsed, descBuild, descCollect,
+		descCRate, descCBurst, descCConns, descCDSCP, descCUp, descCDropped, descCRefused}
 )
 
 // counter indexes into a series' five counters.
@@ -227,10 +228,12 @@ type Collector struct {
 	store *NodeRecords
 	log   *slog.Logger
 
-	mu       sync.Mutex // one collection at a time: counters and journal offsets
-	series   map[seriesKey]*monotonic
-	classes  map[seriesKey]*classMonotonic
-	lastTook time.Duration
+	mu      sync.Mutex // one collection at a time: counters and journal offsets
+	series  map[seriesKey]*monotonic
+	classes map[seriesKey]*classMonotonic
+	// controlCounts keep the control counters monotonic.
+	controlCounts map[controlKey]*resetting
+	lastTook      time.Duration
 
 	ops        *prometheus.CounterVec
 	opDuration *prometheus.HistogramVec
@@ -257,11 +260,12 @@ func NewCollector(cfg Config) *Collector {
 		version = "dev"
 	}
 	c := &Collector{
-		cfg:     cfg,
-		store:   NewNodeRecords(cniconf.StateSources{Own: cfg.StateDir, ConfDir: cfg.CNIConfDir, Registry: cfg.StateRegistry}),
-		log:     cfg.Logger,
-		series:  map[seriesKey]*monotonic{},
-		classes: map[seriesKey]*classMonotonic{},
+		cfg:           cfg,
+		store:         NewNodeRecords(cniconf.StateSources{Own: cfg.StateDir, ConfDir: cfg.CNIConfDir, Registry: cfg.StateRegistry}),
+		log:           cfg.Logger,
+		series:        map[seriesKey]*monotonic{},
+		classes:       map[seriesKey]*classMonotonic{},
+		controlCounts: map[controlKey]*resetting{},
 		ops: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: nameOps,
 			Help: "CNI plugin calls by command and result (code 0 = success, else the CNI error code; 999 = not a CNI error).",
@@ -277,11 +281,11 @@ func NewCollector(cfg Config) *Collector {
 		}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: nameErrors,
-			Help: "Failed reads during collection, by source (state, tc, journal, ipam).",
+			Help: "Failed reads during collection, by source (state, tc, journal, ipam, nftables).",
 		}, []string{"source"}),
 		build: prometheus.MustNewConstMetric(descBuild.Desc, prometheus.GaugeValue, 1, version, revision, runtime.Version()),
 	}
-	for _, s := range []string{"state", "tc", "journal", "ipam"} {
+	for _, s := range []string{"state", "tc", "journal", "ipam", "nftables"} {
 		c.errors.WithLabelValues(s) // exported from the start, so rate() works on the first error
 	}
 	return c
@@ -437,6 +441,7 @@ func (c *Collector) collectAttachments(ch chan<- prometheus.Metric) {
 	for p, n := range ports {
 		gauge(descPorts, float64(n), p[0], p[1])
 	}
+	c.collectControls(ch, snap.Attachments)
 	gauge(descHidden, float64(len(snap.Hidden)))
 	gauge(descBad, float64(len(snap.Bad)))
 	// Forget the offsets of attachments that are gone or lost their qdisc

@@ -84,7 +84,8 @@ func TestDashboardUsesExportedMetrics(t *testing.T) {
 		"qoscni_pod_hostports", "qoscni_ipam_addresses_used", "qoscni_cni_operation_duration_seconds_bucket",
 		"qoscni_cni_operations_total", "qoscni_guarantee_sent_bytes_total", "qoscni_guarantee_request_bytes_per_second",
 		"qoscni_guarantee_htb_borrows_total", "qoscni_guarantee_dropped_packets_total",
-		"qoscni_guarantee_node_headroom_bytes_per_second"} {
+		"qoscni_guarantee_node_headroom_bytes_per_second", "qoscni_control_dropped_packets_total",
+		"qoscni_control_refused_connections_total", "qoscni_control_up", "qoscni_control_dscp"} {
 		if !used[want] {
 			t.Errorf("dashboard does not chart %s", want)
 		}
