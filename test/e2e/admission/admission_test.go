@@ -29,8 +29,11 @@ func deployDir() string {
 
 // pluginRefuses is the plugin's verdict on a pod's annotations: the
 // shaping limits and the guarantee, as ADD resolves them on a node with
-// room for any request.
+// room for any request, and the packet-rate, connection and DSCP controls.
 func pluginRefuses(ann map[string]string) error {
+	if _, err := shaping.ParseControls(ann); err != nil {
+		return err
+	}
 	in := shaping.Inputs{Annotations: ann}
 	plan, err := shaping.Resolve(in, 1500)
 	if err != nil {
@@ -113,6 +116,15 @@ func TestAnnotationPolicy(t *testing.T) {
 	for _, v := range []string{"high", "HIGH", " low ", "normal", "urgent", ""} {
 		cases = append(cases, map[string]string{shaping.AnnotationPriority: v})
 	}
+	for _, k := range []string{shaping.AnnotationIngressPacketRate, shaping.CalicoEgressPacketRate, shaping.AnnotationEgressMaxConnections,
+		shaping.CalicoIngressMaxConnections} {
+		for _, v := range []string{"1000", "1", "0", "0.5", "10k", "10M", "10000001", "11M", "-5", "1e3", "1e100", "fast", "", " 100 ", "4294967295", "4294967296"} {
+			cases = append(cases, map[string]string{k: v})
+		}
+	}
+	for _, v := range []string{"EF", "ef", "af41", "AF44", "CS7", "CS8", "DF", "0", "63", "64", "063", "-1", "+5", "46.0", "", " 10 ", "99999999999999999999"} {
+		cases = append(cases, map[string]string{shaping.AnnotationDSCP: v}, map[string]string{shaping.CalicoDSCP: v})
+	}
 	cases = append(cases,
 		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressRequest: "20M"},
 		map[string]string{shaping.AnnotationEgressRate: "10M", shaping.AnnotationEgressRequest: "5M"},
@@ -140,6 +152,13 @@ func TestAnnotationPolicy(t *testing.T) {
 		map[string]string{shaping.AnnotationEgressRate: "30M", shaping.CalicoEgressBandwidth: "10M", shaping.AnnotationEgressRequest: "20M"},
 		map[string]string{shaping.AnnotationEgressRate: "30M", shaping.CalicoEgressBandwidth: "fast"},
 		map[string]string{shaping.AnnotationIngressBurst: "1k", shaping.CalicoIngressBurst: "-5"},
+		// A packet burst needs a packet rate, under either name.
+		map[string]string{shaping.AnnotationEgressPacketRate: "1k", shaping.AnnotationEgressPacketBurst: "50"},
+		map[string]string{shaping.AnnotationEgressPacketBurst: "50"},
+		map[string]string{shaping.CalicoIngressPacketRate: "1k", shaping.AnnotationIngressPacketBurst: "10M"},
+		map[string]string{shaping.CalicoIngressPacketRate: "1k", shaping.CalicoIngressPacketBurst: "11M"},
+		map[string]string{shaping.CalicoIngressPacketBurst: "5"},
+		map[string]string{shaping.AnnotationDSCP: "EF", shaping.CalicoDSCP: "bad"},
 	)
 	refused := 0
 	for i, ann := range cases {
