@@ -116,7 +116,8 @@ func TestKubernetes(t *testing.T) {
 		{"10-bridge-netfilter-proof", e.bridgeNetfilterStep},
 		{"11-guarantees", e.guaranteesStep},
 		{"12-dra", e.draStep},
-		{"13-delete-and-uninstall", e.deleteAndUninstall},
+		{"13-controls", e.controlsStep},
+		{"14-delete-and-uninstall", e.deleteAndUninstall},
 	}
 	for _, s := range steps {
 		start := time.Now()
