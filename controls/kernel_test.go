@@ -414,3 +414,42 @@ func TestOwnershipAndRepair(t *testing.T) {
 		t.Fatalf("DEL after GC: %v", err)
 	}
 }
+
+// TestRuleCountConstant: pods add elements, never rules: the table holds
+// as many rules with 300 pods as with one (a DSCP code point in use adds
+// its chain once, whatever the number of pods marking with it).
+func TestRuleCountConstant(t *testing.T) {
+	w := newWorld(t)
+	ef := uint8(46)
+	c := &state.Controls{Ingress: &state.ControlDirection{PacketRate: 1000, PacketBurst: 5},
+		Egress: &state.ControlDirection{MaxConnections: 100}, DSCP: &ef}
+	rules := func() int {
+		t.Helper()
+		have, err := w.m.raw.RuleComments(w.m.l.table.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, r := range have {
+			n += len(r)
+		}
+		return n
+	}
+	w.set(t, c)
+	one := rules()
+	for i := 1; i < 300; i++ {
+		o := Owner{ContainerID: fmt.Sprintf("c%d", i), IfName: "eth0"}
+		ips := []net.IP{net.IPv4(10, 77, byte(1+i/250), byte(i%250)), net.ParseIP(fmt.Sprintf("fd77::1:%x", i))}
+		if err := w.m.Set(o, ips, c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := rules(); n != one {
+		t.Errorf("%d rules with 300 pods, %d with one", n, one)
+	}
+	els, err := w.m.raw.DumpElems(w.m.l.table.Name, "pkt-ingress4")
+	if err != nil || len(els) != 300 {
+		t.Errorf("pkt-ingress4 holds %d elements (%v), want 300", len(els), err)
+	}
+	t.Logf("%d rules (%d of them the chain of DSCP 46) for 1 and for 300 pods", one, len(dscpRules(ef)))
+}
