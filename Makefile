@@ -13,7 +13,7 @@ ifdef QOSCNI_REQUIRE_ROOT
 export QOSCNI_REQUIRE_ROOT
 endif
 
-.PHONY: all build test unit vet fmt-check tidy-check race deps demo bench-addel bench-shaping bench-guarantees bench-portmap bench-agent bench-reshape image clean e2e-build e2e-cri e2e-k8s e2e-k8s-iptables bench-fuzz bench-noderoutes
+.PHONY: all build test unit vet fmt-check tidy-check race deps demo bench-addel bench-shaping bench-guarantees bench-portmap bench-controls bench-agent bench-reshape image clean e2e-build e2e-cri e2e-k8s e2e-k8s-iptables bench-fuzz bench-noderoutes
 
 all: build
 
@@ -108,6 +108,11 @@ bench-guarantees: deps build
 
 bench-portmap: deps build
 	test/bench/portmap.sh
+
+# Packet-rate, connection and DSCP controls: one pod's Set and Del at 1,
+# 100 and 1000 pods holding them, and the table's rule count.
+bench-controls: deps build
+	test/bench/controls.sh
 
 bench-agent: deps build
 	test/bench/agent.sh
