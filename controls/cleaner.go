@@ -66,14 +66,10 @@ func (c *Cleaner) Del(rec *state.Record) error {
 // GC removes elements whose owner has no record, once two calls in a row
 // found them so.
 func (c *Cleaner) GC(live []*state.Record) (int, error) {
-	alive := make(map[string]bool, len(live))
-	for _, r := range live {
-		alive[r.ContainerID+"/"+r.IfName] = true
-	}
 	m, err := New(c.nsFd)
 	if err != nil {
 		return 0, err
 	}
 	defer m.Close()
-	return m.GC(c.seen.Pass(alive))
+	return m.GC(c.seen.Pass(live))
 }

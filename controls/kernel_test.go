@@ -279,7 +279,7 @@ func TestMaxConnections(t *testing.T) {
 		{"ingress v4", w.pod, w.peer, pod4.String(), IngressConnections},
 		{"egress v4", w.peer, w.pod, peer4, EgressConnections},
 		{"ingress v6", w.pod, w.peer, pod6.String(), IngressConnections},
-		{"egress from the node (output)", w.pod, w.node, pod4.String(), IngressConnections},
+		{"ingress from the node (output hook)", w.pod, w.node, pod4.String(), IngressConnections},
 	} {
 		port := echoServer(t, tc.server, tc.addr)
 		conns, err := dial(t, tc.from, tc.addr, port, 11)

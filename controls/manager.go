@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"slices"
 
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/google/nftables"
@@ -47,20 +46,11 @@ func (m *Manager) Close() error { return errors.Join(m.conn.CloseLasting(), m.ra
 
 // baseReady reports whether both chains hold exactly our rules.
 func (m *Manager) baseReady() (bool, error) {
-	have, err := m.raw.RuleComments(m.l.table.Name)
-	if err != nil {
-		return false, err
-	}
 	want := map[string][]string{}
 	for _, r := range m.l.rules() {
 		want[r.chain.Name] = append(want[r.chain.Name], ruleTag+r.comment)
 	}
-	for chain, w := range want {
-		if !slices.Equal(have[chain], w) {
-			return false, nil
-		}
-	}
-	return true, nil
+	return m.raw.ChainsHold(m.l.table.Name, want)
 }
 
 // EnsureBase creates or repairs the table's sets, chains and rules (one

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"slices"
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/types"
@@ -69,20 +68,11 @@ func (m *Manager) Close() error {
 // baseReady reports whether every chain holds exactly our rules, with one
 // dump of the table's rules.
 func (m *Manager) baseReady() (bool, error) {
-	have, err := m.raw.RuleComments(m.l.table.Name)
-	if err != nil {
-		return false, err
-	}
 	want := map[string][]string{}
 	for _, r := range m.l.rules() {
 		want[r.chain.Name] = append(want[r.chain.Name], ruleTag+r.comment)
 	}
-	for chain, w := range want {
-		if !slices.Equal(have[chain], w) {
-			return false, nil
-		}
-	}
-	return true, nil
+	return m.raw.ChainsHold(m.l.table.Name, want)
 }
 
 // queueBase adds table, sets, chains and rules to the pending batch,

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -58,14 +57,8 @@ func TestControlsThroughPlugin(t *testing.T) {
 func TestControlsChained(t *testing.T) {
 	t.Parallel()
 	n := testnet.NewNode(t)
-	ref := requireRefPlugins(t, "bridge")
 	pod := n.NewPod(t)
-	mainConf, _ := json.Marshal(map[string]any{
-		"cniVersion": "1.0.0", "name": "qtest", "type": "bridge", "bridge": "refbr0", "isGateway": true,
-		"ipam": map[string]any{"type": "host-local", "ranges": []any{[]any{map[string]any{"subnet": "10.82.0.0/24"}}}, "dataDir": filepath.Join(n.Dir, "hl")},
-	})
-	env := []string{"CNI_COMMAND=ADD", "CNI_CONTAINERID=chc", "CNI_NETNS=" + pod.Path, "CNI_IFNAME=eth0", "CNI_PATH=" + ref}
-	prev := runRefPlugin(t, n, "bridge", env, mainConf)
+	prev, delMain := refBridgeAdd(t, n, pod, "chc", "10.82.0.0/24")
 	conf := withPrev(t, []byte(fmt.Sprintf(`{"cniVersion":"1.0.0","name":"qtest","type":"qoscni","stateDir":%q,
 		"capabilities":{"io.kubernetes.cri.pod-annotations":true},
 		"runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"qoscni.io/egress-packet-rate":"100","qoscni.io/egress-packet-burst":"10"}}}`, n.StateDir)), prev)
@@ -81,6 +74,5 @@ func TestControlsChained(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(n.StateDir, "qtest", "chc_eth0.json")); err == nil {
 		t.Error("chained DEL left the record")
 	}
-	env[0] = "CNI_COMMAND=DEL"
-	runRefPlugin(t, n, "bridge", env, mainConf)
+	delMain()
 }

@@ -703,14 +703,8 @@ var (
 func TestChainedAfterReferenceBridge(t *testing.T) {
 	t.Parallel()
 	n := testnet.NewNode(t)
-	ref := requireRefPlugins(t, "bridge")
 	pod := n.NewPod(t)
-	mainConf, _ := json.Marshal(map[string]any{
-		"cniVersion": "1.0.0", "name": "qtest", "type": "bridge", "bridge": "refbr0", "isGateway": true,
-		"ipam": map[string]any{"type": "host-local", "ranges": []any{[]any{map[string]any{"subnet": "10.81.0.0/24"}}}, "dataDir": filepath.Join(n.Dir, "hl")},
-	})
-	env := []string{"CNI_COMMAND=ADD", "CNI_CONTAINERID=ch", "CNI_NETNS=" + pod.Path, "CNI_IFNAME=eth0", "CNI_PATH=" + ref}
-	prev := runRefPlugin(t, n, "bridge", env, mainConf)
+	prev, delMain := refBridgeAdd(t, n, pod, "ch", "10.81.0.0/24")
 	conf := withPrev(t, []byte(fmt.Sprintf(`{"cniVersion":"1.0.0","name":"qtest","type":"qoscni","stateDir":%q}`, n.StateDir)), prev)
 	r := n.Invoke(t, testnet.Call{Command: "ADD", ContainerID: "ch", Netns: pod.Path, IfName: "eth0", Config: conf}).MustSucceed(t, "chained ADD")
 	if !strings.Contains(string(r.Stdout), "10.81.0.2/24") {
@@ -738,6 +732,23 @@ func TestChainedAfterReferenceBridge(t *testing.T) {
 	if _, err := n.Try("ip", "link", "show", peer); err != nil {
 		t.Errorf("chained DEL removed the main plugin's veth %s", peer)
 	}
-	env[0] = "CNI_COMMAND=DEL"
-	runRefPlugin(t, n, "bridge", env, mainConf)
+	delMain()
+}
+
+// refBridgeAdd runs the reference bridge plugin's ADD for container cid in
+// pod (bridge refbr0, host-local on subnet) as the first plugin of a
+// chain, and returns its result and its DEL.
+func refBridgeAdd(t *testing.T, n *testnet.Node, pod *testnet.NS, cid, subnet string) ([]byte, func()) {
+	t.Helper()
+	ref := requireRefPlugins(t, "bridge")
+	mainConf, _ := json.Marshal(map[string]any{
+		"cniVersion": "1.0.0", "name": "qtest", "type": "bridge", "bridge": "refbr0", "isGateway": true,
+		"ipam": map[string]any{"type": "host-local", "ranges": []any{[]any{map[string]any{"subnet": subnet}}}, "dataDir": filepath.Join(n.Dir, "hl")},
+	})
+	env := []string{"CNI_COMMAND=ADD", "CNI_CONTAINERID=" + cid, "CNI_NETNS=" + pod.Path, "CNI_IFNAME=eth0", "CNI_PATH=" + ref}
+	prev := runRefPlugin(t, n, "bridge", env, mainConf)
+	return prev, func() {
+		env[0] = "CNI_COMMAND=DEL"
+		runRefPlugin(t, n, "bridge", env, mainConf)
+	}
 }

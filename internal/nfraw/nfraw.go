@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/userdata"
@@ -287,4 +288,20 @@ func (r *Conn) RuleComments(table string) (map[string][]string, error) {
 		out[chain] = append(out[chain], com)
 	}
 	return out, nil
+}
+
+// ChainsHold reports whether each chain of want holds exactly these rule
+// comments, in order, with one dump of the table's rules: a base check
+// that sees drift, a missing table and an older version alike.
+func (r *Conn) ChainsHold(table string, want map[string][]string) (bool, error) {
+	have, err := r.RuleComments(table)
+	if err != nil {
+		return false, err
+	}
+	for chain, w := range want {
+		if !slices.Equal(have[chain], w) {
+			return false, nil
+		}
+	}
+	return true, nil
 }

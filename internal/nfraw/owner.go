@@ -3,6 +3,8 @@ package nfraw
 import (
 	"fmt"
 	"strings"
+
+	"github.com/qoscni/qoscni/internal/state"
 )
 
 // Owner identifies the attachment holding a set element. ContainerID and
@@ -75,10 +77,14 @@ type Sightings struct {
 	prev map[string]bool
 }
 
-// Pass starts a GC pass: alive holds "containerID/ifname" of every
-// attachment with a record. The returned function says whether an owner's
-// element stays, and remembers those it spared for lack of a record.
-func (s *Sightings) Pass(alive map[string]bool) func(Owner) bool {
+// Pass starts a GC pass over the attachments with a record (live). The
+// returned function says whether an owner's element stays, and remembers
+// those it spared for lack of a record.
+func (s *Sightings) Pass(live []*state.Record) func(Owner) bool {
+	alive := make(map[string]bool, len(live))
+	for _, r := range live {
+		alive[r.ContainerID+"/"+r.IfName] = true
+	}
 	seen := map[string]bool{}
 	prev := s.prev
 	s.prev = seen

@@ -212,15 +212,22 @@ func (r *Reconciler) reshapeShaping(a attachment, pod Pod) outcome {
 		fault.At("reshape", "state")
 	}
 	var cerr *types.Error
+	if errors.As(err, &cerr) && cerr.Code == shaping.ErrBandwidthUnavailable {
+		// The new request does not fit: the pod keeps what it has.
+		r.invalid(rec, pod, ref, err)
+		return outcomeInvalid
+	}
+	return r.updated(err, rec, pod, "reshaped", "changes", changes)
+}
+
+// updated reports how a reshape step's record update ended: what, with
+// the detail key and value, is the success's log line.
+func (r *Reconciler) updated(err error, rec *state.Record, pod Pod, what, key string, detail any) outcome {
 	switch {
 	case errors.Is(err, errUnchanged):
 		return outcomeNone
 	case errors.Is(err, state.ErrNoRecord):
 		return outcomeGone
-	case errors.As(err, &cerr) && cerr.Code == shaping.ErrBandwidthUnavailable:
-		// The new request does not fit: the pod keeps what it has.
-		r.invalid(rec, pod, ref, err)
-		return outcomeInvalid
 	case err != nil:
 		r.m.reshapes.WithLabelValues("failed").Inc()
 		r.m.errors.WithLabelValues("reshape").Inc()
@@ -228,7 +235,7 @@ func (r *Reconciler) reshapeShaping(a attachment, pod Pod) outcome {
 		return outcomeFailed
 	}
 	r.m.reshapes.WithLabelValues("applied").Inc()
-	r.log.Info("reshaped", "namespace", pod.Namespace, "pod", pod.Name, "container", rec.ContainerID, "ifname", rec.IfName, "changes", changes)
+	r.log.Info(what, "namespace", pod.Namespace, "pod", pod.Name, "container", rec.ContainerID, "ifname", rec.IfName, key, detail)
 	return outcomeApplied
 }
 
@@ -323,20 +330,7 @@ func (r *Reconciler) reshapeControls(a attachment, pod Pod) outcome {
 		cur.Controls = want
 		return nil
 	})
-	switch {
-	case errors.Is(err, errUnchanged):
-		return outcomeNone
-	case errors.Is(err, state.ErrNoRecord):
-		return outcomeGone
-	case err != nil:
-		r.m.reshapes.WithLabelValues("failed").Inc()
-		r.m.errors.WithLabelValues("reshape").Inc()
-		r.log.Error("set controls", "namespace", pod.Namespace, "pod", pod.Name, "container", rec.ContainerID, "ifname", rec.IfName, "err", err)
-		return outcomeFailed
-	}
-	r.m.reshapes.WithLabelValues("applied").Inc()
-	r.log.Info("controls changed", "namespace", pod.Namespace, "pod", pod.Name, "container", rec.ContainerID, "ifname", rec.IfName, "controls", describeControls(want))
-	return outcomeApplied
+	return r.updated(err, rec, pod, "controls changed", "controls", describeControls(want))
 }
 
 // describeControls is a log line's view of c.
