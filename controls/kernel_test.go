@@ -67,18 +67,24 @@ func newWorld(t *testing.T) *world {
 			}
 		}
 	}
-	h, err := netns.GetFromPath(w.node.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { h.Close() })
-	m, err := New(int(h))
+	m, err := New(w.nsFd(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { m.Close() })
 	w.m = m
 	return w
+}
+
+// nsFd is the node namespace, open until the test ends.
+func (w *world) nsFd(t *testing.T) int {
+	t.Helper()
+	h, err := netns.GetFromPath(w.node.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return int(h)
 }
 
 func (w *world) set(t *testing.T, c *state.Controls) {

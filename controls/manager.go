@@ -18,80 +18,107 @@ type Owner = nfraw.Owner
 
 // Manager programs the controls in one network namespace; Close it.
 type Manager struct {
-	conn *nftables.Conn
+	nsFd int
 	raw  *nfraw.Conn
 	l    *layout
+	// conn writes the fixed ruleset, opened when that needs writing:
+	// closing a google/nftables socket that committed rules takes the
+	// kernel 10 to 20 ms here, which no ADD should pay.
+	conn *nftables.Conn
 }
 
-// New opens the netlink sockets in the namespace nsFd (-1: the current).
+// New opens the netlink socket in the namespace nsFd (-1: the current).
 func New(nsFd int) (*Manager, error) {
-	var opts []nftables.ConnOption
-	if nsFd >= 0 {
-		opts = append(opts, nftables.WithNetNSFd(nsFd))
-	}
-	conn, err := nftables.New(append(opts, nftables.AsLasting())...)
-	if err != nil {
-		return nil, fmt.Errorf("open nftables: %w", err)
-	}
 	raw, err := nfraw.Dial(nsFd)
 	if err != nil {
-		conn.CloseLasting()
 		return nil, err
 	}
-	return &Manager{conn: conn, raw: raw, l: newLayout()}, nil
+	return &Manager{nsFd: nsFd, raw: raw, l: newLayout()}, nil
 }
 
 // Close closes the sockets.
-func (m *Manager) Close() error { return errors.Join(m.conn.CloseLasting(), m.raw.Close()) }
+func (m *Manager) Close() error {
+	var err error
+	if m.conn != nil {
+		err = m.conn.CloseLasting()
+	}
+	return errors.Join(err, m.raw.Close())
+}
 
-// baseReady reports whether both chains hold exactly our rules.
-func (m *Manager) baseReady() (bool, error) {
+func (m *Manager) nft() (*nftables.Conn, error) {
+	if m.conn != nil {
+		return m.conn, nil
+	}
+	opts := []nftables.ConnOption{nftables.AsLasting()}
+	if m.nsFd >= 0 {
+		opts = append(opts, nftables.WithNetNSFd(m.nsFd))
+	}
+	conn, err := nftables.New(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("open nftables: %w", err)
+	}
+	m.conn = conn
+	return conn, nil
+}
+
+// wantRules are the rule comments of the fixed chains and, for a code
+// point, of its chain.
+func (m *Manager) wantRules(dscp *uint8) map[string][]string {
 	want := map[string][]string{}
 	for _, r := range m.l.rules() {
 		want[r.chain.Name] = append(want[r.chain.Name], ruleTag+r.comment)
 	}
-	return m.raw.ChainsHold(m.l.table.Name, want)
+	if dscp != nil {
+		for range dscpRules(*dscp) {
+			want[dscpChain(*dscp)] = append(want[dscpChain(*dscp)], ruleTag+dscpComment(*dscp))
+		}
+	}
+	return want
 }
+
+func dscpComment(d uint8) string { return "dscp " + itoa(int(d)) }
 
 // EnsureBase creates or repairs the table's sets, chains and rules (one
 // dump when they are in place). Existing elements are kept.
-func (m *Manager) EnsureBase() (repaired bool, err error) {
-	ok, err := m.baseReady()
+func (m *Manager) EnsureBase() (repaired bool, err error) { return m.ensure(nil) }
+
+// ensure is EnsureBase, and also writes the chain of code point dscp
+// (given) that a pod's verdict map element jumps to: one dump when all is
+// in place, else one batch.
+func (m *Manager) ensure(dscp *uint8) (repaired bool, err error) {
+	ok, err := m.raw.ChainsHold(m.l.table.Name, m.wantRules(dscp))
 	if err != nil || ok {
 		return false, err
 	}
-	m.conn.AddTable(m.l.table)
+	conn, err := m.nft()
+	if err != nil {
+		return false, err
+	}
+	conn.AddTable(m.l.table)
 	for _, s := range m.l.sets {
-		if err := m.conn.AddSet(s, nil); err != nil {
+		if err := conn.AddSet(s, nil); err != nil {
 			return false, fmt.Errorf("add set %s: %w", s.Name, err)
 		}
 	}
 	for _, c := range []*nftables.Chain{m.l.prerouting, m.l.output} {
-		m.conn.AddChain(c)
-		m.conn.FlushChain(c)
+		conn.AddChain(c)
+		conn.FlushChain(c)
 	}
 	for _, r := range m.l.rules() {
-		m.conn.AddRule(&nftables.Rule{Table: m.l.table, Chain: r.chain, Exprs: r.exprs, UserData: comment(r.comment)})
+		conn.AddRule(&nftables.Rule{Table: m.l.table, Chain: r.chain, Exprs: r.exprs, UserData: comment(r.comment)})
 	}
-	if err := m.conn.Flush(); err != nil {
+	if dscp != nil {
+		c := &nftables.Chain{Name: dscpChain(*dscp), Table: m.l.table}
+		conn.AddChain(c)
+		conn.FlushChain(c)
+		for _, ex := range dscpRules(*dscp) {
+			conn.AddRule(&nftables.Rule{Table: m.l.table, Chain: c, Exprs: ex, UserData: comment(dscpComment(*dscp))})
+		}
+	}
+	if err := conn.Flush(); err != nil {
 		return false, fmt.Errorf("create control chains in table inet %s: %w", m.l.table.Name, err)
 	}
 	return true, nil
-}
-
-// ensureDSCPChain (re)writes the chain that marks code point d; a pod's
-// verdict map element jumps to it.
-func (m *Manager) ensureDSCPChain(d uint8) error {
-	c := &nftables.Chain{Name: dscpChain(d), Table: m.l.table}
-	m.conn.AddChain(c)
-	m.conn.FlushChain(c)
-	for _, ex := range dscpRules(d) {
-		m.conn.AddRule(&nftables.Rule{Table: m.l.table, Chain: c, Exprs: ex, UserData: comment("dscp " + itoa(int(d)))})
-	}
-	if err := m.conn.Flush(); err != nil {
-		return fmt.Errorf("create chain %s in table inet %s: %w", c.Name, m.l.table.Name, err)
-	}
-	return nil
 }
 
 // want is one element an attachment should hold.
@@ -149,13 +176,12 @@ func (m *Manager) Set(owner Owner, ips []net.IP, c *state.Controls) error {
 			return err
 		}
 	}
-	if _, err := m.EnsureBase(); err != nil {
-		return err
+	var dscp *uint8
+	if c != nil {
+		dscp = c.DSCP
 	}
-	if c != nil && c.DSCP != nil {
-		if err := m.ensureDSCPChain(*c.DSCP); err != nil {
-			return err
-		}
+	if _, err := m.ensure(dscp); err != nil {
+		return err
 	}
 	b := &nfraw.Batch{}
 	for _, ip := range ips {
@@ -228,7 +254,7 @@ func (m *Manager) Check(owner Owner, ips []net.IP, c *state.Controls) error {
 	if c.Empty() {
 		return nil
 	}
-	ok, err := m.baseReady()
+	ok, err := m.raw.ChainsHold(m.l.table.Name, m.wantRules(c.DSCP))
 	if err != nil {
 		return err
 	}
