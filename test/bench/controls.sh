@@ -45,10 +45,10 @@ awk -F'\t' '
 NR == 1 { set1 = $3; del1 = $6 }
 { row[NR] = $0 }
 END {
-	print "| pods | Set p50 | Set p90 | Set p99 | Del p50 | Del p90 | Del p99 | rules in the table | Set p50 vs first row | Del p50 vs first row |"
-	print "|-----:|--------:|--------:|--------:|--------:|--------:|--------:|------:|------:|------:|"
+	print "| pods | Set p50 | Set p90 | Set p99 | Del p50 | Del p90 | Del p99 | of which closing the socket, p50 | rules in the table | Set p50 vs first row | Del p50 vs first row |"
+	print "|-----:|--------:|--------:|--------:|--------:|--------:|--------:|------:|------:|------:|------:|"
 	for (i = 1; i <= NR; i++) {
 		split(row[i], f, "\t")
-		printf "| %s | %s | %s | %s | %s | %s | %s | %s | %.2fx | %.2fx |\n", f[1], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[3] / set1, f[6] / del1
+		printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %.2fx | %.2fx |\n", f[1], f[3], f[4], f[5], f[6], f[7], f[8], f[10], f[9], f[3] / set1, f[6] / del1
 	}
 }' "$RESULTS"
