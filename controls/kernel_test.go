@@ -255,6 +255,25 @@ func echoServer(t *testing.T, ns *testnet.NS, addr string) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
+// waitAccepted waits up to 5 s until n connections at once are accepted,
+// then closes them.
+func waitAccepted(t *testing.T, from *testnet.NS, addr string, port, n int) {
+	t.Helper()
+	for start := time.Now(); ; time.Sleep(20 * time.Millisecond) {
+		conns, err := dial(t, from, addr, port, n)
+		for _, c := range conns {
+			c.Close()
+		}
+		if err == nil {
+			t.Logf("%d connections accepted again %v after the others closed", n, time.Since(start).Round(time.Millisecond))
+			return
+		}
+		if time.Since(start) > 5*time.Second {
+			t.Fatalf("closed connections still count after 5 s: %d of %d accepted (%v)", len(conns), n, err)
+		}
+	}
+}
+
 func alive(conns []net.Conn) error {
 	for i, c := range conns {
 		c.SetDeadline(time.Now().Add(2 * time.Second))
@@ -270,8 +289,8 @@ func alive(conns []net.Conn) error {
 }
 
 // TestMaxConnections: a pod limited to 10 connections gets the 11th
-// refused (a TCP reset) while the 10 stay up, accepting and opening, and
-// the limit lifts live.
+// refused (a TCP reset) while the 10 stay up, accepting and opening; only
+// TCP counts; closed connections leave the count; the limit lifts live.
 func TestMaxConnections(t *testing.T) {
 	w := newWorld(t)
 	ten := &state.ControlDirection{MaxConnections: 10}
@@ -295,6 +314,10 @@ func TestMaxConnections(t *testing.T) {
 		if err := alive(conns); err != nil {
 			t.Errorf("%s: the 10 allowed connections: %v", tc.name, err)
 		}
+		// Only TCP connections count, as with Calico: a ping still passes.
+		if out, err := tc.from.Try("ping", "-c", "1", "-W", "2", tc.addr); err != nil {
+			t.Errorf("%s: ping at the bound: %v %s", tc.name, err, out)
+		}
 		got, err := w.m.Read(w.ips)
 		if err != nil || !got.Present[tc.kind] || got.Count[tc.kind] == 0 {
 			t.Errorf("%s: %s refused count %d (%v)", tc.name, tc.kind, got.Count[tc.kind], err)
@@ -302,10 +325,10 @@ func TestMaxConnections(t *testing.T) {
 		for _, c := range conns {
 			c.Close()
 		}
-		// Closed connections leave the count once conntrack forgets them
-		// (a FIN handshake), so the next case starts from nothing.
-		time.Sleep(200 * time.Millisecond)
-		testnet.Run(t, "ip", "netns", "exec", w.node.Name, "conntrack", "-F")
+		// Closed connections leave the count once both ends have closed
+		// (the server's goroutine answers the FIN within milliseconds):
+		// ten new ones are accepted again, with nothing flushed.
+		waitAccepted(t, tc.from, tc.addr, port, 10)
 	}
 	w.set(t, nil)
 	port := echoServer(t, w.pod, pod4.String())

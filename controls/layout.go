@@ -191,24 +191,21 @@ func (l *layout) rules() []rule {
 					continue
 				}
 				s := l.set(k.setName(v6))
-				for _, tcp := range []bool{true, false} {
-					ex := append(nfproto(v6),
-						&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
-						&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: []byte{ctStateNew, 0, 0, 0}, Xor: []byte{0, 0, 0, 0}},
-						&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0, 0, 0}},
-						&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1})
-					op, name := expr.CmpOpEq, " tcp reset"
-					reject := &expr.Reject{Type: unix.NFT_REJECT_TCP_RST}
-					if !tcp {
-						op, name = expr.CmpOpNeq, " admin-prohibited"
-						reject = &expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_ADMIN_PROHIBITED}
-					}
-					ex = append(ex, &expr.Cmp{Op: op, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
-						loadAddr(v6, k.egress()),
-						&expr.Lookup{SourceRegister: 1, SetName: s.Name, SetID: s.ID},
-						reject)
-					out = append(out, rule{chain, k.setName(v6) + name, ex})
-				}
+				// TCP connections, as Calico counts them: UDP flows and
+				// ICMP echoes are conntrack entries too, but they live on
+				// for 30 s to 3 min after their last packet and would
+				// make the bound unpredictable (the packet rate is the
+				// control for those).
+				ex := append(nfproto(v6),
+					&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+					&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+					&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
+					&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: []byte{ctStateNew, 0, 0, 0}, Xor: []byte{0, 0, 0, 0}},
+					&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0, 0, 0}},
+					loadAddr(v6, k.egress()),
+					&expr.Lookup{SourceRegister: 1, SetName: s.Name, SetID: s.ID},
+					&expr.Reject{Type: unix.NFT_REJECT_TCP_RST})
+				out = append(out, rule{chain, k.setName(v6) + " tcp reset", ex})
 			}
 		}
 	}
