@@ -3,7 +3,8 @@
 #   a "node" netns (where the plugin runs, as under a runtime) and two pods.
 # Steps: build, namespaces, ADD x2 (pod 1 with bandwidth annotations, as
 # containerd passes them), pod<->pod and pod->gateway ping (v4+v6), the tc
-# pipeline and measured rates of the shaped pod, the agent's metrics, CHECK,
+# pipeline and measured rates of the shaped pod, the agent's metrics, a
+# hostPort, pod 2's connection bound and DSCP (Calico's annotations), CHECK,
 # DEL x2, prove nothing is left. Prints PASS/FAIL per step and overall.
 #
 # Nothing outside the namespaces and a temp dir is touched; everything is
@@ -27,12 +28,16 @@ WORK=""
 RESULTS=()
 FAILED=0
 declare -A POD_ID=() POD_ADDED=() POD_V4=() POD_V6=() POD_CAPS=()
+WEB_PID=""
 AGENT_PID=""
 AGENT_ADDR=127.0.0.1:19742
 # What containerd passes for a pod annotated with
 # kubernetes.io/ingress-bandwidth: 10M and kubernetes.io/egress-bandwidth: 5M.
-# Pod 2 publishes container port 80 as hostPort 8080 (containerd's key case).
+# Pod 2 publishes container port 80 as hostPort 8080 (containerd's key case)
+# and carries Calico's annotations for a bound of 2 connections into it and
+# the DSCP EF on what it sends.
 PORT_CAPS='{"portMappings":[{"HostPort":8080,"ContainerPort":80,"Protocol":"TCP"}]}'
+CONTROL_CAPS='{"portMappings":[{"HostPort":8080,"ContainerPort":80,"Protocol":"TCP"}],"io.kubernetes.cri.pod-annotations":{"qos.projectcalico.org/ingressMaxConnections":"2","qos.projectcalico.org/dscp":"EF"}}'
 SHAPED_CAPS='{"io.kubernetes.cri.pod-annotations":{"kubernetes.io/ingress-bandwidth":"10M","kubernetes.io/egress-bandwidth":"5M"},"bandwidth":{"IngressRate":10000000,"IngressBurst":4294967295,"EgressRate":5000000,"EgressBurst":4294967295}}'
 
 
@@ -225,18 +230,24 @@ step_shaping_rates() {
 	return $rc
 }
 
-step_hostport() {
-	local p=${PODS[1]} pid rc=0 out dir gw listening
+# web_server POD: a web server on port 80 of the pod, its pid in WEB_PID.
+web_server() {
+	local p=$1 dir listening tries=0
 	dir=$(mktemp -d "$WORK/www.XXXX")
 	echo "hello from $p" >"$dir/index.html"
 	(cd "$dir" && exec ip netns exec "$p" python3 -m http.server 80 --bind :: >/dev/null 2>&1) &
-	pid=$!
-	local tries=0
+	WEB_PID=$!
 	until listening=$(ip netns exec "$p" ss -ltn 'sport = :80') && [[ $listening == *:80* ]]; do
 		tries=$((tries + 1))
-		[ $tries -lt 100 ] || { warn "web server in $p did not start"; break; }
+		[ $tries -lt 100 ] || { warn "web server in $p did not start"; return 1; }
 		sleep 0.1
 	done
+}
+
+step_hostport() {
+	local p=${PODS[1]} pid rc=0 out gw
+	web_server "$p"
+	pid=$WEB_PID
 	gw=$(ip -n "$NODE" -4 -o addr show dev "$BRIDGE" | first_addr)
 	for url in "http://$gw:8080/" "http://127.0.0.1:8080/"; do
 		if out=$(ip netns exec "$NODE" curl -s --max-time 3 "$url") && [ "$out" = "hello from $p" ]; then
@@ -251,6 +262,45 @@ step_hostport() {
 		info "the mapping is one element of a map in qoscni's nftables table:"
 		ip netns exec "$NODE" nft list map inet qoscni hostport4 | sed 's/^/      /'
 	fi
+	return $rc
+}
+
+# step_controls: pod 2's bound of 2 connections holds two open from the
+# node and refuses a third with a TCP reset; its elements and the refusal
+# count are shown. The pod's server answers each connection with a line and
+# keeps it open for 5 s.
+step_controls() {
+	local p=${PODS[1]} ip=${POD_V4[${PODS[1]}]} rc=0 out body pid tries=0 listening
+	ip netns exec "$p" python3 -c '
+import socket, threading, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 81)); s.listen(16)
+def hold(c):
+    c.sendall(b"hello\n"); time.sleep(5); c.close()
+while True:
+    c, _ = s.accept(); threading.Thread(target=hold, args=(c,), daemon=True).start()
+' >/dev/null 2>&1 &
+	pid=$!
+	until listening=$(ip netns exec "$p" ss -ltn 'sport = :81') && [[ $listening == *:81* ]]; do
+		tries=$((tries + 1))
+		[ $tries -lt 100 ] || { warn "server in $p did not start"; kill "$pid"; return 1; }
+		sleep 0.1
+	done
+	out=$(ip netns exec "$NODE" timeout 20 bash -c '
+		exec 3<>"/dev/tcp/$1/81" || { echo "first connection failed"; exit 1; }
+		exec 4<>"/dev/tcp/$1/81" || { echo "second connection failed"; exit 1; }
+		timeout 5 bash -c ": 5<>/dev/tcp/$1/81" 2>/dev/null
+		case $? in 0) third=accepted ;; 124) third=unanswered ;; *) third=refused ;; esac
+		read -t 3 a <&3 && read -t 3 b <&4 || { echo "the two open connections did not answer"; exit 1; }
+		echo "2 open, third $third"
+	' - "$ip" 2>/dev/null)
+	kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+	if [ "$out" = "2 open, third refused" ]; then info "node -> $ip:81: $out"; else warn "node -> $ip:81: $out"; rc=1; fi
+	info "the controls are elements keyed by the pod's address in qoscni's table:"
+	ip netns exec "$NODE" nft list set inet qoscni conn-ingress4 | sed 's/^/      /'
+	ip netns exec "$NODE" nft list map inet qoscni dscp4 | sed 's/^/      /'
+	body=$(ip netns exec "$NODE" curl -sf "http://$AGENT_ADDR/metrics") || { warn "no metrics"; return 1; }
+	echo "$body" | grep -E '^qoscni_control_' | sed 's/^/      /'
+	[[ $body == *'qoscni_control_refused_connections_total{direction="ingress",interface="eth0",namespace="default",pod="demo-2"} 1'* ]] || { warn "refusal not exported"; rc=1; }
 	return $rc
 }
 
@@ -307,6 +357,11 @@ step_nothing_left() {
 	if [ -n "$left" ]; then warn "IPAM reservations left:"; echo "$left"; rc=1; else info "IPAM data dir holds no reservations"; fi
 	left=$(leftover_files "$STATE_DIR")
 	if [ -n "$left" ]; then warn "state records left:"; echo "$left"; rc=1; else info "state dir is empty"; fi
+	if [ "$DEMO_PLUGIN" != ref ]; then
+		left=$(ip netns exec "$NODE" nft list table inet qoscni 2>/dev/null |
+			awk '$1 == "set" || $1 == "map" { name = $2 } /elements =/ && name ~ /^(pkt-|conn-|dscp|hostport|hostip-|hairpin)/ { print name ": " $0 }')
+		if [ -n "$left" ]; then warn "nftables elements left:"; echo "$left"; rc=1; else info "no hostPort or control elements in nftables"; fi
+	fi
 	left=$(leftover_files "$CACHE_DIR")
 	if [ -n "$left" ]; then warn "libcni cache entries left:"; echo "$left"; rc=1; else info "libcni cache is empty"; fi
 	return $rc
@@ -325,6 +380,7 @@ main() {
 	write_conflist
 	[ "$DEMO_PLUGIN" = ref ] || POD_CAPS[${PODS[0]}]=$SHAPED_CAPS
 	POD_CAPS[${PODS[1]}]=$PORT_CAPS
+	[ "$DEMO_PLUGIN" = ref ] || POD_CAPS[${PODS[1]}]=$CONTROL_CAPS
 	step "create node and pod network namespaces" step_namespaces
 	step "STATUS: plugin ready" step_status
 	step "ADD ${PODS[0]}" step_add "${PODS[0]}" 1
@@ -336,10 +392,13 @@ main() {
 		step "measured rates of ${PODS[0]} in both directions" step_shaping_rates
 		step "qoscni-agent serves the pod's shaping metrics" step_metrics
 	fi
+	if [ "$DEMO_PLUGIN" != ref ]; then
+		step "${PODS[1]}'s connection bound (Calico's annotation): a third connection refused" step_controls
+	fi
 	step "hostPort 8080 -> ${PODS[1]}:80 from the node (its address and 127.0.0.1)" step_hostport
 	step "CHECK both attachments" step_check
 	step "DEL both attachments" step_del
-	step "nothing left: veths, IPAM, state, cache" step_nothing_left
+	step "nothing left: veths, IPAM, state, nftables elements, cache" step_nothing_left
 	summary
 }
 
