@@ -160,7 +160,7 @@ func (s *Server) newReconciler(reg prometheus.Registerer) error {
 	rcfg := reconcile.Config{
 		StateDir: s.cfg.StateDir, CNIConfDir: s.cfg.CNIConfDir, StateRegistry: s.cfg.StateRegistry, NetnsFd: s.nodeNS,
 		Cleaners: s.cfg.Cleaners, Interval: s.cfg.ReconcileInterval, Metrics: m, Logger: s.cfg.Logger,
-		Repairers: s.cfg.Repairers,
+		Repairers: s.cfg.Repairers, NodeName: s.cfg.NodeName,
 	}
 	var h reconcileHandler
 	if s.cfg.Kube != nil {
@@ -172,6 +172,7 @@ func (s *Server) newReconciler(reg prometheus.Registerer) error {
 		s.pods = w
 		rcfg.Pods = w
 		rcfg.Events = &kube.Events{Client: s.cfg.Kube, Node: s.cfg.NodeName, Log: s.cfg.Logger}
+		rcfg.Annotator = &kube.Annotator{Client: s.cfg.Kube, Log: s.cfg.Logger}
 	}
 	r, err := reconcile.New(rcfg)
 	if err != nil {

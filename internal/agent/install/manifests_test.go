@@ -224,11 +224,12 @@ func checkManifests(t *testing.T, r *rendered, mode install.Mode) {
 		t.Errorf("DaemonSet in namespace %q, Namespace is %q", ds.Namespace, ns)
 	}
 
-	// RBAC: exactly pods get/list/watch, nodes get/list/watch (pod routes)
+	// RBAC: exactly pods get/list/watch and patch (the effective-shaping
+	// annotation), nodes get/list/watch (pod routes)
 	// and patch (the agent's VTEP annotation), events create; the DRA
 	// driver's ResourceSlices (what the slice controller does) and claims
 	// (get, what the kubelet plugin helper does).
-	wantRules := map[string][]string{"pods": {"get", "list", "watch"}, "nodes": {"get", "list", "watch", "patch"}, "events": {"create"},
+	wantRules := map[string][]string{"pods": {"get", "list", "watch", "patch"}, "nodes": {"get", "list", "watch", "patch"}, "events": {"create"},
 		"resource.k8s.io/resourceslices": {"get", "list", "watch", "create", "update", "delete"}, "resource.k8s.io/resourceclaims": {"get"}}
 	gotRules := map[string][]string{}
 	for _, rule := range r.roles[0].Rules {

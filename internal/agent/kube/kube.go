@@ -6,6 +6,7 @@ package kube
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -110,7 +111,9 @@ func NewPodWatcher(client kubernetes.Interface, node string, h Handler, log *slo
 			if !ok1 || !ok2 || !w.mine(n) {
 				return
 			}
-			if o.UID != n.UID || !reconcile.ShapingAnnotationsEqual(o.Annotations, n.Annotations) {
+			// The pod IP appears once its sandbox (and so its ADD) is
+			// done: the moment to report its effective shaping.
+			if o.UID != n.UID || !reconcile.ShapingAnnotationsEqual(o.Annotations, n.Annotations) || o.Status.PodIP != n.Status.PodIP {
 				h.PodChanged(n.Namespace, n.Name)
 			}
 		},
@@ -135,7 +138,8 @@ func slim(obj any) (any, error) {
 			Name: p.Name, Namespace: p.Namespace, UID: p.UID, ResourceVersion: p.ResourceVersion,
 			Annotations: p.Annotations, DeletionTimestamp: p.DeletionTimestamp,
 		},
-		Spec: corev1.PodSpec{NodeName: p.Spec.NodeName},
+		Spec:   corev1.PodSpec{NodeName: p.Spec.NodeName},
+		Status: corev1.PodStatus{PodIP: p.Status.PodIP},
 	}, nil
 }
 
@@ -194,6 +198,15 @@ const Component = "qoscni-agent"
 
 // Warn implements reconcile.EventSink. It does not block the reconciler.
 func (e *Events) Warn(pod reconcile.Pod, reason, message string) {
+	e.emit(pod, corev1.EventTypeWarning, reason, message)
+}
+
+// Normal implements reconcile.EventSink. It does not block the reconciler.
+func (e *Events) Normal(pod reconcile.Pod, reason, message string) {
+	e.emit(pod, corev1.EventTypeNormal, reason, message)
+}
+
+func (e *Events) emit(pod reconcile.Pod, typ, reason, message string) {
 	now := metav1.NewTime(time.Now())
 	ev := &corev1.Event{
 		ObjectMeta: metav1.ObjectMeta{
@@ -206,7 +219,7 @@ func (e *Events) Warn(pod reconcile.Pod, reason, message string) {
 		},
 		Reason:              reason,
 		Message:             message,
-		Type:                corev1.EventTypeWarning,
+		Type:                typ,
 		Source:              corev1.EventSource{Component: Component, Host: e.Node},
 		FirstTimestamp:      now,
 		LastTimestamp:       now,
@@ -214,19 +227,53 @@ func (e *Events) Warn(pod reconcile.Pod, reason, message string) {
 		ReportingController: "qoscni.io/agent",
 		ReportingInstance:   Component + "-" + e.Node,
 	}
-	timeout := e.Timeout
+	background(e.Log, e.Timeout, "create event", pod, reason, func(ctx context.Context) error {
+		_, err := e.Client.CoreV1().Events(pod.Namespace).Create(ctx, ev, metav1.CreateOptions{})
+		return err
+	})
+}
+
+// background runs one API call off the reconciler's goroutine, bounded by
+// timeout (0: 10 s), and logs its failure.
+func background(log *slog.Logger, timeout time.Duration, what string, pod reconcile.Pod, detail string, call func(context.Context) error) {
 	if timeout == 0 {
 		timeout = 10 * time.Second
+	}
+	if log == nil {
+		log = slog.Default()
 	}
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), timeout)
 		defer cancel()
-		if _, err := e.Client.CoreV1().Events(pod.Namespace).Create(ctx, ev, metav1.CreateOptions{}); err != nil {
-			log := e.Log
-			if log == nil {
-				log = slog.Default()
-			}
-			log.Warn("create event", "namespace", pod.Namespace, "pod", pod.Name, "reason", reason, "err", err)
+		if err := call(ctx); err != nil {
+			log.Warn(what, "namespace", pod.Namespace, "pod", pod.Name, "detail", detail, "err", err)
 		}
 	}()
+}
+
+// Annotator sets one annotation on a pod with a merge patch that names
+// the pod's UID, so a pod recreated under the same name is not touched
+// (reconcile.Annotator). It needs patch on pods.
+type Annotator struct {
+	Client  kubernetes.Interface
+	Log     *slog.Logger
+	Timeout time.Duration // one patch (default 10 s)
+}
+
+// Annotate sets key to value ("": removes it), without blocking.
+func (a *Annotator) Annotate(pod reconcile.Pod, key, value string) {
+	var v any = value
+	if value == "" {
+		v = nil // JSON null removes the key
+	}
+	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{
+		"uid": pod.UID, "annotations": map[string]any{key: v},
+	}})
+	if err != nil {
+		return
+	}
+	background(a.Log, a.Timeout, "annotate pod", pod, key, func(ctx context.Context) error {
+		_, err := a.Client.CoreV1().Pods(pod.Namespace).Patch(ctx, pod.Name, types.MergePatchType, patch, metav1.PatchOptions{})
+		return err
+	})
 }

@@ -18,6 +18,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/util/retry"
 
 	"github.com/qoscni/qoscni/internal/agent/kube"
 	"github.com/qoscni/qoscni/internal/agent/reconcile"
@@ -107,6 +108,8 @@ func newEnv(t *testing.T, o envOpts) *env {
 		}
 		cfg.Pods = w
 		cfg.Events = &kube.Events{Client: e.client, Node: testNode, Log: log}
+		cfg.Annotator = &kube.Annotator{Client: e.client, Log: log}
+		cfg.NodeName = testNode
 	}
 	r, err := reconcile.New(cfg)
 	if err != nil {
@@ -199,13 +202,19 @@ func (e *env) record(cid string) *state.Record {
 func (e *env) annotate(name string, annotations map[string]string) time.Time {
 	e.t.Helper()
 	pods := e.client.CoreV1().Pods("default")
-	p, err := pods.Get(context.Background(), name, metav1.GetOptions{})
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	p.Annotations = annotations
 	start := time.Now()
-	if _, err := pods.Update(context.Background(), p, metav1.UpdateOptions{}); err != nil {
+	// The agent may patch the pod (its effective-shaping annotation)
+	// between the read and the write.
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		p, err := pods.Get(context.Background(), name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		p.Annotations = annotations
+		_, err = pods.Update(context.Background(), p, metav1.UpdateOptions{})
+		return err
+	})
+	if err != nil {
 		e.t.Fatal(err)
 	}
 	return start
@@ -422,7 +431,10 @@ func TestCalicoAnnotationsReshapeLive(t *testing.T) {
 	e.waitRecord(rec.ContainerID, "shaping removed with both names", func(r *state.Record) bool { return r.Shaping == nil })
 }
 
-func (e *env) events(name string) []corev1.Event {
+// events are the Warning Events on pod name.
+func (e *env) events(name string) []corev1.Event { return e.eventsOf(name, corev1.EventTypeWarning) }
+
+func (e *env) eventsOf(name, typ string) []corev1.Event {
 	e.t.Helper()
 	l, err := e.client.CoreV1().Events("default").List(context.Background(), metav1.ListOptions{})
 	if err != nil {
@@ -430,7 +442,7 @@ func (e *env) events(name string) []corev1.Event {
 	}
 	var out []corev1.Event
 	for _, ev := range l.Items {
-		if ev.InvolvedObject.Name == name {
+		if ev.InvolvedObject.Name == name && ev.Type == typ {
 			out = append(out, ev)
 		}
 	}

@@ -179,6 +179,10 @@ type eventLog struct{ got []string }
 
 func (e *eventLog) Warn(_ Pod, reason, message string) { e.got = append(e.got, reason+": "+message) }
 
+func (e *eventLog) Normal(_ Pod, reason, message string) {
+	e.got = append(e.got, "normal "+reason+": "+message)
+}
+
 // fakePods is a PodSource of UIDs only.
 type fakePods map[string]bool
 

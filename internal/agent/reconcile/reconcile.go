@@ -50,9 +50,17 @@ type PodSource interface {
 	UIDs() map[string]bool
 }
 
-// EventSink reports a problem on a pod (a Kubernetes Event).
+// EventSink reports on a pod (Kubernetes Events): problems, and what its
+// shaping became.
 type EventSink interface {
 	Warn(pod Pod, reason, message string)
+	Normal(pod Pod, reason, message string)
+}
+
+// Annotator sets (value "": removes) one annotation of a pod, without
+// blocking the reconciler.
+type Annotator interface {
+	Annotate(pod Pod, key, value string)
 }
 
 // AttachmentCleaner is a per-attachment cleanup step beyond shaping,
@@ -94,8 +102,12 @@ type Config struct {
 	NetnsFd int
 	// Pods is nil when the agent has no API access: no live reshaping, and
 	// GC decides from the netns alone.
-	Pods     PodSource
-	Events   EventSink // nil = log only
+	Pods   PodSource
+	Events EventSink // nil = log only
+	// Annotator keeps AnnotationEffective on the pods (nil: not kept).
+	Annotator Annotator
+	// NodeName names the node in AnnotationEffective.
+	NodeName string
 	Cleaners []AttachmentCleaner
 	Interval time.Duration // 0 = DefaultInterval
 	Metrics  *Metrics      // nil = unregistered counters
@@ -128,6 +140,8 @@ type Reconciler struct {
 	// badControls is bad for the packet-rate, connection and DSCP
 	// annotations.
 	badControls map[podRef]string
+	// published is the AnnotationEffective value last sent per pod.
+	published map[podRef]string
 	// overridden remembers the last "a claim replaces the request
 	// annotation" message per pod, reported once the same way.
 	overridden map[podRef]string
@@ -195,7 +209,7 @@ func New(cfg Config) (*Reconciler, error) {
 		cfg: cfg, log: cfg.Logger, m: cfg.Metrics, caches: state.NewCaches(),
 		shaper: sh, nl: h, tc: t,
 		pending: map[podRef]struct{}{}, signal: make(chan struct{}, 1), passReq: make(chan chan PassResult),
-		bad: map[podRef]string{}, badControls: map[podRef]string{}, overridden: map[podRef]string{}, suspects: map[string]int{}, inUse: map[string]int{},
+		bad: map[podRef]string{}, badControls: map[podRef]string{}, published: map[podRef]string{}, overridden: map[podRef]string{}, suspects: map[string]int{}, inUse: map[string]int{},
 		grantGone: map[string]time.Time{}, now: time.Now,
 	}, nil
 }
@@ -282,6 +296,7 @@ func (r *Reconciler) drain() {
 		k := [2]string{rec.Pod.Namespace, rec.Pod.Name}
 		byPod[k] = append(byPod[k], rec)
 	}
+	acc := map[podRef]*podEffective{}
 	for _, ref := range refs {
 		pod, ok := r.cfg.Pods.Pod(ref.ns, ref.name)
 		if !ok {
@@ -289,10 +304,22 @@ func (r *Reconciler) drain() {
 		}
 		for _, rec := range byPod[[2]string{ref.ns, ref.name}] {
 			if samePod(rec.Record, pod) {
-				r.reshape(rec, pod)
+				if o := r.reshape(rec, pod); o != outcomeGone {
+					r.note(acc, r.current(rec), pod, o)
+				}
 			}
 		}
 	}
+	r.publish(acc)
+}
+
+// current is the attachment's record as a reshape left it (the one the
+// pass read, when it cannot be read again).
+func (r *Reconciler) current(a attachment) *state.Record {
+	if rec, err := a.store.Load(a.Record.Key()); err == nil && rec != nil {
+		return rec
+	}
+	return a.Record
 }
 
 // samePod matches a record to a pod by namespace/name, and by UID when
@@ -373,30 +400,47 @@ func (r *Reconciler) Pass() PassResult {
 		r.log.Error("dump qdiscs", "err", err)
 	}
 	defer r.shaper.EndPass()
+	acc := map[podRef]*podEffective{}
 	for _, rec := range live {
 		if rec.Provisional {
 			continue // an ADD under way: its shaping is not decided yet
 		}
+		var pod Pod
+		known := false
 		if r.cfg.Pods != nil && r.cfg.Pods.Synced() {
-			if pod, ok := r.cfg.Pods.Pod(rec.Pod.Namespace, rec.Pod.Name); ok && samePod(rec.Record, pod) {
-				switch r.reshape(rec, pod) {
-				case outcomeApplied:
-					res.Reshaped++
-					continue // the reshape's Apply compared with the kernel already
-				case outcomeFailed:
-					res.Errors++
-					continue
-				}
+			pod, known = r.cfg.Pods.Pod(rec.Pod.Namespace, rec.Pod.Name)
+			known = known && samePod(rec.Record, pod)
+		}
+		if known {
+			switch o := r.reshape(rec, pod); o {
+			case outcomeApplied:
+				res.Reshaped++
+				r.note(acc, r.current(rec), pod, o)
+				continue // the reshape's Apply compared with the kernel already
+			case outcomeFailed:
+				res.Errors++
+				r.note(acc, rec.Record, pod, o)
+				continue
 			}
 		}
-		switch r.repair(rec.Record) {
+		o := r.repair(rec.Record)
+		switch o {
 		case outcomeApplied:
 			res.Repaired++
 		case outcomeFailed:
 			res.Errors++
 		}
+		if known {
+			r.note(acc, rec.Record, pod, o)
+		}
 	}
 	r.repairKernel(live, &res)
+	r.publish(acc)
+	for ref := range r.published {
+		if acc[ref] == nil {
+			delete(r.published, ref) // the pod's attachments are gone
+		}
+	}
 	r.gcGrants(&res)
 	res.Duration = time.Since(start)
 	r.m.passDuration.Observe(res.Duration.Seconds())

@@ -93,6 +93,9 @@ func shapingSubset(a, b map[string]string) bool {
 }
 
 func isShapingKey(k string) bool {
+	if k == AnnotationEffective {
+		return false // the agent's own report, not an input
+	}
 	return k == shaping.AnnotationIngressRate || k == shaping.AnnotationEgressRate || strings.HasPrefix(k, "qoscni.io/") ||
 		strings.HasPrefix(k, shaping.CalicoPrefix)
 }

@@ -1,0 +1,88 @@
+package reconcile_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/qoscni/qoscni/internal/agent/reconcile"
+	"github.com/qoscni/qoscni/internal/state"
+	"github.com/qoscni/qoscni/shaping"
+)
+
+// effective waits until the pod's AnnotationEffective satisfies ok.
+func (e *env) effective(name, what string, ok func(v string, eff reconcile.Effective) error) reconcile.Effective {
+	e.t.Helper()
+	var last error
+	for start := time.Now(); time.Since(start) < 5*time.Second; time.Sleep(20 * time.Millisecond) {
+		p, err := e.client.CoreV1().Pods("default").Get(context.Background(), name, metav1.GetOptions{})
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		v := p.Annotations[reconcile.AnnotationEffective]
+		var eff reconcile.Effective
+		if v != "" {
+			if err := json.Unmarshal([]byte(v), &eff); err != nil {
+				e.t.Fatalf("%s is not JSON: %v: %s", reconcile.AnnotationEffective, err, v)
+			}
+		}
+		if last = ok(v, eff); last == nil {
+			return eff
+		}
+	}
+	e.t.Fatalf("%s: %v", what, last)
+	return reconcile.Effective{}
+}
+
+// TestEffectiveShapingOnPod: the agent writes what a pod's annotations
+// became into qoscni.io/effective-shaping, with a Normal Event, keeps it
+// current when they change or someone removes it, and removes it when the
+// pod is no longer shaped.
+func TestEffectiveShapingOnPod(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	_, rec := e.addPod("eff", map[string]string{shaping.AnnotationIngressRate: "10M", shaping.AnnotationEgressPacketRate: "2k"})
+	e.pass()
+	eff := e.effective("eff", "shaping reported", func(v string, eff reconcile.Effective) error {
+		i, ok := eff.Interfaces["eth0"]
+		if !ok || i.Ingress == nil || i.Ingress.Limit != "10Mbit/s" || i.Ingress.Source != "annotation" || !i.InKernel ||
+			i.Controls == nil || i.Controls.Egress == nil || i.Controls.Egress.PacketRate != 2000 {
+			return fmt.Errorf("annotation %q", v)
+		}
+		return nil
+	})
+	if eff.Node != testNode || eff.Interfaces["eth0"].Egress != nil {
+		t.Errorf("effective: %+v", eff)
+	}
+	var normal []corev1.Event
+	for start := time.Now(); time.Since(start) < 5*time.Second && len(normal) == 0; time.Sleep(20 * time.Millisecond) {
+		normal = e.eventsOf("eff", corev1.EventTypeNormal)
+	}
+	if len(normal) != 1 || normal[0].Reason != reconcile.ReasonShapingApplied || !strings.Contains(normal[0].Message, "eth0 ingress: limit 10Mbit/s (annotation)") {
+		t.Fatalf("Normal events: %+v", normal)
+	}
+	t.Logf("event: %s", normal[0].Message)
+	// A change follows; so does someone removing the annotation (the
+	// user's update below replaces every annotation).
+	e.annotate("eff", map[string]string{shaping.AnnotationIngressRate: "5M"})
+	e.waitRecord(rec.ContainerID, "reshaped to 5M", func(r *state.Record) bool { return ingressRate(r) == 5_000_000 })
+	e.effective("eff", "5M reported", func(v string, eff reconcile.Effective) error {
+		if i := eff.Interfaces["eth0"]; i.Ingress == nil || i.Ingress.Limit != "5Mbit/s" || i.Controls != nil {
+			return fmt.Errorf("annotation %q", v)
+		}
+		return nil
+	})
+	e.annotate("eff", map[string]string{"unrelated": "x"})
+	e.effective("eff", "annotation removed with the shaping", func(v string, _ reconcile.Effective) error {
+		if v != "" {
+			return fmt.Errorf("still %q", v)
+		}
+		return nil
+	})
+}
