@@ -32,6 +32,7 @@ import (
 
 	"github.com/qoscni/qoscni/internal/agent/install"
 	"github.com/qoscni/qoscni/internal/paths"
+	"github.com/qoscni/qoscni/internal/agent/reconcile"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/internal/testnet"
 	"github.com/qoscni/qoscni/test/e2e/cluster"
@@ -608,6 +609,25 @@ func (e *env) reshape(t *testing.T) {
 	t.Logf("transfer across the change, per second (Mbit/s): %.2f", mbits(r.perSecond))
 	if tail < 0.85*5e6 || tail > 1.1*5e6 {
 		t.Errorf("after the reshape the transfer runs at %.2f Mbit/s, want about 5", tail/1e6)
+	}
+	// The pod says what it got (qoscni.io/effective-shaping), and an
+	// Event said so.
+	waitFor(t, 10*time.Second, "effective-shaping annotation at 5M", func() error {
+		p, err := e.cp.Client.CoreV1().Pods("default").Get(ctx(t), shaped.Name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		v := p.Annotations[reconcile.AnnotationEffective]
+		if !strings.Contains(v, `"ingress":{"limit":"5Mbit/s","source":"annotation"`) || !strings.Contains(v, `"inKernel":true`) {
+			return fmt.Errorf("annotation %q", v)
+		}
+		return nil
+	})
+	evs, err := e.cp.Client.CoreV1().Events("default").List(ctx(t), metav1.ListOptions{FieldSelector: "involvedObject.name=" + shaped.Name + ",reason=" + reconcile.ReasonShapingApplied})
+	if err != nil || len(evs.Items) < 2 {
+		t.Errorf("ShapingApplied events on %s: %v (want the first and the change)", shaped.Name, err)
+	} else {
+		t.Logf("event: %s", evs.Items[len(evs.Items)-1].Message)
 	}
 	// The agent's metric (from outside the node, as a scraper sees it).
 	waitFor(t, 10*time.Second, "metric at 5M", func() error {
