@@ -33,6 +33,7 @@ build:
 	$(GOBUILD) -o bin/qoscni ./cmd/qoscni
 	$(GOBUILD) -o bin/qoscni-cnitool ./cmd/qoscni-cnitool
 	CGO_ENABLED=0 $(GO) build -tags $(AGENT_TAGS) -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o bin/qoscni-agent ./cmd/qoscni-agent
+	CGO_ENABLED=0 $(GO) build -tags $(AGENT_TAGS) -trimpath -ldflags "-s -w" -o bin/kubectl-qoscni ./cmd/kubectl-qoscni
 
 # Unit and kernel tests, then both end-to-end harnesses. The control-plane
 # tests and the harnesses need etcd, the Kubernetes components and crictl:

@@ -1,0 +1,146 @@
+package kubectl
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/qoscni/qoscni/internal/agent/reconcile"
+	"github.com/qoscni/qoscni/shaping"
+)
+
+func rate(bits float64) string {
+	if bits <= 0 {
+		return "-"
+	}
+	return shaping.FormatRate(uint64(bits))
+}
+
+func kernel(ok bool) string {
+	if ok {
+		return "yes"
+	}
+	return "NO"
+}
+
+// WriteStatus prints one row per pod direction of the cluster.
+func WriteStatus(w io.Writer, series []Series) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tPOD\tIFACE\tDIR\tLIMIT\tREQUEST\tSENT\tDROPPED\tRATE-DROPPED\tIN-KERNEL")
+	for _, s := range series {
+		fmt.Fprintf(tw, "%s\t%s/%s\t%s\t%s\t%s\t%s\t%.0fB\t%.0f\t%.0f\t%s\n", s.Node, s.Namespace, s.Pod, s.Interface, s.Direction,
+			rate(s.LimitBits), rate(s.RequestBits), s.SentBytes, s.Dropped, s.ControlDrops, kernel(s.InKernel))
+	}
+	return tw.Flush()
+}
+
+// WriteTop prints the n busiest pod directions, by throughput or by drops.
+func WriteTop(w io.Writer, rates []Rate, byDrops bool, n int) error {
+	sort.SliceStable(rates, func(i, j int) bool {
+		if byDrops {
+			return rates[i].Drops > rates[j].Drops
+		}
+		return rates[i].Bits > rates[j].Bits
+	})
+	if n > 0 && len(rates) > n {
+		rates = rates[:n]
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tPOD\tIFACE\tDIR\tRATE\tLIMIT\tOF-LIMIT\tDROPS/S")
+	for _, r := range rates {
+		share := "-"
+		if r.LimitBits > 0 {
+			share = fmt.Sprintf("%.0f%%", 100*r.Bits/r.LimitBits)
+		}
+		fmt.Fprintf(tw, "%s\t%s/%s\t%s\t%s\t%s\t%s\t%s\t%.1f\n", r.Node, r.Namespace, r.Pod, r.Interface, r.Direction,
+			rate(r.Bits), rate(r.LimitBits), share, r.Drops)
+	}
+	return tw.Flush()
+}
+
+// shapingKey reports an annotation that is an input of qoscni.
+func shapingKey(k string) bool {
+	return k != reconcile.AnnotationEffective && (k == shaping.AnnotationIngressRate || k == shaping.AnnotationEgressRate ||
+		strings.HasPrefix(k, "qoscni.io/") || strings.HasPrefix(k, shaping.CalicoPrefix))
+}
+
+// explainReasons are the Events that say what became of a pod's shaping.
+var explainReasons = map[string]bool{
+	reconcile.ReasonShapingApplied: true, reconcile.ReasonInvalidAnnotation: true, reconcile.ReasonClaimOverridesRequest: true,
+	"FailedCreatePodSandBox": true,
+}
+
+// Explain prints what a pod asked for (its annotations), what its node's
+// agent reports it got (qoscni.io/effective-shaping), the Events about it
+// and its live rates over window.
+func (c *Cluster) Explain(ctx context.Context, w io.Writer, namespace, name string, window time.Duration) error {
+	pod, err := c.Client.CoreV1().Pods(namespace).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "Pod %s/%s on node %s, IP %s\n\nAsked for (annotations):\n", namespace, name, pod.Spec.NodeName, pod.Status.PodIP)
+	var keys []string
+	for k := range pod.Annotations {
+		if shapingKey(k) {
+			keys = append(keys, k)
+		}
+	}
+	sort.Strings(keys)
+	if len(keys) == 0 {
+		fmt.Fprintln(w, "  none")
+	}
+	for _, k := range keys {
+		fmt.Fprintf(w, "  %s: %s\n", k, pod.Annotations[k])
+	}
+	fmt.Fprintf(w, "\nGot (%s):\n", reconcile.AnnotationEffective)
+	if v, ok := pod.Annotations[reconcile.AnnotationEffective]; ok {
+		var pretty bytes.Buffer
+		if err := json.Indent(&pretty, []byte(v), "  ", "  "); err != nil {
+			fmt.Fprintf(w, "  %s\n", v)
+		} else {
+			fmt.Fprintf(w, "  %s\n", pretty.String())
+		}
+	} else {
+		fmt.Fprintln(w, "  not shaped on its node (no annotation: nothing asked, or the agent has not seen it yet)")
+	}
+	evs, err := c.Client.CoreV1().Events(namespace).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + name})
+	if err != nil {
+		return err
+	}
+	sort.Slice(evs.Items, func(i, j int) bool { return evs.Items[i].LastTimestamp.Before(&evs.Items[j].LastTimestamp) })
+	fmt.Fprintln(w, "\nEvents:")
+	n := 0
+	for _, ev := range evs.Items {
+		if explainReasons[ev.Reason] && ev.InvolvedObject.UID == pod.UID {
+			fmt.Fprintf(w, "  %s  %s  %s: %s\n", ev.LastTimestamp.Format(time.RFC3339), ev.Type, ev.Reason, ev.Message)
+			n++
+		}
+	}
+	if n == 0 {
+		fmt.Fprintln(w, "  none")
+	}
+	rates, _, err := c.Rates(ctx, window)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "\nLive, over %v (its node's agent):\n", window)
+	var mine []Rate
+	for _, r := range rates {
+		if r.Namespace == namespace && r.Pod == name {
+			mine = append(mine, r)
+		}
+	}
+	if len(mine) == 0 {
+		fmt.Fprintln(w, "  no series")
+		return nil
+	}
+	return WriteTop(w, mine, false, 0)
+}
