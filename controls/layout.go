@@ -9,6 +9,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/qoscni/qoscni/internal/cni/podnet"
+	"github.com/qoscni/qoscni/internal/state"
 )
 
 // Chains. Both run after conntrack (-200, which ct count needs) and after
@@ -242,4 +243,20 @@ func addrKey(ip net.IP) (key []byte, v6 bool) {
 		return append([]byte(nil), v4...), false
 	}
 	return append([]byte(nil), ip.To16()...), true
+}
+
+// Elements names the elements c gives the pod's addresses, as
+// `nft list table inet qoscni` shows them: "set key" (with "-> chain" for
+// a DSCP), for people looking for them.
+func Elements(ips []net.IP, c *state.Controls) []string {
+	var out []string
+	for _, w := range desired(Owner{}, ips, c) {
+		ip := net.IP(w.el.Key)
+		s := w.set + " " + ip.String()
+		if w.el.Jump != "" {
+			s += " -> " + w.el.Jump
+		}
+		out = append(out, s)
+	}
+	return out
 }

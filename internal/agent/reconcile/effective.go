@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/qoscni/qoscni/controls"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/shaping"
 )
@@ -35,6 +36,46 @@ type EffectiveInterface struct {
 	// InKernel is false when the agent's last comparison found the kernel
 	// different and could not repair it.
 	InKernel bool `json:"inKernel"`
+	// Kernel names the objects that enforce it on the node.
+	Kernel *EffectiveKernel `json:"kernel,omitempty"`
+}
+
+// EffectiveKernel names the tc and nftables objects of an attachment.
+type EffectiveKernel struct {
+	TC       []string `json:"tc,omitempty"`
+	NFTables []string `json:"nftables,omitempty"`
+}
+
+// kernelOf lists the objects the record's shaping and controls live in.
+func kernelOf(rec *state.Record) *EffectiveKernel {
+	k := &EffectiveKernel{}
+	if s := rec.Shaping; s != nil {
+		if s.Ingress != nil {
+			k.TC = append(k.TC, "ingress: root qdisc 1: of "+s.Ingress.Device)
+		}
+		if s.Egress != nil {
+			k.TC = append(k.TC, "egress: root qdisc 1: of "+s.Egress.Device+" (redirected from the ingress hook of "+rec.HostVeth+")")
+		}
+		if g := s.Guarantee; g != nil {
+			if g.Ingress != nil {
+				k.TC = append(k.TC, fmt.Sprintf("ingress: class 1:%x of %s", g.Minor, shaping.HierarchyIngressIFB))
+			}
+			if g.Egress != nil {
+				k.TC = append(k.TC, fmt.Sprintf("egress: class 1:%x of %s", g.Minor, shaping.HierarchyEgressIFB))
+			}
+		}
+	}
+	if !rec.Controls.Empty() {
+		if ips, err := controls.IPsOf(rec); err == nil {
+			for _, e := range controls.Elements(ips, rec.Controls) {
+				k.NFTables = append(k.NFTables, "table inet qoscni "+e)
+			}
+		}
+	}
+	if len(k.TC) == 0 && len(k.NFTables) == 0 {
+		return nil
+	}
+	return k
 }
 
 // EffectiveDirection is one direction's limit, guarantee and bucket.
@@ -61,7 +102,7 @@ type EffectiveDirection struct {
 // effectiveOf is a record's effective shaping (ok false: nothing shaped or
 // controlled).
 func effectiveOf(rec *state.Record, inKernel bool) (EffectiveInterface, bool) {
-	out := EffectiveInterface{Controls: rec.Controls, InKernel: inKernel}
+	out := EffectiveInterface{Controls: rec.Controls, InKernel: inKernel, Kernel: kernelOf(rec)}
 	if rec.Controls.Empty() {
 		out.Controls = nil
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -59,6 +60,11 @@ func TestEffectiveShapingOnPod(t *testing.T) {
 	})
 	if eff.Node != testNode || eff.Interfaces["eth0"].Egress != nil {
 		t.Errorf("effective: %+v", eff)
+	}
+	ip := strings.SplitN(rec.IPs[0], "/", 2)[0]
+	if k := eff.Interfaces["eth0"].Kernel; k == nil || !slices.Contains(k.TC, "ingress: root qdisc 1: of "+rec.HostVeth) ||
+		!slices.Contains(k.NFTables, "table inet qoscni pkt-egress4 "+ip) {
+		t.Errorf("kernel objects: %+v", k)
 	}
 	var normal []corev1.Event
 	for start := time.Now(); time.Since(start) < 5*time.Second && len(normal) == 0; time.Sleep(20 * time.Millisecond) {
