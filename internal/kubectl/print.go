@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -17,11 +18,20 @@ import (
 	"github.com/qoscni/qoscni/shaping"
 )
 
+// rate is bit/s with one decimal in the largest unit under it.
 func rate(bits float64) string {
 	if bits <= 0 {
 		return "-"
 	}
-	return shaping.FormatRate(uint64(bits))
+	for _, u := range []struct {
+		div  float64
+		name string
+	}{{1e12, "Tbit/s"}, {1e9, "Gbit/s"}, {1e6, "Mbit/s"}, {1e3, "kbit/s"}} {
+		if bits >= u.div {
+			return strconv.FormatFloat(bits/u.div, 'f', 1, 64) + u.name
+		}
+	}
+	return strconv.FormatFloat(bits, 'f', 0, 64) + "bit/s"
 }
 
 func kernel(ok bool) string {

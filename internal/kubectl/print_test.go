@@ -39,3 +39,11 @@ func TestShapingKey(t *testing.T) {
 		}
 	}
 }
+
+func TestRate(t *testing.T) {
+	for bits, want := range map[float64]string{0: "-", 999: "999bit/s", 2049: "2.0kbit/s", 5_001_745: "5.0Mbit/s", 20e6: "20.0Mbit/s", 1.5e9: "1.5Gbit/s"} {
+		if got := rate(bits); got != want {
+			t.Errorf("rate(%v) = %q, want %q", bits, got, want)
+		}
+	}
+}
