@@ -31,8 +31,8 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/qoscni/qoscni/internal/agent/install"
-	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/internal/agent/reconcile"
+	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/internal/testnet"
 	"github.com/qoscni/qoscni/test/e2e/cluster"
@@ -118,7 +118,8 @@ func TestKubernetes(t *testing.T) {
 		{"11-guarantees", e.guaranteesStep},
 		{"12-dra", e.draStep},
 		{"13-controls", e.controlsStep},
-		{"14-delete-and-uninstall", e.deleteAndUninstall},
+		{"14-kubectl-qoscni", e.kubectlPluginStep},
+		{"15-delete-and-uninstall", e.deleteAndUninstall},
 	}
 	for _, s := range steps {
 		start := time.Now()
