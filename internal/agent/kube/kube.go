@@ -112,8 +112,10 @@ func NewPodWatcher(client kubernetes.Interface, node string, h Handler, log *slo
 				return
 			}
 			// The pod IP appears once its sandbox (and so its ADD) is
-			// done: the moment to report its effective shaping.
-			if o.UID != n.UID || !reconcile.ShapingAnnotationsEqual(o.Annotations, n.Annotations) || o.Status.PodIP != n.Status.PodIP {
+			// done: the moment to report its effective shaping; and a
+			// report someone edited or removed is put back at once.
+			if o.UID != n.UID || !reconcile.ShapingAnnotationsEqual(o.Annotations, n.Annotations) || o.Status.PodIP != n.Status.PodIP ||
+				o.Annotations[reconcile.AnnotationEffective] != n.Annotations[reconcile.AnnotationEffective] {
 				h.PodChanged(n.Namespace, n.Name)
 			}
 		},
@@ -163,7 +165,8 @@ func (w *PodWatcher) Pod(namespace, name string) (reconcile.Pod, bool) {
 	if err != nil || !w.mine(p) {
 		return reconcile.Pod{}, false
 	}
-	return reconcile.Pod{Namespace: p.Namespace, Name: p.Name, UID: string(p.UID), Annotations: p.Annotations}, true
+	return reconcile.Pod{Namespace: p.Namespace, Name: p.Name, UID: string(p.UID), Annotations: p.Annotations,
+		ResourceVersion: p.ResourceVersion}, true
 }
 
 // UIDs implements reconcile.PodSource.

@@ -6,6 +6,7 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/qoscni/qoscni/controls"
 	"github.com/qoscni/qoscni/internal/state"
@@ -225,12 +226,15 @@ func (r *Reconciler) note(acc map[podRef]*podEffective, rec *state.Record, pod P
 
 // publish keeps each pod's AnnotationEffective current (removed from a
 // pod that no longer has shaping or controls) and posts a Normal Event
-// when a shaped pod's value changes. A value is sent once; the informer
-// then shows it on the pod.
+// when a shaped pod's value changes. A value sent is not sent again while
+// the informer shows the pod at the version it was sent against, unless
+// that lasts longer than resendAfter (a patch that failed); a newer
+// version without it (someone removed or edited it) gets it again.
 func (r *Reconciler) publish(acc map[podRef]*podEffective) {
 	if r.cfg.Annotator == nil {
 		return
 	}
+	now := time.Now()
 	for ref, pe := range acc {
 		want := ""
 		if pe.shaped {
@@ -238,16 +242,40 @@ func (r *Reconciler) publish(acc map[podRef]*podEffective) {
 		}
 		have, has := pe.pod.Annotations[AnnotationEffective]
 		if (want == "" && !has) || (has && have == want) {
-			r.published[ref] = want
+			delete(r.published, ref) // settled
+			r.announced[ref] = want
 			continue
 		}
-		if sent, ok := r.published[ref]; ok && sent == want && (want != "" || !has) {
+		if sent, ok := r.published[ref]; ok && sent.value == want && sent.version == pe.pod.ResourceVersion && now.Sub(sent.at) < resendAfter {
 			continue // sent; the informer has not shown it yet
 		}
-		r.published[ref] = want
+		r.published[ref] = sentValue{want, pe.pod.ResourceVersion, now}
 		r.cfg.Annotator.Annotate(pe.pod, AnnotationEffective, want)
-		if want != "" && r.cfg.Events != nil {
+		// One Event per value: none when the agent only puts back an
+		// annotation someone removed or edited, or after its restart.
+		if want != "" && r.cfg.Events != nil && r.announced[ref] != want && !(has && sameEffective(have, want)) {
 			r.cfg.Events.Normal(pe.pod, ReasonShapingApplied, pe.eff.summary())
 		}
+		r.announced[ref] = want
 	}
+}
+
+// resendAfter bounds how long a sent value waits for the informer before
+// it is sent again.
+const resendAfter = 20 * time.Second
+
+// sentValue is a value of AnnotationEffective sent to a pod.
+type sentValue struct {
+	value, version string
+	at             time.Time
+}
+
+// sameEffective reports whether two values say the same, however
+// formatted.
+func sameEffective(a, b string) bool {
+	var x, y Effective
+	if json.Unmarshal([]byte(a), &x) != nil || json.Unmarshal([]byte(b), &y) != nil {
+		return false
+	}
+	return x.encode() == y.encode()
 }

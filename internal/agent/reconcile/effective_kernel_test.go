@@ -84,6 +84,19 @@ func TestEffectiveShapingOnPod(t *testing.T) {
 		}
 		return nil
 	})
+	// Someone removes only the report: the agent puts it back at once,
+	// without another Event (the shaping did not change).
+	e.annotate("eff", map[string]string{shaping.AnnotationIngressRate: "5M"})
+	e.effective("eff", "report restored", func(v string, eff reconcile.Effective) error {
+		if i := eff.Interfaces["eth0"]; i.Ingress == nil || i.Ingress.Limit != "5Mbit/s" {
+			return fmt.Errorf("annotation %q", v)
+		}
+		return nil
+	})
+	time.Sleep(200 * time.Millisecond)
+	if n := len(e.eventsOf("eff", corev1.EventTypeNormal)); n != 2 {
+		t.Errorf("%d ShapingApplied events, want 2 (first, then 5M)", n)
+	}
 	e.annotate("eff", map[string]string{"unrelated": "x"})
 	e.effective("eff", "annotation removed with the shaping", func(v string, _ reconcile.Effective) error {
 		if v != "" {

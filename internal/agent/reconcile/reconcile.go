@@ -37,6 +37,8 @@ type Pod struct {
 	Name        string
 	UID         string
 	Annotations map[string]string
+	// ResourceVersion is the version the source has seen ("": unknown).
+	ResourceVersion string
 }
 
 // PodSource answers for the pods of this node (an informer's cache).
@@ -140,8 +142,11 @@ type Reconciler struct {
 	// badControls is bad for the packet-rate, connection and DSCP
 	// annotations.
 	badControls map[podRef]string
-	// published is the AnnotationEffective value last sent per pod.
-	published map[podRef]string
+	// published is the AnnotationEffective value sent per pod and not yet
+	// seen on it.
+	published map[podRef]sentValue
+	// announced is the value of the last ShapingApplied Event per pod.
+	announced map[podRef]string
 	// overridden remembers the last "a claim replaces the request
 	// annotation" message per pod, reported once the same way.
 	overridden map[podRef]string
@@ -209,7 +214,7 @@ func New(cfg Config) (*Reconciler, error) {
 		cfg: cfg, log: cfg.Logger, m: cfg.Metrics, caches: state.NewCaches(),
 		shaper: sh, nl: h, tc: t,
 		pending: map[podRef]struct{}{}, signal: make(chan struct{}, 1), passReq: make(chan chan PassResult),
-		bad: map[podRef]string{}, badControls: map[podRef]string{}, published: map[podRef]string{}, overridden: map[podRef]string{}, suspects: map[string]int{}, inUse: map[string]int{},
+		bad: map[podRef]string{}, badControls: map[podRef]string{}, published: map[podRef]sentValue{}, announced: map[podRef]string{}, overridden: map[podRef]string{}, suspects: map[string]int{}, inUse: map[string]int{},
 		grantGone: map[string]time.Time{}, now: time.Now,
 	}, nil
 }
@@ -439,6 +444,11 @@ func (r *Reconciler) Pass() PassResult {
 	for ref := range r.published {
 		if acc[ref] == nil {
 			delete(r.published, ref) // the pod's attachments are gone
+		}
+	}
+	for ref := range r.announced {
+		if acc[ref] == nil {
+			delete(r.announced, ref)
 		}
 	}
 	r.gcGrants(&res)

@@ -183,9 +183,9 @@ func (r *Reconciler) reshapeShaping(a attachment, pod Pod) outcome {
 	if !ok {
 		return outcomeNone
 	}
-	delete(r.bad, ref)
 	ifb := ifbOf(rec)
 	if reflect.DeepEqual(shaping.RecordOf(plan, g, minorOf(rec), rec.HostVeth, ifb), rec.Shaping) {
+		delete(r.bad, ref)
 		return outcomeNone
 	}
 	var changes []string
@@ -216,9 +216,13 @@ func (r *Reconciler) reshapeShaping(a attachment, pod Pod) outcome {
 	}
 	var cerr *types.Error
 	if errors.As(err, &cerr) && cerr.Code == shaping.ErrBandwidthUnavailable {
-		// The new request does not fit: the pod keeps what it has.
+		// The new request does not fit: the pod keeps what it has, and
+		// the refusal is reported once, not at every look at the pod.
 		r.invalid(rec, pod, ref, err)
 		return outcomeInvalid
+	}
+	if err == nil || errors.Is(err, errUnchanged) {
+		delete(r.bad, ref)
 	}
 	return r.updated(err, rec, pod, "reshaped", "changes", changes)
 }
