@@ -23,9 +23,7 @@ func NewCleaner(nsFd int) *Cleaner { return &Cleaner{nsFd: nsFd} }
 func (c *Cleaner) Name() string { return "controls" }
 
 // OwnerOf is the owner of an attachment's elements, from its record.
-func OwnerOf(rec *state.Record) Owner {
-	return Owner{ContainerID: rec.ContainerID, IfName: rec.IfName, PodNamespace: rec.Pod.Namespace, PodName: rec.Pod.Name}
-}
+func OwnerOf(rec *state.Record) Owner { return nfraw.OwnerOf(rec) }
 
 // IPsOf are the record's pod addresses.
 func IPsOf(rec *state.Record) ([]net.IP, error) {

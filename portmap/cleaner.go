@@ -50,9 +50,7 @@ func (c *Cleaner) Del(rec *state.Record) error {
 }
 
 // OwnerOf is the owner of an attachment's elements, from its record.
-func OwnerOf(rec *state.Record) Owner {
-	return Owner{ContainerID: rec.ContainerID, IfName: rec.IfName, PodNamespace: rec.Pod.Namespace, PodName: rec.Pod.Name}
-}
+func OwnerOf(rec *state.Record) Owner { return nfraw.OwnerOf(rec) }
 
 // GC removes elements whose owner has no record, once two calls in a row
 // found them so.

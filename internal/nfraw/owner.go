@@ -13,6 +13,11 @@ type Owner struct {
 	ContainerID, IfName, PodNamespace, PodName string
 }
 
+// OwnerOf is the owner of an attachment's elements, from its record.
+func OwnerOf(rec *state.Record) Owner {
+	return Owner{ContainerID: rec.ContainerID, IfName: rec.IfName, PodNamespace: rec.Pod.Namespace, PodName: rec.Pod.Name}
+}
+
 // Same reports whether both name one attachment.
 func (o Owner) Same(p Owner) bool { return o.ContainerID == p.ContainerID && o.IfName == p.IfName }
 
