@@ -84,7 +84,7 @@ func shapingKey(k string) bool {
 
 // explainReasons are the Events that say what became of a pod's shaping.
 var explainReasons = map[string]bool{
-	reconcile.ReasonShapingApplied: true, reconcile.ReasonInvalidAnnotation: true, reconcile.ReasonClaimOverridesRequest: true,
+	reconcile.ReasonShapingApplied: true, reconcile.ReasonShapingNotEnforced: true, reconcile.ReasonInvalidAnnotation: true, reconcile.ReasonClaimOverridesRequest: true,
 	"FailedCreatePodSandBox": true,
 }
 

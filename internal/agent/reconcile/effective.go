@@ -19,8 +19,13 @@ import (
 const AnnotationEffective = "qoscni.io/effective-shaping"
 
 // ReasonShapingApplied is the Normal Event reason when a pod's effective
-// shaping is first known on its node or changes.
-const ReasonShapingApplied = "ShapingApplied"
+// shaping is first known on its node or changes; ReasonShapingNotEnforced
+// the Warning one when the agent found it missing from the kernel and
+// could not restore it.
+const (
+	ReasonShapingApplied     = "ShapingApplied"
+	ReasonShapingNotEnforced = "ShapingNotEnforced"
+)
 
 // Effective is the value of AnnotationEffective: per pod interface, what
 // the kernel was given.
@@ -158,6 +163,16 @@ func clampText(c state.Clamp) string {
 	return fmt.Sprintf("%s: %dB -> %dB", c.Setting, c.Requested, c.Applied)
 }
 
+// enforced reports whether every interface is in the kernel.
+func (e Effective) enforced() bool {
+	for _, i := range e.Interfaces {
+		if !i.InKernel {
+			return false
+		}
+	}
+	return true
+}
+
 // encode is the annotation's value: compact JSON, interfaces in key
 // order (encoding/json sorts map keys), so equal states compare equal.
 func (e Effective) encode() string {
@@ -210,15 +225,24 @@ type podEffective struct {
 	shaped bool
 }
 
-// note adds an attachment's effective shaping to its pod's.
-func (r *Reconciler) note(acc map[podRef]*podEffective, rec *state.Record, pod Pod, o outcome) {
+// note adds an attachment's effective shaping to its pod's. Whether it is
+// in the kernel comes from o: a reshape or repair that failed says no, one
+// that applied says yes, and a step that did not compare with the kernel
+// (a reshape with nothing to change) keeps what the last pass found.
+func (r *Reconciler) note(acc map[podRef]*podEffective, rec *state.Record, pod Pod, o outcome, compared bool) {
+	inKernel := o != outcomeFailed
+	if compared {
+		r.inKernel[rec.Key()] = inKernel
+	} else if ok, seen := r.inKernel[rec.Key()]; seen && o != outcomeApplied {
+		inKernel = inKernel && ok
+	}
 	ref := podRef{pod.Namespace, pod.Name, pod.UID}
 	pe := acc[ref]
 	if pe == nil {
 		pe = &podEffective{pod: pod, eff: Effective{Node: r.cfg.NodeName, Interfaces: map[string]EffectiveInterface{}}}
 		acc[ref] = pe
 	}
-	if e, ok := effectiveOf(rec, o != outcomeFailed); ok {
+	if e, ok := effectiveOf(rec, inKernel); ok {
 		pe.eff.Interfaces[rec.IfName] = e
 		pe.shaped = true
 	}
@@ -254,7 +278,11 @@ func (r *Reconciler) publish(acc map[podRef]*podEffective) {
 		// One Event per value: none when the agent only puts back an
 		// annotation someone removed or edited, or after its restart.
 		if want != "" && r.cfg.Events != nil && r.announced[ref] != want && !(has && sameEffective(have, want)) {
-			r.cfg.Events.Normal(pe.pod, ReasonShapingApplied, pe.eff.summary())
+			if pe.eff.enforced() {
+				r.cfg.Events.Normal(pe.pod, ReasonShapingApplied, pe.eff.summary())
+			} else {
+				r.cfg.Events.Warn(pe.pod, ReasonShapingNotEnforced, pe.eff.summary())
+			}
 		}
 		r.announced[ref] = want
 	}

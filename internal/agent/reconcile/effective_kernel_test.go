@@ -97,6 +97,40 @@ func TestEffectiveShapingOnPod(t *testing.T) {
 	if n := len(e.eventsOf("eff", corev1.EventTypeNormal)); n != 2 {
 		t.Errorf("%d ShapingApplied events, want 2 (first, then 5M)", n)
 	}
+	// A qdisc of someone else replaces the pod's shaper: repair refuses
+	// to touch it, and the pod's report says the limit is not enforced
+	// (and stays so between passes); once it is gone, repair restores the
+	// shaper and the report says so.
+	e.node.Exec(t, "tc", "qdisc", "replace", "dev", rec.HostVeth, "root", "handle", "5:", "bfifo", "limit", "100000")
+	e.pass()
+	e.effective("eff", "not in the kernel", func(v string, eff reconcile.Effective) error {
+		if i := eff.Interfaces["eth0"]; i.InKernel {
+			return fmt.Errorf("annotation %q", v)
+		}
+		return nil
+	})
+	time.Sleep(300 * time.Millisecond) // the drain our own patch causes must not say otherwise
+	e.effective("eff", "still not in the kernel", func(v string, eff reconcile.Effective) error {
+		if i := eff.Interfaces["eth0"]; i.InKernel {
+			return fmt.Errorf("annotation %q", v)
+		}
+		return nil
+	})
+	var warned bool
+	for _, ev := range e.eventsOf("eff", corev1.EventTypeWarning) {
+		warned = warned || (ev.Reason == reconcile.ReasonShapingNotEnforced && strings.Contains(ev.Message, "NOT in the kernel"))
+	}
+	if !warned {
+		t.Error("no ShapingNotEnforced Warning")
+	}
+	e.node.Exec(t, "tc", "qdisc", "del", "dev", rec.HostVeth, "root")
+	e.pass()
+	e.effective("eff", "back in the kernel", func(v string, eff reconcile.Effective) error {
+		if i := eff.Interfaces["eth0"]; !i.InKernel {
+			return fmt.Errorf("annotation %q", v)
+		}
+		return nil
+	})
 	e.annotate("eff", map[string]string{"unrelated": "x"})
 	e.effective("eff", "annotation removed with the shaping", func(v string, _ reconcile.Effective) error {
 		if v != "" {

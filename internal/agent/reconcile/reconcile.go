@@ -147,6 +147,9 @@ type Reconciler struct {
 	published map[podRef]sentValue
 	// announced is the value of the last ShapingApplied Event per pod.
 	announced map[podRef]string
+	// inKernel is what the last comparison with the kernel found per
+	// attachment.
+	inKernel map[state.Key]bool
 	// overridden remembers the last "a claim replaces the request
 	// annotation" message per pod, reported once the same way.
 	overridden map[podRef]string
@@ -214,7 +217,7 @@ func New(cfg Config) (*Reconciler, error) {
 		cfg: cfg, log: cfg.Logger, m: cfg.Metrics, caches: state.NewCaches(),
 		shaper: sh, nl: h, tc: t,
 		pending: map[podRef]struct{}{}, signal: make(chan struct{}, 1), passReq: make(chan chan PassResult),
-		bad: map[podRef]string{}, badControls: map[podRef]string{}, published: map[podRef]sentValue{}, announced: map[podRef]string{}, overridden: map[podRef]string{}, suspects: map[string]int{}, inUse: map[string]int{},
+		bad: map[podRef]string{}, badControls: map[podRef]string{}, published: map[podRef]sentValue{}, announced: map[podRef]string{}, inKernel: map[state.Key]bool{}, overridden: map[podRef]string{}, suspects: map[string]int{}, inUse: map[string]int{},
 		grantGone: map[string]time.Time{}, now: time.Now,
 	}, nil
 }
@@ -310,7 +313,7 @@ func (r *Reconciler) drain() {
 		for _, rec := range byPod[[2]string{ref.ns, ref.name}] {
 			if samePod(rec.Record, pod) {
 				if o := r.reshape(rec, pod); o != outcomeGone {
-					r.note(acc, r.current(rec), pod, o)
+					r.note(acc, r.current(rec), pod, o, o == outcomeApplied || o == outcomeFailed)
 				}
 			}
 		}
@@ -420,11 +423,11 @@ func (r *Reconciler) Pass() PassResult {
 			switch o := r.reshape(rec, pod); o {
 			case outcomeApplied:
 				res.Reshaped++
-				r.note(acc, r.current(rec), pod, o)
+				r.note(acc, r.current(rec), pod, o, true)
 				continue // the reshape's Apply compared with the kernel already
 			case outcomeFailed:
 				res.Errors++
-				r.note(acc, rec.Record, pod, o)
+				r.note(acc, rec.Record, pod, o, true)
 				continue
 			}
 		}
@@ -436,7 +439,7 @@ func (r *Reconciler) Pass() PassResult {
 			res.Errors++
 		}
 		if known {
-			r.note(acc, rec.Record, pod, o)
+			r.note(acc, rec.Record, pod, o, true)
 		}
 	}
 	r.repairKernel(live, &res)
@@ -449,6 +452,15 @@ func (r *Reconciler) Pass() PassResult {
 	for ref := range r.announced {
 		if acc[ref] == nil {
 			delete(r.announced, ref)
+		}
+	}
+	alive := make(map[state.Key]bool, len(live))
+	for _, rec := range live {
+		alive[rec.Key()] = true
+	}
+	for k := range r.inKernel {
+		if !alive[k] {
+			delete(r.inKernel, k)
 		}
 	}
 	r.gcGrants(&res)
