@@ -96,6 +96,9 @@ type Server struct {
 	nodeNS    int // fd of the node namespace for the reconciler, -1 = own
 	rec       *reconcile.Reconciler
 	pods      *kube.PodWatcher
+	// statusSlot lets one /status reading run at a time: each holds its
+	// requester for the interval.
+	statusSlot sync.Mutex
 }
 
 // New opens the node namespace and binds the listen address.
@@ -133,6 +136,7 @@ func New(cfg Config) (*Server, error) {
 	}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("GET /readyz", s.ready)
+	mux.HandleFunc("GET /status", s.status)
 	s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
@@ -217,6 +221,44 @@ func (s *Server) Collector() *metrics.Collector { return s.collector }
 // (missing is fine: no pod yet) and the node's tc statistics; and whether
 // the node passes bridged pod traffic to iptables where qoscni's pods need
 // it.
+// status serves what `qoscni-agent status -o json` prints, read from the
+// kernel now: the rows of the pod named by the namespace and pod query
+// parameters (both optional), rates measured over interval (default 1s,
+// at most 10s). `kubectl qoscni explain` reads it through the API server.
+func (s *Server) status(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	interval := time.Second
+	if v := q.Get("interval"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 || d > 10*time.Second {
+			http.Error(w, "interval: a Go duration above 0 and at most 10s", http.StatusBadRequest)
+			return
+		}
+		interval = d
+	}
+	if !s.statusSlot.TryLock() {
+		http.Error(w, "a status reading is under way", http.StatusTooManyRequests)
+		return
+	}
+	rows, err := Status(cniconf.StateSources{Own: s.cfg.StateDir, ConfDir: s.cfg.CNIConfDir, Registry: s.cfg.StateRegistry}, s.cfg.NetnsPath, interval)
+	s.statusSlot.Unlock()
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	ns, pod := q.Get("namespace"), q.Get("pod")
+	out := rows[:0]
+	for _, row := range rows {
+		if (ns == "" || row.Namespace == ns) && (pod == "" || row.Pod == pod) && (row.Scope != ScopeNode || pod == "") {
+			out = append(out, row)
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if err := WriteStatus(w, out, true); err != nil {
+		s.cfg.Logger.Warn("write status", "err", err)
+	}
+}
+
 func (s *Server) ready(w http.ResponseWriter, _ *http.Request) {
 	if _, err := os.Stat(s.cfg.StateDir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		http.Error(w, "state dir: "+err.Error(), http.StatusServiceUnavailable)

@@ -14,6 +14,7 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	agentpkg "github.com/qoscni/qoscni/internal/agent"
 	"github.com/qoscni/qoscni/internal/agent/reconcile"
 	"github.com/qoscni/qoscni/shaping"
 )
@@ -89,8 +90,9 @@ var explainReasons = map[string]bool{
 }
 
 // Explain prints what a pod asked for (its annotations), what its node's
-// agent reports it got (qoscni.io/effective-shaping), the Events about it
-// and its live rates over window.
+// agent reports it got (qoscni.io/effective-shaping), the Events about it,
+// and what its agent reads from the kernel now: devices, classes, rates
+// over window, drops, backlog, hostPorts.
 func (c *Cluster) Explain(ctx context.Context, w io.Writer, namespace, name string, window time.Duration) error {
 	pod, err := c.Client.CoreV1().Pods(namespace).Get(ctx, name, metav1.GetOptions{})
 	if err != nil {
@@ -137,20 +139,47 @@ func (c *Cluster) Explain(ctx context.Context, w io.Writer, namespace, name stri
 	if n == 0 {
 		fmt.Fprintln(w, "  none")
 	}
-	rates, _, err := c.Rates(ctx, window)
+	agents, err := c.agents(ctx)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(w, "\nLive, over %v (its node's agent):\n", window)
-	var mine []Rate
-	for _, r := range rates {
-		if r.Namespace == namespace && r.Pod == name {
-			mine = append(mine, r)
-		}
-	}
-	if len(mine) == 0 {
-		fmt.Fprintln(w, "  no series")
+	agent, ok := agents[pod.Spec.NodeName]
+	if !ok {
+		fmt.Fprintf(w, "\nOn the node: no running qoscni agent on %s\n", pod.Spec.NodeName)
 		return nil
 	}
-	return WriteTop(w, mine, false, 0)
+	raw, err := c.Client.CoreV1().Pods(c.ns()).ProxyGet("http", agent, c.port(), "/status",
+		map[string]string{"namespace": namespace, "pod": name, "interval": window.String()}).DoRaw(ctx)
+	if err != nil {
+		return fmt.Errorf("status from the agent on %s: %w", pod.Spec.NodeName, err)
+	}
+	var rows []agentpkg.StatusRow
+	if err := json.Unmarshal(raw, &rows); err != nil {
+		return fmt.Errorf("status from the agent on %s: %w", pod.Spec.NodeName, err)
+	}
+	fmt.Fprintf(w, "\nOn the node (its agent read the kernel over %v):\n", window)
+	if len(rows) == 0 {
+		fmt.Fprintln(w, "  no shaping and no hostPorts")
+		return nil
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "IFACE\tDIR\tDEVICE\tCLASS\tLIMIT\tREQUEST\tRATE\tDROPS\tBACKLOG\tIN-KERNEL\tHOSTPORTS")
+	for _, r := range rows {
+		class := r.Class
+		if class == "" {
+			class = "-"
+		}
+		ports := "-"
+		for i, p := range r.HostPorts {
+			if i == 0 {
+				ports = ""
+			} else {
+				ports += ","
+			}
+			ports += strconv.Itoa(p)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%dB\t%s\t%s\n", r.Interface, r.Direction, r.Device, class,
+			rate(float64(r.LimitBits)), rate(float64(r.RequestBits)), rate(r.RateBits), r.Drops, r.BacklogBytes, kernel(r.QdiscFound), ports)
+	}
+	return tw.Flush()
 }

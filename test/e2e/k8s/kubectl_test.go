@@ -12,7 +12,7 @@ import (
 // and run as kubectl runs a plugin, reads both nodes' agents through the
 // API server: status lists the shaped pods in the kernel, top ranks the
 // pod under a transfer first, explain shows what the pod asked for, what
-// it got and the Events.
+// it got, the Events and what its agent reads from the kernel (devices).
 func (e *env) kubectlPluginStep(t *testing.T) {
 	bin := filepath.Join(t.TempDir(), "kubectl-qoscni")
 	// The flags of the agent's build in qoscniImage, whose packages this
@@ -58,7 +58,8 @@ func (e *env) kubectlPluginStep(t *testing.T) {
 
 	explain := plugin("explain", shaped.Name, "-n", "default", "--window", "1s")
 	t.Logf("kubectl qoscni explain:\n%s", explain)
-	for _, want := range []string{"kubernetes.io/ingress-bandwidth", "Got (qoscni.io/effective-shaping)", `"inKernel": true`, "ShapingApplied", "Live, over 1s"} {
+	for _, want := range []string{"kubernetes.io/ingress-bandwidth", "Got (qoscni.io/effective-shaping)", `"inKernel": true`, "ShapingApplied",
+		"On the node (its agent read the kernel over 1s)", shapedRec.HostVeth} {
 		if !strings.Contains(explain, want) {
 			t.Errorf("explain lacks %q", want)
 		}
