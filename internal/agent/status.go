@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -105,9 +106,13 @@ func Status(src cniconf.StateSources, netnsPath string, interval time.Duration) 
 	}
 	var rows []StatusRow
 	for _, a := range second.Attachments {
+		// A hostPort is mapped once per address family of the pod: list
+		// each port once.
 		var ports []int
 		for _, p := range a.Record.Ports {
-			ports = append(ports, p.HostPort)
+			if !slices.Contains(ports, p.HostPort) {
+				ports = append(ports, p.HostPort)
+			}
 		}
 		if len(a.Dirs) == 0 && len(a.Guarantees) == 0 {
 			if len(ports) > 0 {
