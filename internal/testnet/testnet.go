@@ -337,6 +337,16 @@ func StartIperf3(t testing.TB, ns *NS) {
 	t.Fatal("iperf3 server did not start")
 }
 
+// Iperf3Refused says whether an iperf3 client's output is a refused
+// connect: the server takes a moment to be ready for the next test after one
+// ends, and a client right behind it is refused as busy, reset or not
+// listening. Callers retry those; any other failure is the test's.
+func Iperf3Refused(out string) bool {
+	return strings.Contains(out, "unable to connect to server") ||
+		strings.Contains(out, "the server is busy") ||
+		strings.Contains(out, "unable to receive control message")
+}
+
 // Iperf3Rate runs a client in ns against server for secs seconds and
 // returns the goodput the receiver saw in bit/s. reverse makes the server
 // send.
@@ -347,7 +357,17 @@ func Iperf3Rate(t testing.TB, ns *NS, server string, secs int, reverse bool) flo
 	if reverse {
 		args = append(args, "-R")
 	}
-	out, err := exec.Command("ip", args...).Output()
+	var out []byte
+	var err error
+	for try := 1; ; try++ {
+		out, err = exec.Command("ip", args...).Output()
+		if try < 4 && Iperf3Refused(string(out)) {
+			t.Logf("iperf3 to %s, try %d refused; again in 1 s", server, try)
+			time.Sleep(time.Second)
+			continue
+		}
+		break
+	}
 	if err != nil {
 		t.Fatalf("iperf3 client: %v: %s", err, out)
 	}

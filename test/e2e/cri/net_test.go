@@ -156,9 +156,22 @@ func measure(t *testing.T, server string, secs int, reverse bool) iperfRun {
 		args = append(args, "-R")
 	}
 	var stderr bytes.Buffer
-	cmd := exec.Command("iperf3", args...)
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
+	var out []byte
+	var err error
+	// A client right behind the last test is sometimes refused (CI saw the
+	// egress run fail at once after the ingress one): retried.
+	for try := 1; ; try++ {
+		stderr.Reset()
+		cmd := exec.Command("iperf3", args...)
+		cmd.Stderr = &stderr
+		out, err = cmd.Output()
+		if try < 4 && testnet.Iperf3Refused(string(out)+stderr.String()) {
+			t.Logf("iperf3 to %s, try %d refused; again in 1 s", server, try)
+			time.Sleep(time.Second)
+			continue
+		}
+		break
+	}
 	var r iperfJSON
 	if jerr := json.Unmarshal(out, &r); jerr != nil || err != nil || r.Error != "" {
 		t.Fatalf("iperf3 %s: %v %v %s\n%s\n%s", strings.Join(args, " "), err, jerr, r.Error, out, stderr.String())
