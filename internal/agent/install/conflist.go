@@ -125,7 +125,7 @@ func hasQoscni(data []byte) bool {
 
 // renderStandalone fills the template's built-in IPAM ranges from podCIDRs
 // when the template has none; podCIDRs is only called when needed.
-func renderStandalone(tmpl []byte, capacity *NodeCapacity, podCIDRs func() ([]string, error)) ([]byte, error) {
+func renderStandalone(tmpl []byte, settings nodeSettings, podCIDRs func() ([]string, error)) ([]byte, error) {
 	o, err := decodeObject(tmpl)
 	if err != nil {
 		return nil, fmt.Errorf("decode standalone conflist: %w", err)
@@ -142,7 +142,7 @@ func renderStandalone(tmpl []byte, capacity *NodeCapacity, podCIDRs func() ([]st
 		return nil, fmt.Errorf("standalone conflist has no plugin of type %q", PluginType)
 	}
 	q := c.entries[i].(object) // a typed entry is an object
-	setCapacity(q, capacity)
+	settings.apply(q)
 	ipamConf, _ := q["ipam"].(object)
 	if ipamConf == nil {
 		ipamConf = object{}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/qoscni/qoscni/internal/agent/cniconf"
+	"github.com/qoscni/qoscni/internal/cni/netconf"
 )
 
 // PodCIDRSource returns the node's pod CIDRs (spec.podCIDRs, IPv4 and
@@ -47,6 +48,10 @@ type Options struct {
 	// (the speed of the default route's device), one quantity for both
 	// directions, or "ingress=Q,egress=Q". "" leaves the config's own.
 	NodeCapacity string
+	// Ceilings, when set, are written into qoscni's entry's "ceilings"
+	// object over the config's keys of the same names: "key=value,..."
+	// (ParseCeilings). "" leaves the config's own.
+	Ceilings string
 
 	// Kernel: in standalone mode, also load br_netfilter and set its
 	// sysctls in the node's network namespace (installBridgeNetfilter).
@@ -182,17 +187,33 @@ func action(changed bool) Action {
 	return Unchanged
 }
 
-// capacityFor resolves o.NodeCapacity and notes where an automatic one
-// came from.
-func capacityFor(o Options, rep *Report) (*NodeCapacity, error) {
+// nodeSettings are what the install writes into qoscni's entry over the
+// config's own: the node's capacity and the ceilings.
+type nodeSettings struct {
+	capacity *NodeCapacity // nil: the config's own
+	ceilings netconf.CeilingsConfig
+}
+
+func (s nodeSettings) apply(entry object) {
+	setCapacity(entry, s.capacity)
+	setCeilings(entry, s.ceilings)
+}
+
+// settingsFor resolves o.NodeCapacity and o.Ceilings, and notes where an
+// automatic capacity came from.
+func settingsFor(o Options, rep *Report) (nodeSettings, error) {
+	ceil, err := ParseCeilings(o.Ceilings)
+	if err != nil {
+		return nodeSettings{}, err
+	}
 	c, dev, err := resolveCapacity(o.NodeCapacity, o.NetnsPath)
 	if err != nil {
-		return nil, err
+		return nodeSettings{}, err
 	}
 	if dev != "" {
 		rep.add("nodeCapacity", Written, fmt.Sprintf("%s bit/s each way: %d %% of the speed the kernel reports for %s", c.Ingress, AutoCapacityPercent, dev))
 	}
-	return c, nil
+	return nodeSettings{capacity: c, ceilings: ceil}, nil
 }
 
 func installStandalone(ctx context.Context, h hostPaths, confDir string, o Options, rep *Report) error {
@@ -200,11 +221,11 @@ func installStandalone(ctx context.Context, h hostPaths, confDir string, o Optio
 	if tmpl == nil {
 		tmpl = DefaultStandaloneConflist
 	}
-	capacity, err := capacityFor(o, rep)
+	settings, err := settingsFor(o, rep)
 	if err != nil {
 		return err
 	}
-	data, err := renderStandalone(tmpl, capacity, func() ([]string, error) {
+	data, err := renderStandalone(tmpl, settings, func() ([]string, error) {
 		if o.PodCIDRs == nil {
 			return nil, errors.New("the config sets no ipam.ranges and there is no node to read spec.podCIDRs from (set " + NodeNameEnv + " or --pod-cidrs)")
 		}
@@ -287,11 +308,11 @@ func installChained(ctx context.Context, h hostPaths, confDir string, o Options,
 	if err != nil {
 		return err
 	}
-	capacity, err := capacityFor(o, rep)
+	settings, err := settingsFor(o, rep)
 	if err != nil {
 		return err
 	}
-	setCapacity(entry, capacity)
+	settings.apply(entry)
 	name, err := findPrimary(ctx, h, confDir, o)
 	if err != nil {
 		return err

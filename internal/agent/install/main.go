@@ -56,6 +56,8 @@ func mainInstall(ctx context.Context, args []string, stdout, stderr io.Writer) i
 	fs.StringVar(&o.NetnsPath, "netns", "", "network namespace of the node (default: this process's)")
 	fs.StringVar(&o.NodeCapacity, "node-capacity", os.Getenv(NodeCapacityEnv), "guaranteed bandwidth: the node's capacity written into qoscni's entry as nodeCapacity: "+
 		"auto (95 % of the speed of the default route's device), 10G (both ways) or ingress=10G,egress=5G; \"\" = the config's own (env "+NodeCapacityEnv+")")
+	fs.StringVar(&o.Ceilings, "ceilings", os.Getenv(CeilingsEnv), "the network config's ceilings written into qoscni's entry, over its own: "+
+		"maxBurst=BITS,maxQueueBytes=BYTES,maxQueueDelay=DURATION,maxRequest=QUANTITY (any of them); \"\" = the config's own (env "+CeilingsEnv+")")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -64,6 +66,10 @@ func mainInstall(ctx context.Context, args []string, stdout, stderr io.Writer) i
 		return 2
 	}
 	if _, _, err := ParseNodeCapacity(o.NodeCapacity); err != nil {
+		fmt.Fprintln(stderr, "qoscni-agent install:", err)
+		return 2
+	}
+	if _, err := ParseCeilings(o.Ceilings); err != nil {
 		fmt.Fprintln(stderr, "qoscni-agent install:", err)
 		return 2
 	}

@@ -298,6 +298,16 @@ func checkManifests(t *testing.T, r *rendered, mode install.Mode) {
 	}
 
 	checkDaemonSet(t, ds, cm.Name, mode)
+	// A key the ConfigMap lacks would keep the pod from starting.
+	for _, c := range append(ds.Spec.Template.Spec.InitContainers, ds.Spec.Template.Spec.Containers...) {
+		for _, e := range c.Env {
+			if ref := e.ValueFrom; ref != nil && ref.ConfigMapKeyRef != nil {
+				if _, ok := cm.Data[ref.ConfigMapKeyRef.Key]; !ok {
+					t.Errorf("container %s: %s from key %q, which ConfigMap %s lacks", c.Name, e.Name, ref.ConfigMapKeyRef.Key, cm.Name)
+				}
+			}
+		}
+	}
 	// Pod routes to other nodes: the standalone CNI's job, never the
 	// chained one's (the primary routes).
 	routes := ""
@@ -417,7 +427,7 @@ func checkDaemonSet(t *testing.T, ds appsv1.DaemonSet, configMap string, mode in
 	}) || !slices.Contains(ic.Args, "--config="+install.ContainerConfigDir+"/$(QOSCNI_MODE).json") {
 		t.Errorf("install container: config not read from the ConfigMap at %s: %v", install.ContainerConfigDir, ic.Args)
 	}
-	for _, e := range []string{"QOSCNI_MODE", "QOSCNI_PRIMARY"} {
+	for _, e := range []string{"QOSCNI_MODE", "QOSCNI_PRIMARY", install.NodeCapacityEnv, install.CeilingsEnv} {
 		if !slices.ContainsFunc(ic.Env, func(v corev1.EnvVar) bool {
 			return v.Name == e && v.ValueFrom != nil && v.ValueFrom.ConfigMapKeyRef != nil && v.ValueFrom.ConfigMapKeyRef.Name == configMap
 		}) {

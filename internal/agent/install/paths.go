@@ -72,6 +72,8 @@ const (
 	NodeNameEnv = "NODE_NAME"
 	// NodeCapacityEnv is the default of install's --node-capacity.
 	NodeCapacityEnv = "QOSCNI_NODE_CAPACITY"
+	// CeilingsEnv gives install's --ceilings default.
+	CeilingsEnv = "QOSCNI_CEILINGS"
 )
 
 // The agent's HTTP endpoints.

@@ -145,6 +145,13 @@ func parseOptionalRate(field, v string) (uint64, error) {
 	return n, nil
 }
 
+// Check reports what the plugin would refuse in the ceilings (a CNI error
+// naming the field).
+func (c CeilingsConfig) Check() error {
+	_, err := c.parse()
+	return err
+}
+
 // parse checks the ceilings.
 func (c CeilingsConfig) parse() (shaping.Ceilings, error) {
 	var out shaping.Ceilings
