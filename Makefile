@@ -67,14 +67,15 @@ e2e-cri: deps e2e-build
 
 # A two-node Kubernetes (etcd, apiserver, controller-manager, scheduler;
 # per node a kubelet, kube-proxy and containerd: 1.6 on one, 2 on the other;
-# CoreDNS) runs qoscni installed from deploy/ (about 3 min). kube-proxy in
-# its nftables mode; e2e-k8s-iptables runs the same suite with the iptables
-# mode.
+# CoreDNS) runs qoscni installed with the Helm chart (deploy/helm/qoscni;
+# about 3 min). kube-proxy in its nftables mode; e2e-k8s-iptables runs the
+# same suite with the iptables mode and qoscni installed with kustomize
+# (deploy/).
 e2e-k8s: deps e2e-build
 	test/e2e/run.sh k8s
 
 e2e-k8s-iptables: deps e2e-build
-	QOSCNI_E2E_PROXY_MODE=iptables test/e2e/run.sh k8s
+	QOSCNI_E2E_PROXY_MODE=iptables QOSCNI_E2E_INSTALL=kustomize test/e2e/run.sh k8s
 
 vet:
 	$(GO) vet ./...

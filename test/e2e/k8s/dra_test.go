@@ -214,9 +214,18 @@ func (e *env) draStep(t *testing.T) {
 }
 
 // setNodeCapacity sets the ConfigMap's nodeCapacity and rolls the agents,
-// whose install step writes it into the conflist.
+// whose install step writes it into the conflist: with the chart, as a
+// Helm user does (helm upgrade with the new value: a new ConfigMap name
+// rolls the DaemonSet); with kustomize, an edit of the ConfigMap and a
+// restart.
 func (e *env) setNodeCapacity(t *testing.T, v string) {
 	t.Helper()
+	if e.helm != "" {
+		out := e.helmCmd(t, "upgrade", helmRelease, "deploy/helm/qoscni", "--namespace", "qoscni", "--reuse-values", "--set", "nodeCapacity="+v)
+		t.Logf("helm upgrade --set nodeCapacity=%s:\n%s", v, out)
+		e.kc(t, "-n", "qoscni", "rollout", "status", "daemonset/qoscni-agent", "--timeout=120s")
+		return
+	}
 	cms, err := e.cp.Client.CoreV1().ConfigMaps("qoscni").List(ctx(t), metav1.ListOptions{})
 	if err != nil {
 		t.Fatal(err)

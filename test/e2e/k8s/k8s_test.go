@@ -65,8 +65,12 @@ type env struct {
 	ctd2       *containerd.Containerd
 	corednsRef string
 	kubectl    string
-	repo       string
-	store      *state.Store
+	// helm is the helm CLI when the run installs with the chart
+	// (installer helm), "" when with kustomize.
+	helm     string
+	helmHome string
+	repo     string
+	store    *state.Store
 	// top is TestKubernetes' own t: what outlives one scenario (the
 	// shaped pod's iperf3 server) is cleaned up with it.
 	top *testing.T
@@ -85,6 +89,10 @@ func TestKubernetes(t *testing.T) {
 	began := time.Now()
 	e := &env{n: n, repo: repoRoot(), store: state.New(install.StateDir), top: t}
 	e.kubectl = cluster.Binary(t, "kubectl")
+	if installer() == "helm" {
+		e.helm = cluster.Binary(t, "helm")
+		e.helmHome = t.TempDir()
+	}
 
 	e.cp = cluster.StartControlPlaneWith(t, cluster.Options{AdvertiseAddress: n.IP, BindAddress: "0.0.0.0", ServiceAccounts: true})
 	e.cp.StartControllerManager(t, clusterCIDR4, clusterCIDR6)
@@ -131,6 +139,25 @@ func TestKubernetes(t *testing.T) {
 	}
 }
 
+// installer is how the run installs qoscni: the Helm chart
+// (deploy/helm/qoscni, make e2e-k8s) unless QOSCNI_E2E_INSTALL says
+// kustomize (deploy/, make e2e-k8s-iptables). Both are what docs/install.md
+// tells users to run.
+func installer() string {
+	if i := os.Getenv("QOSCNI_E2E_INSTALL"); i != "" {
+		return i
+	}
+	return "helm"
+}
+
+// helmRelease is the release and namespace the chart is installed as.
+const helmRelease = "qoscni"
+
+// chartCeilings is what the helm run sets as the chart's ceilings: the
+// default delay budget ceiling, so that nothing else changes, written
+// into the conflist by the install.
+const chartCeilings = "maxQueueDelay=100ms"
+
 // proxyMode is kube-proxy's mode for the run: nftables unless
 // QOSCNI_E2E_PROXY_MODE says iptables (make e2e-k8s-iptables).
 func proxyMode() string {
@@ -173,6 +200,15 @@ func run(t *testing.T, dir string, env []string, name string, args ...string) st
 func (e *env) kc(t *testing.T, args ...string) string {
 	t.Helper()
 	return run(t, e.repo, nil, e.kubectl, append([]string{"--kubeconfig", e.cp.Kubeconfig}, args...)...)
+}
+
+// helmCmd runs the helm CLI against the cluster, with its cache and config
+// in the test's own directory.
+func (e *env) helmCmd(t *testing.T, args ...string) string {
+	t.Helper()
+	env := []string{"HELM_CACHE_HOME=" + filepath.Join(e.helmHome, "cache"), "HELM_CONFIG_HOME=" + filepath.Join(e.helmHome, "config"),
+		"HELM_DATA_HOME=" + filepath.Join(e.helmHome, "data")}
+	return run(t, e.repo, env, e.helm, append([]string{"--kubeconfig", e.cp.Kubeconfig}, args...)...)
 }
 
 // waitFor polls cond every 250 ms until it returns nil or timeout.
@@ -253,7 +289,16 @@ func (e *env) install(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.on(t, "install", "-m", "0755", "/usr/lib/cni/loopback", filepath.Join(install.CNIBinDir, "loopback"))
-	e.kc(t, "apply", "-k", "deploy/")
+	if e.helm != "" {
+		// As docs/install.md says: the namespace, labelled for Pod
+		// Security, then the chart.
+		e.kc(t, "create", "namespace", "qoscni")
+		e.kc(t, "label", "namespace", "qoscni", "pod-security.kubernetes.io/enforce=privileged")
+		out := e.helmCmd(t, "install", helmRelease, "deploy/helm/qoscni", "--namespace", "qoscni", "--set", "ceilings."+chartCeilings)
+		t.Logf("helm install:\n%s", out)
+	} else {
+		e.kc(t, "apply", "-k", "deploy/")
+	}
 	d := waitFor(t, 90*time.Second, "qoscni-agent DaemonSet ready", func() error {
 		ds, err := e.cp.Client.AppsV1().DaemonSets("qoscni").Get(ctx(t), "qoscni-agent", metav1.GetOptions{})
 		if err != nil {
@@ -290,6 +335,19 @@ func (e *env) install(t *testing.T) {
 	for _, c := range nd.Spec.PodCIDRs {
 		if !strings.Contains(string(conf), c) {
 			t.Errorf("conflist does not carry the Node's podCIDR %s:\n%s", c, conf)
+		}
+	}
+	if e.helm != "" {
+		var list struct {
+			Plugins []struct {
+				Type     string            `json:"type"`
+				Ceilings map[string]string `json:"ceilings"`
+			} `json:"plugins"`
+		}
+		_ = json.Unmarshal(conf, &list)
+		k, v, _ := strings.Cut(chartCeilings, "=")
+		if len(list.Plugins) == 0 || list.Plugins[0].Type != install.PluginType || list.Plugins[0].Ceilings[k] != v {
+			t.Errorf("conflist does not carry the chart's ceilings %s:\n%s", chartCeilings, conf)
 		}
 	}
 	if fi, err := os.Stat(filepath.Join(install.CNIBinDir, install.PluginBinary)); err != nil || fi.Mode()&0o111 == 0 {
@@ -811,7 +869,12 @@ func (e *env) deleteAndUninstall(t *testing.T) {
 	checkNoPodLeft(t, nodeName, e.tryHere)
 	checkNoPodLeft(t, node2Name, e.tryOn)
 
-	e.kc(t, "delete", "-k", "deploy/", "--wait=true", "--timeout=60s")
+	if e.helm != "" {
+		t.Logf("helm uninstall:\n%s", e.helmCmd(t, "uninstall", helmRelease, "--namespace", "qoscni", "--wait", "--timeout=60s"))
+		e.kc(t, "delete", "namespace", "qoscni", "--wait=true", "--timeout=60s")
+	} else {
+		e.kc(t, "delete", "-k", "deploy/", "--wait=true", "--timeout=60s")
+	}
 	e.kc(t, "apply", "-k", "deploy/uninstall")
 	waitFor(t, 60*time.Second, "uninstall DaemonSet ready", func() error {
 		ds, err := e.cp.Client.AppsV1().DaemonSets("qoscni-uninstall").Get(ctx(t), "qoscni-uninstall", metav1.GetOptions{})
