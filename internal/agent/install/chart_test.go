@@ -16,6 +16,8 @@ import (
 
 	"helm.sh/helm/v4/pkg/chart/common"
 	chartutil "helm.sh/helm/v4/pkg/chart/common/util"
+	"helm.sh/helm/v4/pkg/chart/v2/lint"
+	"helm.sh/helm/v4/pkg/chart/v2/lint/support"
 	"helm.sh/helm/v4/pkg/chart/v2/loader"
 	"helm.sh/helm/v4/pkg/engine"
 	k8syaml "k8s.io/apimachinery/pkg/util/yaml"
@@ -157,6 +159,20 @@ func TestChart(t *testing.T) {
 			t.Errorf("ConfigMap name %s did not change with its content", cm.Name)
 		}
 	})
+}
+
+// TestChartLint: helm lint finds nothing above a note (it recommends an
+// icon), in both modes.
+func TestChartLint(t *testing.T) {
+	slog.SetLogLoggerLevel(slog.LevelWarn)
+	for _, mode := range []string{"standalone", "chained"} {
+		l := lint.RunAll(chartDir, map[string]any{"mode": mode}, "qoscni")
+		for _, m := range l.Messages {
+			if m.Severity >= support.WarningSev {
+				t.Errorf("%s: %v", mode, m)
+			}
+		}
+	}
 }
 
 // TestChartRefusesBadValues: values.schema.json catches a mistyped value
