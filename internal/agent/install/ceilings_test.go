@@ -89,4 +89,22 @@ func TestInstallCeilings(t *testing.T) {
 	if b.exists(confPath) {
 		t.Error("a config was written despite the bad ceiling")
 	}
+	// Each ceiling is good, but the config's own delay budget is above the
+	// new one: the plugin would refuse every ADD, so the install refuses.
+	budget := []byte(`{"cniVersion":"1.0.0","name":"qoscni","plugins":[{"type":"qoscni","bridge":"qoscni0","maxQueueDelay":"30ms","ipam":{"type":"qoscni"}}]}`)
+	if _, err := Install(t.Context(), Options{Root: b.root, PluginBinary: b.bin, PodCIDRs: cidrs("10.244.1.0/24"), Config: budget, Ceilings: "maxQueueDelay=20ms"}); err == nil ||
+		!strings.Contains(err.Error(), "maxQueueDelay") || !strings.Contains(err.Error(), "plugin would refuse") {
+		t.Errorf("ceiling below the config's budget: %v", err)
+	}
+	if b.exists(confPath) {
+		t.Error("a config was written the plugin would refuse")
+	}
+	before := c.read(filepath.Join(CNIConfDir, "10-calico.conflist"))
+	if _, err := Install(t.Context(), Options{Root: c.root, PluginBinary: c.bin, Mode: Chained, Config: []byte(`{"type":"qoscni","maxQueueDelay":"30ms"}`), Ceilings: "maxQueueDelay=20ms"}); err == nil ||
+		!strings.Contains(err.Error(), "maxQueueDelay") {
+		t.Errorf("chained, ceiling below the entry's budget: %v", err)
+	}
+	if after := c.read(filepath.Join(CNIConfDir, "10-calico.conflist")); string(after) != string(before) {
+		t.Errorf("the primary's conflist changed though the install refused:\n%s", after)
+	}
 }

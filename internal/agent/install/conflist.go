@@ -149,7 +149,8 @@ func renderStandalone(tmpl []byte, settings nodeSettings, podCIDRs func() ([]str
 		q["ipam"] = ipamConf
 	}
 	if t, _ := ipamConf["type"].(string); t != "" && t != PluginType {
-		return encodeObject(o), nil // delegated IPAM: its config is its own business
+		out := encodeObject(o) // delegated IPAM: its config is its own business
+		return out, checkEntry(out)
 	}
 	if ranges, _ := ipamConf["ranges"].([]any); len(ranges) == 0 {
 		cidrs, err := podCIDRs()
@@ -165,7 +166,34 @@ func renderStandalone(tmpl []byte, settings nodeSettings, podCIDRs func() ([]str
 		}
 		ipamConf["ranges"] = sets
 	}
-	return encodeObject(o), nil
+	out := encodeObject(o)
+	return out, checkEntry(out)
+}
+
+// checkEntry parses qoscni's entry of a conflist as the plugin will at
+// every ADD, with the list's cniVersion and name: a config the plugin
+// would refuse (a ceiling below the config's own delay budget, a bad
+// value in the template) stops the install instead of every pod.
+func checkEntry(conflist []byte) error {
+	var list struct {
+		CNIVersion string            `json:"cniVersion"`
+		Name       string            `json:"name"`
+		Plugins    []json.RawMessage `json:"plugins"`
+	}
+	if err := json.Unmarshal(conflist, &list); err != nil {
+		return fmt.Errorf("decode the config to write: %w", err)
+	}
+	for _, raw := range list.Plugins {
+		e, err := decodeObject(raw)
+		if err != nil || cniconf.DecodePlugin(raw).Type != PluginType {
+			continue
+		}
+		e["cniVersion"], e["name"] = list.CNIVersion, list.Name
+		if _, _, err := netconf.Parse(encodeObject(e)); err != nil {
+			return fmt.Errorf("the plugin would refuse qoscni's entry: %w", err)
+		}
+	}
+	return nil
 }
 
 func checkVersion(o object) error {

@@ -323,6 +323,9 @@ func installChained(ctx context.Context, h hostPaths, confDir string, o Options,
 		return fmt.Errorf("read primary config: %w", err)
 	}
 	out, dropped, err := chain(orig, entry)
+	if err == nil {
+		err = checkEntry(out)
+	}
 	if err != nil {
 		return fmt.Errorf("chain qoscni into %s: %w", primary, err)
 	}
