@@ -32,8 +32,9 @@ func TestParseNodeCapacity(t *testing.T) {
 	}
 }
 
-// installedCapacity is the plugin's view of the installed config's capacity.
-func installedCapacity(t *testing.T, data []byte) shaping.Capacity {
+// installedConf is the plugin's view of the last plugin of an installed
+// conflist (qoscni's entry), with the list's cniVersion and name.
+func installedConf(t *testing.T, data []byte) *netconf.NetConf {
 	t.Helper()
 	var list struct {
 		CNIVersion string            `json:"cniVersion"`
@@ -51,7 +52,13 @@ func installedCapacity(t *testing.T, data []byte) shaping.Capacity {
 	if err != nil {
 		t.Fatalf("plugin rejects the installed config: %v\n%s", err, stdin)
 	}
-	return conf.Capacity
+	return conf
+}
+
+// installedCapacity is the plugin's view of the installed config's capacity.
+func installedCapacity(t *testing.T, data []byte) shaping.Capacity {
+	t.Helper()
+	return installedConf(t, data).Capacity
 }
 
 // --node-capacity: given, or 95 % of the speed the kernel reports for the

@@ -1,7 +1,6 @@
 package install
 
 import (
-	"encoding/json"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -37,27 +36,11 @@ func TestParseCeilings(t *testing.T) {
 	}
 }
 
-// installedCeilings is the plugin's view (0: the default) of the last plugin's ceilings in
-// an installed conflist.
+// installedCeilings is the plugin's view (0: the default) of the
+// installed config's ceilings.
 func installedCeilings(t *testing.T, data []byte) shaping.Ceilings {
 	t.Helper()
-	var list struct {
-		CNIVersion string            `json:"cniVersion"`
-		Name       string            `json:"name"`
-		Plugins    []json.RawMessage `json:"plugins"`
-	}
-	if err := json.Unmarshal(data, &list); err != nil {
-		t.Fatal(err)
-	}
-	var p map[string]any
-	_ = json.Unmarshal(list.Plugins[len(list.Plugins)-1], &p)
-	p["cniVersion"], p["name"] = list.CNIVersion, list.Name
-	stdin, _ := json.Marshal(p)
-	conf, _, err := netconf.Parse(stdin)
-	if err != nil {
-		t.Fatalf("plugin rejects the installed config: %v\n%s", err, stdin)
-	}
-	return conf.ShapingCeilings
+	return installedConf(t, data).ShapingCeilings
 }
 
 // --ceilings writes its keys over the config's, keeps the config's others,

@@ -13,8 +13,6 @@ import (
 	"testing"
 
 	"github.com/containernetworking/cni/libcni"
-
-	"github.com/qoscni/qoscni/internal/cni/netconf"
 )
 
 // node is a temporary root with a plugin binary to install.
@@ -174,22 +172,7 @@ func TestStandaloneFreshInstall(t *testing.T) {
 		t.Fatalf("plugins %v", got)
 	}
 	// The plugin accepts the config: ranges are the node's podCIDRs.
-	var list struct {
-		CNIVersion string            `json:"cniVersion"`
-		Name       string            `json:"name"`
-		Plugins    []json.RawMessage `json:"plugins"`
-	}
-	if err := json.Unmarshal(data, &list); err != nil {
-		t.Fatal(err)
-	}
-	var p map[string]any
-	_ = json.Unmarshal(list.Plugins[0], &p)
-	p["cniVersion"], p["name"] = list.CNIVersion, list.Name
-	stdin, _ := json.Marshal(p)
-	conf, _, err := netconf.Parse(stdin)
-	if err != nil {
-		t.Fatalf("plugin rejects the installed config: %v", err)
-	}
+	conf := installedConf(t, data)
 	var got []string
 	for _, set := range conf.IPAMConfig.Ranges {
 		for _, r := range set {
