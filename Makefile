@@ -13,7 +13,7 @@ ifdef QOSCNI_REQUIRE_ROOT
 export QOSCNI_REQUIRE_ROOT
 endif
 
-.PHONY: all build test unit vet fmt-check tidy-check race deps demo bench-addel bench-shaping bench-guarantees bench-portmap bench-controls bench-agent bench-reshape image clean e2e-build e2e-cri e2e-k8s e2e-k8s-iptables bench-fuzz bench-noderoutes
+.PHONY: all build test unit vet fmt-check tidy-check race deps demo bench-addel bench-floor bench-shaping bench-guarantees bench-portmap bench-controls bench-agent bench-reshape image clean e2e-build e2e-cri e2e-k8s e2e-k8s-iptables bench-fuzz bench-noderoutes
 
 all: build
 
@@ -99,6 +99,10 @@ demo: deps
 
 bench-addel: deps build
 	test/bench/addel.sh
+
+# What any plugin pays on this machine before its own work (issue 21).
+bench-floor: deps
+	test/bench/floor.sh
 
 bench-shaping: deps build
 	test/bench/shaping.sh

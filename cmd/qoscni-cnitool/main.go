@@ -276,6 +276,7 @@ func runBench(ctx context.Context, args []string) error {
 		prefix     = fs.String("prefix", "qcb", "name prefix of the pod namespaces (PID and index are appended)")
 		cniArgs    = fs.String("args", "", "extra CNI_ARGS for every pod, K=V;K=V")
 		capArgs    = fs.String("cap-args", "", "capability args (JSON) for every pod")
+		hostPorts  = fs.Int("hostport-base", 0, "give pod i the TCP hostPort N+i (0: no hostPorts)")
 		label      = fs.String("label", "", "name printed for this run (default: network name)")
 		format     = fs.String("format", "text", "output: text, tsv or json")
 		quiet      = fs.Bool("quiet", false, "no progress logs on stderr")
@@ -289,6 +290,9 @@ func runBench(ctx context.Context, args []string) error {
 	}
 	if *format != "text" && *format != "tsv" && *format != "json" {
 		return usageError("--format must be text, tsv or json")
+	}
+	if *hostPorts < 0 || (*hostPorts > 0 && *hostPorts+*population+*cycles > 65536) {
+		return usageError(fmt.Sprintf("--hostport-base %d: the pods' ports must fit below 65536", *hostPorts))
 	}
 	rtArgs, err := parseCNIArgs(*cniArgs)
 	if err != nil {
@@ -318,17 +322,18 @@ func runBench(ctx context.Context, args []string) error {
 		log = slog.New(slog.DiscardHandler)
 	}
 	res, err := addel.Run(ctx, addel.Options{
-		CNI:         cni,
-		Conf:        list,
-		Population:  *population,
-		Cycles:      *cycles,
-		Parallel:    *parallel,
-		IfName:      *ifName,
-		NetnsPrefix: *prefix,
-		Args:        rtArgs,
-		CapArgs:     caps,
-		Settle:      *settle,
-		Log:         log,
+		CNI:          cni,
+		Conf:         list,
+		Population:   *population,
+		Cycles:       *cycles,
+		Parallel:     *parallel,
+		IfName:       *ifName,
+		NetnsPrefix:  *prefix,
+		Args:         rtArgs,
+		CapArgs:      caps,
+		HostPortBase: *hostPorts,
+		Settle:       *settle,
+		Log:          log,
 	})
 	if err != nil {
 		return err

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# ADD/DEL latency of qoscni against the reference chain (bridge + host-local +
-# portmap + bandwidth from /usr/lib/cni), at several pod populations, in one
-# run. Prints a markdown table for docs/benchmarks.md.
+# ADD/DEL latency of qoscni against the reference chains (bridge + host-local
+# + portmap + bandwidth: Debian's v1.1.1 from /usr/lib/cni, and v1.10.0 with
+# portmap's and bridge's nftables backends, built by test/e2e/build.sh), at
+# several pod populations, in one run. Prints a markdown table for
+# docs/benchmarks.md.
 #
 # Every (population, plugin) run gets a fresh node netns and fresh IPAM,
 # state and libcni cache dirs; the two plugins alternate at each population
@@ -13,7 +15,12 @@
 #   PARALLEL=4               concurrent ADD/DEL while filling/draining (not timed)
 #   FAMILIES=4|dual          address families for BOTH plugins (default 4, as
 #                            the reference chain is specified v4-only)
-#   PLUGINS="qoscni ref"     which to run
+#   PLUGINS="qoscni ref ref110"  which to run (ref: Debian's v1.1.1; ref110:
+#                            v1.10.0, nftables backends)
+#   WORKLOAD=mapped|plain    mapped (default): every pod has a TCP hostPort
+#                            and a bandwidth limit both ways (100 Mbit/s,
+#                            1 Mbit bursts); plain: neither, as a pod without
+#                            annotations or ports
 set -euo pipefail
 
 . "$(dirname "$0")/../../scripts/lib.sh"
@@ -22,7 +29,8 @@ POPULATIONS=${POPULATIONS:-1 100 500}
 CYCLES=${CYCLES:-30}
 PARALLEL=${PARALLEL:-4}
 FAMILIES=${FAMILIES:-4}
-PLUGINS=${PLUGINS:-qoscni ref}
+PLUGINS=${PLUGINS:-qoscni ref ref110}
+WORKLOAD=${WORKLOAD:-mapped}
 NODE=qoscni-bench-node
 SETTLE=${SETTLE:-3} # seconds for the kernel to reap the last run's namespaces
 PREFIX=qcb$$        # pod netns names: $PREFIX-<tool pid>-<n>
@@ -42,6 +50,20 @@ trap 'exit 130' INT TERM
 
 case $PLUGINS in *qoscni*) build_bins qoscni ;; esac
 build_bins qoscni-cnitool
+REF110_PATH=""
+case $PLUGINS in *ref110*)
+	"$QOSCNI_ROOT/test/e2e/build.sh" cni-bridge cni-host-local cni-portmap cni-bandwidth >&2
+	for c in cni-bridge cni-host-local cni-portmap cni-bandwidth; do
+		REF110_PATH=$REF110_PATH${REF110_PATH:+:}$(dirname "$("$QOSCNI_ROOT/test/e2e/build.sh" --path "$c")")
+	done
+	;;
+esac
+case $WORKLOAD in
+mapped) WORKLOAD_ARGS=(--hostport-base 20000 --cap-args
+	'{"bandwidth":{"ingressRate":100000000,"ingressBurst":1000000,"egressRate":100000000,"egressBurst":1000000}}') ;;
+plain) WORKLOAD_ARGS=() ;;
+*) die "WORKLOAD=$WORKLOAD: want mapped or plain" ;;
+esac
 
 # conflist PLUGIN DIR: write DIR/conflist for one run.
 conflist() {
@@ -72,6 +94,16 @@ conflist() {
 		EOF
 		echo "$REF_CNI_DIR"
 		;;
+	ref110)
+		cat >"$dir/conflist" <<-EOF
+		{"cniVersion":"1.1.0","name":"ref110net","plugins":[
+		 {"type":"bridge","bridge":"refbr1","isGateway":true,"isDefaultGateway":true,"ipMasq":true,"ipMasqBackend":"nftables","hairpinMode":true,
+		  "ipam":{"type":"host-local","ranges":[[{"subnet":"10.24.0.0/16"}]$v6r],"dataDir":"$dir/ipam"}},
+		 {"type":"portmap","backend":"nftables","capabilities":{"portMappings":true}},
+		 {"type":"bandwidth","capabilities":{"bandwidth":true}}]}
+		EOF
+		echo "$REF110_PATH"
+		;;
 	esac
 }
 
@@ -86,7 +118,7 @@ for pop in $POPULATIONS; do
 		log "$plugin: population $pop, $CYCLES cycles"
 		cnitool "$NODE" bench --conflist "$dir/conflist" --cni-path "$cni_path" \
 			--cache-dir "$dir/cache" --population "$pop" --cycles "$CYCLES" \
-			--parallel "$PARALLEL" --prefix "$PREFIX" --label "$plugin" --format tsv --quiet |
+			--parallel "$PARALLEL" --prefix "$PREFIX" --label "$plugin" --format tsv --quiet "${WORKLOAD_ARGS[@]}" |
 			tee -a "$RESULTS"
 		netns_gone "$NODE"
 		sleep "$SETTLE"
@@ -94,7 +126,7 @@ for pop in $POPULATIONS; do
 done
 
 echo
-echo "ADD/DEL latency as libcni sees it (ms), $CYCLES cycles per row, families: $FAMILIES," \
+echo "ADD/DEL latency as libcni sees it (ms), workload $WORKLOAD, $CYCLES cycles per row, families: $FAMILIES," \
 	"$(nproc) CPUs, kernel $(uname -r), $(date -u +%Y-%m-%d)"
 echo
 awk -F'\t' '
@@ -108,12 +140,13 @@ BEGIN {
 }
 END {
 	print ""
-	print "| pods | ADD p50 ref/qoscni | DEL p50 ref/qoscni |"
-	print "|-----:|-------------------:|-------------------:|"
+	print "| pods | ADD p50 ref/qoscni | DEL p50 ref/qoscni | ADD p50 ref110/qoscni | DEL p50 ref110/qoscni |"
+	print "|-----:|-------------------:|-------------------:|----------------------:|----------------------:|"
 	for (i = 1; i <= n; i++) {
 		p = byorder[i]
-		ra = (("qoscni", p) in addp50 && ("ref", p) in addp50 && addp50["qoscni", p] > 0) ? sprintf("%.2fx", addp50["ref", p] / addp50["qoscni", p]) : "n/a"
-		rd = (("qoscni", p) in delp50 && ("ref", p) in delp50 && delp50["qoscni", p] > 0) ? sprintf("%.2fx", delp50["ref", p] / delp50["qoscni", p]) : "n/a"
-		printf "| %s | %s | %s |\n", p, ra, rd
+		printf "| %s | %s | %s | %s | %s |\n", p, ratio(addp50, "ref", p), ratio(delp50, "ref", p), ratio(addp50, "ref110", p), ratio(delp50, "ref110", p)
 	}
+}
+function ratio(a, ref, p) {
+	return ((("qoscni", p) in a) && ((ref, p) in a) && a["qoscni", p] > 0) ? sprintf("%.2fx", a[ref, p] / a["qoscni", p]) : "n/a"
 }' "$RESULTS"

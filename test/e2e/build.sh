@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the third-party binaries the e2e tests run (etcd, the Kubernetes
-# components, crictl, CoreDNS, containerd 2) from the Go module proxy, into a
+# components, crictl, CoreDNS, containerd 2, helm; and the reference CNI
+# plugins v1.10 test/bench/addel.sh compares with) from the Go module proxy, into a
 # cache keyed by component and version, and skips what is cached. Sources are
 # pinned by the build modules under test/e2e/build/ (their go.mod and go.sum),
 # not by this script.
@@ -49,6 +50,10 @@ containerd2      containerd    github.com/containerd/containerd/v2 github.com/co
 containerd2-shim containerd    github.com/containerd/containerd/v2 github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 containerd-shim-runc-v2
 ctr2             containerd    github.com/containerd/containerd/v2 github.com/containerd/containerd/v2/cmd/ctr ctr
 helm             helm          helm.sh/helm/v4             helm.sh/helm/v4/cmd/helm
+cni-bridge       cni-plugins   github.com/containernetworking/plugins github.com/containernetworking/plugins/plugins/main/bridge bridge
+cni-host-local   cni-plugins   github.com/containernetworking/plugins github.com/containernetworking/plugins/plugins/ipam/host-local host-local
+cni-portmap      cni-plugins   github.com/containernetworking/plugins github.com/containernetworking/plugins/plugins/meta/portmap portmap
+cni-bandwidth    cni-plugins   github.com/containernetworking/plugins github.com/containernetworking/plugins/plugins/meta/bandwidth bandwidth
 "
 
 die() { echo "test/e2e/build.sh: $*" >&2; exit 1; }
@@ -118,6 +123,10 @@ build_one() {
 		ldflags+=" -X $mod/version.Version=$v -X $mod/version.Package=$mod"
 		tags=urfave_cli_no_docs
 		[ "$(binary "$c")" = containerd-shim-runc-v2 ] && tags+=",no_grpc"
+	fi
+	if [ "$mod" = github.com/containernetworking/plugins ]; then
+		# What the plugins' build script stamps: they report it to VERSION.
+		ldflags+=" -X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=$v"
 	fi
 	if [ "$mod" = helm.sh/helm/v4 ]; then
 		# What helm's Makefile stamps: helm version reports the release.

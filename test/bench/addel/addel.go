@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -44,6 +45,10 @@ type Options struct {
 	// identity the benchmark generates.
 	Args    [][2]string
 	CapArgs map[string]interface{}
+	// HostPortBase, when not 0, gives pod i a TCP hostPort HostPortBase+i
+	// (to containerPort 8080) in its portMappings, as a pod with a hostPort
+	// gets from the runtime.
+	HostPortBase int
 	// Settle is a pause between the fill and the measured cycles: the
 	// kernel's own work for the interfaces just made (IPv6 duplicate
 	// address detection and router solicitations, under the RTNL lock
@@ -203,12 +208,20 @@ func newPod(o Options, i int) (*pod, error) {
 		{"K8S_POD_INFRA_CONTAINER_ID", p.containerID},
 		{"K8S_POD_UID", fmt.Sprintf("%s-%s-%s-%s-%s", h[0:8], h[8:12], h[12:16], h[16:20], h[20:32])},
 	}
+	caps := o.CapArgs
+	if o.HostPortBase != 0 {
+		caps = maps.Clone(o.CapArgs)
+		if caps == nil {
+			caps = map[string]interface{}{}
+		}
+		caps["portMappings"] = []map[string]interface{}{{"hostPort": o.HostPortBase + i, "containerPort": 8080, "protocol": "tcp"}}
+	}
 	p.rt = &libcni.RuntimeConf{
 		ContainerID:    p.containerID,
 		NetNS:          filepath.Join(netnsDir, p.netnsName),
 		IfName:         o.IfName,
 		Args:           append(args, o.Args...),
-		CapabilityArgs: o.CapArgs,
+		CapabilityArgs: caps,
 	}
 	return p, nil
 }
