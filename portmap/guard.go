@@ -153,12 +153,14 @@ func openTC(nsFd int) (*tcConn, error) {
 	return &tcConn{Tc: c, nsFd: nsFd}, nil
 }
 
+// readGuard reads the interface's hook qdisc alone (not the node's
+// every qdisc: ADD reads it twice, and a dump grows with the pods).
 func readGuard(c *tcConn, ifindex uint32) (guardState, error) {
-	qdiscs, err := tcdump.QdiscsAt(c.nsFd)
+	hook, err := tcdump.HookAt(c.nsFd, ifindex)
 	if err != nil {
 		return guardState{}, err
 	}
-	return readGuardFilters(c, ifindex, hasHook(qdiscs, ifindex))
+	return readGuardFilters(c, ifindex, hook != nil)
 }
 
 // hasHook reports whether the interface has a qdisc with an ingress hook.

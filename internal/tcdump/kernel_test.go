@@ -1,6 +1,7 @@
 package tcdump_test
 
 import (
+	"encoding/json"
 	"os"
 	"testing"
 
@@ -93,5 +94,49 @@ func TestQdiscsReadsWhatGoTCCannot(t *testing.T) {
 	defer g.Close()
 	if _, err := g.Qdisc().Get(); err != nil {
 		t.Logf("go-tc's dump of the same namespace: %v", err)
+	}
+}
+
+// TestHook reads one device's ingress hook qdisc: clsact, ingress, none
+// ever, and none after its deletion, beside a device with a hook that is
+// not asked about.
+func TestHook(t *testing.T) {
+	testnet.RequireRoot(t)
+	ns := testnet.NewNS(t, "qth")
+	for _, d := range []string{"h0", "h1", "h2", "h3"} {
+		ns.Exec(t, "ip", "link", "add", d, "type", "veth", "peer", "name", "p"+d)
+	}
+	ns.Exec(t, "tc", "qdisc", "add", "dev", "h0", "clsact")
+	ns.Exec(t, "tc", "qdisc", "add", "dev", "h1", "ingress")
+	ns.Exec(t, "tc", "qdisc", "add", "dev", "h3", "clsact")
+	ns.Exec(t, "tc", "qdisc", "del", "dev", "h3", "clsact")
+	ns.Exec(t, "tc", "qdisc", "add", "dev", "ph2", "clsact")
+	f, err := os.Open(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for dev, want := range map[string]string{"h0": "clsact", "h1": "ingress", "h2": "", "h3": ""} {
+		var link []struct {
+			Index int `json:"ifindex"`
+		}
+		if err := json.Unmarshal([]byte(ns.Exec(t, "ip", "-j", "link", "show", dev)), &link); err != nil || len(link) != 1 {
+			t.Fatalf("ip link show %s: %v", dev, err)
+		}
+		idx := link[0].Index
+		q, err := tcdump.HookAt(int(f.Fd()), uint32(idx))
+		got := ""
+		if q != nil {
+			got = q.Kind
+			if q.Ifindex != uint32(idx) || q.Parent != tc.HandleIngress {
+				t.Errorf("%s: %+v", dev, q.Msg)
+			}
+		}
+		if err != nil || got != want {
+			t.Errorf("%s: hook %q, %v; want %q", dev, got, err, want)
+		}
+	}
+	if _, err := tcdump.HookAt(int(f.Fd()), 999999); err == nil {
+		t.Error("no error for a missing device")
 	}
 }

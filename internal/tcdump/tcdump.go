@@ -18,6 +18,7 @@ package tcdump
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"time"
 
@@ -123,6 +124,49 @@ func Qdiscs(c *nl.Conn) ([]Qdisc, error) {
 		return nil, fmt.Errorf("dump qdiscs: %w", err)
 	}
 	return out, nil
+}
+
+// HookAt is the qdisc at device ifindex's ingress hook (clsact or
+// ingress) in the namespace nsFd (< 0: the caller's own), nil when it has
+// none: one request for that device, where a dump (Qdiscs) reads every
+// device of the node, so it costs the same at 1 and at 1000 pods.
+func HookAt(nsFd int, ifindex uint32) (*Qdisc, error) {
+	c, err := Dial(nsFd)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close() // the acknowledgement after the answer stays unread
+	deadline(c)
+	req := make([]byte, tcmsgLen)
+	binary.NativeEndian.PutUint32(req[4:], ifindex)
+	binary.NativeEndian.PutUint32(req[12:], tc.HandleIngress) // the hook's parent; handle 0: whichever qdisc is there
+	// The kernel answers a get as a notification, to the asking socket
+	// only with NLM_F_ECHO; the acknowledgement ends a get it has nothing
+	// to answer to.
+	msgs, err := c.Execute(nl.Message{Header: nl.Header{Type: unix.RTM_GETQDISC, Flags: nl.Request | nl.Echo | nl.Acknowledge}, Data: req})
+	// A device that never had a hook qdisc has no ingress queue (ENOENT);
+	// one whose hook qdisc was deleted keeps the built-in noop there,
+	// which the kernel does not report (EINVAL).
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EINVAL) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read the ingress hook qdisc of ifindex %d: %w", ifindex, err)
+	}
+	for _, m := range msgs {
+		if m.Header.Type != unix.RTM_NEWQDISC {
+			continue
+		}
+		q, err := Decode(m.Data)
+		if err != nil {
+			return nil, err
+		}
+		if q.Ifindex != ifindex || (q.Kind != "clsact" && q.Kind != "ingress") {
+			return nil, nil
+		}
+		return &q, nil
+	}
+	return nil, nil
 }
 
 // Classes dumps the classes of device ifindex, of every qdisc on it, in
