@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -147,7 +148,7 @@ func (r *Reconciler) cleanup(a attachment) error {
 		SpareReassigned: true,
 		Cleaners:        cleaners,
 		HierarchyLock:   r.hierarchyLock(),
-		Mark:            func(s teardown.Step) { fault.At("gc", points[s]) },
+		Mark:            func(s teardown.Step, _ time.Duration) { fault.At("gc", points[s]) },
 	})
 	return errors.Join(allocErr, err)
 }

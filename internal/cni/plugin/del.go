@@ -2,6 +2,7 @@ package plugin
 
 import (
 	"github.com/containernetworking/cni/pkg/skel"
+	"time"
 
 	"github.com/qoscni/qoscni/controls"
 	"github.com/qoscni/qoscni/internal/cni/netconf"
@@ -72,6 +73,7 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 		ReleaseLocalnet: true,
 		LocalnetDir:     portmap.LocalnetDir(conf.StateDir),
 		HierarchyLock:   p.hierarchyLock(),
-		Mark:            func(s teardown.Step) { st.mark(points[s]) },
+		Concurrent:      true,
+		Mark:            func(s teardown.Step, took time.Duration) { st.markTook(points[s], took) },
 	})
 }

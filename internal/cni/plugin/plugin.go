@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
@@ -67,10 +68,12 @@ func (p *Plugin) registerStateDir(dir string) {
 }
 
 // steps records the duration of each step of one command for debug logs.
+// Steps that run at once mark themselves with markTook.
 type steps struct {
 	log   *slog.Logger
 	op    string
 	start time.Time
+	mu    sync.Mutex
 	last  time.Time
 	attrs []any
 }
@@ -84,9 +87,21 @@ func (p *Plugin) steps(op string) *steps {
 // reliability tests may kill the plugin here (internal/fault).
 func (s *steps) mark(name string) {
 	fault.At(s.op, name)
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	now := time.Now()
 	s.attrs = append(s.attrs, name, now.Sub(s.last))
 	s.last = now
+}
+
+// markTook ends a step that measured its own time (it may have run beside
+// others, from any goroutine).
+func (s *steps) markTook(name string, took time.Duration) {
+	fault.At(s.op, name)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.attrs = append(s.attrs, name, took)
+	s.last = time.Now()
 }
 
 func (s *steps) done() {

@@ -20,6 +20,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -135,9 +137,18 @@ type Options struct {
 	// own veth (marker files in LocalnetDir) in the Devices step.
 	ReleaseLocalnet bool
 	LocalnetDir     string
+	// Concurrent runs the kernel steps between two durable ones at once,
+	// each on its own sockets, and in the Devices step deletes the veth and
+	// the IFB at once: each deletion, and each nftables transaction that
+	// removed objects, waits for an RCU grace period, and those waits
+	// overlap (make bench-floor). Only for callers whose Cleaners share no
+	// socket (the plugin's); the order between durable steps is kept.
+	Concurrent bool
 	// Mark is called after each step that ran (after a failed kernel step
-	// too): the callers' timings and fault-injection points.
-	Mark func(Step)
+	// too), with the step's own time: the callers' timings and
+	// fault-injection points. With Concurrent, the steps of a group call
+	// it from their own goroutines, as each ends.
+	Mark func(Step, time.Duration)
 }
 
 // Run tears the attachment key down. rec is its record, nil when there is
@@ -155,21 +166,56 @@ func Run(key state.Key, rec *state.Record, o Options) error {
 	}
 	defer t.close()
 	var errs []error
-	for _, s := range o.Order {
-		if s.durable() && len(errs) > 0 {
-			return errors.Join(errs...)
-		}
-		if err := t.step(s); err != nil {
-			if s.durable() {
+	for i := 0; i < len(o.Order); {
+		s := o.Order[i]
+		if s.durable() {
+			if len(errs) > 0 {
+				return errors.Join(errs...)
+			}
+			if err := t.timed(s); err != nil {
 				return err
 			}
-			errs = append(errs, err)
+			i++
+			continue
 		}
-		if o.Mark != nil {
-			o.Mark(s)
+		j := i + 1
+		for j < len(o.Order) && !o.Order[j].durable() && o.Concurrent {
+			j++
 		}
+		for _, err := range t.together(o.Order[i:j]) {
+			if err != nil {
+				errs = append(errs, err)
+			}
+		}
+		i = j
 	}
 	return errors.Join(errs...)
+}
+
+// timed runs one step and marks it.
+func (t *run) timed(s Step) error {
+	start := time.Now()
+	err := t.step(s)
+	if t.o.Mark != nil {
+		t.o.Mark(s, time.Since(start))
+	}
+	return err
+}
+
+// together runs kernel steps at once (one alone in place) and returns
+// their errors.
+func (t *run) together(steps []Step) []error {
+	errs := make([]error, len(steps))
+	if len(steps) == 1 {
+		errs[0] = t.timed(steps[0])
+		return errs
+	}
+	var wg sync.WaitGroup
+	for i, s := range steps {
+		wg.Go(func() { errs[i] = t.timed(s) })
+	}
+	wg.Wait()
+	return errs
 }
 
 type run struct {
@@ -208,21 +254,30 @@ func (t *run) open() error {
 		t.closers = append(t.closers, sh.Close)
 	}
 	if links && t.o.Links == nil {
-		var h *netlink.Handle
-		var err error
-		if t.o.NetnsFd >= 0 {
-			h, err = netlink.NewHandleAt(netns.NsHandle(t.o.NetnsFd))
-		} else {
-			h, err = netlink.NewHandle()
-		}
+		h, err := t.handle()
 		if err != nil {
 			t.close()
-			return fmt.Errorf("open netlink: %w", err)
+			return err
 		}
 		t.o.Links = h
 		t.closers = append(t.closers, h.Close)
 	}
 	return nil
+}
+
+// handle opens a netlink socket in the node namespace.
+func (t *run) handle() (*netlink.Handle, error) {
+	var h *netlink.Handle
+	var err error
+	if t.o.NetnsFd >= 0 {
+		h, err = netlink.NewHandleAt(netns.NsHandle(t.o.NetnsFd))
+	} else {
+		h, err = netlink.NewHandle()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open netlink: %w", err)
+	}
+	return h, nil
 }
 
 func (t *run) close() {
@@ -247,12 +302,13 @@ func (t *run) step(s Step) error {
 	case Masq:
 		return t.masq()
 	case Ports:
-		var errs []error
-		for _, c := range t.o.Cleaners {
+		errs := make([]error, len(t.o.Cleaners))
+		t.each(len(t.o.Cleaners), func(i int) {
+			c := t.o.Cleaners[i]
 			if err := c.Del(t.rec); err != nil {
-				errs = append(errs, fmt.Errorf("remove %s of %s: %w", c.Name(), t.id(), err))
+				errs[i] = fmt.Errorf("remove %s of %s: %w", c.Name(), t.id(), err)
 			}
-		}
+		})
 		return errors.Join(errs...)
 	case Record:
 		if t.o.Store == nil {
@@ -322,13 +378,38 @@ func (t *run) devices() error {
 		}
 		return errors.Join(errs...)
 	}
-	if err := podnet.DeleteLink(t.o.Links, podnet.HostVethName(t.key.ContainerID, t.key.IfName)); err != nil {
-		errs = append(errs, err)
+	// The veth and the IFB: with the veth goes its redirect to the IFB, so
+	// the IFB never receives from a deleted device; at once, with the
+	// IFB's own socket, an egress packet of the pod being deleted may meet
+	// a redirect to a device on its way out, and is dropped.
+	names := []string{podnet.HostVethName(t.key.ContainerID, t.key.IfName), t.ifb(true)}
+	handles := []*netlink.Handle{t.o.Links, t.o.Links}
+	if t.o.Concurrent {
+		h, err := t.handle()
+		if err != nil {
+			return errors.Join(append(errs, err)...)
+		}
+		defer h.Close()
+		handles[1] = h
 	}
-	if err := podnet.DeleteLink(t.o.Links, t.ifb(true)); err != nil {
-		errs = append(errs, err)
+	del := make([]error, len(names))
+	t.each(len(names), func(i int) { del[i] = podnet.DeleteLink(handles[i], names[i]) })
+	return errors.Join(append(errs, del...)...)
+}
+
+// each runs f(0..n-1), at once with Concurrent.
+func (t *run) each(n int, f func(int)) {
+	if !t.o.Concurrent {
+		for i := range n {
+			f(i)
+		}
+		return
 	}
-	return errors.Join(errs...)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { f(i) })
+	}
+	wg.Wait()
 }
 
 func (t *run) masq() error {

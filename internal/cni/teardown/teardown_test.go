@@ -4,6 +4,8 @@ import (
 	"errors"
 	"net"
 	"reflect"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -88,7 +90,7 @@ func TestOrder(t *testing.T) {
 			ip.onRelease = func() { atRelease = recordExists(t, store, rec.Key()) }
 			var marks []Step
 			err := Run(rec.Key(), rec, Options{Order: c.order, Store: store, IPAM: ip, Cleaners: []Cleaner{&fakeCleaner{}},
-				Mark: func(s Step) { marks = append(marks, s) }})
+				Mark: func(s Step, _ time.Duration) { marks = append(marks, s) }})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -113,7 +115,7 @@ func TestFailedStepKeepsRecord(t *testing.T) {
 	bad, good := &fakeCleaner{err: errors.New("boom")}, &fakeCleaner{}
 	var marks []Step
 	err := Run(rec.Key(), rec, Options{Order: []Step{Ports, Addresses, Record}, Store: store, IPAM: ip,
-		Cleaners: []Cleaner{bad, good}, Mark: func(s Step) { marks = append(marks, s) }})
+		Cleaners: []Cleaner{bad, good}, Mark: func(s Step, _ time.Duration) { marks = append(marks, s) }})
 	if err == nil || !errors.Is(err, bad.err) {
 		t.Fatalf("err = %v, want the cleaner's", err)
 	}
@@ -187,5 +189,59 @@ func TestChainedKeepsAddresses(t *testing.T) {
 	}
 	if len(ip.released) != 0 {
 		t.Errorf("released %v of a chained attachment", ip.released)
+	}
+}
+
+// meetCleaner returns only once its partner has started too, or fails
+// after a second: two of them pass only when they run at once.
+type meetCleaner struct {
+	here, there chan struct{}
+}
+
+func (c *meetCleaner) Name() string { return "meet" }
+
+func (c *meetCleaner) Del(*state.Record) error {
+	close(c.here)
+	select {
+	case <-c.there:
+		return nil
+	case <-time.After(time.Second):
+		return errors.New("ran alone")
+	}
+}
+
+// Concurrent: the kernel steps' work runs at once (here two cleaners that
+// each wait for the other), every step is marked, and the durable steps
+// still run after them, in order.
+func TestConcurrentKernelSteps(t *testing.T) {
+	store, rec := saved(t)
+	ip := &fakeIPAM{}
+	ip.onRelease = func() {
+		if recordExists(t, store, rec.Key()) {
+			t.Error("addresses released before the record went")
+		}
+	}
+	a, b := make(chan struct{}), make(chan struct{})
+	var mu sync.Mutex
+	var marks []Step
+	err := Run(rec.Key(), rec, Options{Order: []Step{Ports, Record, Addresses}, Store: store, IPAM: ip, Concurrent: true,
+		Cleaners: []Cleaner{&meetCleaner{a, b}, &meetCleaner{b, a}},
+		Mark:     func(s Step, _ time.Duration) { mu.Lock(); marks = append(marks, s); mu.Unlock() }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(marks, []Step{Ports, Record, Addresses}) {
+		t.Errorf("marked %v", marks)
+	}
+	if recordExists(t, store, rec.Key()) || len(ip.released) != 1 {
+		t.Errorf("record left or addresses not released (%v)", ip.released)
+	}
+	// Without Concurrent the same cleaners run one after the other.
+	store, rec = saved(t)
+	a, b = make(chan struct{}), make(chan struct{})
+	err = Run(rec.Key(), rec, Options{Order: []Step{Ports, Record}, Store: store,
+		Cleaners: []Cleaner{&meetCleaner{a, b}, &meetCleaner{b, a}}})
+	if err == nil || !strings.Contains(err.Error(), "ran alone") || !recordExists(t, store, rec.Key()) {
+		t.Errorf("sequential: %v (record kept: %v)", err, recordExists(t, store, rec.Key()))
 	}
 }
