@@ -13,6 +13,9 @@
 #   POPULATIONS="1 100 500"  pods present while measuring
 #   CYCLES=30                measured ADD+DEL cycles per run
 #   PARALLEL=4               concurrent ADD/DEL while filling/draining (not timed)
+#   FILL_SETTLE=10s          pause after the fill before the measured cycles:
+#                            the kernel's own work for the interfaces just made
+#                            (IPv6 DAD, router solicitations) ends first
 #   FAMILIES=4|dual          address families for BOTH plugins (default 4, as
 #                            the reference chain is specified v4-only)
 #   PLUGINS="qoscni ref ref110"  which to run (ref: Debian's v1.1.1; ref110:
@@ -31,6 +34,7 @@ PARALLEL=${PARALLEL:-4}
 FAMILIES=${FAMILIES:-4}
 PLUGINS=${PLUGINS:-qoscni ref ref110}
 WORKLOAD=${WORKLOAD:-mapped}
+FILL_SETTLE=${FILL_SETTLE:-10s}
 NODE=qoscni-bench-node
 SETTLE=${SETTLE:-3} # seconds for the kernel to reap the last run's namespaces
 PREFIX=qcb$$        # pod netns names: $PREFIX-<tool pid>-<n>
@@ -118,7 +122,7 @@ for pop in $POPULATIONS; do
 		log "$plugin: population $pop, $CYCLES cycles"
 		cnitool "$NODE" bench --conflist "$dir/conflist" --cni-path "$cni_path" \
 			--cache-dir "$dir/cache" --population "$pop" --cycles "$CYCLES" \
-			--parallel "$PARALLEL" --prefix "$PREFIX" --label "$plugin" --format tsv --quiet "${WORKLOAD_ARGS[@]}" |
+			--parallel "$PARALLEL" --prefix "$PREFIX" --label "$plugin" --format tsv --quiet --settle "$FILL_SETTLE" "${WORKLOAD_ARGS[@]}" |
 			tee -a "$RESULTS"
 		netns_gone "$NODE"
 		sleep "$SETTLE"

@@ -138,11 +138,12 @@ type Options struct {
 	ReleaseLocalnet bool
 	LocalnetDir     string
 	// Concurrent runs the kernel steps between two durable ones at once,
-	// each on its own sockets, and in the Devices step deletes the veth and
-	// the IFB at once: each deletion, and each nftables transaction that
-	// removed objects, waits for an RCU grace period, and those waits
-	// overlap (make bench-floor). Only for callers whose Cleaners share no
-	// socket (the plugin's); the order between durable steps is kept.
+	// each on its own sockets, and in the Devices step (in the caller's own
+	// namespace) deletes the veth and the IFB in one request: each device
+	// deletion and each nftables transaction that removed objects waits
+	// for an RCU grace period (make bench-floor). Only for callers whose
+	// Cleaners share no socket (the plugin's); the order between durable
+	// steps is kept.
 	Concurrent bool
 	// Mark is called after each step that ran (after a failed kernel step
 	// too), with the step's own time: the callers' timings and
@@ -378,23 +379,21 @@ func (t *run) devices() error {
 		}
 		return errors.Join(errs...)
 	}
-	// The veth and the IFB: with the veth goes its redirect to the IFB, so
-	// the IFB never receives from a deleted device; at once, with the
-	// IFB's own socket, an egress packet of the pod being deleted may meet
-	// a redirect to a device on its way out, and is dropped.
-	names := []string{podnet.HostVethName(t.key.ContainerID, t.key.IfName), t.ifb(true)}
-	handles := []*netlink.Handle{t.o.Links, t.o.Links}
-	if t.o.Concurrent {
-		h, err := t.handle()
-		if err != nil {
-			return errors.Join(append(errs, err)...)
-		}
-		defer h.Close()
-		handles[1] = h
+	// The veth (its pod end goes with it) and the IFB. Concurrent, in the
+	// caller's own namespace: in one request (podnet.DeleteTogether), and
+	// an egress packet of the pod being deleted may then meet a redirect
+	// to an IFB already gone, and is dropped. Otherwise the veth first:
+	// its redirect to the IFB goes with it.
+	veth, ifb := podnet.HostVethName(t.key.ContainerID, t.key.IfName), t.ifb(true)
+	if t.o.Concurrent && t.o.NetnsFd < 0 {
+		return errors.Join(append(errs, podnet.DeleteTogether(t.o.Links, veth, ifb))...)
 	}
-	del := make([]error, len(names))
-	t.each(len(names), func(i int) { del[i] = podnet.DeleteLink(handles[i], names[i]) })
-	return errors.Join(append(errs, del...)...)
+	for _, name := range []string{veth, ifb} {
+		if err := podnet.DeleteLink(t.o.Links, name); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // each runs f(0..n-1), at once with Concurrent.
