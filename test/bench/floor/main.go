@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
@@ -70,6 +71,10 @@ func main() {
 		add("delete a veth pair, then an IFB", func() (time.Duration, error) { return deleteLinks(veth("flv"), ifb("fli")) })
 		add("delete a veth pair and an IFB at once (two sockets)", func() (time.Duration, error) { return deleteConcurrently(veth("flv"), ifb("fli")) })
 		add("delete a veth pair and an IFB in one request (a device group)", func() (time.Duration, error) { return deleteGroup(veth("flv"), ifb("fli")) })
+		add("delete a veth pair on a bridge, with a TBF root", func() (time.Duration, error) { return deleteLinks(bridged("flb")) })
+		add("nftables: remove a set element (one transaction, socket closed)", func() (time.Duration, error) { return nftRemove(1) })
+		add("nftables: remove two set elements in two transactions", func() (time.Duration, error) { return nftRemove(2) })
+		add("nftables: open, read the table, close", func() (time.Duration, error) { return nftRemove(0) })
 	}); err != nil {
 		fmt.Fprintln(os.Stderr, "floor:", err)
 		os.Exit(1)
@@ -206,6 +211,91 @@ func deleteGroup(makers ...func() (netlink.Link, error)) (time.Duration, error) 
 	req.AddData(nl.NewRtAttr(unix.IFLA_GROUP, nl.Uint32Attr(group)))
 	if _, err := req.Execute(unix.NETLINK_ROUTE, 0); err != nil {
 		return 0, err
+	}
+	return time.Since(start), nil
+}
+
+// bridged makes a veth pair whose first end is a port of bridge flbr
+// (made once) with a TBF root qdisc, as a pod's host veth is.
+func bridged(name string) func() (netlink.Link, error) {
+	return func() (netlink.Link, error) {
+		br, err := netlink.LinkByName("flbr")
+		if err != nil {
+			br = &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "flbr"}}
+			if err := netlink.LinkAdd(br); err != nil {
+				return nil, err
+			}
+			if err := netlink.LinkSetUp(br); err != nil {
+				return nil, err
+			}
+		}
+		l, err := veth(name)()
+		if err != nil {
+			return nil, err
+		}
+		if err := netlink.LinkSetMaster(l, br); err != nil {
+			return nil, err
+		}
+		if err := netlink.LinkSetUp(l); err != nil {
+			return nil, err
+		}
+		tbf := &netlink.Tbf{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: l.Attrs().Index, Handle: netlink.MakeHandle(1, 0), Parent: netlink.HANDLE_ROOT},
+			Rate: 100e6 / 8, Limit: 125000, Buffer: 125000}
+		return l, netlink.QdiscAdd(tbf)
+	}
+}
+
+// nftRemove adds n elements to a set of table inet qoscni-floor (made
+// once), then times removing them, each in its own transaction on its own
+// socket, closed: the wait for a grace period that follows a transaction
+// removing objects. n = 0 times a socket that only reads.
+func nftRemove(n int) (time.Duration, error) {
+	t := &nftables.Table{Family: nftables.TableFamilyINet, Name: "qoscni-floor"}
+	set := &nftables.Set{Table: t, Name: "s", KeyType: nftables.TypeIPAddr}
+	c, err := nftables.New()
+	if err != nil {
+		return 0, err
+	}
+	c.AddTable(t)
+	if err := c.AddSet(set, nil); err != nil {
+		return 0, err
+	}
+	for i := range n {
+		if err := c.SetAddElements(set, []nftables.SetElement{{Key: []byte{10, 0, 0, byte(i + 1)}}}); err != nil {
+			return 0, err
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return 0, err
+	}
+	if err := c.CloseLasting(); err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	if n == 0 {
+		c, err := nftables.New()
+		if err != nil {
+			return 0, err
+		}
+		if _, err := c.ListTableOfFamily(t.Name, t.Family); err != nil {
+			return 0, err
+		}
+		return time.Since(start), c.CloseLasting()
+	}
+	for i := range n {
+		c, err := nftables.New()
+		if err != nil {
+			return 0, err
+		}
+		if err := c.SetDeleteElements(set, []nftables.SetElement{{Key: []byte{10, 0, 0, byte(i + 1)}}}); err != nil {
+			return 0, err
+		}
+		if err := c.Flush(); err != nil {
+			return 0, err
+		}
+		if err := c.CloseLasting(); err != nil {
+			return 0, err
+		}
 	}
 	return time.Since(start), nil
 }
