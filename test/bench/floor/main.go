@@ -110,8 +110,7 @@ func execTime(stdin []byte, path string, env ...string) (time.Duration, error) {
 // inNetns runs f on a locked thread in a new network namespace, removed
 // afterwards.
 func inNetns(f func()) error {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
+	runtime.LockOSThread() // unlocked only once back: a thread left elsewhere dies with the tool
 	orig, err := netns.Get()
 	if err != nil {
 		return err
@@ -122,7 +121,11 @@ func inNetns(f func()) error {
 		return err
 	}
 	defer ns.Close()
-	defer func() { _ = netns.Set(orig) }()
+	defer func() {
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
+	}()
 	f()
 	return nil
 }
