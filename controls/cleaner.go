@@ -71,3 +71,20 @@ func (c *Cleaner) GC(live []*state.Record) (int, error) {
 	defer m.Close()
 	return m.GC(c.seen.Pass(live))
 }
+
+// Queue puts the removal of the record's control elements into b, to be
+// sent on r in one transaction with other removals. A provisional record
+// is not handled here (handled false): Del finds its elements by owner.
+func (c *Cleaner) Queue(rec *state.Record, r *nfraw.Conn, b *nfraw.Batch) (after func() error, handled bool, err error) {
+	if rec.Provisional {
+		return nil, false, nil
+	}
+	if rec.Controls.Empty() {
+		return nil, true, nil
+	}
+	ips, err := IPsOf(rec)
+	if err != nil {
+		return nil, true, err
+	}
+	return nil, true, queueDel(r, newLayout(), b, OwnerOf(rec), ips)
+}

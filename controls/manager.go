@@ -224,25 +224,34 @@ func refuseFlowtables(raw *nfraw.Conn) error {
 // this DEL is retried). Missing elements, sets or table are no error.
 func (m *Manager) Del(owner Owner, ips []net.IP) error {
 	b := &nfraw.Batch{}
+	if err := queueDel(m.raw, m.l, b, owner, ips); err != nil {
+		return err
+	}
+	if err := m.raw.Send(b); err != nil {
+		return fmt.Errorf("remove controls of %s: %w", owner, err)
+	}
+	return nil
+}
+
+// queueDel puts the removal of the addresses' elements that owner holds
+// into b.
+func queueDel(r *nfraw.Conn, l *layout, b *nfraw.Batch, owner Owner, ips []net.IP) error {
 	for _, ip := range ips {
 		key, v6 := addrKey(ip)
-		for _, s := range m.l.sets {
+		for _, s := range l.sets {
 			if (s.KeyType == nftables.TypeIP6Addr) != v6 {
 				continue
 			}
-			el, found, err := m.raw.GetElem(m.l.table.Name, s.Name, key)
+			el, found, err := r.GetElem(l.table.Name, s.Name, key)
 			if err != nil {
 				return err
 			}
 			if o, ok := nfraw.DecodeOwner(el.Comment); found && ok && o.Same(owner) {
-				if err := b.Destroy(m.l.table.Name, s.Name, key); err != nil {
+				if err := b.Destroy(l.table.Name, s.Name, key); err != nil {
 					return err
 				}
 			}
 		}
-	}
-	if err := m.raw.Send(b); err != nil {
-		return fmt.Errorf("remove controls of %s: %w", owner, err)
 	}
 	return nil
 }

@@ -62,3 +62,34 @@ func (c *Cleaner) GC(live []*state.Record) (int, error) {
 	defer m.Close()
 	return m.GC(c.seen.Pass(live))
 }
+
+// Queue puts the removal of the elements the record lists, and that the
+// attachment still owns, into b, to be sent on r in one transaction with
+// other removals; after runs once it was sent (the UDP conntrack flush).
+// A provisional record is not handled here (handled false): Del finds its
+// elements by owner.
+func (c *Cleaner) Queue(rec *state.Record, r *nfraw.Conn, b *nfraw.Batch) (after func() error, handled bool, err error) {
+	if rec.Provisional {
+		return nil, false, nil
+	}
+	if len(rec.Ports) == 0 {
+		return nil, true, nil
+	}
+	maps, err := FromState(rec.Ports)
+	if err != nil {
+		return nil, true, fmt.Errorf("hostPorts of %s/%s: %w", rec.ContainerID, rec.IfName, err)
+	}
+	l := newLayout()
+	obs, err := compareOn(r, l, OwnerOf(rec), desiredOf(l, maps))
+	if err != nil {
+		return nil, true, err
+	}
+	for _, o := range obs {
+		if o.state == elemOK || o.state == elemStale {
+			if err := b.Delete(l.table.Name, o.set.Name, o.key); err != nil {
+				return nil, true, err
+			}
+		}
+	}
+	return func() error { return (&Manager{nsFd: c.nsFd}).flushConntrack(maps) }, true, nil
+}

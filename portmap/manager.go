@@ -121,16 +121,18 @@ type desired struct {
 	hairp bool
 }
 
-func (m *Manager) desiredElems(maps []Mapping) []desired {
+func (m *Manager) desiredElems(maps []Mapping) []desired { return desiredOf(m.l, maps) }
+
+func desiredOf(l *layout, maps []Mapping) []desired {
 	var out []desired
 	seenPod := map[string]bool{}
 	for i := range maps {
 		mp := &maps[i]
-		out = append(out, desired{set: m.l.mapFor(*mp), key: elemKey(*mp), val: elemValue(*mp),
+		out = append(out, desired{set: l.mapFor(*mp), key: elemKey(*mp), val: elemValue(*mp),
 			what: "hostPort " + mp.String(), m: mp})
 		if ip := mp.PodIP.String(); !seenPod[ip] {
 			seenPod[ip] = true
-			out = append(out, desired{set: m.l.hairpinFor(mp.PodIP), key: hairpinKey(mp.PodIP),
+			out = append(out, desired{set: l.hairpinFor(mp.PodIP), key: hairpinKey(mp.PodIP),
 				what: "hairpin for " + ip, hairp: true})
 		}
 	}
@@ -160,9 +162,14 @@ type observed struct {
 // comparison routine behind ADD (what to write), DEL (what is ours to
 // remove) and CHECK (what differs).
 func (m *Manager) compare(owner Owner, want []desired) ([]observed, error) {
+	return compareOn(m.raw, m.l, owner, want)
+}
+
+// compareOn looks each wanted element up on r.
+func compareOn(r *nfraw.Conn, l *layout, owner Owner, want []desired) ([]observed, error) {
 	out := make([]observed, 0, len(want))
 	for _, d := range want {
-		el, found, err := m.raw.GetElem(m.l.table.Name, d.set.Name, d.key)
+		el, found, err := r.GetElem(l.table.Name, d.set.Name, d.key)
 		if err != nil {
 			return nil, err
 		}

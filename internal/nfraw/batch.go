@@ -51,6 +51,17 @@ func (b *Batch) Destroy(table, set string, keys ...[]byte) error {
 	return b.queue(msgDestroySetElem, 0, table, set, els)
 }
 
+// Delete queues the removal of the elements with these keys; unlike
+// Destroy it works on kernels before 6.3, and a key not in the set fails
+// the whole batch (ENOENT), so callers queue only keys they found.
+func (b *Batch) Delete(table, set string, keys ...[]byte) error {
+	els := make([]Element, len(keys))
+	for i, k := range keys {
+		els[i].Key = k
+	}
+	return b.queue(unix.NFT_MSG_DELSETELEM, 0, table, set, els)
+}
+
 // elemsPerMsg bounds one message's element list, a netlink attribute
 // whose length is 16 bits: an element with an owner comment and two
 // expressions takes < 320 bytes.

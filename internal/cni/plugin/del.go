@@ -74,6 +74,7 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 		LocalnetDir:     portmap.LocalnetDir(conf.StateDir),
 		HierarchyLock:   p.hierarchyLock(),
 		Concurrent:      true,
+		OneTransaction:  true,
 		Mark:            func(s teardown.Step, took time.Duration) { st.markTook(points[s], took) },
 	})
 }

@@ -11,6 +11,8 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
+
+	"github.com/qoscni/qoscni/internal/nfraw"
 )
 
 // TableName is the nftables table qoscni owns (family inet). Every feature
@@ -298,6 +300,29 @@ func (m *Masq) Del(ips []net.IP) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// QueueMasqDel puts the removal of the addresses' masquerade elements that
+// are there into b, to be sent on r in one transaction with other
+// removals (Del sends one transaction per address).
+func QueueMasqDel(r *nfraw.Conn, b *nfraw.Batch, ips []net.IP) error {
+	for _, ip := range ips {
+		set := masqSrc4
+		if ip.To4() == nil {
+			set = masqSrc6
+		}
+		key := ipKey(ip)
+		_, found, err := r.GetElem(TableName, set, key)
+		if err != nil {
+			return fmt.Errorf("look up %s in %s: %w", ip, set, err)
+		}
+		if found {
+			if err := b.Delete(TableName, set, key); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // Has reports whether an address is in its masquerade set.
