@@ -223,7 +223,7 @@ func (t *run) timed(s Step) error {
 // their errors. With OneTransaction, Masq and Ports run as one.
 func (t *run) together(steps []Step) []error {
 	errs := make([]error, len(steps))
-	if len(steps) == 1 {
+	if len(steps) == 1 && !(t.o.OneTransaction && (steps[0] == Masq || steps[0] == Ports)) {
 		errs[0] = t.timed(steps[0])
 		return errs
 	}

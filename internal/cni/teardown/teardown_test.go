@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qoscni/qoscni/internal/nfraw"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/ipam"
 )
@@ -243,5 +244,46 @@ func TestConcurrentKernelSteps(t *testing.T) {
 		Cleaners: []Cleaner{&meetCleaner{a, b}, &meetCleaner{b, a}}})
 	if err == nil || !strings.Contains(err.Error(), "ran alone") || !recordExists(t, store, rec.Key()) {
 		t.Errorf("sequential: %v (record kept: %v)", err, recordExists(t, store, rec.Key()))
+	}
+}
+
+// queuer is a Cleaner that queues (nothing: the batch stays empty, so the
+// transaction sends nothing) and says whether it handled the record.
+type queuer struct {
+	fakeCleaner
+	handled       bool
+	queued, after int
+}
+
+func (q *queuer) Queue(rec *state.Record, _ *nfraw.Conn, _ *nfraw.Batch) (func() error, bool, error) {
+	q.queued++
+	if !q.handled {
+		return nil, false, nil
+	}
+	return func() error { q.after++; return nil }, true, nil
+}
+
+// OneTransaction: a Queuer that handles the record queues and its after
+// runs once the transaction went, without its Del; one that does not
+// handle it, and a plain Cleaner, run Del; the step is marked once.
+func TestOneTransaction(t *testing.T) {
+	store, rec := saved(t)
+	yes, no, plain := &queuer{handled: true}, &queuer{}, &fakeCleaner{}
+	var marks []Step
+	var mu sync.Mutex
+	err := Run(rec.Key(), rec, Options{Order: []Step{Ports, Record}, Store: store, Concurrent: true, OneTransaction: true,
+		Cleaners: []Cleaner{yes, no, plain},
+		Mark:     func(s Step, _ time.Duration) { mu.Lock(); marks = append(marks, s); mu.Unlock() }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if yes.queued != 1 || yes.after != 1 || len(yes.seen) != 0 {
+		t.Errorf("handling queuer: queued %d, after %d, Del %d; want 1, 1, 0", yes.queued, yes.after, len(yes.seen))
+	}
+	if no.queued != 1 || len(no.seen) != 1 || len(plain.seen) != 1 {
+		t.Errorf("not handling queuer: queued %d, Del %d; plain Del %d; want 1, 1, 1", no.queued, len(no.seen), len(plain.seen))
+	}
+	if !reflect.DeepEqual(marks, []Step{Ports, Record}) || recordExists(t, store, rec.Key()) {
+		t.Errorf("marked %v, record kept %v", marks, recordExists(t, store, rec.Key()))
 	}
 }
