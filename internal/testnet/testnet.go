@@ -347,6 +347,21 @@ func Iperf3Refused(out string) bool {
 		strings.Contains(out, "unable to receive control message")
 }
 
+// Iperf3Retry runs an iperf3 client (run returns its output, stdout and
+// stderr as the caller has them) until it is not refused, at most 4 times,
+// 1 s apart, and returns the last run's output and error.
+func Iperf3Retry(t testing.TB, server string, run func() (string, error)) (string, error) {
+	t.Helper()
+	for try := 1; ; try++ {
+		out, err := run()
+		if try == 4 || !Iperf3Refused(out) {
+			return out, err
+		}
+		t.Logf("iperf3 to %s, try %d refused; again in 1 s", server, try)
+		time.Sleep(time.Second)
+	}
+}
+
 // Iperf3Rate runs a client in ns against server for secs seconds and
 // returns the goodput the receiver saw in bit/s. reverse makes the server
 // send.
@@ -357,17 +372,11 @@ func Iperf3Rate(t testing.TB, ns *NS, server string, secs int, reverse bool) flo
 	if reverse {
 		args = append(args, "-R")
 	}
-	var out []byte
-	var err error
-	for try := 1; ; try++ {
-		out, err = exec.Command("ip", args...).Output()
-		if try < 4 && Iperf3Refused(string(out)) {
-			t.Logf("iperf3 to %s, try %d refused; again in 1 s", server, try)
-			time.Sleep(time.Second)
-			continue
-		}
-		break
-	}
+	o, err := Iperf3Retry(t, server, func() (string, error) {
+		out, err := exec.Command("ip", args...).Output()
+		return string(out), err
+	})
+	out := []byte(o)
 	if err != nil {
 		t.Fatalf("iperf3 client: %v: %s", err, out)
 	}

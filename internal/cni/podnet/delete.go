@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
@@ -65,12 +66,9 @@ func DeleteTogether(h *netlink.Handle, names ...string) error {
 }
 
 func linkNames(links []netlink.Link) string {
-	s := ""
+	names := make([]string, len(links))
 	for i, l := range links {
-		if i > 0 {
-			s += ", "
-		}
-		s += l.Attrs().Name
+		names[i] = l.Attrs().Name
 	}
-	return s
+	return strings.Join(names, ", ")
 }

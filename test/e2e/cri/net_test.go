@@ -155,23 +155,17 @@ func measure(t *testing.T, server string, secs int, reverse bool) iperfRun {
 	if reverse {
 		args = append(args, "-R")
 	}
-	var stderr bytes.Buffer
-	var out []byte
-	var err error
 	// A client right behind the last test is sometimes refused (CI saw the
 	// egress run fail at once after the ingress one): retried.
-	for try := 1; ; try++ {
+	var stderr bytes.Buffer
+	o, err := testnet.Iperf3Retry(t, server, func() (string, error) {
 		stderr.Reset()
 		cmd := exec.Command("iperf3", args...)
 		cmd.Stderr = &stderr
-		out, err = cmd.Output()
-		if try < 4 && testnet.Iperf3Refused(string(out)+stderr.String()) {
-			t.Logf("iperf3 to %s, try %d refused; again in 1 s", server, try)
-			time.Sleep(time.Second)
-			continue
-		}
-		break
-	}
+		out, err := cmd.Output()
+		return string(out) + stderr.String(), err
+	})
+	out := []byte(strings.TrimSuffix(o, stderr.String()))
 	var r iperfJSON
 	if jerr := json.Unmarshal(out, &r); jerr != nil || err != nil || r.Error != "" {
 		t.Fatalf("iperf3 %s: %v %v %s\n%s\n%s", strings.Join(args, " "), err, jerr, r.Error, out, stderr.String())

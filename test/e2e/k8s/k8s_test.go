@@ -560,27 +560,11 @@ func measure(t *testing.T, ns *testnet.NS, server string, secs int, reverse bool
 	}
 	// A client right behind the last test is sometimes refused (seen in 1
 	// of 3 runs between the two directions): retried.
-	for try := 1; ; try++ {
-		out, err := ns.Try(args[0], args[1:]...)
-		if try < 4 && testnet.Iperf3Refused(out) {
-			t.Logf("iperf3 to %s, try %d: %s; again in 1 s", server, try, iperf3Error(out))
-			time.Sleep(time.Second)
-			continue
-		}
-		if err != nil {
-			t.Fatalf("iperf3: %v: %s", err, out)
-		}
-		return parseIperf3(t, []byte(out))
+	out, err := testnet.Iperf3Retry(t, server, func() (string, error) { return ns.Try(args[0], args[1:]...) })
+	if err != nil {
+		t.Fatalf("iperf3: %v: %s", err, out)
 	}
-}
-
-// iperf3Error is the error of a -J report ("" when it has none).
-func iperf3Error(out string) string {
-	var r struct {
-		Error string `json:"error"`
-	}
-	_ = json.Unmarshal([]byte(out), &r)
-	return r.Error
+	return parseIperf3(t, []byte(out))
 }
 
 func parseIperf3(t *testing.T, out []byte) rates {
