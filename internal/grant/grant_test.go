@@ -3,6 +3,7 @@ package grant
 import (
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -138,4 +139,32 @@ func TestRemoveClaim(t *testing.T) {
 	if n, err := RemoveClaim(filepath.Join(dir, "none"), "c1"); err != nil || n != 0 {
 		t.Fatalf("no directory: %d %v", n, err)
 	}
+}
+
+// TestIsUID: the hand-written check accepts exactly what the pattern
+// ^[0-9A-Za-z][0-9A-Za-z-]{0,127}$ does.
+func TestIsUID(t *testing.T) {
+	pattern := regexp.MustCompile(`^[0-9A-Za-z][0-9A-Za-z-]{0,127}$`)
+	cases := []string{"", "-", "a", "-a", "a-", "0", "Z9-x", "a/b", "..", ".", "a b", "é", "a\x00",
+		"0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", strings.Repeat("a", 128), strings.Repeat("a", 129),
+		"a" + strings.Repeat("-", 127), "a" + strings.Repeat("-", 128), "a_b", "A:B"}
+	for c := byte(0); c < 128; c++ {
+		cases = append(cases, string([]byte{'a', c}), string([]byte{c}))
+	}
+	for _, v := range cases {
+		if got, want := isUID(v), pattern.MatchString(v); got != want {
+			t.Errorf("isUID(%q) = %v, the pattern says %v", v, got, want)
+		}
+	}
+}
+
+func FuzzIsUID(f *testing.F) {
+	pattern := regexp.MustCompile(`^[0-9A-Za-z][0-9A-Za-z-]{0,127}$`)
+	f.Add("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0")
+	f.Add("-x")
+	f.Fuzz(func(t *testing.T, v string) {
+		if got, want := isUID(v), pattern.MatchString(v); got != want {
+			t.Errorf("isUID(%q) = %v, the pattern says %v", v, got, want)
+		}
+	})
 }
