@@ -6,6 +6,7 @@ package main
 
 import (
 	"bytes"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -75,6 +76,11 @@ func main() {
 		add("nftables: remove a set element (one transaction, socket closed)", func() (time.Duration, error) { return nftRemove(1) })
 		add("nftables: remove two set elements in two transactions", func() (time.Duration, error) { return nftRemove(2) })
 		add("nftables: open, read the table, close", func() (time.Duration, error) { return nftRemove(0) })
+		for _, o := range []nftOrder{closeFirst, atOnce, closeLast} {
+			add("nftables removal and a veth pair and IFB in one request: "+o.String(), func() (time.Duration, error) {
+				return nftAndDevices(o, veth("flv"), ifb("fli"))
+			})
+		}
 	}); err != nil {
 		fmt.Fprintln(os.Stderr, "floor:", err)
 		os.Exit(1)
@@ -301,6 +307,86 @@ func nftRemove(n int) (time.Duration, error) {
 		}
 	}
 	return time.Since(start), nil
+}
+
+// nftOrder is where an element-removing transaction's socket closes
+// relative to a device deletion.
+type nftOrder int
+
+const (
+	closeFirst nftOrder = iota // commit, close, then the devices
+	atOnce                     // commit and close beside the devices
+	closeLast                  // commit, the devices, then close
+)
+
+func (o nftOrder) String() string {
+	return [...]string{"commit and close, then the devices", "commit and close beside the devices", "commit, the devices, then close"}[o]
+}
+
+// nftAndDevices times one element-removing transaction and one deletion
+// of the devices as a group, with the nftables socket closed before,
+// beside or after the deletion: whether the two grace-period waits
+// overlap.
+func nftAndDevices(o nftOrder, makers ...func() (netlink.Link, error)) (time.Duration, error) {
+	links, err := makeUp(makers)
+	if err != nil {
+		return 0, err
+	}
+	const group = 0x51c1
+	for _, l := range links {
+		if err := netlink.LinkSetGroup(l, group); err != nil {
+			return 0, err
+		}
+	}
+	t := &nftables.Table{Family: nftables.TableFamilyINet, Name: "qoscni-floor"}
+	set := &nftables.Set{Table: t, Name: "s", KeyType: nftables.TypeIPAddr}
+	key := []nftables.SetElement{{Key: []byte{10, 0, 1, 1}}}
+	c, err := nftables.New()
+	if err != nil {
+		return 0, err
+	}
+	c.AddTable(t)
+	if err := c.AddSet(set, key); err != nil {
+		return 0, err
+	}
+	if err := c.Flush(); err != nil {
+		return 0, err
+	}
+	devices := func() error {
+		req := nl.NewNetlinkRequest(unix.RTM_DELLINK, unix.NLM_F_ACK)
+		req.AddData(nl.NewIfInfomsg(unix.AF_UNSPEC))
+		req.AddData(nl.NewRtAttr(unix.IFLA_GROUP, nl.Uint32Attr(group)))
+		_, err := req.Execute(unix.NETLINK_ROUTE, 0)
+		return err
+	}
+	start := time.Now()
+	rc, err := nftables.New(nftables.AsLasting())
+	if err != nil {
+		return 0, err
+	}
+	if err := rc.SetDeleteElements(set, key); err != nil {
+		return 0, err
+	}
+	if err := rc.Flush(); err != nil {
+		return 0, err
+	}
+	switch o {
+	case closeFirst:
+		if err := rc.CloseLasting(); err != nil {
+			return 0, err
+		}
+		err = devices()
+	case atOnce:
+		var cerr error
+		var wg sync.WaitGroup
+		wg.Go(func() { cerr = rc.CloseLasting() })
+		err = devices()
+		wg.Wait()
+		err = errors.Join(err, cerr)
+	case closeLast:
+		err = errors.Join(devices(), rc.CloseLasting())
+	}
+	return time.Since(start), err
 }
 
 func makeUp(makers []func() (netlink.Link, error)) ([]netlink.Link, error) {
