@@ -20,6 +20,9 @@ const (
 	// stateful expressions. google/nftables names 0x11 so, which is the
 	// set attribute NFTA_SET_EXPR.
 	attrSetElemExpressions = 11
+	// attrSetElemKeyEnd (NFTA_SET_ELEM_KEY_END, Linux 5.6) is an interval
+	// element's last key.
+	attrSetElemKeyEnd = 10
 	// NFTA_FLOWTABLE_TABLE and NFTA_FLOWTABLE_NAME.
 	attrFlowtableTable = 1
 	attrFlowtableName  = 2
@@ -60,6 +63,16 @@ func (b *Batch) Delete(table, set string, keys ...[]byte) error {
 		els[i].Key = k
 	}
 	return b.queue(unix.NFT_MSG_DELSETELEM, 0, table, set, els)
+}
+
+// DeleteElements queues the removal of elements by key (and KeyEnd, for
+// an interval element), as Delete does.
+func (b *Batch) DeleteElements(table, set string, els ...Element) error {
+	keys := make([]Element, len(els))
+	for i, el := range els {
+		keys[i] = Element{Key: el.Key, KeyEnd: el.KeyEnd}
+	}
+	return b.queue(unix.NFT_MSG_DELSETELEM, 0, table, set, keys)
 }
 
 // elemsPerMsg bounds one message's element list, a netlink attribute
@@ -115,6 +128,13 @@ func encodeElem(el Element) ([]byte, error) {
 		return nil, err
 	}
 	attrs := []netlink.Attribute{key}
+	if len(el.KeyEnd) > 0 {
+		end, err := nested(attrSetElemKeyEnd, netlink.Attribute{Type: unix.NFTA_DATA_VALUE, Data: el.KeyEnd})
+		if err != nil {
+			return nil, err
+		}
+		attrs = append(attrs, end)
+	}
 	switch {
 	case el.Jump != "":
 		jump := int32(unix.NFT_JUMP)

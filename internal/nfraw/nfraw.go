@@ -49,6 +49,9 @@ func msgType(t int) netlink.HeaderType {
 // Element is what the kernel holds for one key.
 type Element struct {
 	Key, Val []byte
+	// KeyEnd is the last key of an interval element of a concatenated
+	// interval set (each field its own range, Key to KeyEnd).
+	KeyEnd []byte
 	// Jump is the chain of a verdict map element.
 	Jump    string
 	Comment string
@@ -164,6 +167,15 @@ func decodeElems(data []byte) ([]Element, error) {
 								for v.Next() {
 									if v.Type() == unix.NFTA_DATA_VALUE {
 										el.Key = v.Bytes()
+									}
+								}
+								return nil
+							})
+						case attrSetElemKeyEnd:
+							e.Nested(func(v *netlink.AttributeDecoder) error {
+								for v.Next() {
+									if v.Type() == unix.NFTA_DATA_VALUE {
+										el.KeyEnd = v.Bytes()
 									}
 								}
 								return nil
