@@ -26,8 +26,10 @@ import (
 	"github.com/qoscni/qoscni/internal/agent/dra"
 	"github.com/qoscni/qoscni/internal/agent/install"
 	"github.com/qoscni/qoscni/internal/agent/kube"
+	"github.com/qoscni/qoscni/internal/agent/netpol"
 	"github.com/qoscni/qoscni/internal/agent/nodenet"
 	"github.com/qoscni/qoscni/internal/agent/reconcile"
+	"github.com/qoscni/qoscni/internal/cni/netpolnft"
 	"github.com/qoscni/qoscni/internal/cni/podnet"
 	"github.com/qoscni/qoscni/internal/paths"
 	"github.com/qoscni/qoscni/internal/state"
@@ -228,7 +230,7 @@ func serve(o *options) int {
 		defer f.Close()
 		nsFd = int(f.Fd())
 	}
-	cfg.Cleaners = []reconcile.AttachmentCleaner{portmap.NewCleaner(nsFd), controls.NewCleaner(nsFd)}
+	cfg.Cleaners = []reconcile.AttachmentCleaner{portmap.NewCleaner(nsFd), controls.NewCleaner(nsFd), netpolnft.NewCleaner(nsFd)}
 	// An `nft flush ruleset` takes hostPorts, ipMasq and the martian guard
 	// away; every pass brings them back from the records.
 	// The node's bandwidth hierarchy, under the lock the plugin takes
@@ -256,6 +258,17 @@ func serve(o *options) int {
 			}
 			defer stopRoutes()
 		}
+	}
+	if client != nil {
+		// NetworkPolicy of the networks whose config enforces it (none:
+		// the controller only watches).
+		stopPolicy, err := netpol.Start(ctx, netpol.Config{Client: client, CNIConfDir: o.cniConfDir, NetnsFd: nsFd,
+			Registerer: cfg.Registry, Logger: logger})
+		if err != nil {
+			logger.Error("start", "err", err)
+			return 1
+		}
+		defer func() { stop(); stopPolicy() }()
 	}
 	if client != nil && o.draDriver != "" {
 		grantDir := paths.GrantDir

@@ -140,6 +140,11 @@ func assertClean(t *testing.T, n *testnet.Node) {
 			t.Errorf("control elements left: %s", out)
 		}
 	}
+	for _, set := range []string{"np-pending4", "np-pending6"} {
+		if out, err := n.Try("nft", "list", "set", "inet", "qoscni", set); err == nil && strings.Contains(out, "elements") {
+			t.Errorf("NetworkPolicy pending elements left: %s", out)
+		}
+	}
 	if out, err := n.Try("nft", "list", "set", "inet", "qoscni", "masq-src4"); err == nil && strings.Contains(out, "elements") {
 		t.Errorf("masquerade elements left: %s", out)
 	}

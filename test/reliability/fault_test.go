@@ -41,12 +41,16 @@ var (
 	delSteps              = []string{"veth", "masq", "ports", "state", "ipam"}
 )
 
-// killPoints are every ADD step, every shaping action ADD makes for the
-// profile (shape:1..shapeSteps) and every DEL step.
-func killPoints(shapeSteps int) []point {
+// killPoints are every ADD step (with policy, its pending step after
+// IPAM), every shaping action ADD makes for the profile
+// (shape:1..shapeSteps) and every DEL step.
+func killPoints(shapeSteps int, policy bool) []point {
 	var pts []point
 	for _, s := range addStepsBeforeShaping {
 		pts = append(pts, point{op: "ADD", step: s})
+		if s == "ipam" && policy {
+			pts = append(pts, point{op: "ADD", step: "policy"})
+		}
 	}
 	for i := 1; i <= shapeSteps; i++ {
 		pts = append(pts, point{op: "shape", step: fmt.Sprint(i)})
@@ -158,7 +162,7 @@ func TestPluginFault(t *testing.T) {
 				t.Fatalf("profile %s: ADD made no shaping action", p.name)
 			}
 		}
-		points[p.name] = killPoints(n)
+		points[p.name] = killPoints(n, p.policy)
 		t.Logf("profile %s: %d shaping actions, %d kill points", p.name, n, len(points[p.name]))
 	}
 

@@ -278,13 +278,15 @@ type profile struct {
 	ports   []map[string]any
 	// controls: packet-rate, connection and DSCP annotations.
 	controls bool
+	// policy: the network enforces NetworkPolicy (ADD's pending step).
+	policy bool
 }
 
 var (
 	profFull = profile{name: "full", ingress: true, egress: true, ports: []map[string]any{
 		{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"},
 		{"hostPort": 18053, "containerPort": 53, "protocol": "udp"},
-	}, controls: true}
+	}, controls: true, policy: true}
 	profEgress = profile{name: "egress", egress: true, ports: []map[string]any{
 		{"HostPort": 18081, "ContainerPort": 81, "Protocol": "UDP"}, // containerd's spelling
 	}}
@@ -326,6 +328,9 @@ func addConf(node *testnet.Node, p profile) []byte {
 		}
 	}
 	c["runtimeConfig"] = rc
+	if p.policy {
+		c["policy"] = map[string]any{"type": "k8s"}
+	}
 	return reltest.Marshal(c)
 }
 

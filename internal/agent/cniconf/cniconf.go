@@ -96,6 +96,32 @@ func StateDirs(dir string) (dirs []string, errs []error) {
 	return dirs, errs
 }
 
+// PolicyNetworks are the standalone qoscni networks of dir's files that
+// enforce NetworkPolicy ("policy": {"type": "k8s"}), by name, with their
+// state directory.
+func PolicyNetworks(dir string) (nets map[string]string, errs []error) {
+	files, errs := ReadDir(dir)
+	nets = map[string]string{}
+	for _, f := range files {
+		if !f.MainIsQoscni() || f.Name == "" {
+			continue
+		}
+		entries, perrs := f.Qoscni()
+		errs = append(errs, perrs...)
+		if len(entries) == 0 || entries[0].Policy.Type != netconf.PolicyK8s {
+			continue
+		}
+		d := entries[0].StateDir
+		if d == "" {
+			d = netconf.DefaultStateDir
+		}
+		if _, seen := nets[f.Name]; !seen {
+			nets[f.Name] = filepath.Clean(d)
+		}
+	}
+	return nets, errs
+}
+
 // IPAMNetworkByName returns the qoscni network of that name with built-in
 // IPAM, or false when dir holds none (a delegated IPAM plugin, or a network
 // whose config file was removed).

@@ -86,3 +86,24 @@ func TestStateSourcesDirs(t *testing.T) {
 		t.Errorf("own only: %q %v", dirs, errs)
 	}
 }
+
+// TestPolicyNetworks: standalone qoscni networks with "policy": {"type":
+// "k8s"} only, with their stateDir (the default where absent); a chained
+// entry with the key is the plugin's error, not a network here.
+func TestPolicyNetworks(t *testing.T) {
+	dir := t.TempDir()
+	for name, c := range map[string]string{
+		"10-a.conflist": `{"cniVersion":"1.1.0","name":"a","plugins":[{"type":"qoscni","stateDir":"/s/a","policy":{"type":"k8s"}}]}`,
+		"20-b.conflist": `{"cniVersion":"1.1.0","name":"b","plugins":[{"type":"qoscni","policy":{"type":"k8s"}}]}`,
+		"30-c.conflist": `{"cniVersion":"1.1.0","name":"c","plugins":[{"type":"qoscni","stateDir":"/s/c"}]}`,
+		"40-d.conflist": `{"cniVersion":"1.1.0","name":"d","plugins":[{"type":"bridge"},{"type":"qoscni","policy":{"type":"k8s"}}]}`,
+	} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(c), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	nets, errs := PolicyNetworks(dir)
+	if len(errs) > 0 || len(nets) != 2 || nets["a"] != "/s/a" || nets["b"] != netconf.DefaultStateDir {
+		t.Fatalf("PolicyNetworks: %v, %v", nets, errs)
+	}
+}

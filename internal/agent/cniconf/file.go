@@ -45,6 +45,9 @@ func (p Plugin) IsQoscni() bool { return p.Type == PluginType }
 type Entry struct {
 	IPAM     json.RawMessage `json:"ipam"`
 	StateDir string          `json:"stateDir"`
+	Policy   struct {
+		Type string `json:"type"`
+	} `json:"policy"`
 }
 
 // ConfigFiles lists the names in dir that the runtime loads, in the order

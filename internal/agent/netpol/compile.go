@@ -246,7 +246,14 @@ func Compile(in Input, ids *Identities) (*Desired, error) {
 	for _, at := range in.Local {
 		pe := local[at.Pod]
 		if pe == nil {
-			continue // not seen (or gone): stays pending
+			// Not seen yet, finished, or gone from the API while its
+			// sandbox lives: closed both ways (and still pending if it
+			// was), never open because its policies are unknown.
+			for _, a := range at.Addrs {
+				c.out.IngressIsolated[a.Unmap()] = struct{}{}
+				c.out.EgressIsolated[a.Unmap()] = struct{}{}
+			}
+			continue
 		}
 		if err := c.local(pe, at.Addrs); err != nil {
 			return nil, fmt.Errorf("policies of pod %s: %w", at.Pod, err)

@@ -70,6 +70,10 @@ type NetConf struct {
 	NodeCapacity NodeCapacityConfig `json:"nodeCapacity"`
 	Capacity     shaping.Capacity   `json:"-"`
 
+	// Policy turns on NetworkPolicy enforcement (standalone mode only),
+	// with Calico's key: {"type": "k8s"}.
+	Policy PolicyConfig `json:"policy"`
+
 	RuntimeConfig RuntimeConfig `json:"runtimeConfig"`
 
 	// IPAMConfig is the decoded built-in IPAM section; nil when ipam.type
@@ -81,7 +85,8 @@ type NetConf struct {
 	// UnknownKeys are keys of qoscni's object (and of its built-in ipam
 	// object, "ipam."-prefixed) that qoscni does not read: not an error,
 	// conflists carry keys for other tools, but worth one warning (a key
-	// kept from a Calico config, such as "policy", does nothing here).
+	// kept from a Calico config, such as "datastore_type", does nothing
+	// here).
 	UnknownKeys []string `json:"-"`
 
 	// Problem is set by ParseForDel when the strict parse refused the
@@ -92,6 +97,35 @@ type NetConf struct {
 	// directory to free the attachment's addresses.
 	IPAMStoreOnly bool   `json:"-"`
 	IPAMStoreDir  string `json:"-"`
+}
+
+// PolicyConfig is the "policy" object.
+type PolicyConfig struct {
+	// Type "k8s" enforces the Kubernetes NetworkPolicy of the pods on this
+	// network: a new pod's addresses are closed both ways until the node
+	// agent has written its policy. "" (or no object) enforces none.
+	Type string `json:"type,omitempty"`
+}
+
+// PolicyK8s is the policy type that enforces Kubernetes NetworkPolicy.
+const PolicyK8s = "k8s"
+
+// EnforcesPolicy says ADD closes new pods until the agent has written
+// their NetworkPolicy.
+func (c *NetConf) EnforcesPolicy() bool { return c.Policy.Type == PolicyK8s }
+
+func (p PolicyConfig) validate(chained bool) error {
+	switch p.Type {
+	case "":
+		return nil
+	case PolicyK8s:
+		if chained {
+			return InvalidField("policy.type", fmt.Sprintf("%q", p.Type),
+				"NetworkPolicy is the main plugin's in chained mode: remove the policy object from qoscni's entry")
+		}
+		return nil
+	}
+	return InvalidField("policy.type", fmt.Sprintf("%q", p.Type), `must be "k8s" (enforce Kubernetes NetworkPolicy) or absent`)
 }
 
 // CeilingsConfig is the "ceilings" object: the operator's bounds on what a
@@ -295,6 +329,9 @@ func (c *NetConf) parse(stdin []byte) error {
 		if c.PrevResult != nil {
 			podFamilies = FamiliesOf(ips)
 		}
+	}
+	if err := c.Policy.validate(c.PrevResult != nil); err != nil {
+		return err
 	}
 	ports, err := resolvePorts(c.RuntimeConfig.PortMappings, podFamilies)
 	if err != nil {

@@ -216,7 +216,7 @@ func TestUnknownKeys(t *testing.T) {
 		"policy":{"type":"k8s"},"kubernetes":{"kubeconfig":"/x"},"datastore_type":"kubernetes","log_level":"info",
 		"ipam":{"type":"qoscni","ranges":[[{"subnet":"10.1.0.0/24"}]],"assign_ipv4":"true","ipv4_pools":["default"]},
 		"ceilings":{},"nodeCapacity":{},"NodeCapacity2":{},"runtimeConfig":{},"capabilities":{"bandwidth":true}}`)
-	want := []string{"NodeCapacity2", "datastore_type", "ipam.ipv4_pools", "kubernetes", "log_level", "policy"}
+	want := []string{"NodeCapacity2", "datastore_type", "ipam.ipv4_pools", "kubernetes", "log_level"}
 	if strings.Join(c.UnknownKeys, ",") != strings.Join(want, ",") {
 		t.Errorf("unknown keys %v, want %v", c.UnknownKeys, want)
 	}
@@ -224,5 +224,28 @@ func TestUnknownKeys(t *testing.T) {
 	c = mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni","ipam":{"type":"host-local","subnet":"10.0.0.0/24","x":1}}`)
 	if len(c.UnknownKeys) != 0 {
 		t.Errorf("unknown keys %v, want none", c.UnknownKeys)
+	}
+}
+
+// TestPolicy: "policy": {"type": "k8s"} turns enforcement on in standalone
+// mode; another type, or k8s behind a main plugin, is refused naming
+// policy.type.
+func TestPolicy(t *testing.T) {
+	c := mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni","policy":{"type":"k8s"}}`)
+	if !c.EnforcesPolicy() {
+		t.Error("policy k8s not enforced")
+	}
+	if c := mustParse(t, `{"cniVersion":"1.1.0","name":"n","type":"qoscni"}`); c.EnforcesPolicy() {
+		t.Error("no policy object enforces policy")
+	}
+	for _, bad := range []string{
+		`{"cniVersion":"1.1.0","name":"n","type":"qoscni","policy":{"type":"calico"}}`,
+		`{"cniVersion":"1.1.0","name":"n","type":"qoscni","policy":{"type":"k8s"},
+		  "prevResult":{"cniVersion":"1.1.0","interfaces":[{"name":"veth1"}],"ips":[{"address":"10.1.0.2/24","interface":0}]}}`,
+	} {
+		_, _, err := Parse([]byte(bad))
+		if err == nil || !strings.Contains(err.Error(), "policy.type") {
+			t.Errorf("%s: %v, want an error naming policy.type", bad, err)
+		}
 	}
 }

@@ -3,6 +3,7 @@ package plugin
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
@@ -11,6 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/qoscni/qoscni/internal/cni/netconf"
+	"github.com/qoscni/qoscni/internal/cni/netpolnft"
 	"github.com/qoscni/qoscni/internal/cni/podnet"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/portmap"
@@ -90,6 +92,11 @@ func (p *Plugin) addStandalone(args *skel.CmdArgs, conf *netconf.NetConf, pod ne
 	}
 	a.rollback.push(func() error { return src.release(args.ContainerID, args.IfName) })
 	a.st.mark("ipam")
+	if conf.EnforcesPolicy() {
+		if err := a.pend(ipcs); err != nil {
+			return nil, err
+		}
+	}
 	br, veth, err := a.wire()
 	if err != nil {
 		return nil, err
@@ -449,4 +456,34 @@ func firstHost(n net.IPNet) net.IP {
 	}
 	ip[len(ip)-1]++
 	return ip
+}
+
+// pend closes the pod's addresses both ways, before the pod has them,
+// until the node agent has written its NetworkPolicy (netpolnft).
+func (a *standaloneAdd) pend(ipcs []*current.IPConfig) error {
+	var addrs []netip.Addr
+	for _, c := range ipcs {
+		if ad, ok := netip.AddrFromSlice(c.Address.IP); ok {
+			addrs = append(addrs, ad.Unmap())
+		}
+	}
+	m, err := netpolnft.New(-1)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	owner := netpolnft.Owner(portOwner(a.key, a.pod))
+	if err := m.Pend(owner, addrs); err != nil {
+		return err
+	}
+	a.rollback.push(func() error {
+		m, err := netpolnft.New(-1)
+		if err != nil {
+			return err
+		}
+		defer m.Close()
+		return m.Unpend(owner, addrs)
+	})
+	a.st.mark("policy")
+	return nil
 }

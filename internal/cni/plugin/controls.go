@@ -6,6 +6,7 @@ import (
 
 	"github.com/qoscni/qoscni/controls"
 	"github.com/qoscni/qoscni/internal/cni/netconf"
+	"github.com/qoscni/qoscni/internal/cni/netpolnft"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/shaping"
 )
@@ -65,6 +66,23 @@ func gcControls(valid map[state.Key]bool, network string, store *state.Store) er
 		return err
 	}
 	m, err := controls.New(-1)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	_, err = m.GC(keep)
+	return err
+}
+
+// gcPending removes the NetworkPolicy pending elements whose attachment
+// is neither valid nor recorded (an ADD killed before its record, then
+// a GC).
+func gcPending(valid map[state.Key]bool, network string, store *state.Store) error {
+	keep, err := keepOwner(valid, network, store)
+	if err != nil {
+		return err
+	}
+	m, err := netpolnft.New(-1)
 	if err != nil {
 		return err
 	}

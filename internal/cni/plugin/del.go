@@ -6,6 +6,7 @@ import (
 
 	"github.com/qoscni/qoscni/controls"
 	"github.com/qoscni/qoscni/internal/cni/netconf"
+	"github.com/qoscni/qoscni/internal/cni/netpolnft"
 	"github.com/qoscni/qoscni/internal/cni/teardown"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/portmap"
@@ -69,7 +70,7 @@ func (p *Plugin) teardown(conf *netconf.NetConf, src *addrSource, store *state.S
 		// masquerade is that pod's.
 		SpareReassigned: true,
 		// With a provisional record (or none) the elements go by owner.
-		Cleaners:        []teardown.Cleaner{portmap.NewCleaner(-1), controls.NewCleaner(-1)},
+		Cleaners:        []teardown.Cleaner{portmap.NewCleaner(-1), controls.NewCleaner(-1), netpolnft.NewCleaner(-1)},
 		ReleaseLocalnet: true,
 		LocalnetDir:     portmap.LocalnetDir(conf.StateDir),
 		HierarchyLock:   p.hierarchyLock(),

@@ -80,6 +80,9 @@ func (p *Plugin) GC(args *skel.CmdArgs, conf *netconf.NetConf, _ netconf.PodArgs
 	if err := gcControls(valid, conf.Name, store); err != nil {
 		errs = append(errs, fmt.Errorf("gc controls: %w", err))
 	}
+	if err := gcPending(valid, conf.Name, store); err != nil {
+		errs = append(errs, fmt.Errorf("gc NetworkPolicy pending elements: %w", err))
+	}
 	if src.alloc != nil {
 		if _, err := src.alloc.GC(validIPAM); err != nil {
 			errs = append(errs, fmt.Errorf("gc addresses: %w", err))
