@@ -454,7 +454,7 @@ func TestRuleCountConstant(t *testing.T) {
 		Egress: &state.ControlDirection{MaxConnections: 100}, DSCP: &ef}
 	rules := func() int {
 		t.Helper()
-		have, err := w.m.raw.RuleComments(w.m.l.table.Name)
+		have, err := w.m.Raw.RuleComments(w.m.l.table.Name)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -476,7 +476,7 @@ func TestRuleCountConstant(t *testing.T) {
 	if n := rules(); n != one {
 		t.Errorf("%d rules with 300 pods, %d with one", n, one)
 	}
-	els, err := w.m.raw.DumpElems(w.m.l.table.Name, "pkt-ingress4")
+	els, err := w.m.Raw.DumpElems(w.m.l.table.Name, "pkt-ingress4")
 	if err != nil || len(els) != 300 {
 		t.Errorf("pkt-ingress4 holds %d elements (%v), want 300", len(els), err)
 	}

@@ -9,6 +9,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/qoscni/qoscni/internal/cni/podnet"
+	"github.com/qoscni/qoscni/internal/nfraw"
 	"github.com/qoscni/qoscni/internal/state"
 )
 
@@ -144,16 +145,7 @@ func addrField(v6, source bool) (offset, length uint32) {
 	return 16, 4
 }
 
-func nfproto(v6 bool) []expr.Any {
-	p := byte(unix.NFPROTO_IPV4)
-	if v6 {
-		p = unix.NFPROTO_IPV6
-	}
-	return []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{p}},
-	}
-}
+func nfproto(v6 bool) []expr.Any { return nfraw.MatchFamily(v6) }
 
 func loadAddr(v6, source bool) expr.Any {
 	off, n := addrField(v6, source)

@@ -18,47 +18,17 @@ type Owner = nfraw.Owner
 
 // Manager programs the controls in one network namespace; Close it.
 type Manager struct {
-	nsFd int
-	raw  *nfraw.Conn
-	l    *layout
-	// conn writes the fixed ruleset, opened when that needs writing:
-	// closing a google/nftables socket that committed rules takes the
-	// kernel 10 to 20 ms here, which no ADD should pay.
-	conn *nftables.Conn
+	*nfraw.Sockets
+	l *layout
 }
 
 // New opens the netlink socket in the namespace nsFd (-1: the current).
 func New(nsFd int) (*Manager, error) {
-	raw, err := nfraw.Dial(nsFd)
+	s, err := nfraw.OpenSockets(nsFd)
 	if err != nil {
 		return nil, err
 	}
-	return &Manager{nsFd: nsFd, raw: raw, l: newLayout()}, nil
-}
-
-// Close closes the sockets.
-func (m *Manager) Close() error {
-	var err error
-	if m.conn != nil {
-		err = m.conn.CloseLasting()
-	}
-	return errors.Join(err, m.raw.Close())
-}
-
-func (m *Manager) nft() (*nftables.Conn, error) {
-	if m.conn != nil {
-		return m.conn, nil
-	}
-	opts := []nftables.ConnOption{nftables.AsLasting()}
-	if m.nsFd >= 0 {
-		opts = append(opts, nftables.WithNetNSFd(m.nsFd))
-	}
-	conn, err := nftables.New(opts...)
-	if err != nil {
-		return nil, fmt.Errorf("open nftables: %w", err)
-	}
-	m.conn = conn
-	return conn, nil
+	return &Manager{Sockets: s, l: newLayout()}, nil
 }
 
 // wantRules are the rule comments of the fixed chains and, for a code
@@ -86,11 +56,11 @@ func (m *Manager) EnsureBase() (repaired bool, err error) { return m.ensure(nil)
 // (given) that a pod's verdict map element jumps to: one dump when all is
 // in place, else one batch.
 func (m *Manager) ensure(dscp *uint8) (repaired bool, err error) {
-	ok, err := m.raw.ChainsHold(m.l.table.Name, m.wantRules(dscp))
+	ok, err := m.Raw.ChainsHold(m.l.table.Name, m.wantRules(dscp))
 	if err != nil || ok {
 		return false, err
 	}
-	conn, err := m.nft()
+	conn, err := m.NFT()
 	if err != nil {
 		return false, err
 	}
@@ -172,7 +142,7 @@ const connlimitOver = 1
 // one pod at a time, and a stale element is a dead pod's.
 func (m *Manager) Set(owner Owner, ips []net.IP, c *state.Controls) error {
 	if !c.Empty() {
-		if err := refuseFlowtables(m.raw); err != nil {
+		if err := refuseFlowtables(m.Raw); err != nil {
 			return err
 		}
 	}
@@ -199,7 +169,7 @@ func (m *Manager) Set(owner Owner, ips []net.IP, c *state.Controls) error {
 			return err
 		}
 	}
-	if err := m.raw.Send(b); err != nil {
+	if err := m.Raw.Send(b); err != nil {
 		return fmt.Errorf("set controls of %s on %v: %w", owner, ips, err)
 	}
 	return nil
@@ -224,10 +194,10 @@ func refuseFlowtables(raw *nfraw.Conn) error {
 // this DEL is retried). Missing elements, sets or table are no error.
 func (m *Manager) Del(owner Owner, ips []net.IP) error {
 	b := &nfraw.Batch{}
-	if err := queueDel(m.raw, m.l, b, owner, ips); err != nil {
+	if err := queueDel(m.Raw, m.l, b, owner, ips); err != nil {
 		return err
 	}
-	if err := m.raw.Send(b); err != nil {
+	if err := m.Raw.Send(b); err != nil {
 		return fmt.Errorf("remove controls of %s: %w", owner, err)
 	}
 	return nil
@@ -263,7 +233,7 @@ func (m *Manager) Check(owner Owner, ips []net.IP, c *state.Controls) error {
 	if c.Empty() {
 		return nil
 	}
-	ok, err := m.raw.ChainsHold(m.l.table.Name, m.wantRules(c.DSCP))
+	ok, err := m.Raw.ChainsHold(m.l.table.Name, m.wantRules(c.DSCP))
 	if err != nil {
 		return err
 	}
@@ -284,7 +254,7 @@ func (m *Manager) Check(owner Owner, ips []net.IP, c *state.Controls) error {
 			if (s.KeyType == nftables.TypeIP6Addr) != v6 {
 				continue
 			}
-			have, found, err := m.raw.GetElem(m.l.table.Name, s.Name, key)
+			have, found, err := m.Raw.GetElem(m.l.table.Name, s.Name, key)
 			if err != nil {
 				return err
 			}
@@ -342,7 +312,7 @@ func (m *Manager) Read(ips []net.IP) (Reading, error) {
 	for _, ip := range ips {
 		key, v6 := addrKey(ip)
 		for k := Kind(0); k < numCounted; k++ {
-			el, found, err := m.raw.GetElem(m.l.table.Name, k.setName(v6), key)
+			el, found, err := m.Raw.GetElem(m.l.table.Name, k.setName(v6), key)
 			if err != nil {
 				return out, err
 			}
@@ -368,25 +338,12 @@ func Kinds() []Kind {
 // GC removes every element whose owner valid rejects, in one batch, and
 // returns how many.
 func (m *Manager) GC(valid func(Owner) bool) (int, error) {
-	b := &nfraw.Batch{}
-	n := 0
-	for _, s := range m.l.sets {
-		els, err := m.raw.DumpElems(m.l.table.Name, s.Name)
-		if err != nil {
-			return 0, err
-		}
-		var stale [][]byte
-		for _, el := range els {
-			if o, ok := nfraw.DecodeOwner(el.Comment); !ok || !valid(o) {
-				stale = append(stale, el.Key)
-			}
-		}
-		if err := b.Destroy(m.l.table.Name, s.Name, stale...); err != nil {
-			return 0, err
-		}
-		n += len(stale)
+	names := make([]string, len(m.l.sets))
+	for i, s := range m.l.sets {
+		names[i] = s.Name
 	}
-	if err := m.raw.Send(b); err != nil {
+	n, err := m.Raw.RemoveOwned(m.l.table.Name, names, valid)
+	if err != nil {
 		return 0, fmt.Errorf("remove stale controls: %w", err)
 	}
 	return n, nil

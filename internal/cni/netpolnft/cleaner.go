@@ -82,26 +82,8 @@ func (c *Cleaner) GC(live []*state.Record) (int, error) {
 
 // GC removes the pending elements whose owner valid refuses.
 func (m *Manager) GC(valid func(Owner) bool) (int, error) {
-	b := &nfraw.Batch{}
-	n := 0
-	for _, v6 := range []bool{false, true} {
-		s := name(setPending, v6)
-		els, err := m.raw.DumpElems(m.l.table.Name, s)
-		if err != nil {
-			return 0, err
-		}
-		var stale [][]byte
-		for _, el := range els {
-			if o, ok := nfraw.DecodeOwner(el.Comment); !ok || !valid(o) {
-				stale = append(stale, el.Key)
-			}
-		}
-		if err := b.Destroy(m.l.table.Name, s, stale...); err != nil {
-			return 0, err
-		}
-		n += len(stale)
-	}
-	if err := m.raw.Send(b); err != nil {
+	n, err := m.Raw.RemoveOwned(m.l.table.Name, []string{name(setPending, false), name(setPending, true)}, valid)
+	if err != nil {
 		return 0, fmt.Errorf("remove stale pending elements: %w", err)
 	}
 	return n, nil

@@ -200,7 +200,7 @@ func TestIsolation(t *testing.T) {
 	}
 	for _, v6 := range []bool{false, true} {
 		for _, kind := range []string{setPeerIn, setPeerOut, setIngIso, setEgrIso, setIngID, setEgrID, setIngBlk, setEgrBlk} {
-			if els, err := w.m.raw.DumpElems("qoscni", name(kind, v6)); err != nil || len(els) != 0 {
+			if els, err := w.m.Raw.DumpElems("qoscni", name(kind, v6)); err != nil || len(els) != 0 {
 				t.Errorf("set %s after an empty Apply: %d elements, %v", name(kind, v6), len(els), err)
 			}
 		}

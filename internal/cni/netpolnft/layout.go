@@ -32,6 +32,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/qoscni/qoscni/internal/cni/podnet"
+	"github.com/qoscni/qoscni/internal/nfraw"
 )
 
 // Chains.
@@ -137,16 +138,7 @@ type rule struct {
 	exprs   []expr.Any
 }
 
-func nfproto(v6 bool) []expr.Any {
-	p := byte(unix.NFPROTO_IPV4)
-	if v6 {
-		p = unix.NFPROTO_IPV6
-	}
-	return []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{p}},
-	}
-}
+func nfproto(v6 bool) []expr.Any { return nfraw.MatchFamily(v6) }
 
 // addrLen is an address's length in bytes.
 func addrLen(v6 bool) uint32 {

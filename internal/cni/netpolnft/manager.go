@@ -2,7 +2,6 @@ package netpolnft
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -20,56 +19,38 @@ type Owner = nfraw.Owner
 // Manager programs the policy sets and chains in one network namespace;
 // Close it.
 type Manager struct {
-	nsFd int
-	raw  *nfraw.Conn
-	l    *layout
-	// conn writes the fixed ruleset, opened only when that needs writing.
-	conn *nftables.Conn
+	*nfraw.Sockets
+	l *layout
 }
 
 // New opens the netlink socket in the namespace nsFd (-1: the current).
 func New(nsFd int) (*Manager, error) {
-	raw, err := nfraw.Dial(nsFd)
+	s, err := nfraw.OpenSockets(nsFd)
 	if err != nil {
 		return nil, err
 	}
-	return &Manager{nsFd: nsFd, raw: raw, l: newLayout()}, nil
+	return &Manager{Sockets: s, l: newLayout()}, nil
 }
 
-// Close closes the sockets.
-func (m *Manager) Close() error {
-	var err error
-	if m.conn != nil {
-		err = m.conn.CloseLasting()
-	}
-	return errors.Join(err, m.raw.Close())
-}
-
-func (m *Manager) nft() (*nftables.Conn, error) {
-	if m.conn != nil {
-		return m.conn, nil
-	}
-	opts := []nftables.ConnOption{nftables.AsLasting()}
-	if m.nsFd >= 0 {
-		opts = append(opts, nftables.WithNetNSFd(m.nsFd))
-	}
-	conn, err := nftables.New(opts...)
+// HasBase says the table holds the policy chains (some of them): this
+// node enforced policy once.
+func (m *Manager) HasBase() (bool, error) {
+	have, err := m.Raw.RuleComments(m.l.table.Name)
 	if err != nil {
-		return nil, fmt.Errorf("open nftables: %w", err)
+		return false, err
 	}
-	m.conn = conn
-	return conn, nil
+	return len(have[chainForward]) > 0, nil
 }
 
 // EnsureBase creates or repairs the sets, chains and rules (one dump of
 // the table's rules when they are in place). Existing elements are kept:
 // a repaired chain finds its sets as they were.
 func (m *Manager) EnsureBase() (repaired bool, err error) {
-	ok, err := m.raw.ChainsHold(m.l.table.Name, m.l.wantRules())
+	ok, err := m.Raw.ChainsHold(m.l.table.Name, m.l.wantRules())
 	if err != nil || ok {
 		return false, err
 	}
-	conn, err := m.nft()
+	conn, err := m.NFT()
 	if err != nil {
 		return false, err
 	}
@@ -127,7 +108,7 @@ func (m *Manager) Pend(owner Owner, addrs []netip.Addr) error {
 			return err
 		}
 	}
-	if err := m.raw.Send(b); err != nil {
+	if err := m.Raw.Send(b); err != nil {
 		return fmt.Errorf("close %s until its NetworkPolicy is in place: %w", owner, err)
 	}
 	return nil
@@ -140,13 +121,13 @@ func (m *Manager) Unpend(owner Owner, addrs []netip.Addr) error {
 	if err := m.queueUnpend(b, owner, addrs); err != nil {
 		return err
 	}
-	return m.raw.Send(b)
+	return m.Raw.Send(b)
 }
 
 // queueUnpend queues the removal of owner's pending elements of addrs:
 // one exact-key lookup each; another owner's element stays.
 func (m *Manager) queueUnpend(b *nfraw.Batch, owner Owner, addrs []netip.Addr) error {
-	return queueUnpend(m.raw, m.l.table.Name, b, owner, addrs)
+	return queueUnpend(m.Raw, m.l.table.Name, b, owner, addrs)
 }
 
 func queueUnpend(r *nfraw.Conn, table string, b *nfraw.Batch, owner Owner, addrs []netip.Addr) error {
@@ -174,7 +155,7 @@ func queueUnpend(r *nfraw.Conn, table string, b *nfraw.Batch, owner Owner, addrs
 func (m *Manager) Pending() (map[netip.Addr]Owner, error) {
 	out := map[netip.Addr]Owner{}
 	for _, v6 := range []bool{false, true} {
-		els, err := m.raw.DumpElems(m.l.table.Name, name(setPending, v6))
+		els, err := m.Raw.DumpElems(m.l.table.Name, name(setPending, v6))
 		if err != nil {
 			return nil, err
 		}
@@ -201,12 +182,12 @@ func (m *Manager) Apply(want *State) (changed int, err error) {
 	if _, err := m.EnsureBase(); err != nil {
 		return 0, err
 	}
-	conn, err := m.nft()
+	conn, err := m.NFT()
 	if err != nil {
 		return 0, err
 	}
 	t := m.l.table
-	have, err := m.raw.RuleComments(t.Name)
+	have, err := m.Raw.RuleComments(t.Name)
 	if err != nil {
 		return 0, err
 	}
@@ -235,7 +216,7 @@ func (m *Manager) Apply(want *State) (changed int, err error) {
 	for _, v6 := range []bool{false, true} {
 		for _, kind := range []string{setPeerIn, setPeerOut, setIngIso, setEgrIso, setIngID, setEgrID, setIngBlk, setEgrBlk} {
 			s := m.l.set(name(kind, v6))
-			have, err := m.raw.DumpElems(t.Name, s.Name)
+			have, err := m.Raw.DumpElems(t.Name, s.Name)
 			if err != nil {
 				return 0, err
 			}
@@ -253,7 +234,7 @@ func (m *Manager) Apply(want *State) (changed int, err error) {
 			changed += len(del) + len(add)
 		}
 		s := m.l.set(name(setPending, v6))
-		pending, err := m.raw.DumpElems(t.Name, s.Name)
+		pending, err := m.Raw.DumpElems(t.Name, s.Name)
 		if err != nil {
 			return 0, err
 		}
