@@ -32,6 +32,7 @@ var DefaultStandaloneConflist = []byte(`{
       "ipMasq": true,
       "hairpinMode": true,
       "stateDir": "` + StateDir + `",
+      "policy": {"type": "k8s"},
       "ipam": {
         "type": "qoscni",
         "dataDir": "` + IPAMDir + `"

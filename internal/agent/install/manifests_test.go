@@ -257,7 +257,9 @@ func checkManifests(t *testing.T, r *rendered, mode install.Mode) {
 	// driver's ResourceSlices (what the slice controller does) and claims
 	// (get, what the kubelet plugin helper does).
 	wantRules := map[string][]string{"pods": {"get", "list", "watch", "patch"}, "nodes": {"get", "list", "watch", "patch"}, "events": {"create"},
-		"resource.k8s.io/resourceslices": {"get", "list", "watch", "create", "update", "delete"}, "resource.k8s.io/resourceclaims": {"get"}}
+		"resource.k8s.io/resourceslices": {"get", "list", "watch", "create", "update", "delete"}, "resource.k8s.io/resourceclaims": {"get"},
+		// NetworkPolicy: every pod's peers are any pod of any namespace.
+		"namespaces": {"list", "watch"}, "networking.k8s.io/networkpolicies": {"list", "watch"}}
 	gotRules := map[string][]string{}
 	for _, rule := range r.roles[0].Rules {
 		if len(rule.APIGroups) != 1 || len(rule.ResourceNames) > 0 || len(rule.NonResourceURLs) > 0 {

@@ -64,6 +64,7 @@ type Controller struct {
 	metrics  *metrics
 	lastErr  string
 	active   bool
+	lastNets int
 }
 
 type metrics struct {
@@ -178,6 +179,24 @@ func (c *Controller) Run(ctx context.Context) error {
 	}
 	defer m.Close()
 	c.m = m
+	// Watch the cluster's pods only on a node that enforces policy (or
+	// did: what it left must be lifted).
+	for wait := time.Duration(0); ; wait = c.cfg.Resync / 6 {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+		nets, _ := cniconf.PolicyNetworks(c.cfg.CNIConfDir)
+		if len(nets) > 0 {
+			break
+		}
+		if ok, err := m.HasBase(); err == nil && ok {
+			break
+		}
+	}
+	// The first sync enforces, or lifts what an earlier run left.
+	c.active = true
 	c.factory.Start(ctx.Done())
 	defer c.factory.Shutdown()
 	if !cache.WaitForCacheSync(ctx.Done(), c.synced...) {
@@ -248,7 +267,7 @@ func (c *Controller) sync() (int, error) {
 			return 0, nil
 		}
 		// Enforcement turned off: nothing isolated, nothing pending.
-		c.active = false
+		c.active, c.lastNets = false, 0
 		c.cfg.Logger.Info("NetworkPolicy: no network of the node enforces it any more; lifting it")
 		n, err := c.m.Apply(&netpolnft.State{})
 		if err != nil {
@@ -257,9 +276,9 @@ func (c *Controller) sync() (int, error) {
 		gone, err := c.m.GC(func(netpolnft.Owner) bool { return false })
 		return n + gone, err
 	}
-	if !c.active {
+	if !c.active || c.lastNets != len(nets) {
 		c.cfg.Logger.Info("NetworkPolicy: enforcing", "networks", len(nets))
-		c.active = true
+		c.active, c.lastNets = true, len(nets)
 	}
 	in, pending, err := c.input(nets)
 	if err != nil {

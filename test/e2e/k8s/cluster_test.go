@@ -71,6 +71,12 @@ func (e *env) tryOn(args ...string) (string, error) {
 // that node's mount namespace; nil if none.
 func (e *env) recordOn(t *testing.T, pod string) *state.Record {
 	t.Helper()
+	return e.recordOnIn(t, "default", pod)
+}
+
+// recordOnIn is recordOn for a pod of namespace ns.
+func (e *env) recordOnIn(t *testing.T, ns, pod string) *state.Record {
+	t.Helper()
 	dir := filepath.Join(install.StateDir, networkName)
 	out, err := e.tryOn("sh", "-c", "cat "+dir+"/*.json 2>/dev/null || true")
 	if err != nil {
@@ -85,7 +91,7 @@ func (e *env) recordOn(t *testing.T, pod string) *state.Record {
 			t.Fatalf("records on %s: %v", node2Name, err)
 		}
 		r, err := state.Decode(raw)
-		if err == nil && r.Pod.Name == pod && r.Pod.Namespace == "default" && !r.Provisional {
+		if err == nil && r.Pod.Name == pod && r.Pod.Namespace == ns && !r.Provisional {
 			return r
 		}
 	}

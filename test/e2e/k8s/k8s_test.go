@@ -127,7 +127,8 @@ func TestKubernetes(t *testing.T) {
 		{"12-dra", e.draStep},
 		{"13-controls", e.controlsStep},
 		{"14-kubectl-qoscni", e.kubectlPluginStep},
-		{"15-delete-and-uninstall", e.deleteAndUninstall},
+		{"15-network-policy", e.networkPolicyStep},
+		{"16-delete-and-uninstall", e.deleteAndUninstall},
 	}
 	for _, s := range steps {
 		start := time.Now()
@@ -435,12 +436,18 @@ func (e *env) runningPod(t *testing.T, app string) (*corev1.Pod, *state.Record) 
 // record is the plugin's attachment record of a pod, nil if none.
 func (e *env) record(t *testing.T, pod string) *state.Record {
 	t.Helper()
+	return e.recordIn(t, "default", pod)
+}
+
+// recordIn is record for a pod of namespace ns.
+func (e *env) recordIn(t *testing.T, ns, pod string) *state.Record {
+	t.Helper()
 	recs, _, err := e.store.List(networkName)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, r := range recs {
-		if r.Pod.Name == pod && r.Pod.Namespace == "default" {
+		if r.Pod.Name == pod && r.Pod.Namespace == ns {
 			return r
 		}
 	}
