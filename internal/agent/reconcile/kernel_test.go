@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -211,6 +212,11 @@ func (e *env) annotate(name string, annotations map[string]string) time.Time {
 			return err
 		}
 		p.Annotations = annotations
+		// A new version, as a real API server gives each write: the
+		// agent tells a change made after its own patch from that patch
+		// still on its way by the version (the fake API keeps none, and a
+		// report removed before the agent saw it would wait 20 s).
+		p.ResourceVersion = strconv.FormatInt(time.Now().UnixNano(), 10)
 		_, err = pods.Update(context.Background(), p, metav1.UpdateOptions{})
 		return err
 	})
