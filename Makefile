@@ -13,7 +13,7 @@ ifdef QOSCNI_REQUIRE_ROOT
 export QOSCNI_REQUIRE_ROOT
 endif
 
-.PHONY: all build test unit vet fmt-check tidy-check race deps demo bench-addel bench-floor bench-shaping bench-guarantees bench-portmap bench-controls bench-agent bench-reshape image clean e2e-build e2e-cri e2e-k8s e2e-k8s-iptables bench-fuzz bench-noderoutes
+.PHONY: all build test unit vet fmt-check tidy-check race deps demo bench-addel bench-floor bench-shaping bench-guarantees bench-portmap bench-controls bench-agent bench-reshape image clean e2e-build e2e-cri e2e-k8s e2e-k8s-iptables bench-fuzz bench-noderoutes bench-netpol
 
 all: build
 
@@ -129,6 +129,10 @@ bench-reshape: deps build
 # Routes to other nodes' pods (host-gw): Node to route latency, throughput.
 bench-noderoutes: deps
 	test/bench/noderoutes.sh
+
+# NetworkPolicy: API change to the node's nftables, at 500 pods.
+bench-netpol: deps
+	test/bench/netpol.sh
 
 # Every go test -fuzz target for $${FUZZTIME:-60s}; failures stay in testdata.
 bench-fuzz:

@@ -6,6 +6,7 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -34,7 +35,7 @@ func (s *Sockets) NFT() (*nftables.Conn, error) {
 	if s.conn != nil {
 		return s.conn, nil
 	}
-	opts := []nftables.ConnOption{nftables.AsLasting()}
+	opts := []nftables.ConnOption{nftables.AsLasting(), nftables.WithSockOptions(bigBuffers)}
 	if s.NsFd >= 0 {
 		opts = append(opts, nftables.WithNetNSFd(s.NsFd))
 	}
@@ -44,6 +45,32 @@ func (s *Sockets) NFT() (*nftables.Conn, error) {
 	}
 	s.conn = conn
 	return conn, nil
+}
+
+// bufferBytes sizes the socket buffers of a google/nftables connection:
+// one transaction is one sendmsg of every message, and the NetworkPolicy
+// state of a node can be megabytes (the default, net.core.wmem_default,
+// is 208 KiB: EMSGSIZE above it).
+const bufferBytes = 64 << 20
+
+// bigBuffers raises both buffers to bufferBytes, past the sysctl limits
+// where the caller has CAP_NET_ADMIN (the plugin and the agent do), else
+// as far as those limits allow. Memory is charged only for what is
+// queued.
+func bigBuffers(c *netlink.Conn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		for _, o := range [][2]int{{unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}, {unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}} {
+			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, o[0], bufferBytes) != nil {
+				serr = errors.Join(serr, unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, o[1], bufferBytes))
+			}
+		}
+	})
+	return errors.Join(err, serr)
 }
 
 // Close closes both.

@@ -227,7 +227,12 @@ func (c *Controller) Run(ctx context.Context) error {
 			if !c.active {
 				continue
 			}
+			// A new pod waits in the pending set; a flushed ruleset
+			// (no chains) enforces nothing until written back.
 			if p, err := c.m.Pending(); err == nil && len(p) > 0 {
+				c.Sync()
+			} else if ok, err := c.m.HasBase(); err == nil && !ok {
+				c.cfg.Logger.Warn("NetworkPolicy: the chains are gone from table inet qoscni (a flushed ruleset?): writing them back")
 				c.Sync()
 			}
 		}

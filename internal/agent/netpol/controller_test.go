@@ -24,8 +24,9 @@ import (
 // namespace with three routed pods. A pod known to the API and recorded
 // on the node is taken out of pending; one the API has not seen stays
 // closed until it appears; a NetworkPolicy created, changed and deleted
-// through the API is enforced within a second each time; turning
-// enforcement off in the network config lifts everything.
+// through the API is enforced within a second each time, and again after
+// an `nft flush ruleset`; turning enforcement off in the network config
+// lifts everything.
 func TestController(t *testing.T) {
 	w := testnet.NewRouted(t, "a", "b", "c")
 	h, err := netns.GetFromPath(w.Node.Path)
@@ -143,6 +144,9 @@ func TestController(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually("deny all", false, ab, cb, ca)
+	// A flushed ruleset enforces nothing: the agent writes it back.
+	w.Node.Exec(t, "nft", "flush", "ruleset")
+	eventually("deny all again after nft flush ruleset", false, ab, cb, ca)
 	if err := m.Pend(owner("x"), []netip.Addr{netip.MustParseAddr("10.81.9.9")}); err != nil {
 		t.Fatal(err)
 	}

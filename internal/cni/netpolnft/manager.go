@@ -221,13 +221,15 @@ func (m *Manager) Apply(want *State) (changed int, err error) {
 				return 0, err
 			}
 			del, add := diff(have, want.elements(kind, v6))
-			if len(del) > 0 {
-				if err := conn.SetDeleteElements(s, toSetElements(del, false)); err != nil {
+			// A message's element list is one netlink attribute, at most
+			// 64 KiB: a few hundred elements per message.
+			for c := range slices.Chunk(del, elemsPerMsg) {
+				if err := conn.SetDeleteElements(s, toSetElements(c, false)); err != nil {
 					return 0, err
 				}
 			}
-			if len(add) > 0 {
-				if err := conn.SetAddElements(s, toSetElements(add, s.IsMap)); err != nil {
+			for c := range slices.Chunk(add, elemsPerMsg) {
+				if err := conn.SetAddElements(s, toSetElements(c, s.IsMap)); err != nil {
 					return 0, err
 				}
 			}
@@ -271,6 +273,10 @@ func (m *Manager) Apply(want *State) (changed int, err error) {
 	}
 	return changed, nil
 }
+
+// elemsPerMsg: the largest element (an IPv6 range allowance, key and
+// key end of 40 bytes each, in their nests) takes about 110 bytes.
+const elemsPerMsg = 256
 
 func isIdentChain(c string) bool {
 	return strings.HasPrefix(c, "np-in-") || strings.HasPrefix(c, "np-out-")
