@@ -279,19 +279,24 @@ func TestPodPeakRate(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &r); err != nil || len(r.Intervals) < 20 {
 		t.Fatalf("iperf3: %v %s", err, out)
 	}
+	// The highest 200 ms (two intervals): a receiver the loaded machine
+	// does not schedule for a moment moves data from one 100 ms interval
+	// into the next, not out of a pair.
 	top, tail := 0.0, 0.0
 	for i, iv := range r.Intervals {
-		top = max(top, iv.Sum.BitsPerSecond)
+		if i > 0 {
+			top = max(top, (iv.Sum.BitsPerSecond+r.Intervals[i-1].Sum.BitsPerSecond)/2)
+		}
 		if i >= len(r.Intervals)-10 {
 			tail += iv.Sum.BitsPerSecond / 10
 		}
 	}
-	t.Logf("highest 100 ms %.1f Mbit/s, last second %.1f Mbit/s", top/1e6, tail/1e6)
-	// Without the peak the 1 MB bucket would put about 100 Mbit/s into
-	// the first 100 ms; 1.3x the peak leaves room for the receiver's
-	// scheduling on a loaded machine.
+	t.Logf("highest 200 ms %.1f Mbit/s, last second %.1f Mbit/s", top/1e6, tail/1e6)
+	// Without the peak the 1 MB bucket would put about 60 Mbit/s into
+	// the first 200 ms (8 Mbit of bucket, then the rate); 1.3x the peak
+	// leaves room for the receiver's scheduling.
 	if top > 1.3*40e6 || top < 1.2*20e6 {
-		t.Errorf("highest 100 ms at %.1f Mbit/s: want above the 20M rate (the bucket) and near the 40M peak", top/1e6)
+		t.Errorf("highest 200 ms at %.1f Mbit/s: want above the 20M rate (the bucket) and near the 40M peak", top/1e6)
 	}
 	if tail > 1.05*20e6 || tail < 0.8*20e6 {
 		t.Errorf("last second %.1f Mbit/s, want the 20M rate", tail/1e6)
