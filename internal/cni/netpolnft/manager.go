@@ -10,6 +10,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 
+	"github.com/qoscni/qoscni/internal/fault"
 	"github.com/qoscni/qoscni/internal/nfraw"
 )
 
@@ -268,9 +269,14 @@ func (m *Manager) Apply(want *State) (changed int, err error) {
 	if changed == 0 {
 		return 0, nil
 	}
+	// The reliability of an update rests on this one transaction: an
+	// agent killed before it leaves the previous state whole, one killed
+	// after it the new one (netpol.TestAgentKilledMidUpdate).
+	fault.At("netpol", "send")
 	if err := conn.Flush(); err != nil {
 		return 0, fmt.Errorf("write NetworkPolicy elements: %w", err)
 	}
+	fault.At("netpol", "sent")
 	return changed, nil
 }
 
