@@ -222,39 +222,6 @@ func dial(t *testing.T, from *testnet.NS, addr string, port, n int) ([]net.Conn,
 	return conns, failed
 }
 
-// echoServer accepts connections in ns and echoes what they send.
-func echoServer(t *testing.T, ns *testnet.NS, addr string) int {
-	t.Helper()
-	var l net.Listener
-	if err := testnet.InNS(ns.Path, func() (err error) {
-		l, err = net.Listen("tcp", net.JoinHostPort(addr, "0"))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				buf := make([]byte, 16)
-				for {
-					n, err := c.Read(buf)
-					if err != nil {
-						return
-					}
-					c.Write(buf[:n])
-				}
-			}()
-		}
-	}()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // waitAccepted waits up to 5 s until n connections at once are accepted,
 // then closes them.
 func waitAccepted(t *testing.T, from *testnet.NS, addr string, port, n int) {
@@ -306,7 +273,7 @@ func TestMaxConnections(t *testing.T) {
 		{"ingress v6", w.pod, w.peer, pod6.String(), IngressConnections},
 		{"ingress from the node (output hook)", w.pod, w.node, pod4.String(), IngressConnections},
 	} {
-		port := echoServer(t, tc.server, tc.addr)
+		port := testnet.EchoTCP(t, tc.server, net.JoinHostPort(tc.addr, "0"))
 		conns, err := dial(t, tc.from, tc.addr, port, 11)
 		if len(conns) != 10 || !errors.Is(err, unix.ECONNREFUSED) {
 			t.Errorf("%s: %d connections opened, then %v; want 10, then refused", tc.name, len(conns), err)
@@ -331,7 +298,7 @@ func TestMaxConnections(t *testing.T) {
 		waitAccepted(t, tc.from, tc.addr, port, 10)
 	}
 	w.set(t, nil)
-	port := echoServer(t, w.pod, pod4.String())
+	port := testnet.EchoTCP(t, w.pod, net.JoinHostPort(pod4.String(), "0"))
 	if conns, err := dial(t, w.peer, pod4.String(), port, 12); err != nil || len(conns) != 12 {
 		t.Errorf("limit removed: %d connections, %v", len(conns), err)
 	}

@@ -310,10 +310,16 @@ func (r *Conn) ChainsHold(table string, want map[string][]string) (bool, error) 
 	if err != nil {
 		return false, err
 	}
+	return CommentsHold(have, want), nil
+}
+
+// CommentsHold says every chain of want has exactly those rule comments
+// in have (a RuleComments dump).
+func CommentsHold(have, want map[string][]string) bool {
 	for chain, w := range want {
 		if !slices.Equal(have[chain], w) {
-			return false, nil
+			return false
 		}
 	}
-	return true, nil
+	return true
 }

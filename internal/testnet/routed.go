@@ -93,41 +93,15 @@ func (w *Routed) Target(p Probe) netip.Addr {
 func serve(t *testing.T, ns *NS) {
 	t.Helper()
 	for _, p := range RoutedPorts {
-		var l net.Listener
+		EchoTCP(t, ns, fmt.Sprintf("[::]:%d", p))
 		var pc net.PacketConn
-		err := InNS(ns.Path, func() error {
-			var err error
-			if l, err = net.Listen("tcp", fmt.Sprintf("[::]:%d", p)); err != nil {
-				return err
-			}
+		if err := InNS(ns.Path, func() (err error) {
 			pc, err = net.ListenPacket("udp", fmt.Sprintf("[::]:%d", p))
 			return err
-		})
-		if err != nil {
+		}); err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { l.Close(); pc.Close() })
-		go func() {
-			for {
-				c, err := l.Accept()
-				if err != nil {
-					return
-				}
-				go func() {
-					defer c.Close()
-					buf := make([]byte, 64)
-					for {
-						n, err := c.Read(buf)
-						if err != nil {
-							return
-						}
-						if _, err := c.Write(buf[:n]); err != nil {
-							return
-						}
-					}
-				}()
-			}
-		}()
+		t.Cleanup(func() { pc.Close() })
 		go func() {
 			buf := make([]byte, 64)
 			for {
@@ -139,6 +113,42 @@ func serve(t *testing.T, ns *NS) {
 			}
 		}()
 	}
+}
+
+// EchoTCP listens on hostport in ns (port 0: any) and echoes what each
+// connection sends, until the test ends; it returns the port.
+func EchoTCP(t testing.TB, ns *NS, hostport string) int {
+	t.Helper()
+	var l net.Listener
+	if err := InNS(ns.Path, func() (err error) {
+		l, err = net.Listen("tcp", hostport)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 64)
+				for {
+					n, err := c.Read(buf)
+					if err != nil {
+						return
+					}
+					if _, err := c.Write(buf[:n]); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return l.Addr().(*net.TCPAddr).Port
 }
 
 // ProbeTimeout is how long a probe waits for a connection or an echo.

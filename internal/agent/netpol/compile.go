@@ -27,6 +27,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/qoscni/qoscni/internal/cni/netpolnft"
 )
@@ -382,7 +383,7 @@ func parsePorts(ports []networkingv1.NetworkPolicyPort) ([]portSpec, error) {
 		s := portSpec{proto: proto, l4: L4{ProtoLo: proto, ProtoHi: proto, PortLo: 0, PortHi: 65535}}
 		switch {
 		case p.Port == nil:
-		case p.Port.Type == 1: // a string: a named port
+		case p.Port.Type == intstr.String: // a named port
 			s.named = p.Port.StrVal
 		default:
 			v := p.Port.IntVal

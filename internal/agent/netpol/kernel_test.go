@@ -54,12 +54,7 @@ func TestKernelTruthTable(t *testing.T) {
 	}}
 	for _, n := range names {
 		s := spec[n]
-		p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: s.ns, Name: n, Labels: s.labels},
-			Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "c", Ports: s.ports}}}}
-		p.Status.PodIPs = []corev1.PodIP{{IP: w.Addr(n, false).String()}, {IP: w.Addr(n, true).String()}}
-		in.Pods = append(in.Pods, p)
-		in.Local = append(in.Local, Attachment{Pod: types.NamespacedName{Namespace: s.ns, Name: n},
-			Owner: netpolnft.Owner{ContainerID: "c-" + n, IfName: "eth0"}, Addrs: []netip.Addr{w.Addr(n, false), w.Addr(n, true)}})
+		in.addRouted(w, s.ns, n, s.labels, s.ports)
 	}
 	tcp, udp := corev1.ProtocolTCP, corev1.ProtocolUDP
 	port := func(p intstr.IntOrString, proto *corev1.Protocol, end ...int32) networkingv1.NetworkPolicyPort {
@@ -151,12 +146,7 @@ func TestKernelTruthTable(t *testing.T) {
 		if _, err := m.Apply(d.State()); err != nil {
 			t.Fatalf("%s: %v", set.name, err)
 		}
-		o := oracle{in: in, local: map[netip.Addr]types.NamespacedName{}}
-		for _, at := range in.Local {
-			for _, a := range at.Addrs {
-				o.local[a] = at.Pod
-			}
-		}
+		o := oracleOf(in)
 		got := w.Run(probes)
 		var table []string
 		bad := 0
@@ -179,4 +169,26 @@ func TestKernelTruthTable(t *testing.T) {
 			t.Logf("%s: all %d probes as the API says", set.name, len(probes))
 		}
 	}
+}
+
+// addRouted adds pod name of the routed node w (its addresses, in its
+// status and in the node's records) to in.
+func (in *Input) addRouted(w *testnet.Routed, ns, name string, labels map[string]string, ports []corev1.ContainerPort) {
+	p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: labels},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "c", Ports: ports}}}}
+	p.Status.PodIPs = []corev1.PodIP{{IP: w.Addr(name, false).String()}, {IP: w.Addr(name, true).String()}}
+	in.Pods = append(in.Pods, p)
+	in.Local = append(in.Local, Attachment{Pod: types.NamespacedName{Namespace: ns, Name: name},
+		Owner: netpolnft.Owner{ContainerID: "c-" + name, IfName: "eth0"}, Addrs: []netip.Addr{w.Addr(name, false), w.Addr(name, true)}})
+}
+
+// oracleOf is the oracle of in, every attachment local.
+func oracleOf(in Input) oracle {
+	o := oracle{in: in, local: map[netip.Addr]types.NamespacedName{}}
+	for _, at := range in.Local {
+		for _, a := range at.Addrs {
+			o.local[a] = at.Pod
+		}
+	}
+	return o
 }

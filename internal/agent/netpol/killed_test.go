@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,9 +13,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
 
-	"github.com/qoscni/qoscni/internal/cni/netpolnft"
 	"github.com/qoscni/qoscni/internal/fault"
 	"github.com/qoscni/qoscni/internal/testnet"
 )
@@ -39,11 +36,7 @@ func TestAgentKilledMidUpdate(t *testing.T) {
 	in := Input{Namespaces: []*corev1.Namespace{{ObjectMeta: metav1.ObjectMeta{Name: "default",
 		Labels: map[string]string{corev1.LabelMetadataName: "default"}}}}}
 	for _, n := range names {
-		p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: n, Labels: map[string]string{"app": n}}}
-		p.Status.PodIPs = []corev1.PodIP{{IP: w.Addr(n, false).String()}, {IP: w.Addr(n, true).String()}}
-		in.Pods = append(in.Pods, p)
-		in.Local = append(in.Local, Attachment{Pod: types.NamespacedName{Namespace: "default", Name: n},
-			Owner: netpolnft.Owner{ContainerID: "c-" + n, IfName: "eth0"}, Addrs: []netip.Addr{w.Addr(n, false), w.Addr(n, true)}})
+		in.addRouted(w, "default", n, map[string]string{"app": n}, nil)
 	}
 	from := func(target, peer string) *networkingv1.NetworkPolicy {
 		return &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: target + "-from-" + peer},
@@ -89,12 +82,7 @@ func TestAgentKilledMidUpdate(t *testing.T) {
 	// state is what the probes give under policies, per the oracle.
 	state := func(policies []*networkingv1.NetworkPolicy) []bool {
 		in.Policies = policies
-		o := oracle{in: in, local: map[netip.Addr]types.NamespacedName{}}
-		for _, at := range in.Local {
-			for _, a := range at.Addrs {
-				o.local[a] = at.Pod
-			}
-		}
+		o := oracleOf(in)
 		out := make([]bool, len(probes))
 		for i, p := range probes {
 			out[i] = o.allows(w.Addr(p.From, p.V6), w.Addr(p.To, p.V6), protoTCP, uint16(p.Port))

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 
+	"github.com/qoscni/qoscni/internal/cni/podnet"
 	"github.com/qoscni/qoscni/internal/nfraw"
 	"github.com/qoscni/qoscni/internal/state"
 )
@@ -66,7 +67,7 @@ func (c *Cleaner) Queue(rec *state.Record, r *nfraw.Conn, b *nfraw.Batch) (after
 	if err != nil {
 		return nil, true, err
 	}
-	return nil, true, queueUnpend(r, newLayout().table.Name, b, nfraw.OwnerOf(rec), addrs)
+	return nil, true, queueUnpend(r, podnet.TableName, b, nfraw.OwnerOf(rec), addrs)
 }
 
 // GC removes pending elements whose owner has no record, once two calls

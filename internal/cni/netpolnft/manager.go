@@ -47,9 +47,17 @@ func (m *Manager) HasBase() (bool, error) {
 // the table's rules when they are in place). Existing elements are kept:
 // a repaired chain finds its sets as they were.
 func (m *Manager) EnsureBase() (repaired bool, err error) {
-	ok, err := m.Raw.ChainsHold(m.l.table.Name, m.l.wantRules())
-	if err != nil || ok {
+	have, err := m.Raw.RuleComments(m.l.table.Name)
+	if err != nil {
 		return false, err
+	}
+	return m.ensureBase(have)
+}
+
+// ensureBase is EnsureBase given the table's rule comments as they are.
+func (m *Manager) ensureBase(have map[string][]string) (repaired bool, err error) {
+	if nfraw.CommentsHold(have, m.l.wantRules()) {
+		return false, nil
 	}
 	conn, err := m.NFT()
 	if err != nil {
@@ -180,15 +188,17 @@ func (m *Manager) Pending() (map[netip.Addr]Owner, error) {
 // another owner than want.Ready names, stay (their pods are not known
 // yet).
 func (m *Manager) Apply(want *State) (changed int, err error) {
-	if _, err := m.EnsureBase(); err != nil {
-		return 0, err
-	}
-	conn, err := m.NFT()
+	t := m.l.table
+	// One dump for both: the fixed chains' check, and the identity
+	// chains (a repair of the fixed ones leaves those as they are).
+	have, err := m.Raw.RuleComments(t.Name)
 	if err != nil {
 		return 0, err
 	}
-	t := m.l.table
-	have, err := m.Raw.RuleComments(t.Name)
+	if _, err := m.ensureBase(have); err != nil {
+		return 0, err
+	}
+	conn, err := m.NFT()
 	if err != nil {
 		return 0, err
 	}
