@@ -142,7 +142,7 @@ const connlimitOver = 1
 // one pod at a time, and a stale element is a dead pod's.
 func (m *Manager) Set(owner Owner, ips []net.IP, c *state.Controls) error {
 	if !c.Empty() {
-		if err := refuseFlowtables(m.Raw); err != nil {
+		if err := refuseFlowtables(m.Raw.Flowtables); err != nil {
 			return err
 		}
 	}
@@ -177,8 +177,8 @@ func (m *Manager) Set(owner Owner, ips []net.IP, c *state.Controls) error {
 
 // refuseFlowtables fails when the node offloads flows: a flow in a
 // flowtable skips the IP hooks, so its packets would escape every control.
-func refuseFlowtables(raw *nfraw.Conn) error {
-	fts, err := raw.Flowtables()
+func refuseFlowtables(list func() ([]string, error)) error {
+	fts, err := list()
 	if err != nil {
 		return fmt.Errorf("list nftables flowtables: %w", err)
 	}

@@ -230,6 +230,11 @@ func (r *Conn) Flowtables() ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
+	return parseFlowtables(msgs)
+}
+
+// parseFlowtables reads the flowtables of a GETFLOWTABLE dump's replies.
+func parseFlowtables(msgs []netlink.Message) ([]string, error) {
 	var out []string
 	for _, m := range msgs {
 		if len(m.Data) < 4 {
@@ -247,6 +252,9 @@ func (r *Conn) Flowtables() ([]string, error) {
 			case attrFlowtableName:
 				name = ad.String()
 			}
+		}
+		if err := ad.Err(); err != nil {
+			return nil, fmt.Errorf("flowtable reply: %w", err)
 		}
 		out = append(out, table+"/"+name)
 	}
