@@ -9,14 +9,18 @@
 // Each control is one element per pod address in a set, and the element
 // carries the pod's own stateful expressions:
 //
-//	pkt-{egress,ingress}{4,6}   limit rate over N/second burst B packets, counter
-//	conn-{egress,ingress}{4,6}  ct count over N, counter
-//	dscp{4,6}                   verdict map: jump dscp-N
+//	pkt-{egress,ingress}{4,6}       counter, limit rate over N/second burst B packets
+//	pkt-drop-{egress,ingress}{4,6}  counter
+//	conn-{egress,ingress}{4,6}      ct count over N, counter
+//	dscp{4,6}                       verdict map: jump dscp-N
 //
-// A lookup evaluates the element's expressions and matches only when the
-// limit or the connection count is exceeded, so the rules are fixed (a
-// lookup and a drop or reject each) and the element's counter counts
-// exactly the packets dropped or connections refused for that pod. The
+// A lookup evaluates the element's expressions in order and matches only
+// when they all pass, so the rules are fixed (a lookup and a drop or
+// reject each). A packet rate's counter counts every packet its limit
+// meets; the limit then matches only packets over the rate, and for those
+// the rule looks up the drop set, whose counter counts exactly the drops.
+// A connection bound's counter follows its ct count, so it counts the
+// connections refused. The
 // connection sets are not dynamic: the kernel garbage-collects a dynamic
 // set's element whose connection count falls to 0, which would lift the
 // pod's limit. DSCP is written by one small chain per code point in use

@@ -9,9 +9,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/userdata"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/qoscni/qoscni/internal/nfraw"
 	"github.com/qoscni/qoscni/internal/state"
 	"github.com/qoscni/qoscni/internal/testnet"
 )
@@ -178,15 +182,26 @@ func TestPacketRate(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("%s: sent %.0f/s, received %.0f/s, dropped %d", tc.name, sent, got, after.Count[tc.kind]-before.Count[tc.kind])
+		met := after.Offered[tc.kind] - before.Offered[tc.kind]
+		t.Logf("%s: sent %.0f/s, received %.0f/s, met by the rate %d, dropped %d", tc.name, sent, got, met, after.Count[tc.kind]-before.Count[tc.kind])
 		if sent < 5000 {
 			t.Fatalf("%s: the flood reached only %.0f packets/s, too few to test a limit of 1000", tc.name, sent)
 		}
 		if got < 950 || got > 1050 {
 			t.Errorf("%s: %.0f packets/s received, want 950 to 1050", tc.name, got)
 		}
-		if d := after.Count[tc.kind] - before.Count[tc.kind]; float64(d) < (sent-got)*4*0.9 {
+		d := after.Count[tc.kind] - before.Count[tc.kind]
+		if float64(d) < (sent-got)*4*0.9 {
 			t.Errorf("%s: %s counted %d drops, want about %.0f", tc.name, tc.kind, d, (sent-got)*4)
+		}
+		// What the rate met is what passed and what it dropped: the
+		// receiver counts the passed ones (a few packets of slack for
+		// the ones in flight when the counters were read).
+		if passed := int64(met) - int64(d); passed < int64(got*4)-50 || passed > int64(got*4)+50 {
+			t.Errorf("%s: %s met %d packets and dropped %d, so %d passed; the receiver counted %.0f", tc.name, tc.kind, met, d, passed, got*4)
+		}
+		if !after.Present[tc.kind] {
+			t.Errorf("%s: %s not present in the reading", tc.name, tc.kind)
 		}
 	}
 	w.set(t, nil)
@@ -403,8 +418,8 @@ func TestOwnershipAndRepair(t *testing.T) {
 	if !strings.Contains(out, "limit rate over 500/second") || !strings.Contains(out, "ct count over 3") {
 		t.Errorf("nft does not list the pod's controls:\n%s", out)
 	}
-	if n, err := w.m.GC(func(Owner) bool { return false }); err != nil || n != 4 {
-		t.Fatalf("GC of a gone pod removed %d elements (%v), want 4 (2 controls x 2 families)", n, err)
+	if n, err := w.m.GC(func(Owner) bool { return false }); err != nil || n != 6 {
+		t.Fatalf("GC of a gone pod removed %d elements (%v), want 6 (packet rate, its drops and connections x 2 families)", n, err)
 	}
 	if err := w.m.Del(w.owner, w.ips); err != nil {
 		t.Fatalf("DEL after GC: %v", err)
@@ -448,4 +463,68 @@ func TestRuleCountConstant(t *testing.T) {
 		t.Errorf("pkt-ingress4 holds %d elements (%v), want 300", len(els), err)
 	}
 	t.Logf("%d rules (%d of them the chain of DSCP 46) for 1 and for 300 pods", one, len(dscpRules(ef)))
+}
+
+// TestUpgradeFromV1: a node whose table holds the rules and elements of
+// the release before the drop sets (rules tagged v1, a packet rate's
+// element with its limit before its counter) gets the new rules and sets
+// at the next Set, Check reports the old element until then, and the
+// drops are counted after.
+func TestUpgradeFromV1(t *testing.T) {
+	w := newWorld(t)
+	// The v1 base: this release's rules without the drop sets' lookups,
+	// tagged v1, and no drop sets.
+	conn, err := w.m.NFT()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := w.m.l
+	conn.AddTable(l.table)
+	for _, s := range l.sets {
+		if !strings.HasPrefix(s.Name, "pkt-drop-") {
+			if err := conn.AddSet(s, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	conn.AddChain(l.prerouting)
+	conn.AddChain(l.output)
+	for _, r := range l.rules() {
+		var ex []expr.Any
+		for _, e := range r.exprs {
+			if lk, ok := e.(*expr.Lookup); ok && strings.HasPrefix(lk.SetName, "pkt-drop-") {
+				continue
+			}
+			ex = append(ex, e)
+		}
+		conn.AddRule(&nftables.Rule{Table: l.table, Chain: r.chain, Exprs: ex,
+			UserData: userdata.AppendString(nil, userdata.TypeComment, "qoscni-controls/v1: "+r.comment)})
+	}
+	if err := conn.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	old := &nfraw.Batch{}
+	if err := old.Add("qoscni", "pkt-ingress4", nfraw.Element{Key: pod4.To4(), Comment: nfraw.EncodeOwner(w.owner),
+		Exprs: []expr.Any{&expr.Limit{Type: expr.LimitTypePkts, Rate: 1000, Unit: expr.LimitTimeSecond, Burst: 100, Over: true}, &expr.Counter{}}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.m.Raw.Send(old); err != nil {
+		t.Fatal(err)
+	}
+	c := &state.Controls{Ingress: &state.ControlDirection{PacketRate: 1000, PacketBurst: 100}}
+	if err := w.m.Check(w.owner, w.ips, c); err == nil {
+		t.Fatal("Check passed on the previous release's rules and element")
+	}
+	w.set(t, c)
+	if out := w.node.Exec(t, "nft", "list", "table", "inet", "qoscni"); strings.Contains(out, "qoscni-controls/v1") {
+		t.Errorf("v1 rules left after Set:\n%s", out)
+	}
+	_, got := flood(t, w.peer, w.pod, pod4.String(), 2*time.Second)
+	r, err := w.m.Read(w.ips)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Present[IngressPackets] || r.Count[IngressPackets] == 0 || r.Offered[IngressPackets] <= r.Count[IngressPackets] {
+		t.Errorf("after the upgrade: %+v (%.0f/s received), want drops counted and fewer than met", r, got)
+	}
 }

@@ -26,8 +26,10 @@ const (
 )
 
 // ruleTag prefixes the comment of every rule of ours; the base check
-// compares them, as the hostPort chains do.
-const ruleTag = "qoscni-controls/v1: "
+// compares them, as the hostPort chains do. Its version changes with the
+// rules, so that a node upgraded from a release with other rules has them
+// rewritten at its next ADD or repair (v2: the packet rate's drop sets).
+const ruleTag = "qoscni-controls/v2: "
 
 // Kind is one control of one direction.
 type Kind int
@@ -76,6 +78,16 @@ func (k Kind) setName(v6 bool) string {
 	return s + "4"
 }
 
+// dropSetName is the set of a packet rate's drop counters: its elements
+// carry only a counter, and the rule looks them up after the rate's own
+// element matched, so they count exactly the packets dropped.
+func (k Kind) dropSetName(v6 bool) string {
+	if v6 {
+		return "pkt-drop-" + k.Direction() + "6"
+	}
+	return "pkt-drop-" + k.Direction() + "4"
+}
+
 func dscpSet(v6 bool) string {
 	if v6 {
 		return "dscp6"
@@ -114,6 +126,9 @@ func newLayout() *layout {
 		}
 		for k := Kind(0); k < numCounted; k++ {
 			l.sets = append(l.sets, &nftables.Set{Table: t, Name: k.setName(v6), KeyType: key})
+			if !k.connections() {
+				l.sets = append(l.sets, &nftables.Set{Table: t, Name: k.dropSetName(v6), KeyType: key})
+			}
 		}
 		l.sets = append(l.sets, &nftables.Set{Table: t, Name: dscpSet(v6), KeyType: key, IsMap: true, DataType: nftables.TypeVerdict})
 	}
@@ -163,6 +178,10 @@ type rule struct {
 
 // rules are the fixed rules, in chain order: drops by packet rate first
 // (a flood costs least there), then new connections over their bound.
+// A packet rate's element counts every packet of its pod's direction and
+// then matches only when the packet is over the rate; only then is the
+// drop set's element looked up, counting the drop. A pod without a packet
+// rate costs one lookup that misses.
 func (l *layout) rules() []rule {
 	var out []rule
 	for _, chain := range []*nftables.Chain{l.prerouting, l.output} {
@@ -171,9 +190,10 @@ func (l *layout) rules() []rule {
 				if chain == l.output && k.egress() {
 					continue // a pod's own packets never pass output
 				}
-				s := l.set(k.setName(v6))
+				s, d := l.set(k.setName(v6)), l.set(k.dropSetName(v6))
 				ex := append(nfproto(v6), loadAddr(v6, k.egress()),
 					&expr.Lookup{SourceRegister: 1, SetName: s.Name, SetID: s.ID},
+					&expr.Lookup{SourceRegister: 1, SetName: d.Name, SetID: d.ID},
 					&expr.Verdict{Kind: expr.VerdictDrop})
 				out = append(out, rule{chain, k.setName(v6) + " drop", ex})
 			}

@@ -114,16 +114,18 @@ func desired(owner Owner, ips []net.IP, c *state.Controls) []want {
 			if d == nil {
 				continue
 			}
-			var stateful expr.Any
 			switch {
 			case !k.connections() && d.PacketRate != 0:
-				stateful = &expr.Limit{Type: expr.LimitTypePkts, Rate: d.PacketRate, Unit: expr.LimitTimeSecond, Burst: d.PacketBurst, Over: true}
+				// The counter first: it counts every packet, and the
+				// limit then breaks the lookup of those under the rate.
+				limit := &expr.Limit{Type: expr.LimitTypePkts, Rate: d.PacketRate, Unit: expr.LimitTimeSecond, Burst: d.PacketBurst, Over: true}
+				out = append(out,
+					want{k.setName(v6), nfraw.Element{Key: key, Comment: tag, Exprs: []expr.Any{&expr.Counter{}, limit}}},
+					want{k.dropSetName(v6), nfraw.Element{Key: key, Comment: tag, Exprs: []expr.Any{&expr.Counter{}}}})
 			case k.connections() && d.MaxConnections != 0:
-				stateful = &expr.Connlimit{Count: d.MaxConnections, Flags: connlimitOver}
-			default:
-				continue
+				stateful := &expr.Connlimit{Count: d.MaxConnections, Flags: connlimitOver}
+				out = append(out, want{k.setName(v6), nfraw.Element{Key: key, Comment: tag, Exprs: []expr.Any{stateful, &expr.Counter{}}}})
 			}
-			out = append(out, want{k.setName(v6), nfraw.Element{Key: key, Comment: tag, Exprs: []expr.Any{stateful, &expr.Counter{}}}})
 		}
 		if c.DSCP != nil {
 			out = append(out, want{dscpSet(v6), nfraw.Element{Key: key, Comment: tag, Jump: dscpChain(*c.DSCP)}})
@@ -297,36 +299,69 @@ func sameElem(have, want nfraw.Element) bool {
 	return true
 }
 
-// Reading is what the kernel holds for one attachment's counted
-// controls: whether each element is there, and its counter (packets
-// dropped over the packet rate, connections refused over the bound),
-// summed over the pod's addresses.
+// Reading is what the kernel holds for one attachment's controls: whether
+// each counted control's elements are there, its counter (packets dropped
+// over the packet rate, connections refused over the bound) and, for a
+// packet rate, the packets it met (passed and dropped), summed over the
+// pod's addresses; and whether a DSCP element is there.
 type Reading struct {
 	Present [numCounted]bool
 	Count   [numCounted]uint64
+	Offered [numCounted]uint64
+	DSCP    bool
 }
 
-// Read reads the counters of the pod's elements.
+// Read reads the counters of the pod's elements. A control is present
+// when every address has its elements.
 func (m *Manager) Read(ips []net.IP) (Reading, error) {
 	var out Reading
+	get := func(set string, key []byte) (uint64, bool, error) {
+		el, found, err := m.Raw.GetElem(m.l.table.Name, set, key)
+		var n uint64
+		for _, x := range el.Exprs {
+			if c, ok := x.(*expr.Counter); ok {
+				n += c.Packets
+			}
+		}
+		return n, found, err
+	}
+	var have [numCounted]int
+	dscp := 0
 	for _, ip := range ips {
 		key, v6 := addrKey(ip)
 		for k := Kind(0); k < numCounted; k++ {
-			el, found, err := m.Raw.GetElem(m.l.table.Name, k.setName(v6), key)
+			n, found, err := get(k.setName(v6), key)
 			if err != nil {
 				return out, err
 			}
 			if !found {
 				continue
 			}
-			out.Present[k] = true
-			for _, x := range el.Exprs {
-				if c, ok := x.(*expr.Counter); ok {
-					out.Count[k] += c.Packets
-				}
+			if k.connections() {
+				have[k]++
+				out.Count[k] += n
+				continue
+			}
+			out.Offered[k] += n
+			dropped, found, err := get(k.dropSetName(v6), key)
+			if err != nil {
+				return out, err
+			}
+			if found {
+				have[k]++
+				out.Count[k] += dropped
 			}
 		}
+		if _, found, err := get(dscpSet(v6), key); err != nil {
+			return out, err
+		} else if found {
+			dscp++
+		}
 	}
+	for k := range have {
+		out.Present[k] = len(ips) > 0 && have[k] == len(ips)
+	}
+	out.DSCP = len(ips) > 0 && dscp == len(ips)
 	return out, nil
 }
 

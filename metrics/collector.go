@@ -108,12 +108,12 @@ var (
 	descCollect = newDesc("qoscni_agent_collect_duration_seconds", "Time the previous collection of qoscni metrics took.", nil)
 
 	// ownDescs is every desc above, in the order Describe sends them.
-	ownDescs = []desc{descLimit, descBurst, descQLimit, descDelay, descClamped, descUp, descBytes, descPackets,
+	ownDescs = append([]desc{descLimit, descBurst, descQLimit, descDelay, descClamped, descUp, descBytes, descPackets,
 		descDrops, descOverlimit, descRequeues, descBacklogB, descBacklogP,
 		descGRequest, descGLimit, descGPriority, descGUp, descGBytes, descGPackets, descGDrops, descGOverlimits,
 		descGLends, descGBorrows, descGBacklog, descNCapacity, descNRequests, descNHeadroom,
-		descInfo, descPorts, descHidden, descBad, descIPAMCap, descIPAMUsed, descBuild, descCollect,
-		descCRate, descCBurst, descCConns, descCDSCP, descCUp, descCDropped, descCRefused}
+		descInfo, descPorts, descHidden, descBad, descIPAMCap, descIPAMUsed, descBuild, descCollect},
+		controlDescs...)
 )
 
 // counter indexes into a series' five counters.

@@ -16,16 +16,20 @@ var (
 	descCBurst   = newDesc("qoscni_control_packet_burst_packets", "Configured packet burst of the direction's packet rate.", dirLabels)
 	descCConns   = newDesc("qoscni_control_max_connections", "Configured bound on the connections open at once: opened by the pod (egress) or to it (ingress).", dirLabels)
 	descCDSCP    = newDesc("qoscni_control_dscp", "DSCP code point written into every packet the pod sends.", ifLabels)
-	descCUp      = newDesc("qoscni_control_up", "1 when the control's nftables element was found at this scrape, else 0.", append(slices.Clone(dirLabels), "control"))
+	descCUp      = newDesc("qoscni_control_up", "1 when the control's nftables elements were found for every pod address at this scrape, else 0 (control packet-rate, connections, or dscp with direction egress).", append(slices.Clone(dirLabels), "control"))
+	descCOffered = newDesc("qoscni_control_offered_packets_total", "Packets of the direction its packet rate met, passed and dropped.", dirLabels)
 	descCDropped = newDesc("qoscni_control_dropped_packets_total", "Packets dropped because the direction was over its packet rate.", dirLabels)
 	descCRefused = newDesc("qoscni_control_refused_connections_total", "New connections refused because the direction had its maximum open.", dirLabels)
-	controlDescs = []desc{descCRate, descCBurst, descCConns, descCDSCP, descCUp, descCDropped, descCRefused}
+	descCFlow    = newDesc("qoscni_control_bypassing_flowtables", "nftables flowtables in the node's namespace, exported while a pod on it has packet-rate, connection or DSCP controls: flows offloaded to a flowtable skip them.", nil)
+	controlDescs = []desc{descCRate, descCBurst, descCConns, descCDSCP, descCUp, descCOffered, descCDropped, descCRefused, descCFlow}
 )
 
-// controlKey is one counted control of one attachment.
+// controlKey is one counter of one counted control of one attachment
+// (offered: the packets a packet rate met, else its drops or refusals).
 type controlKey struct {
-	key  state.Key
-	kind controls.Kind
+	key     state.Key
+	kind    controls.Kind
+	offered bool
 }
 
 // resetting keeps a counter monotonic across its element being replaced
@@ -60,15 +64,20 @@ func (c *Collector) collectControls(ch chan<- prometheus.Metric, atts []Attachme
 		if ctl.Empty() {
 			continue
 		}
-		if ctl.DSCP != nil {
-			gauge(descCDSCP, float64(*ctl.DSCP), a.Namespace, a.Pod, a.Interface)
-		}
 		if m == nil {
 			var err error
 			if m, err = controls.New(c.cfg.Netns.shapingFd()); err != nil {
 				c.errors.WithLabelValues("nftables").Inc()
 				c.log.Warn("read controls", "err", err)
 				return
+			}
+			// The plugin refuses controls on a node with a flowtable;
+			// this shows one made after the pods got theirs.
+			if fts, err := m.Raw.Flowtables(); err != nil {
+				c.errors.WithLabelValues("nftables").Inc()
+				c.log.Warn("list nftables flowtables", "err", err)
+			} else {
+				gauge(descCFlow, float64(len(fts)))
 			}
 		}
 		ips, err := controls.IPsOf(a.Record)
@@ -81,6 +90,23 @@ func (c *Collector) collectControls(ch chan<- prometheus.Metric, atts []Attachme
 			c.errors.WithLabelValues("nftables").Inc()
 			c.log.Warn("read controls", "namespace", a.Namespace, "pod", a.Pod, "err", err)
 			continue
+		}
+		if ctl.DSCP != nil {
+			gauge(descCDSCP, float64(*ctl.DSCP), a.Namespace, a.Pod, a.Interface)
+			up := 0.0
+			if got.DSCP {
+				up = 1
+			}
+			gauge(descCUp, up, a.Namespace, a.Pod, a.Interface, "egress", "dscp")
+		}
+		counter := func(d desc, ck controlKey, now uint64, l []string) {
+			seen[ck] = true
+			r := c.controlCounts[ck]
+			if r == nil {
+				r = &resetting{}
+				c.controlCounts[ck] = r
+			}
+			ch <- prometheus.MustNewConstMetric(d.Desc, prometheus.CounterValue, float64(r.update(now)), l...)
 		}
 		for _, k := range controls.Kinds() {
 			d := ctl.Ingress
@@ -109,14 +135,10 @@ func (c *Collector) collectControls(ch chan<- prometheus.Metric, atts []Attachme
 				up = 1
 			}
 			gauge(descCUp, up, append(slices.Clone(l), k.Control())...)
-			ck := controlKey{a.Record.Key(), k}
-			seen[ck] = true
-			r := c.controlCounts[ck]
-			if r == nil {
-				r = &resetting{}
-				c.controlCounts[ck] = r
+			counter(count, controlKey{a.Record.Key(), k, false}, got.Count[k], l)
+			if k.Control() == "packet-rate" {
+				counter(descCOffered, controlKey{a.Record.Key(), k, true}, got.Offered[k], l)
 			}
-			ch <- prometheus.MustNewConstMetric(count.Desc, prometheus.CounterValue, float64(r.update(got.Count[k])), l...)
 		}
 	}
 	for k := range c.controlCounts {

@@ -131,7 +131,7 @@ func assertClean(t *testing.T, n *testnet.Node) {
 			t.Errorf("left in %s: %s", dir, name)
 		}
 	}
-	for _, set := range []string{"pkt-egress4", "pkt-ingress4", "conn-egress4", "conn-ingress4", "pkt-egress6", "pkt-ingress6", "conn-egress6", "conn-ingress6", "dscp4", "dscp6"} {
+	for _, set := range []string{"pkt-egress4", "pkt-ingress4", "pkt-drop-egress4", "pkt-drop-ingress4", "conn-egress4", "conn-ingress4", "pkt-egress6", "pkt-ingress6", "pkt-drop-egress6", "pkt-drop-ingress6", "conn-egress6", "conn-ingress6", "dscp4", "dscp6"} {
 		kind := "set"
 		if strings.HasPrefix(set, "dscp") {
 			kind = "map"

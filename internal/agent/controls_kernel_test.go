@@ -1,7 +1,9 @@
 package agent
 
 import (
+	"errors"
 	"net"
+	"syscall"
 	"testing"
 
 	"github.com/vishvananda/netns"
@@ -42,7 +44,10 @@ func TestAgentKernelControlMetrics(t *testing.T) {
 	set()
 	srv := startAgent(t, node, writeConflist(t, node.Dir, node.IPAMDir))
 	// 500 datagrams from the node into the pod, at once: far over 100/s.
-	flood := func() {
+	// It returns how many left the socket: those written and those the
+	// output hook dropped (EPERM). A datagram that passed makes the pod
+	// answer port unreachable, which fails the socket's next write.
+	flood := func() (sent int) {
 		t.Helper()
 		if err := inNetns(node.Path, func() error {
 			c, err := net.Dial("udp", net.JoinHostPort(pod.podIP, "9"))
@@ -51,14 +56,17 @@ func TestAgentKernelControlMetrics(t *testing.T) {
 			}
 			defer c.Close()
 			for range 500 {
-				c.Write([]byte("x"))
+				if _, err := c.Write([]byte("x")); err == nil || errors.Is(err, syscall.EPERM) {
+					sent++
+				}
 			}
 			return nil
 		}); err != nil {
 			t.Fatal(err)
 		}
+		return sent
 	}
-	flood()
+	sent := flood()
 	in := map[string]string{"namespace": "team-a", "pod": pod.rec.Pod.Name, "interface": "eth0", "direction": "ingress"}
 	out := map[string]string{"namespace": "team-a", "pod": pod.rec.Pod.Name, "interface": "eth0", "direction": "egress"}
 	with := func(l map[string]string, k, v string) map[string]string {
@@ -73,6 +81,11 @@ func TestAgentKernelControlMetrics(t *testing.T) {
 	if dropped < 300 {
 		t.Errorf("dropped over 100 packets/s: %v of 500 sent at once, want most", dropped)
 	}
+	// The rate met every datagram sent (and maybe a neighbour probe):
+	// the dropped ones, and the bucket's 5 and at most 100/s more passed.
+	if offered := s.must(t, "qoscni_control_offered_packets_total", in); offered < float64(sent) || offered > float64(sent)+5 || offered-dropped > 50 {
+		t.Errorf("offered %v with %v dropped, want the %d sent (a few passed)", offered, dropped, sent)
+	}
 	for _, c := range []struct {
 		name   string
 		labels map[string]string
@@ -84,18 +97,27 @@ func TestAgentKernelControlMetrics(t *testing.T) {
 		{"qoscni_control_refused_connections_total", out, 0},
 		{"qoscni_control_up", with(in, "control", "packet-rate"), 1},
 		{"qoscni_control_up", with(out, "control", "connections"), 1},
+		{"qoscni_control_up", with(out, "control", "dscp"), 1},
 		{"qoscni_control_dscp", map[string]string{"pod": pod.rec.Pod.Name, "interface": "eth0"}, 46},
+		{"qoscni_control_bypassing_flowtables", map[string]string{}, 0},
 	} {
 		if v := s.must(t, c.name, c.labels); v != c.want {
 			t.Errorf("%s%v = %v, want %v", c.name, c.labels, v, c.want)
 		}
 	}
-	if _, ok := s.value("qoscni_control_dropped_packets_total", out); ok {
-		t.Error("a packet-rate series for egress, which has none")
+	for _, name := range []string{"qoscni_control_dropped_packets_total", "qoscni_control_offered_packets_total"} {
+		if _, ok := s.value(name, out); ok {
+			t.Errorf("a packet-rate series %s for egress, which has none", name)
+		}
 	}
-	node.Exec(t, "nft", "delete", "element", "inet", "qoscni", "pkt-ingress4", "{", pod.podIP, "}")
-	if v := scrapeAgent(t, srv.Addr()).must(t, "qoscni_control_up", with(in, "control", "packet-rate")); v != 0 {
-		t.Errorf("up after the element went = %v, want 0", v)
+	node.Exec(t, "nft", "delete", "element", "inet", "qoscni", "pkt-drop-ingress4", "{", pod.podIP, "}")
+	node.Exec(t, "nft", "delete", "element", "inet", "qoscni", "dscp4", "{", pod.podIP, "}")
+	s = scrapeAgent(t, srv.Addr())
+	if v := s.must(t, "qoscni_control_up", with(in, "control", "packet-rate")); v != 0 {
+		t.Errorf("up after the drop counter's element went = %v, want 0", v)
+	}
+	if v := s.must(t, "qoscni_control_up", with(out, "control", "dscp")); v != 0 {
+		t.Errorf("DSCP up after its element went = %v, want 0", v)
 	}
 	set()
 	flood()

@@ -1,6 +1,7 @@
 package reconcile_test
 
 import (
+	"regexp"
 	"strings"
 	"testing"
 
@@ -25,11 +26,15 @@ func TestControlsReshapeLive(t *testing.T) {
 	}
 	ip := strings.SplitN(rec.IPs[0], "/", 2)[0]
 	table := func() string { return e.node.Exec(t, "nft", "list", "table", "inet", "qoscni") }
+	// The packet rate's element: its counter, then its limit.
+	rate := func(out, limit string) bool {
+		return regexp.MustCompile(regexp.QuoteMeta(ip) + ` counter packets \d+ bytes \d+ ` + regexp.QuoteMeta(limit)).MatchString(out)
+	}
 	e.annotate("ctl", map[string]string{shaping.AnnotationIngressPacketRate: "3k", shaping.CalicoDSCP: "AF41"})
 	e.waitRecord(rec.ContainerID, "packet rate and DSCP added", func(r *state.Record) bool {
 		return r.Controls != nil && r.Controls.Ingress != nil && r.Controls.Ingress.PacketRate == 3000 && r.Controls.DSCP != nil && *r.Controls.DSCP == 34
 	})
-	if out := table(); !strings.Contains(out, ip+" limit rate over 3000/second") || !strings.Contains(out, "jump dscp-34") {
+	if out := table(); !rate(out, "limit rate over 3000/second") || !strings.Contains(out, "jump dscp-34") {
 		t.Fatalf("nftables after the annotation:\n%s", out)
 	}
 	e.annotate("ctl", map[string]string{shaping.CalicoIngressPacketRate: "500", shaping.CalicoIngressPacketBurst: "50",
@@ -40,7 +45,7 @@ func TestControlsReshapeLive(t *testing.T) {
 			c.Egress != nil && c.Egress.MaxConnections == 7 && c.DSCP == nil
 	})
 	out := table()
-	if !strings.Contains(out, ip+" limit rate over 500/second burst 50 packets") || !strings.Contains(out, ip+" ct count over 7") || strings.Contains(out, "jump dscp-34") {
+	if !rate(out, "limit rate over 500/second burst 50 packets") || !strings.Contains(out, ip+" ct count over 7") || strings.Contains(out, "jump dscp-34") {
 		t.Fatalf("nftables after Calico's names:\n%s", out)
 	}
 	// A bad value: the pod keeps its controls.

@@ -25,7 +25,7 @@ echo "3 open, 4th $fourth"`
 // shaped pod reach nftables through the agent; a fourth connection from
 // the node and from the second node (routed across) is refused while three
 // stay up, the refusals are exported, and removing the annotation lifts
-// the bound.
+// the bound; then a packet rate (packetRate).
 func (e *env) controlsStep(t *testing.T) {
 	ip := podIPv4(t, shapedRec)
 	e.kc(t, "annotate", "--overwrite", "pod", shaped.Name, "qoscni.io/ingress-max-connections=3", "qos.projectcalico.org/dscp=EF")
@@ -73,6 +73,53 @@ func (e *env) controlsStep(t *testing.T) {
 	if out, err := e.tryHere("timeout", "20", "bash", "-c", openConns, "-", ip); err != nil || strings.TrimSpace(out) != "3 open, 4th open" {
 		t.Errorf("bound lifted: %q %v", out, err)
 	}
+	e.packetRate(t, ip)
+}
+
+// packetRate: Calico's packet-rate name on the running pod; 400 echo
+// requests from the second node in 0.8 s meet a rate of 100/s, most are
+// dropped, and the agent exports what the rate met and dropped.
+func (e *env) packetRate(t *testing.T, ip string) {
+	e.kc(t, "annotate", "--overwrite", "pod", shaped.Name, "qos.projectcalico.org/ingressPacketRate=100")
+	waitFor(t, 10*time.Second, "packet rate in nftables", func() error {
+		out, err := e.tryHere("nft", "list", "set", "inet", "qoscni", "pkt-ingress4")
+		if err != nil || !strings.Contains(out, "limit rate over 100/second") {
+			return fmt.Errorf("nft: %s %v", out, err)
+		}
+		return nil
+	})
+	out, _ := e.tryOn("ping", "-q", "-n", "-c", "400", "-i", "0.002", "-W", "1", ip)
+	var sent, got int
+	if i := strings.Index(out, " packets transmitted, "); i < 0 {
+		t.Fatalf("ping: %s", out)
+	} else if _, err := fmt.Sscanf(out[strings.LastIndex(out[:i], "\n")+1:], "%d packets transmitted, %d received", &sent, &got); err != nil {
+		t.Fatalf("ping: %v in %s", err, out)
+	}
+	t.Logf("packet rate 100/s: %d of %d echo requests answered", got, sent)
+	if sent != 400 || got < 5 || got > 200 {
+		t.Errorf("%d of %d answered at 100 packets/s over about 0.8 s, want 5 to 200", got, sent)
+	}
+	waitFor(t, 10*time.Second, "packets met and dropped exported", func() error {
+		met, err := scrape(e.n.Client, e.n.IP, "qoscni_control_offered_packets_total", shaped.Name, "ingress")
+		if err != nil {
+			return err
+		}
+		dropped, err := scrape(e.n.Client, e.n.IP, "qoscni_control_dropped_packets_total", shaped.Name, "ingress")
+		if err != nil {
+			return err
+		}
+		if met < float64(sent) || dropped < float64(sent-got) || dropped > met {
+			return fmt.Errorf("met %v, dropped %v; %d sent, %d answered", met, dropped, sent, got)
+		}
+		return nil
+	})
+	e.kc(t, "annotate", "pod", shaped.Name, "qos.projectcalico.org/ingressPacketRate-")
+	waitFor(t, 10*time.Second, "packet rate lifted", func() error {
+		if rec := e.record(t, shaped.Name); rec == nil || rec.Controls != nil {
+			return fmt.Errorf("record: %+v", recControls(rec))
+		}
+		return nil
+	})
 }
 
 func recControls(rec *state.Record) any {
