@@ -58,6 +58,15 @@ func (c *Collector) collectControls(ch chan<- prometheus.Metric, atts []Attachme
 		}
 	}()
 	seen := map[controlKey]bool{}
+	counter := func(d desc, ck controlKey, now uint64, l []string) {
+		seen[ck] = true
+		r := c.controlCounts[ck]
+		if r == nil {
+			r = &resetting{}
+			c.controlCounts[ck] = r
+		}
+		ch <- prometheus.MustNewConstMetric(d.Desc, prometheus.CounterValue, float64(r.update(now)), l...)
+	}
 	for i := range atts {
 		a := &atts[i]
 		ctl := a.Record.Controls
@@ -98,15 +107,6 @@ func (c *Collector) collectControls(ch chan<- prometheus.Metric, atts []Attachme
 				up = 1
 			}
 			gauge(descCUp, up, a.Namespace, a.Pod, a.Interface, "egress", "dscp")
-		}
-		counter := func(d desc, ck controlKey, now uint64, l []string) {
-			seen[ck] = true
-			r := c.controlCounts[ck]
-			if r == nil {
-				r = &resetting{}
-				c.controlCounts[ck] = r
-			}
-			ch <- prometheus.MustNewConstMetric(d.Desc, prometheus.CounterValue, float64(r.update(now)), l...)
 		}
 		for _, k := range controls.Kinds() {
 			d := ctl.Ingress
