@@ -149,6 +149,14 @@ func TestChart(t *testing.T) {
 		if _, err := install.ParseCeilings(cm.Data["ceilings"]); err != nil {
 			t.Errorf("install refuses the chart's ceilings: %v", err)
 		}
+		for enabled, want := range map[bool]string{true: install.PolicyK8s, false: install.PolicyOff} {
+			r := decodeManifests(t, "chart", mustHelmTemplate(t, map[string]any{"networkPolicy": map[string]any{"enabled": enabled}}))
+			if got := r.configMaps["qoscni-config"].Data["networkPolicy"]; got != want {
+				t.Errorf("networkPolicy.enabled=%v: ConfigMap networkPolicy=%q, want %q", enabled, got, want)
+			} else if _, err := install.ParseNetworkPolicy(got); err != nil {
+				t.Errorf("install refuses the chart's networkPolicy: %v", err)
+			}
+		}
 		for _, c := range append(r.daemonSets[0].Spec.Template.Spec.InitContainers, r.daemonSets[0].Spec.Template.Spec.Containers...) {
 			if c.Image != "example.org/qoscni:v1" {
 				t.Errorf("container %s image %q", c.Name, c.Image)
@@ -187,6 +195,7 @@ func TestChartRefusesBadValues(t *testing.T) {
 		{map[string]any{"ceilings": map[string]any{"maxQueue": 1}}, "maxQueue"},
 		{map[string]any{"nodeCapacity": "10 gigabit"}, "nodeCapacity"},
 		{map[string]any{"podRoutes": "bgp"}, "podRoutes"},
+		{map[string]any{"networkPolicy": map[string]any{"enabled": "no"}}, "enabled"},
 		{map[string]any{"servicemonitor": map[string]any{"enabled": true}}, "servicemonitor"},
 	} {
 		if _, err := helmTemplate(t, c.values); err == nil || !strings.Contains(err.Error(), c.says) {
@@ -259,6 +268,8 @@ func TestChartMatchesKustomize(t *testing.T) {
 			func() []string {
 				return []string{overlay("standalone", "nodeCapacity=auto", "ceilings=maxQueueBytes=4194304")}
 			}},
+		{"standalone-no-policy", map[string]any{"networkPolicy": map[string]any{"enabled": false}},
+			func() []string { return []string{overlay("standalone", "networkPolicy=off")} }},
 		{"monitoring", map[string]any{"serviceMonitor": map[string]any{"enabled": true}, "prometheusRule": map[string]any{"enabled": true}},
 			func() []string {
 				return []string{deployDir, filepath.Join(deployDir, "servicemonitor"), filepath.Join(deployDir, "prometheusrule")}

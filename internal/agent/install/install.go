@@ -52,6 +52,11 @@ type Options struct {
 	// object over the config's keys of the same names: "key=value,..."
 	// (ParseCeilings). "" leaves the config's own.
 	Ceilings string
+	// NetworkPolicy, in standalone mode: PolicyK8s writes "policy":
+	// {"type": "k8s"} into qoscni's entry, PolicyOff removes it, "" leaves
+	// the config's own. Chained mode ignores it: there the main plugin
+	// owns NetworkPolicy, and qoscni refuses the key.
+	NetworkPolicy string
 
 	// Kernel: in standalone mode, also load br_netfilter and set its
 	// sysctls in the node's network namespace (installBridgeNetfilter).
@@ -188,15 +193,18 @@ func action(changed bool) Action {
 }
 
 // nodeSettings are what the install writes into qoscni's entry over the
-// config's own: the node's capacity and the ceilings.
+// config's own: the node's capacity, the ceilings and, in standalone mode,
+// NetworkPolicy enforcement.
 type nodeSettings struct {
 	capacity *NodeCapacity // nil: the config's own
 	ceilings netconf.CeilingsConfig
+	policy   string // PolicyOwn in chained mode
 }
 
 func (s nodeSettings) apply(entry object) {
 	setCapacity(entry, s.capacity)
 	setCeilings(entry, s.ceilings)
+	setPolicy(entry, s.policy)
 }
 
 // settingsFor resolves o.NodeCapacity and o.Ceilings, and notes where an
@@ -206,6 +214,13 @@ func settingsFor(o Options, rep *Report) (nodeSettings, error) {
 	if err != nil {
 		return nodeSettings{}, err
 	}
+	policy, err := ParseNetworkPolicy(o.NetworkPolicy)
+	if err != nil {
+		return nodeSettings{}, err
+	}
+	if o.Mode == Chained {
+		policy = PolicyOwn
+	}
 	c, dev, err := resolveCapacity(o.NodeCapacity, o.NetnsPath)
 	if err != nil {
 		return nodeSettings{}, err
@@ -213,7 +228,7 @@ func settingsFor(o Options, rep *Report) (nodeSettings, error) {
 	if dev != "" {
 		rep.add("nodeCapacity", Written, fmt.Sprintf("%s bit/s each way: %d %% of the speed the kernel reports for %s", c.Ingress, AutoCapacityPercent, dev))
 	}
-	return nodeSettings{capacity: c, ceilings: ceil}, nil
+	return nodeSettings{capacity: c, ceilings: ceil, policy: policy}, nil
 }
 
 func installStandalone(ctx context.Context, h hostPaths, confDir string, o Options, rep *Report) error {

@@ -58,6 +58,8 @@ func mainInstall(ctx context.Context, args []string, stdout, stderr io.Writer) i
 		"auto (95 % of the speed of the default route's device), 10G (both ways) or ingress=10G,egress=5G; \"\" = the config's own (env "+NodeCapacityEnv+")")
 	fs.StringVar(&o.Ceilings, "ceilings", os.Getenv(CeilingsEnv), "the network config's ceilings written into qoscni's entry, over its own: "+
 		"maxBurst=BITS,maxQueueBytes=BYTES,maxQueueDelay=DURATION,maxRequest=QUANTITY (any of them); \"\" = the config's own (env "+CeilingsEnv+")")
+	fs.StringVar(&o.NetworkPolicy, "network-policy", os.Getenv(NetworkPolicyEnv), "standalone: Kubernetes NetworkPolicy enforced by qoscni (k8s) or not (off), written into qoscni's entry as its \"policy\"; "+
+		"\"\" = the config's own; chained mode ignores it (env "+NetworkPolicyEnv+")")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -70,6 +72,10 @@ func mainInstall(ctx context.Context, args []string, stdout, stderr io.Writer) i
 		return 2
 	}
 	if _, err := ParseCeilings(o.Ceilings); err != nil {
+		fmt.Fprintln(stderr, "qoscni-agent install:", err)
+		return 2
+	}
+	if _, err := ParseNetworkPolicy(o.NetworkPolicy); err != nil {
 		fmt.Fprintln(stderr, "qoscni-agent install:", err)
 		return 2
 	}

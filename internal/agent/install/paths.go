@@ -74,6 +74,8 @@ const (
 	NodeCapacityEnv = "QOSCNI_NODE_CAPACITY"
 	// CeilingsEnv gives install's --ceilings default.
 	CeilingsEnv = "QOSCNI_CEILINGS"
+	// NetworkPolicyEnv gives install's --network-policy default.
+	NetworkPolicyEnv = "QOSCNI_NETWORK_POLICY"
 )
 
 // The agent's HTTP endpoints.

@@ -35,6 +35,7 @@ deploy/base's configMapGenerator.
   "primary" .Values.primary
   "nodeCapacity" .Values.nodeCapacity
   "ceilings" (include "qoscni.ceilings" .)
+  "networkPolicy" (ternary "k8s" "off" .Values.networkPolicy.enabled)
   | toJson -}}
 {{- end }}
 
