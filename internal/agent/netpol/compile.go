@@ -186,7 +186,10 @@ type peer struct {
 	addrs []netip.Addr
 }
 
-// compiler holds one compilation's indexes.
+// compiler holds one compilation's indexes, and what it computed once
+// for all the node's pods: a policy's pod selector, and the pods and
+// identities a peer of a rule chooses (the same for every pod the policy
+// selects; the objects do not change during a compilation).
 type compiler struct {
 	nsLabels map[string]labels.Set
 	peers    []*peer
@@ -195,6 +198,15 @@ type compiler struct {
 	out      *Desired
 	ingress  *builder
 	egress   *builder
+
+	podSelectors map[*networkingv1.NetworkPolicy]labels.Selector
+	chosen       map[*networkingv1.NetworkPolicyPeer]*chosenPeers
+}
+
+// chosenPeers are the pods a peer selects and their identities.
+type chosenPeers struct {
+	pods   []*peer
+	idents []uint32
 }
 
 // Compile computes the node's desired state. ids keeps identity numbers
@@ -210,8 +222,10 @@ func Compile(in Input, ids *Identities) (*Desired, error) {
 			EgressIsolated:  map[netip.Addr]struct{}{},
 			Ready:           map[netip.Addr]netpolnft.Owner{},
 		},
-		ingress: newBuilder(),
-		egress:  newBuilder(),
+		ingress:      newBuilder(),
+		egress:       newBuilder(),
+		podSelectors: map[*networkingv1.NetworkPolicy]labels.Selector{},
+		chosen:       map[*networkingv1.NetworkPolicyPeer]*chosenPeers{},
 	}
 	for _, ns := range in.Namespaces {
 		c.nsLabels[ns.Name] = labels.Set(ns.Labels)
@@ -300,9 +314,13 @@ func podAddrs(p *corev1.Pod, recorded []netip.Addr) []netip.Addr {
 func (c *compiler) local(pe *peer, addrs []netip.Addr) error {
 	var ingress, egress bool
 	for _, np := range c.policies[pe.pod.Namespace] {
-		sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
-		if err != nil {
-			return fmt.Errorf("networkpolicy %s/%s: spec.podSelector: %w", np.Namespace, np.Name, err)
+		sel, ok := c.podSelectors[np]
+		if !ok {
+			var err error
+			if sel, err = metav1.LabelSelectorAsSelector(&np.Spec.PodSelector); err != nil {
+				return fmt.Errorf("networkpolicy %s/%s: spec.podSelector: %w", np.Namespace, np.Name, err)
+			}
+			c.podSelectors[np] = sel
 		}
 		if !sel.Matches(labels.Set(pe.pod.Labels)) {
 			continue
@@ -477,7 +495,8 @@ func (c *compiler) rule(pe *peer, addrs []netip.Addr, np *networkingv1.NetworkPo
 		}
 		return nil
 	}
-	for i, p := range peers {
+	for i := range peers {
+		p := &peers[i]
 		if p.IPBlock != nil {
 			ranges, err := blockRanges(p.IPBlock)
 			if err != nil {
@@ -502,23 +521,19 @@ func (c *compiler) rule(pe *peer, addrs []netip.Addr, np *networkingv1.NetworkPo
 			}
 			continue
 		}
-		chosen, err := c.selectPeers(np.Namespace, p)
+		chosen, err := c.selected(np.Namespace, p)
 		if err != nil {
 			return fmt.Errorf("from/to[%d]: %w", i, err)
 		}
-		idents := map[uint32]bool{}
-		for _, q := range chosen {
-			idents[q.ident] = true
-		}
 		for _, a := range addrs {
-			for id := range idents {
+			for _, id := range chosen.idents {
 				for _, l4 := range fixed {
 					b.ident(a, id, l4)
 				}
 			}
 		}
 		if len(named) > 0 {
-			c.namedTo(addrs, chosen, named, b, nil)
+			c.namedTo(addrs, chosen.pods, named, b, nil)
 		}
 	}
 	return nil
@@ -558,6 +573,27 @@ func (c *compiler) namedTo(addrs []netip.Addr, peers []*peer, named []portSpec, 
 
 // selectPeers are the pods a peer with selectors chooses, for a policy
 // of namespace ns.
+// selected is selectPeers of a rule's peer, once per compilation.
+func (c *compiler) selected(ns string, p *networkingv1.NetworkPolicyPeer) (*chosenPeers, error) {
+	if ch, ok := c.chosen[p]; ok {
+		return ch, nil
+	}
+	pods, err := c.selectPeers(ns, *p)
+	if err != nil {
+		return nil, err
+	}
+	ch := &chosenPeers{pods: pods}
+	seen := map[uint32]bool{}
+	for _, q := range pods {
+		if !seen[q.ident] {
+			seen[q.ident] = true
+			ch.idents = append(ch.idents, q.ident)
+		}
+	}
+	c.chosen[p] = ch
+	return ch, nil
+}
+
 func (c *compiler) selectPeers(ns string, p networkingv1.NetworkPolicyPeer) ([]*peer, error) {
 	var podSel labels.Selector = labels.Everything()
 	if p.PodSelector != nil {
