@@ -119,6 +119,30 @@ func TestKernelTruthTable(t *testing.T) {
 				PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress, networkingv1.PolicyTypeEgress},
 			}),
 		}},
+		{"peers by identity in every shape of ports: b from clients of any namespace on UDP; d from blue on TCP 80-81; c to team x on TCP 8050 and to blue on all", []*networkingv1.NetworkPolicy{
+			policy("red", "udp-in", networkingv1.NetworkPolicySpec{
+				PodSelector: *sel("role", "server"),
+				Ingress: []networkingv1.NetworkPolicyIngressRule{{
+					From:  []networkingv1.NetworkPolicyPeer{{NamespaceSelector: &metav1.LabelSelector{}, PodSelector: sel("role", "client")}},
+					Ports: []networkingv1.NetworkPolicyPort{{Protocol: &udp}},
+				}},
+			}),
+			policy("blue", "range-in", networkingv1.NetworkPolicySpec{
+				PodSelector: *sel("role", "db"),
+				Ingress: []networkingv1.NetworkPolicyIngressRule{{
+					From:  []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{}}},
+					Ports: []networkingv1.NetworkPolicyPort{port(intstr.FromInt32(80), &tcp, 81)},
+				}},
+			}),
+			policy("blue", "client-out", networkingv1.NetworkPolicySpec{
+				PodSelector: *sel("role", "client"),
+				PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress},
+				Egress: []networkingv1.NetworkPolicyEgressRule{
+					{To: []networkingv1.NetworkPolicyPeer{{NamespaceSelector: sel("team", "x")}}, Ports: []networkingv1.NetworkPolicyPort{port(intstr.FromInt32(8050), &tcp)}},
+					{To: []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{}}}},
+				},
+			}),
+		}},
 		{"no policies again", nil},
 	}
 	var probes []testnet.Probe

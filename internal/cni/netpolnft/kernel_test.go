@@ -3,11 +3,16 @@ package netpolnft
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/userdata"
 	"github.com/vishvananda/netns"
 
+	"github.com/qoscni/qoscni/internal/nfraw"
 	"github.com/qoscni/qoscni/internal/testnet"
 )
 
@@ -199,7 +204,7 @@ func TestIsolation(t *testing.T) {
 		t.Errorf("identity chains left after an empty Apply:\n%s", listing)
 	}
 	for _, v6 := range []bool{false, true} {
-		for _, kind := range []string{setPeerIn, setPeerOut, setIngIso, setEgrIso, setIngID, setEgrID, setIngBlk, setEgrBlk} {
+		for _, kind := range allowanceKinds {
 			if els, err := w.m.Raw.DumpElems("qoscni", name(kind, v6)); err != nil || len(els) != 0 {
 				t.Errorf("set %s after an empty Apply: %d elements, %v", name(kind, v6), len(els), err)
 			}
@@ -220,4 +225,114 @@ func TestRepair(t *testing.T) {
 		t.Errorf("Apply after the flush changed %d elements, want 1", n)
 	}
 	w.check(t, "repaired", probe{from: "a", to: "b", port: 80})
+}
+
+// TestUpgradeFromV1: a node whose table holds the previous release's
+// policy (rules tagged v1, no hash sets, every allowance by identity in
+// the interval set) is rewritten by one Apply of the same state: the
+// rules and sets of this release, each allowance in the set of its shape,
+// and the same verdicts before and after.
+func TestUpgradeFromV1(t *testing.T) {
+	w := newWorld(t)
+	const identA, identC = 3, 5
+	s := &State{
+		Idents:          map[netip.Addr]uint32{a4("a"): identA, a4("c"): identC, a4("b"): 4},
+		IngressIsolated: map[netip.Addr]struct{}{a4("b"): {}},
+		IngressIdent: []IdentAllow{
+			{Pod: a4("b"), Ident: identA, L4: AnyL4},
+			{Pod: a4("b"), Ident: identC, L4: L4{6, 6, 80, 80}},
+			{Pod: a4("b"), Ident: identC, L4: L4{17, 17, 0, 65535}},
+		},
+	}
+	// The v1 table: this release's fixed rules and sets without the hash
+	// sets, tagged v1; identity chains of one interval lookup.
+	v1 := func(c string) []byte { return userdata.AppendString(nil, userdata.TypeComment, "qoscni-netpol/v1: "+c) }
+	conn, err := w.m.NFT()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := w.m.l
+	conn.AddTable(l.table)
+	ids := map[string]uint32{}
+	for _, set := range l.sets {
+		if slices.Contains([]string{setIngIDAny, setIngIDProto, setIngIDPort, setEgrIDAny, setEgrIDProto, setEgrIDPort}, strings.TrimRight(set.Name, "46")) {
+			continue
+		}
+		if err := conn.AddSet(set, nil); err != nil {
+			t.Fatal(err)
+		}
+		ids[set.Name] = set.ID
+	}
+	chains := map[string]*nftables.Chain{}
+	for _, c := range append(slices.Clone(l.chains), l.forward, l.input) {
+		conn.AddChain(c)
+		chains[c.Name] = c
+	}
+	for _, r := range l.rules() {
+		for _, e := range r.exprs {
+			if lk, ok := e.(*expr.Lookup); ok {
+				lk.SetID = ids[lk.SetName]
+			}
+		}
+		conn.AddRule(&nftables.Rule{Table: l.table, Chain: chains[r.chain], Exprs: r.exprs, UserData: v1(r.comment)})
+	}
+	for _, id := range s.identities() {
+		c := conn.AddChain(&nftables.Chain{Name: identChain(id, false), Table: l.table})
+		conn.AddRule(&nftables.Rule{Table: l.table, Chain: c, UserData: v1("by identity4"), Exprs: append(nfproto(false),
+			loadAddr(false, false, reg0),
+			&expr.Immediate{Register: reg0 + 1, Data: identBytes(id)},
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: reg0 + 2},
+			&expr.Payload{DestRegister: reg0 + 3, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+			&expr.Lookup{SourceRegister: reg0, SetName: "np-iid4", SetID: ids["np-iid4"]},
+			&expr.Verdict{Kind: expr.VerdictReturn})})
+		conn.AddRule(&nftables.Rule{Table: l.table, Chain: c, UserData: v1("deny"), Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}}})
+	}
+	var old []nftables.SetElement
+	for _, a := range s.IngressIdent {
+		pod, _ := addrKey(a.Pod)
+		id := identBytes(a.Ident)
+		old = append(old, toSetElements([]nfraw.Element{{
+			Key:    concat(pod, id, []byte{a.L4.ProtoLo}, port(a.L4.PortLo)),
+			KeyEnd: concat(pod, id, []byte{a.L4.ProtoHi}, port(a.L4.PortHi)),
+		}}, false)...)
+	}
+	peers := map[netip.Addr]uint32{a4("a"): identA, a4("c"): identC, a4("b"): 4}
+	for a, id := range peers {
+		key, _ := addrKey(a)
+		if err := conn.SetAddElements(l.set("np-peer-in4"), []nftables.SetElement{{Key: key, VerdictData: &expr.Verdict{Kind: expr.VerdictGoto, Chain: identChain(id, false)}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := conn.SetAddElements(l.set("np-iid4"), old); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := addrKey(a4("b"))
+	if err := conn.SetAddElements(l.set("np-iiso4"), []nftables.SetElement{{Key: key}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.Flush(); err != nil {
+		t.Fatalf("write the v1 table: %v", err)
+	}
+	verdicts := []probe{
+		{from: "a", to: "b", port: 81, want: true},
+		{from: "a", to: "b", udp: true, port: 8050, want: true},
+		{from: "c", to: "b", port: 80, want: true},
+		{from: "c", to: "b", port: 81},
+		{from: "c", to: "b", udp: true, port: 81, want: true},
+	}
+	w.check(t, "the v1 table", verdicts...)
+	w.apply(t, s)
+	w.check(t, "after the upgrade", verdicts...)
+	listing := w.Node.Exec(t, "nft", "list", "table", "inet", "qoscni")
+	if strings.Contains(listing, "qoscni-netpol/v1") {
+		t.Errorf("v1 rules left:\n%s", listing)
+	}
+	for set, want := range map[string]int{"np-iid4": 0, "np-iida4": 1, "np-iidp4": 1, "np-iidx4": 1} {
+		if els, err := w.m.Raw.DumpElems("qoscni", set); err != nil || len(els) != want {
+			t.Errorf("%s holds %d elements (%v), want %d", set, len(els), err, want)
+		}
+	}
+	if n := w.apply(t, s); n != 0 {
+		t.Errorf("a second Apply changed %d", n)
+	}
 }

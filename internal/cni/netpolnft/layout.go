@@ -45,8 +45,10 @@ const (
 )
 
 // ruleTag prefixes the comment of every rule of ours; EnsureBase compares
-// them.
-const ruleTag = "qoscni-netpol/v1: "
+// them. Its version changes with the rules or sets, so that a node
+// upgraded from a release with others has them rewritten (v2: the exact
+// allowance sets beside the interval ones).
+const ruleTag = "qoscni-netpol/v2: "
 
 // Set kinds; each exists per family (suffix 4 or 6).
 const (
@@ -57,11 +59,25 @@ const (
 	setPeerOut = "np-peer-out"
 	setIngIso  = "np-iiso" // ingress-isolated pod addresses
 	setEgrIso  = "np-eiso" // egress-isolated pod addresses
-	setIngID   = "np-iid"  // pod . peer identity . proto . port
+	setIngID   = "np-iid"  // pod . peer identity . proto . port range (intervals)
 	setIngBlk  = "np-iblk" // pod . peer address . proto . port
 	setEgrID   = "np-eid"
 	setEgrBlk  = "np-eblk"
+	// The allowances by identity of the usual shapes, in hash sets: the
+	// kernel removes an element of an interval set (pipapo) in time that
+	// grows with the set, a hash set's in constant time, and a policy
+	// change removes many at once.
+	setIngIDAny   = "np-iida" // pod . peer identity: every protocol and port
+	setIngIDProto = "np-iidp" // pod . peer identity . proto: every port
+	setIngIDPort  = "np-iidx" // pod . peer identity . proto . port
+	setEgrIDAny   = "np-eida"
+	setEgrIDProto = "np-eidp"
+	setEgrIDPort  = "np-eidx"
 )
+
+// allowanceKinds are the sets Apply writes from a State.
+var allowanceKinds = []string{setPeerIn, setPeerOut, setIngIso, setEgrIso,
+	setIngIDAny, setIngIDProto, setIngIDPort, setIngID, setEgrIDAny, setEgrIDProto, setEgrIDPort, setEgrID, setIngBlk, setEgrBlk}
 
 func name(kind string, v6 bool) string {
 	if v6 {
@@ -116,6 +132,18 @@ func newLayout() *layout {
 			key  nftables.SetDatatype
 		}{{setIngID, id}, {setEgrID, id}, {setIngBlk, blk}, {setEgrBlk, blk}} {
 			l.sets = append(l.sets, &nftables.Set{Table: t, Name: name(s.kind, v6), KeyType: s.key, Concatenation: true, Interval: true})
+		}
+		for _, s := range []struct {
+			kind string
+			key  nftables.SetDatatype
+		}{
+			{setIngIDAny, nftables.MustConcatSetType(a, nftables.TypeMark)},
+			{setEgrIDAny, nftables.MustConcatSetType(a, nftables.TypeMark)},
+			{setIngIDProto, nftables.MustConcatSetType(a, nftables.TypeMark, nftables.TypeInetProto)},
+			{setEgrIDProto, nftables.MustConcatSetType(a, nftables.TypeMark, nftables.TypeInetProto)},
+			{setIngIDPort, id}, {setEgrIDPort, id},
+		} {
+			l.sets = append(l.sets, &nftables.Set{Table: t, Name: name(s.kind, v6), KeyType: s.key, Concatenation: true})
 		}
 	}
 	return l
@@ -206,27 +234,39 @@ func identChain(id uint32, egress bool) string {
 }
 
 // identRules are the rules of identity id's chain: the node's pod address
-// (the destination for ingress), the identity as a constant, protocol and
-// destination port, looked up in the allowances by identity. (The
-// identity is a constant of its own chain rather than the value of a
-// map: nft cannot show a rule whose key takes a map's value, and
-// `nft list ruleset` would abort on every node.)
+// (the destination for ingress), the identity as a constant, and as the
+// allowance's set needs, the protocol and the destination port, looked up
+// in the allowances by identity: every protocol and port, every port of a
+// protocol, one port, then ranges. (The identity is a constant of its own
+// chain rather than the value of a map: nft cannot show a rule whose key
+// takes a map's value, and `nft list ruleset` would abort on every node.)
 func identRules(id uint32, egress bool) []rule {
 	c := identChain(id, egress)
 	var out []rule
 	for _, v6 := range []bool{false, true} {
 		n := addrLen(v6) / 4
-		s := name(setIngID, v6)
-		if egress {
-			s = name(setEgrID, v6)
-		}
-		out = append(out, rule{c, "by identity" + name("", v6), append(nfproto(v6),
+		key := []expr.Any{
 			loadAddr(v6, egress, reg0),
 			&expr.Immediate{Register: reg0 + n, Data: identBytes(id)},
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: reg0 + n + 1},
 			&expr.Payload{DestRegister: reg0 + n + 2, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
-			&expr.Lookup{SourceRegister: reg0, SetName: s},
-			&expr.Verdict{Kind: expr.VerdictReturn})})
+		}
+		for _, s := range []struct {
+			in, out string
+			fields  int
+			comment string
+		}{
+			{setIngIDAny, setEgrIDAny, 2, "any"}, {setIngIDProto, setEgrIDProto, 3, "protocol"},
+			{setIngIDPort, setEgrIDPort, 4, "port"}, {setIngID, setEgrID, 4, "by identity"},
+		} {
+			set := name(s.in, v6)
+			if egress {
+				set = name(s.out, v6)
+			}
+			ex := append(nfproto(v6), key[:s.fields]...)
+			ex = append(ex, &expr.Lookup{SourceRegister: reg0, SetName: set}, &expr.Verdict{Kind: expr.VerdictReturn})
+			out = append(out, rule{c, s.comment + name("", v6), ex})
+		}
 	}
 	return append(out, rule{c, "deny", []expr.Any{&expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop}}})
 }

@@ -225,7 +225,7 @@ func (m *Manager) Apply(want *State) (changed int, err error) {
 		}
 	}
 	for _, v6 := range []bool{false, true} {
-		for _, kind := range []string{setPeerIn, setPeerOut, setIngIso, setEgrIso, setIngID, setEgrID, setIngBlk, setEgrBlk} {
+		for _, kind := range allowanceKinds {
 			s := m.l.set(name(kind, v6))
 			have, err := m.Raw.DumpElems(t.Name, s.Name)
 			if err != nil {

@@ -84,9 +84,40 @@ func concat(fields ...[]byte) []byte {
 	return out
 }
 
+// Shapes of an allowance's protocols and ports, by the set that holds it.
+const (
+	shapeAny   = iota // every protocol and port: np-iida
+	shapeProto        // one protocol, every port: np-iidp
+	shapePort         // one protocol, one port: np-iidx
+	shapeRange        // anything else: np-iid (intervals)
+)
+
+func shapeOf(l L4) int {
+	switch {
+	case l == AnyL4:
+		return shapeAny
+	case l.ProtoLo != l.ProtoHi:
+		return shapeRange
+	case l.PortLo == 0 && l.PortHi == 65535:
+		return shapeProto
+	case l.PortLo == l.PortHi:
+		return shapePort
+	}
+	return shapeRange
+}
+
+// identElement is a's element in the set of its shape.
 func identElement(a IdentAllow) nfraw.Element {
 	pod, _ := addrKey(a.Pod)
 	id := identBytes(a.Ident)
+	switch shapeOf(a.L4) {
+	case shapeAny:
+		return nfraw.Element{Key: concat(pod, id)}
+	case shapeProto:
+		return nfraw.Element{Key: concat(pod, id, []byte{a.L4.ProtoLo})}
+	case shapePort:
+		return nfraw.Element{Key: concat(pod, id, []byte{a.L4.ProtoLo}, port(a.L4.PortLo))}
+	}
 	return nfraw.Element{
 		Key:    concat(pod, id, []byte{a.L4.ProtoLo}, port(a.L4.PortLo)),
 		KeyEnd: concat(pod, id, []byte{a.L4.ProtoHi}, port(a.L4.PortHi)),
@@ -113,9 +144,9 @@ func (s *State) elements(kind string, v6 bool) []nfraw.Element {
 			}
 		}
 	}
-	idents := func(l []IdentAllow) {
+	idents := func(l []IdentAllow, shape int) {
 		for _, a := range l {
-			if a.Pod.Unmap().Is6() == v6 {
+			if a.Pod.Unmap().Is6() == v6 && shapeOf(a.L4) == shape {
 				out = append(out, identElement(a))
 			}
 		}
@@ -138,10 +169,22 @@ func (s *State) elements(kind string, v6 bool) []nfraw.Element {
 		addrs(s.IngressIsolated)
 	case setEgrIso:
 		addrs(s.EgressIsolated)
+	case setIngIDAny:
+		idents(s.IngressIdent, shapeAny)
+	case setIngIDProto:
+		idents(s.IngressIdent, shapeProto)
+	case setIngIDPort:
+		idents(s.IngressIdent, shapePort)
 	case setIngID:
-		idents(s.IngressIdent)
+		idents(s.IngressIdent, shapeRange)
+	case setEgrIDAny:
+		idents(s.EgressIdent, shapeAny)
+	case setEgrIDProto:
+		idents(s.EgressIdent, shapeProto)
+	case setEgrIDPort:
+		idents(s.EgressIdent, shapePort)
 	case setEgrID:
-		idents(s.EgressIdent)
+		idents(s.EgressIdent, shapeRange)
 	case setIngBlk:
 		blocks(s.IngressBlock)
 	case setEgrBlk:
