@@ -106,6 +106,15 @@ func shapeOf(l L4) int {
 	return shapeRange
 }
 
+// identSets are the sets of allowances by identity: direction and shape.
+var identSets = map[string]struct {
+	egress bool
+	shape  int
+}{
+	setIngIDAny: {false, shapeAny}, setIngIDProto: {false, shapeProto}, setIngIDPort: {false, shapePort}, setIngID: {false, shapeRange},
+	setEgrIDAny: {true, shapeAny}, setEgrIDProto: {true, shapeProto}, setEgrIDPort: {true, shapePort}, setEgrID: {true, shapeRange},
+}
+
 // identElement is a's element in the set of its shape.
 func identElement(a IdentAllow) nfraw.Element {
 	pod, _ := addrKey(a.Pod)
@@ -158,6 +167,14 @@ func (s *State) elements(kind string, v6 bool) []nfraw.Element {
 			}
 		}
 	}
+	if is, ok := identSets[kind]; ok {
+		if is.egress {
+			idents(s.EgressIdent, is.shape)
+		} else {
+			idents(s.IngressIdent, is.shape)
+		}
+		return out
+	}
 	switch kind {
 	case setPeerIn, setPeerOut:
 		for a, id := range s.Idents {
@@ -169,22 +186,6 @@ func (s *State) elements(kind string, v6 bool) []nfraw.Element {
 		addrs(s.IngressIsolated)
 	case setEgrIso:
 		addrs(s.EgressIsolated)
-	case setIngIDAny:
-		idents(s.IngressIdent, shapeAny)
-	case setIngIDProto:
-		idents(s.IngressIdent, shapeProto)
-	case setIngIDPort:
-		idents(s.IngressIdent, shapePort)
-	case setIngID:
-		idents(s.IngressIdent, shapeRange)
-	case setEgrIDAny:
-		idents(s.EgressIdent, shapeAny)
-	case setEgrIDProto:
-		idents(s.EgressIdent, shapeProto)
-	case setEgrIDPort:
-		idents(s.EgressIdent, shapePort)
-	case setEgrID:
-		idents(s.EgressIdent, shapeRange)
 	case setIngBlk:
 		blocks(s.IngressBlock)
 	case setEgrBlk:
