@@ -149,10 +149,16 @@ func TestChart(t *testing.T) {
 		if _, err := install.ParseCeilings(cm.Data["ceilings"]); err != nil {
 			t.Errorf("install refuses the chart's ceilings: %v", err)
 		}
-		for enabled, want := range map[bool]string{true: install.PolicyK8s, false: install.PolicyOff} {
-			r := decodeManifests(t, "chart", mustHelmTemplate(t, map[string]any{"networkPolicy": map[string]any{"enabled": enabled}}))
-			if got := r.configMaps["qoscni-config"].Data["networkPolicy"]; got != want {
-				t.Errorf("networkPolicy.enabled=%v: ConfigMap networkPolicy=%q, want %q", enabled, got, want)
+		for _, c := range []struct {
+			np   any
+			want string
+		}{
+			{map[string]any{"enabled": true}, install.PolicyK8s},
+			{map[string]any{"enabled": false}, install.PolicyOff},
+		} {
+			r := decodeManifests(t, "chart", mustHelmTemplate(t, map[string]any{"networkPolicy": c.np}))
+			if got := r.configMaps["qoscni-config"].Data["networkPolicy"]; got != c.want {
+				t.Errorf("networkPolicy %v: ConfigMap networkPolicy=%q, want %q", c.np, got, c.want)
 			} else if _, err := install.ParseNetworkPolicy(got); err != nil {
 				t.Errorf("install refuses the chart's networkPolicy: %v", err)
 			}

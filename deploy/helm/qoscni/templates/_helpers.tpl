@@ -24,6 +24,16 @@ The ceilings as install's --ceilings takes them: key=value, by key.
 {{- end }}
 
 {{/*
+networkPolicy.enabled, true where a release's values predate it (an
+upgrade with --reuse-values keeps the old values without the chart's new
+defaults).
+*/}}
+{{- define "qoscni.networkPolicy" -}}
+{{- $np := .Values.networkPolicy | default dict -}}
+{{- if hasKey $np "enabled" }}{{ $np.enabled }}{{ else }}true{{ end -}}
+{{- end }}
+
+{{/*
 The data of the network config's ConfigMap, as JSON: the keys of
 deploy/base's configMapGenerator.
 */}}
@@ -35,7 +45,7 @@ deploy/base's configMapGenerator.
   "primary" .Values.primary
   "nodeCapacity" .Values.nodeCapacity
   "ceilings" (include "qoscni.ceilings" .)
-  "networkPolicy" (ternary "k8s" "off" .Values.networkPolicy.enabled)
+  "networkPolicy" (ternary "k8s" "off" (include "qoscni.networkPolicy" . | eq "true"))
   | toJson -}}
 {{- end }}
 
