@@ -1,7 +1,6 @@
 package controls
 
 import (
-	"fmt"
 	"net"
 
 	"github.com/qoscni/qoscni/internal/nfraw"
@@ -25,15 +24,16 @@ func (c *Cleaner) Name() string { return "controls" }
 // OwnerOf is the owner of an attachment's elements, from its record.
 func OwnerOf(rec *state.Record) Owner { return nfraw.OwnerOf(rec) }
 
-// IPsOf are the record's pod addresses.
+// IPsOf are the record's pod addresses (state.Record.PodAddrs), as the
+// controls key on them.
 func IPsOf(rec *state.Record) ([]net.IP, error) {
-	var out []net.IP
-	for _, s := range rec.IPs {
-		ip, _, err := net.ParseCIDR(s)
-		if err != nil {
-			return nil, fmt.Errorf("address %q of %s/%s: %w", s, rec.ContainerID, rec.IfName, err)
-		}
-		out = append(out, ip)
+	addrs, err := rec.PodAddrs()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]net.IP, len(addrs))
+	for i, a := range addrs {
+		out[i] = net.IP(a.Unmap().AsSlice())
 	}
 	return out, nil
 }

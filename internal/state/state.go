@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -241,6 +242,21 @@ func (r *Record) Addrs() []net.IP {
 		}
 	}
 	return out
+}
+
+// PodAddrs are the attachment's addresses without their prefixes, for
+// what must key on every one of them (nftables elements): an entry that
+// does not parse is an error naming it.
+func (r *Record) PodAddrs() ([]netip.Addr, error) {
+	var out []netip.Addr
+	for _, s := range r.IPs {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return nil, fmt.Errorf("address %q of %s/%s: %w", s, r.ContainerID, r.IfName, err)
+		}
+		out = append(out, p.Addr())
+	}
+	return out, nil
 }
 
 // DefaultLockTimeout bounds the wait for a network's lock, as

@@ -2,7 +2,6 @@ package netpolnft
 
 import (
 	"fmt"
-	"net/netip"
 
 	"github.com/qoscni/qoscni/internal/cni/podnet"
 	"github.com/qoscni/qoscni/internal/nfraw"
@@ -23,19 +22,6 @@ func NewCleaner(nsFd int) *Cleaner { return &Cleaner{nsFd: nsFd} }
 // Name labels the step in logs and metrics.
 func (c *Cleaner) Name() string { return "netpol" }
 
-// addrsOf are the record's pod addresses.
-func addrsOf(rec *state.Record) ([]netip.Addr, error) {
-	var out []netip.Addr
-	for _, s := range rec.IPs {
-		p, err := netip.ParsePrefix(s)
-		if err != nil {
-			return nil, fmt.Errorf("address %q of %s/%s: %w", s, rec.ContainerID, rec.IfName, err)
-		}
-		out = append(out, p.Addr())
-	}
-	return out, nil
-}
-
 // Del removes the attachment's pending elements: by its addresses, or
 // by owner when an ADD was killed before its full record.
 func (c *Cleaner) Del(rec *state.Record) error {
@@ -49,7 +35,7 @@ func (c *Cleaner) Del(rec *state.Record) error {
 		_, err = m.GC(func(o Owner) bool { return !o.Same(owner) })
 		return err
 	}
-	addrs, err := addrsOf(rec)
+	addrs, err := rec.PodAddrs()
 	if err != nil {
 		return err
 	}
@@ -63,7 +49,7 @@ func (c *Cleaner) Queue(rec *state.Record, r *nfraw.Conn, b *nfraw.Batch) (after
 	if rec.Provisional {
 		return nil, false, nil
 	}
-	addrs, err := addrsOf(rec)
+	addrs, err := rec.PodAddrs()
 	if err != nil {
 		return nil, true, err
 	}
